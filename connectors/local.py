@@ -1,0 +1,75 @@
+"""Local disk: a recursive, sorted, lazy walk under a root folder.
+
+Symbolic links to files are followed only while they stay inside the root; a link that leads out
+of it (or is broken) is listed as a reject so the user sees it. Links to folders are not followed,
+which also rules out cycles.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from connectors.base import key_selected
+from pipeline.config import LocalSourceConfig
+from pipeline.errors import ConnectorError, RejectReason
+from pipeline.records import Reject, SourceObject
+
+
+class LocalConnector:
+    def __init__(self, config: LocalSourceConfig) -> None:
+        self.root = config.root.resolve()
+        self.include = config.include
+        self.exclude = config.exclude
+
+    def list(self) -> Iterator[SourceObject | Reject]:
+        yield from self._walk(self.root, "")
+
+    def _walk(self, folder: Path, prefix: str) -> Iterator[SourceObject | Reject]:
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            yield self._reject(folder, prefix.rstrip("/") or ".", f"cannot list folder: {exc.strerror}")
+            return
+        for entry in entries:
+            key = prefix + entry.name
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    yield from self._walk(Path(entry.path), key + "/")
+                    continue
+            except OSError:
+                pass
+            if not key_selected(key, self.include, self.exclude):
+                continue
+            yield self._stat(Path(entry.path), key, entry.is_symlink())
+
+    def _stat(self, path: Path, key: str, is_link: bool) -> SourceObject | Reject:
+        if is_link:
+            target = path.resolve()
+            if not target.is_relative_to(self.root):
+                return self._reject(path, key, "symbolic link points outside the source root")
+            if target.is_dir():
+                return self._reject(path, key, "symbolic link to a folder is not followed")
+        try:
+            st = path.stat()
+        except OSError as exc:
+            return self._reject(path, key, f"cannot read file metadata: {exc.strerror}")
+        mtime = datetime.fromtimestamp(st.st_mtime_ns / 1e9, tz=UTC)
+        return SourceObject(uri=path.as_uri(), key=key, size=st.st_size, mtime=mtime)
+
+    def _reject(self, path: Path, key: str, message: str) -> Reject:
+        obj = SourceObject(uri=path.absolute().as_uri(), key=key, size=0,
+                           mtime=datetime.fromtimestamp(0, tz=UTC))
+        return Reject(obj, None, RejectReason.UNREADABLE, f"{key}: {message}")
+
+    def read(self, obj: SourceObject) -> bytes:
+        path = self.root / obj.key
+        try:
+            if not path.resolve().is_relative_to(self.root):
+                raise ConnectorError(f"{obj.key}: path leads outside the source root", uri=obj.uri)
+            return path.read_bytes()
+        except OSError as exc:
+            raise ConnectorError(f"{obj.key}: cannot read: {exc.strerror}", uri=obj.uri) from exc

@@ -1,0 +1,317 @@
+"""Job files: YAML -> typed, frozen pydantic models.
+
+- Unknown keys are errors (with a "did you mean" hint), never ignored.
+- ``${VAR}`` and ``${VAR:-default}`` in any string are taken from the environment; ``$$`` is a
+  literal ``$``. An unset variable without a default is an error naming the key.
+- Relative paths resolve against the folder of the YAML file, not the working directory.
+- The API key is a ``SecretStr``: it prints as ``**********`` everywhere.
+
+:func:`load_job` is the only entry point; every failure becomes one :class:`ConfigError` whose
+text names the file, the key path and the problem.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from pipeline.errors import ConfigError
+from pipeline.models import MAX_BATCH_REQUESTS, MAX_DIMENSIONS, MIN_DIMENSIONS
+
+GOOGLE_BASE_URL = "https://generativelanguage.googleapis.com"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    value = value.expanduser()
+    if not value.is_absolute() and base is not None:
+        value = Path(base) / value
+    return Path(os.path.normpath(value))
+
+
+# --- source -----------------------------------------------------------------------------------
+
+
+class LocalSourceConfig(_Strict):
+    kind: Literal["local"]
+    root: Path
+    include: list[str] = Field(default_factory=lambda: ["**/*"], min_length=1)
+    exclude: list[str] = Field(default_factory=list)
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, value: Path, info: ValidationInfo) -> Path:
+        path = _resolve_path(value, info)
+        if not path.is_dir():
+            raise ValueError(f"folder {path} does not exist")
+        return path
+
+
+SourceConfig = Annotated[LocalSourceConfig, Field(discriminator="kind")]
+
+
+# --- embedder ---------------------------------------------------------------------------------
+
+
+class EmulatorSettings(_Strict):
+    """The in-process emulator started for ``provider: emulator``."""
+
+    api_key: SecretStr | None = None
+    latency_ms: float = Field(0.0, ge=0)
+
+
+class _EmbedCommon(_Strict):
+    model: str = "gemini-embedding-2"
+    output_dimensionality: int = Field(768, ge=MIN_DIMENSIONS, le=MAX_DIMENSIONS)
+    task_type: str | None = "RETRIEVAL_DOCUMENT"
+    batch_size: int = Field(MAX_BATCH_REQUESTS, ge=1, le=MAX_BATCH_REQUESTS)
+    max_batch_bytes: int = Field(8_000_000, ge=1024)
+    max_batch_tokens: int = Field(200_000, ge=1)
+    concurrency: int = Field(4, ge=1, le=256)
+    max_attempts: int = Field(6, ge=1, le=50)
+    timeout_s: float = Field(120.0, gt=0)
+
+
+class EmulatorEmbedConfig(_EmbedCommon):
+    provider: Literal["emulator"]
+    emulator: EmulatorSettings = Field(default_factory=EmulatorSettings)
+
+
+class GeminiEmbedConfig(_EmbedCommon):
+    provider: Literal["gemini"]
+    base_url: str = GOOGLE_BASE_URL
+    api_version: Literal["v1beta", "v1"] = "v1beta"
+    auth: Literal["google", "bearer", "raw"] = "google"
+    api_key: SecretStr | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"base_url must start with http:// or https://, got {value!r}")
+        return value.rstrip("/")
+
+
+EmbedConfig = Annotated[EmulatorEmbedConfig | GeminiEmbedConfig, Field(discriminator="provider")]
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+class ValidateConfig(_Strict):
+    """How files are fitted to the model's limits. ``None`` means: the model's own limit."""
+
+    pdf_max_pages: int | None = Field(None, ge=1)
+    text_max_tokens: int | None = Field(None, ge=16)
+    text_overlap_tokens: int = Field(64, ge=0)
+    max_inline_bytes: int = Field(20_000_000, ge=1024)
+    max_image_pixels: int = Field(89_478_485, ge=1)
+    file_timeout_s: float = Field(120.0, gt=0)
+
+
+# --- sink -------------------------------------------------------------------------------------
+
+
+class LanceSinkConfig(_Strict):
+    kind: Literal["lance"]
+    uri: str
+    table: str = Field("vectors", pattern=r"^[A-Za-z0-9_\-.]+$")
+    rejects_table: str = Field("rejects", pattern=r"^[A-Za-z0-9_\-.]+$")
+    manifest_table: str = Field("files", pattern=r"^[A-Za-z0-9_\-.]+$")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str, info: ValidationInfo) -> str:
+        if "://" in value:
+            return value
+        return str(_resolve_path(Path(value), info))
+
+
+SinkConfig = Annotated[LanceSinkConfig, Field(discriminator="kind")]
+
+
+class RunConfig(_Strict):
+    validate_workers: int = Field(2, ge=1, le=64)
+    queue_size: int = Field(256, ge=1)
+    flush_rows: int = Field(2000, ge=1)
+    flush_interval_s: float = Field(5.0, gt=0)
+    on_delete: Literal["delete", "keep"] = "delete"
+
+
+class JobConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-.]+$")
+    source: SourceConfig
+    embed: EmbedConfig
+    sink: SinkConfig
+    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def fingerprint(self) -> str:
+        """What makes two embeddings of the same file comparable: change it and files re-embed."""
+        parts = {
+            "model": self.embed.model,
+            "dims": self.embed.output_dimensionality,
+            "task": self.embed.task_type,
+            "validate": self.validate_.model_dump(
+                include={"pdf_max_pages", "text_max_tokens", "text_overlap_tokens"}
+            ),
+        }
+        blob = json.dumps(parts, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any, path: tuple[str | int, ...], env: dict[str, str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _expand(v, (*path, str(k)), env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, (*path, i), env) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, default = m.group(1), m.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise _UnsetVariable(path, name)
+
+    return _VAR.sub(sub, value)
+
+
+class _UnsetVariable(Exception):
+    def __init__(self, path: tuple[str | int, ...], name: str) -> None:
+        self.path = path
+        self.name = name
+
+
+def _loc(parts: tuple[str | int, ...]) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+_TAGGED = {"source": "kind", "embed": "provider", "sink": "kind"}
+
+
+def _clean_loc(loc: tuple[str | int, ...], raw: Any) -> tuple[str | int, ...]:
+    """Drop the union tag pydantic puts into locations (``source.local.root`` -> ``source.root``)."""
+    if len(loc) >= 2 and loc[0] in _TAGGED and isinstance(raw, dict):
+        section = raw.get(str(loc[0]))
+        if isinstance(section, dict) and section.get(_TAGGED[str(loc[0])]) == loc[1]:
+            return (loc[0], *loc[2:])
+    if loc and loc[0] == "validate_":
+        return ("validate", *loc[1:])
+    return loc
+
+
+def _model_at(loc: tuple[str | int, ...], raw: Any) -> type[BaseModel] | None:
+    """The model class that owns the key at ``loc`` (for "did you mean" hints)."""
+    model: type[BaseModel] = JobConfig
+    node = raw
+    for key in loc[:-1]:
+        field = next(
+            (f for n, f in model.model_fields.items() if key in (n, f.alias)), None
+        )
+        if field is None or not isinstance(node, dict):
+            return None
+        node = node.get(str(key))
+        candidates = _model_members(field.annotation)
+        if len(candidates) > 1 and isinstance(node, dict):
+            tag = _TAGGED.get(str(key), "kind")
+            candidates = [
+                c for c in candidates
+                if node.get(tag) in getattr(c.model_fields[tag].annotation, "__args__", ())
+            ] or candidates
+        if not candidates:
+            return None
+        model = candidates[0]
+    return model
+
+
+def _model_members(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    members: list[type[BaseModel]] = []
+    for arg in getattr(annotation, "__args__", ()):
+        members.extend(_model_members(arg))
+    return members
+
+
+def _describe(err: Any, raw: Any) -> str:
+    loc = _clean_loc(tuple(err["loc"]), raw)
+    if err["type"] == "extra_forbidden":
+        model = _model_at(loc, raw)
+        known = [f.alias or n for n, f in model.model_fields.items()] if model else []
+        hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        extra = f" (did you mean '{hint[0]}'?)" if hint else f" (known keys: {', '.join(known)})"
+        return f"{_loc(loc)}: unknown key{extra if known else ''}"
+    if err["type"] == "missing":
+        return f"{_loc(loc)}: required key is missing"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "union_tag_invalid":
+        return f"{_loc(loc)}: {msg}"
+    return f"{_loc(loc)}: {msg}"
+
+
+def load_job(path: str | Path, env: dict[str, str] | None = None) -> JobConfig:
+    """Load and validate a job file. Raises :class:`ConfigError` with a one-line-per-problem text."""
+    path = Path(path)
+    env = dict(os.environ) if env is None else env
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: job file not found") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read job file: {exc}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}: {where}invalid YAML: {problem}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a job file must be a mapping of keys, got {type(raw).__name__}")
+    try:
+        data = _expand(raw, (), env)
+    except _UnsetVariable as exc:
+        raise ConfigError(
+            f"{path}: {_loc(exc.path)}: environment variable {exc.name} is not set "
+            f"(set it, or write ${{{exc.name}:-default}})"
+        ) from None
+    try:
+        return JobConfig.model_validate(data, context={"base_dir": path.resolve().parent})
+    except ValidationError as exc:
+        problems = [_describe(e, raw) for e in exc.errors(include_input=False)]
+        raise ConfigError("\n".join(f"{path}: {p}" for p in problems)) from None

@@ -1,0 +1,308 @@
+"""A Gemini-compatible embedding server for offline runs and tests: a real HTTP server on loopback.
+
+Routes (``v1beta`` and ``v1`` both, as Google serves them)::
+
+    POST /{v}/models/{model}:embedContent
+    POST /{v}/models/{model}:batchEmbedContents
+    GET  /emulator/stats       what it served, for tests and benchmarks
+    POST /emulator/reset       zero the stats
+    GET  /emulator/requests    the last request bodies (inline data replaced by its size)
+
+Authentication follows one of the three styles of GEMINI_API.md (or ``any``) when a key is set.
+Use :class:`Emulator` to run it in a background thread of the current process.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import random
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from pipeline.emulator.checks import ApiFault, ParsedRequest, invalid, parse_request
+from pipeline.emulator.vectors import content_vector
+from pipeline.models import MAX_BATCH_REQUESTS, MODELS, ModelSpec
+
+AuthStyle = Literal["google", "bearer", "raw", "any"]
+log = logging.getLogger("embedpipe.emulator")
+
+
+@dataclass(frozen=True)
+class EmulatorOptions:
+    api_key: str | None = None
+    auth: AuthStyle = "any"
+    latency_ms: float = 0.0
+    per_item_ms: float = 0.0
+    jitter_ms: float = 0.0
+    keep_requests: int = 200
+
+
+@dataclass
+class Stats:
+    http_requests: int = 0
+    embed_calls: int = 0
+    batch_calls: int = 0
+    items: int = 0
+    tokens: int = 0
+    tokens_by_modality: dict[str, int] = field(default_factory=dict)
+    by_status: dict[str, int] = field(default_factory=dict)
+    auth_seen: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "http_requests": self.http_requests, "embed_calls": self.embed_calls,
+            "batch_calls": self.batch_calls, "items": self.items, "tokens": self.tokens,
+            "tokens_by_modality": dict(self.tokens_by_modality),
+            "by_status": dict(self.by_status), "http_429": self.by_status.get("429", 0),
+            "auth_seen": dict(self.auth_seen),
+        }
+
+
+def _redact(body: Any) -> Any:
+    if isinstance(body, dict):
+        out = {}
+        for k, v in body.items():
+            if k == "data" and isinstance(v, str):
+                out[k] = f"<{len(v)} base64 chars>"
+            else:
+                out[k] = _redact(v)
+        return out
+    if isinstance(body, list):
+        return [_redact(v) for v in body]
+    return body
+
+
+class EmulatorApp:
+    def __init__(self, options: EmulatorOptions | None = None) -> None:
+        self.options = options or EmulatorOptions()
+        self.stats = Stats()
+        self.requests: deque[dict[str, Any]] = deque(maxlen=self.options.keep_requests)
+        self._lock = threading.Lock()
+        self.app = Starlette(routes=[
+            Route("/{version:str}/models/{target:str}", self.embed, methods=["POST"]),
+            Route("/emulator/stats", self.get_stats, methods=["GET"]),
+            Route("/emulator/reset", self.reset, methods=["POST"]),
+            Route("/emulator/requests", self.get_requests, methods=["GET"]),
+        ])
+
+    # --- bookkeeping --------------------------------------------------------------------------
+
+    def _count(self, status: int) -> None:
+        with self._lock:
+            self.stats.by_status[str(status)] = self.stats.by_status.get(str(status), 0) + 1
+
+    async def get_stats(self, request: Request) -> Response:
+        with self._lock:
+            return JSONResponse(self.stats.as_dict())
+
+    async def reset(self, request: Request) -> Response:
+        with self._lock:
+            self.stats = Stats()
+            self.requests.clear()
+        return JSONResponse({"ok": True})
+
+    async def get_requests(self, request: Request) -> Response:
+        with self._lock:
+            return JSONResponse(list(self.requests))
+
+    # --- auth ---------------------------------------------------------------------------------
+
+    def _presented(self, request: Request) -> tuple[str | None, str | None]:
+        """(style, key) the client used, or (None, None)."""
+        if key := request.headers.get("x-goog-api-key"):
+            return "google", key
+        if key := request.query_params.get("key"):
+            return "google", key
+        auth = request.headers.get("authorization")
+        if auth:
+            scheme, _, rest = auth.partition(" ")
+            if scheme.lower() == "bearer" and rest:
+                return "bearer", rest.strip()
+            return "raw", auth.strip()
+        return None, None
+
+    def _authorise(self, request: Request) -> None:
+        style, key = self._presented(request)
+        with self._lock:
+            self.stats.auth_seen[style or "none"] = self.stats.auth_seen.get(style or "none", 0) + 1
+        expected = self.options.api_key
+        if expected is None:
+            return
+        if style is None or key is None:
+            raise ApiFault(401, "UNAUTHENTICATED",
+                           "Request is missing required authentication credential.")
+        if self.options.auth not in ("any", style):
+            raise ApiFault(401, "UNAUTHENTICATED",
+                           f"Request had invalid authentication credentials: this server expects "
+                           f"'{self.options.auth}' authentication, got '{style}'.")
+        if not hmac.compare_digest(key.encode(), expected.encode()):
+            raise ApiFault(403, "PERMISSION_DENIED",
+                           "API key not valid. Please pass a valid API key.")
+
+    # --- embedding ----------------------------------------------------------------------------
+
+    async def embed(self, request: Request) -> Response:
+        with self._lock:
+            self.stats.http_requests += 1
+        try:
+            response = await self._embed(request)
+        except ApiFault as fault:
+            self._count(fault.code)
+            return JSONResponse(fault.body(), status_code=fault.code)
+        except Exception:  # a bug here must look like Google's 500, not crash the server
+            log.exception("emulator failed on a request")
+            self._count(500)
+            return JSONResponse(ApiFault(500, "INTERNAL", "Internal error encountered.").body(),
+                                status_code=500)
+        self._count(200)
+        return response
+
+    async def _embed(self, request: Request) -> Response:
+        version = request.path_params["version"]
+        model, _, method = request.path_params["target"].partition(":")
+        if version not in ("v1beta", "v1"):
+            raise ApiFault(404, "NOT_FOUND", f"API version {version} is not served")
+        if method not in ("embedContent", "batchEmbedContents"):
+            raise ApiFault(404, "NOT_FOUND", f"Method {method or '(none)'} is not found")
+        self._authorise(request)
+        spec = MODELS.get(model)
+        if spec is None:
+            raise ApiFault(404, "NOT_FOUND", f"models/{model} is not found for API version "
+                           f"{version}, or is not supported for {method}.")
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise invalid("Invalid JSON payload received.") from exc
+        with self._lock:
+            self.requests.append({"method": method, "model": model, "body": _redact(body)})
+        if method == "embedContent":
+            parsed = await anyio.to_thread.run_sync(
+                lambda: parse_request(body, spec, in_batch=False))
+            vectors = await self._vectors([parsed], spec)
+            with self._lock:
+                self.stats.embed_calls += 1
+            return JSONResponse({"embedding": {"values": vectors[0]},
+                                 "usageMetadata": self._usage([parsed])})
+        requests = body.get("requests") if isinstance(body, dict) else None
+        if not isinstance(requests, list) or not requests:
+            raise invalid("* BatchEmbedContentsRequest.requests: requests is not specified")
+        if len(requests) > MAX_BATCH_REQUESTS:
+            raise invalid(f"* BatchEmbedContentsRequest.requests: at most {MAX_BATCH_REQUESTS} "
+                          f"requests can be in one batch, got {len(requests)}")
+        parsed_all = await anyio.to_thread.run_sync(self._parse_batch, requests, spec)
+        vectors = await self._vectors(parsed_all, spec)
+        with self._lock:
+            self.stats.batch_calls += 1
+        return JSONResponse({"embeddings": [{"values": v} for v in vectors],
+                             "usageMetadata": self._usage(parsed_all)})
+
+    @staticmethod
+    def _parse_batch(requests: list[Any], spec: ModelSpec) -> list[ParsedRequest]:
+        out = []
+        for i, r in enumerate(requests):
+            try:
+                out.append(parse_request(r, spec, in_batch=True))
+            except ApiFault as fault:
+                fault.message = f"requests[{i}]: {fault.message}"
+                raise
+        return out
+
+    async def _vectors(self, parsed: list[ParsedRequest], spec: ModelSpec) -> list[list[float]]:
+        o = self.options
+        delay = o.latency_ms + o.per_item_ms * len(parsed) + random.uniform(0, o.jitter_ms)
+        if delay > 0:
+            await anyio.sleep(delay / 1000)
+
+        def compute() -> list[list[float]]:
+            return [content_vector(p.parts, p.dims, spec.is_normalised(p.dims)).tolist()
+                    for p in parsed]
+
+        vectors = await anyio.to_thread.run_sync(compute)
+        with self._lock:
+            self.stats.items += len(parsed)
+            for p in parsed:
+                self.stats.tokens += p.total_tokens
+                for modality, n in p.tokens.items():
+                    self.stats.tokens_by_modality[modality] = (
+                        self.stats.tokens_by_modality.get(modality, 0) + n)
+        return vectors
+
+    @staticmethod
+    def _usage(parsed: list[ParsedRequest]) -> dict[str, Any]:
+        per: dict[str, int] = {}
+        for p in parsed:
+            for modality, n in p.tokens.items():
+                per[modality] = per.get(modality, 0) + n
+        total = sum(per.values())
+        return {"promptTokenCount": total, "totalTokenCount": total,
+                "promptTokenDetails": [{"modality": m, "tokenCount": n} for m, n in per.items()]}
+
+
+class Emulator:
+    """The emulator served by uvicorn in a daemon thread on a loopback port.
+
+    >>> with Emulator() as emu:          # doctest: +SKIP
+    ...     httpx.post(emu.base_url + "/v1beta/models/gemini-embedding-2:embedContent", ...)
+    """
+
+    def __init__(self, options: EmulatorOptions | None = None, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
+        self.state = EmulatorApp(options)
+        self.host = host
+        self.port = port
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> Emulator:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(self.state.app, log_level="warning", access_log=False,
+                                lifespan="off", timeout_keep_alive=30)
+        self._server = uvicorn.Server(config)
+        server = self._server
+        self._thread = threading.Thread(target=lambda: server.run(sockets=[sock]),
+                                        name="embedpipe-emulator", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the emulator did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> Emulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def serve_forever(self) -> None:
+        """Run in the foreground (the ``embedpipe emulator`` command) until interrupted."""
+        config = uvicorn.Config(self.state.app, host=self.host, port=self.port,
+                                log_level="info", access_log=False, lifespan="off")
+        uvicorn.Server(config).run()

@@ -1,0 +1,134 @@
+"""One exception hierarchy for the whole pipeline.
+
+Errors are converted once, at the boundary where they enter (HTTP, file system, parser,
+Lance), and chained with ``raise ... from exc``::
+
+    PipelineError
+    ├── ConfigError           a job file that cannot be used (exit code 2)
+    ├── ConnectorError        a source that cannot be listed or read
+    ├── ItemRejected          one file (or part) that cannot be embedded: becomes a reject row
+    ├── EmbedError            a call to the embedding API failed
+    │   ├── TransientEmbedError   429, 5xx, transport: worth retrying
+    │   │   └── QuotaExhausted        a per-day quota: stop the run cleanly
+    │   └── TerminalEmbedError    other 4xx: retrying cannot help
+    └── SinkError             the table could not be written
+
+``Transient`` is a marker: code decides retries by ``isinstance(exc, Transient)``, never by
+names or messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class PipelineError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class Transient:
+    """Marker mixin: the operation may succeed if tried again."""
+
+
+class ConfigError(PipelineError):
+    """A job file that cannot be loaded; the message names the file, the key path and the problem."""
+
+
+class ConnectorError(PipelineError):
+    """A source that cannot be listed or read."""
+
+    def __init__(self, message: str, *, uri: str | None = None) -> None:
+        super().__init__(message)
+        self.uri = uri
+
+
+class TransientConnectorError(ConnectorError, Transient):
+    """A read that failed in a way worth retrying (timeouts, 5xx from an object store)."""
+
+
+class RejectReason:
+    """The documented list of reject reason codes (a closed set, stored in the ``reason`` column)."""
+
+    CORRUPT = "corrupt"
+    ENCRYPTED = "encrypted"
+    UNSUPPORTED = "unsupported"
+    TOO_LONG = "too_long"
+    TOO_LARGE = "too_large"
+    UNREADABLE = "unreadable"
+    EMPTY = "empty"
+    TIMEOUT = "timeout"
+    API_REJECTED = "api_rejected"
+
+    ALL = frozenset(
+        {
+            CORRUPT,
+            ENCRYPTED,
+            UNSUPPORTED,
+            TOO_LONG,
+            TOO_LARGE,
+            UNREADABLE,
+            EMPTY,
+            TIMEOUT,
+            API_REJECTED,
+        }
+    )
+
+
+class ItemRejected(PipelineError):
+    """A file or part that will not be embedded; ``reason`` is one of :class:`RejectReason`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        if reason not in RejectReason.ALL:
+            raise ValueError(f"unknown reject reason {reason!r}")
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class ApiStatus:
+    """What Google's error body said: HTTP code, canonical status and message."""
+
+    http_status: int | None
+    status: str | None
+    message: str
+
+
+class EmbedError(PipelineError):
+    """A call to the embedding API failed. Never carries the API key in its text."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        http_status: int | None = None,
+        status: str | None = None,
+        retry_after_s: float | None = None,
+        quota_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.http_status = http_status
+        self.status = status
+        self.retry_after_s = retry_after_s
+        self.quota_id = quota_id
+
+    def __str__(self) -> str:
+        head = " ".join(str(p) for p in (self.http_status, self.status) if p is not None)
+        return f"{head}: {self.message}" if head else self.message
+
+
+class TransientEmbedError(EmbedError, Transient):
+    """429, 5xx or a transport failure: worth retrying after a delay."""
+
+
+class QuotaExhausted(TransientEmbedError):
+    """A per-day quota is used up: retrying today is pointless; the run stops cleanly."""
+
+
+class TerminalEmbedError(EmbedError):
+    """A 4xx other than 429: the request itself is wrong."""
+
+
+class SinkError(PipelineError):
+    """The output table could not be opened or written."""

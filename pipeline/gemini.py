@@ -1,0 +1,223 @@
+"""The HTTP client for Google's embedding API (and any gateway or emulator that speaks it).
+
+It builds camelCase requests, sends them with one of three auth styles, parses embeddings and
+usageMetadata (``promptTokenDetails`` and Vertex's ``promptTokensDetails``), and converts every
+failure once, here, into :mod:`pipeline.errors`:
+
+    HTTP 429 ............................ TransientEmbedError (QuotaExhausted for a per-day quota)
+    HTTP 408, 5xx, transport, bad JSON .. TransientEmbedError
+    other 4xx ........................... TerminalEmbedError
+
+The key travels in a header, never in the URL, and is scrubbed from any text that could reach
+an exception message. Retrying is the caller's decision (see :mod:`pipeline.embed`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+import httpx
+import numpy as np
+import numpy.typing as npt
+
+from pipeline.errors import (
+    EmbedError,
+    QuotaExhausted,
+    TerminalEmbedError,
+    TransientEmbedError,
+)
+from pipeline.records import Part
+
+AuthStyle = Literal["google", "bearer", "raw"]
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
+_RETRY_IN = re.compile(r"retry in (\d+(?:\.\d+)?)\s*(ms|s)\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedRequest:
+    parts: tuple[Part, ...]
+    task_type: str | None = None
+    title: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedResponse:
+    vectors: list[npt.NDArray[np.float32]]
+    prompt_tokens: int | None
+    tokens_by_modality: dict[str, int] = field(default_factory=dict)
+
+
+def auth_headers(style: AuthStyle, key: str | None) -> dict[str, str]:
+    if not key:
+        return {}
+    if style == "google":
+        return {"x-goog-api-key": key}
+    if style == "bearer":
+        return {"authorization": f"Bearer {key}"}
+    return {"authorization": key}
+
+
+class GeminiClient:
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        model: str,
+        dims: int,
+        api_key: str | None = None,
+        auth: AuthStyle = "google",
+        api_version: str = "v1beta",
+        timeout_s: float = 120.0,
+        max_connections: int = 64,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.model = model.removeprefix("models/")
+        self.dims = dims
+        self._secret = api_key or None
+        base = base_url.rstrip("/")
+        if not re.search(r"/v1(beta)?$", base):
+            base = f"{base}/{api_version}"
+        self._root = f"{base}/models/{self.model}"
+        self._http = httpx.AsyncClient(
+            headers={"content-type": "application/json", **auth_headers(auth, api_key)},
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
+            limits=httpx.Limits(max_connections=max_connections,
+                                max_keepalive_connections=max_connections),
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> GeminiClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # --- public calls -------------------------------------------------------------------------
+
+    async def embed(self, request: EmbedRequest) -> EmbedResponse:
+        body = self._request_json(request)
+        data = await self._post("embedContent", body)
+        embedding = data.get("embedding") if isinstance(data, dict) else None
+        return self._parse([embedding], data)
+
+    async def batch_embed(self, requests: Sequence[EmbedRequest]) -> EmbedResponse:
+        body = {"requests": [self._request_json(r) for r in requests]}
+        data = await self._post("batchEmbedContents", body)
+        embeddings = data.get("embeddings") if isinstance(data, dict) else None
+        if not isinstance(embeddings, list) or len(embeddings) != len(requests):
+            got = len(embeddings) if isinstance(embeddings, list) else "no"
+            raise TransientEmbedError(
+                f"malformed response: {got} embeddings for {len(requests)} requests",
+                status="BAD_RESPONSE")
+        return self._parse(embeddings, data)
+
+    # --- request and response -----------------------------------------------------------------
+
+    def _request_json(self, request: EmbedRequest) -> dict[str, Any]:
+        parts: list[dict[str, Any]] = []
+        for part in request.parts:
+            if part.text is not None:
+                parts.append({"text": part.text})
+            else:
+                assert part.data is not None and part.mime is not None
+                parts.append({"inlineData": {"mimeType": part.mime,
+                                             "data": base64.b64encode(part.data).decode("ascii")}})
+        body: dict[str, Any] = {"model": f"models/{self.model}", "content": {"parts": parts},
+                                "outputDimensionality": self.dims}
+        if request.task_type:
+            body["taskType"] = request.task_type
+        if request.title and request.task_type == "RETRIEVAL_DOCUMENT":
+            body["title"] = request.title
+        return body
+
+    def _parse(self, embeddings: list[Any], data: dict[str, Any]) -> EmbedResponse:
+        vectors = []
+        for index, emb in enumerate(embeddings):
+            values = emb.get("values") if isinstance(emb, dict) else None
+            if not isinstance(values, list):
+                raise TransientEmbedError(f"malformed response: embedding {index} has no values",
+                                          status="BAD_RESPONSE")
+            vec = np.asarray(values, dtype=np.float32)
+            if vec.shape != (self.dims,):
+                raise TerminalEmbedError(
+                    f"embedding {index} has {vec.shape[0] if vec.ndim else 0} dimensions, "
+                    f"{self.dims} were requested", status="BAD_RESPONSE")
+            if not np.isfinite(vec).all():
+                raise TerminalEmbedError(f"embedding {index} contains NaN or infinity",
+                                         status="BAD_RESPONSE")
+            vectors.append(vec)
+        usage = data.get("usageMetadata") or data.get("usage_metadata") or {}
+        total = usage.get("promptTokenCount", usage.get("prompt_token_count"))
+        details = (usage.get("promptTokenDetails") or usage.get("promptTokensDetails")
+                   or usage.get("prompt_tokens_details") or [])
+        per: dict[str, int] = {}
+        for d in details if isinstance(details, list) else []:
+            if isinstance(d, dict) and isinstance(d.get("tokenCount", d.get("token_count")), int):
+                modality = str(d.get("modality", "UNKNOWN"))
+                per[modality] = per.get(modality, 0) + int(d.get("tokenCount", d.get("token_count")))
+        return EmbedResponse(vectors, total if isinstance(total, int) else None, per)
+
+    # --- transport ----------------------------------------------------------------------------
+
+    async def _post(self, method: str, body: dict[str, Any]) -> dict[str, Any]:
+        content = await anyio.to_thread.run_sync(lambda: json.dumps(body).encode("utf-8"))
+        try:
+            response = await self._http.post(f"{self._root}:{method}", content=content)
+            raw = await response.aread()
+        except httpx.TransportError as exc:
+            raise TransientEmbedError(
+                self._scrub(f"transport error on {method}: {type(exc).__name__}: {exc}"),
+                status="TRANSPORT") from None
+        if response.status_code != 200:
+            raise self._error(response.status_code, raw, response.headers.get("retry-after"))
+        try:
+            data = await anyio.to_thread.run_sync(json.loads, raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise TransientEmbedError(f"malformed response: {len(raw)} bytes of invalid JSON",
+                                      http_status=200, status="BAD_RESPONSE") from None
+        if not isinstance(data, dict):
+            raise TransientEmbedError("malformed response: not a JSON object", http_status=200,
+                                      status="BAD_RESPONSE")
+        return data
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._secret, "[REDACTED]") if self._secret else text
+
+    def _error(self, code: int, raw: bytes, retry_after: str | None) -> EmbedError:
+        status, message, delay, quota_id = None, "", None, None
+        try:
+            err = json.loads(raw).get("error", {})
+            status = err.get("status")
+            message = str(err.get("message", ""))
+            for detail in err.get("details") or []:
+                kind = str(detail.get("@type", ""))
+                if kind.endswith("RetryInfo"):
+                    m = _DURATION.match(str(detail.get("retryDelay", "")))
+                    delay = float(m.group(1)) if m else None
+                elif kind.endswith("QuotaFailure"):
+                    for v in detail.get("violations") or []:
+                        quota_id = v.get("quotaId") or quota_id
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError):
+            message = raw[:300].decode("utf-8", "replace").strip()
+        if delay is None and (m := _RETRY_IN.search(message)):
+            delay = float(m.group(1)) / (1000 if m.group(2).lower() == "ms" else 1)
+        if delay is None and retry_after and retry_after.strip().isdigit():
+            delay = float(retry_after)
+        message = self._scrub(message or f"HTTP {code}")
+        kwargs: dict[str, Any] = {"http_status": code, "status": status,
+                                  "retry_after_s": delay, "quota_id": quota_id}
+        if code == 429 and quota_id and "perday" in quota_id.lower():
+            return QuotaExhausted(message, **kwargs)
+        if code in TRANSIENT_STATUS:
+            return TransientEmbedError(message, **kwargs)
+        return TerminalEmbedError(message, **kwargs)

@@ -1,0 +1,132 @@
+"""The typed records that flow between stages.
+
+    connector ──SourceObject──▶ validate ──Item──▶ batch ──Batch──▶ embed ──Vector──▶ sink
+                                    └──────────────Reject───────────────────────────────▲
+
+An :class:`Item` is one request to the API (a whole file or one part of it: a page range, a text
+chunk, a time range). Its ``id`` is deterministic, so writing it twice cannot make two rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+import numpy as np
+import numpy.typing as npt
+
+
+class Modality(StrEnum):
+    TEXT = "text"
+    IMAGE = "image"
+    AUDIO = "audio"
+    VIDEO = "video"
+    DOCUMENT = "document"
+
+
+@dataclass(frozen=True, slots=True)
+class SourceObject:
+    """A file as a connector lists it. ``version`` is set where the listing knows it (an S3 ETag);
+    a local file's version is its content hash, known once it is read."""
+
+    uri: str
+    key: str
+    size: int
+    mtime: datetime
+    version: str | None = None
+
+    def with_version(self, version: str) -> SourceObject:
+        return SourceObject(self.uri, self.key, self.size, self.mtime, version)
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One part of a request's content: text or inline bytes with their MIME type."""
+
+    text: str | None = None
+    mime: str | None = None
+    data: bytes | None = None
+
+    @property
+    def payload_bytes(self) -> int:
+        if self.text is not None:
+            return len(self.text.encode("utf-8"))
+        assert self.data is not None
+        return (len(self.data) + 2) // 3 * 4  # base64 size
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """Where in the source an item comes from (1-based inclusive pages, 0-based char offsets)."""
+
+    page_start: int | None = None
+    page_end: int | None = None
+    char_start: int | None = None
+    char_end: int | None = None
+    time_start_s: float | None = None
+    time_end_s: float | None = None
+
+
+def item_id(uri: str, version: str, part: int, model: str, dims: int) -> str:
+    key = f"{uri}\x00{version}\x00{part}\x00{model}\x00{dims}"
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One embedding request: part ``part`` of ``part_count`` of one version of one file."""
+
+    id: str
+    source: SourceObject
+    version: str
+    part: int
+    part_count: int
+    modality: Modality
+    mime: str
+    parts: tuple[Part, ...]
+    est_tokens: int
+    span: Span = field(default_factory=Span)
+    text: str | None = None
+    title: str | None = None
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(p.payload_bytes for p in self.parts) + 200  # JSON envelope
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """A file (``part`` None) or one part of it that will not be embedded, with a reason code
+    from :class:`pipeline.errors.RejectReason` and a message a person can act on."""
+
+    source: SourceObject
+    version: str | None
+    reason: str
+    message: str
+    mime: str | None = None
+    part: int | None = None
+    part_count: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Vector:
+    item: Item
+    values: npt.NDArray[np.float32]
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Items packed into one batchEmbedContents call."""
+
+    items: tuple[Item, ...]
+
+    @property
+    def est_tokens(self) -> int:
+        return sum(i.est_tokens for i in self.items)
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(i.payload_bytes for i in self.items)
