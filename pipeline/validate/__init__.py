@@ -55,8 +55,10 @@ class Validator:
                 emitted += 1
                 yield item
         except ItemRejected as exc:
-            part = emitted if emitted else None
-            yield Reject(obj, obj.version, exc.reason, f"{obj.key}: {exc.message}", mime, part)
+            # After some parts went out, the reject is one more part and the file ends there.
+            part, count = (emitted, emitted + 1) if emitted else (None, None)
+            yield Reject(obj, obj.version, exc.reason, f"{obj.key}: {exc.message}", mime, part,
+                         count)
 
     def _mime(self, obj: SourceObject, data: bytes) -> str:
         claimed = extension_mime(obj.key)

@@ -1,0 +1,225 @@
+"""The ``embedpipe`` command.
+
+    embedpipe run JOB.yaml            embed what is new or changed; exit codes below
+    embedpipe search JOB.yaml QUERY   nearest rows to a text query
+    embedpipe status JOB.yaml         what the job's tables hold
+    embedpipe emulator                serve the Gemini-compatible emulator in the foreground
+
+Exit codes: 0 all embedded; 1 finished, with rejects; 2 bad job file or usage; 3 the run failed
+(some items could not be embedded; run again to retry them); 4 a per-day quota is exhausted
+(run again after it resets); 130 interrupted.
+
+This is the only module that prints or imports rich; the pipeline reports through RunStats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pipeline.config import JobConfig, load_job
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.runner import EXIT_FAILED, EXIT_USAGE, Run, RunResult
+from pipeline.stats import RunStats
+
+console = Console(stderr=True)
+out = Console()
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"ts": record.created, "level": record.levelname.lower(),
+                           "logger": record.name, "msg": record.getMessage()})
+
+
+def _setup_logging(fmt: str, verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler],
+                        force=True)
+    for noisy in ("httpx", "httpcore", "uvicorn", "uvicorn.error"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _progress_display(enabled: bool) -> tuple[Progress | None, Callable[[RunStats], None] | None]:
+    if not enabled:
+        return None, None
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                        TextColumn("{task.completed}/{task.total} files"),
+                        TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
+                        console=console, transient=True)
+    task = progress.add_task("embedding", total=None, detail="")
+
+    def update(stats: RunStats) -> None:
+        todo = stats.files_new + stats.files_changed
+        progress.update(task, completed=stats.files_done, total=todo if stats.listing_done else None,
+                        detail=f"{stats.items_embedded} items, {stats.rejects} rejects, "
+                               f"{stats.tokens:,} tokens")
+
+    return progress, update
+
+
+def _summary(job: JobConfig, result: RunResult) -> None:
+    s = result.stats
+    console.print(f"[bold]run {s.run_id}[/] of job [bold]{job.name}[/]", highlight=False)
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    rows = [
+        ("files seen", s.files_seen), ("  new", s.files_new), ("  changed", s.files_changed),
+        ("  unchanged", s.files_unchanged), ("  deleted", s.files_deleted),
+        ("items embedded", s.items_embedded), ("rejected", s.rejects),
+        ("tokens", f"{s.tokens:,}"), ("API calls", s.api_calls), ("retries", s.retries),
+        ("HTTP 429", s.http_429), ("wall time", f"{s.wall_s:.1f} s"),
+    ]
+    for name, value in rows:
+        table.add_row(name, str(value))
+    for reason, n in sorted(s.reject_reasons.items()):
+        table.add_row(f"  rejected {reason}", str(n))
+    console.print(table)
+    for problem in result.problems[:10]:
+        console.print(f"[yellow]problem:[/] {problem}")
+    console.print(f"table: {job.sink.uri} ({job.sink.table}); rejects in {job.sink.rejects_table}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    job = load_job(args.job)
+    show = not args.quiet and console.is_terminal
+    progress, update = _progress_display(show)
+    run = Run(job, retry_rejects=args.retry_rejects, on_progress=update)
+    if progress is not None:
+        with progress:
+            result = anyio.run(run.execute)
+    else:
+        result = anyio.run(run.execute)
+    if not args.quiet:
+        _summary(job, result)
+    if result.exit_code == 4 and run.quota_error is not None:
+        console.print(f"[red]stopped:[/] per-day quota exhausted ({run.quota_error}); "
+                      "everything done so far is saved; run again after the quota resets "
+                      "(midnight Pacific time for Google's API)")
+    return result.exit_code
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from pipeline.search import search
+
+    job = load_job(args.job)
+    hits = anyio.run(lambda: search(job, args.query, k=args.k, where=args.where))
+    table = Table(show_lines=False)
+    for col in ("#", "score", "source", "where", "modality", "text"):
+        table.add_column(col)
+    for rank, hit in enumerate(hits, 1):
+        table.add_row(str(rank), f"{hit['score']:.3f}", hit["key"] or hit["uri"],
+                      hit["where"], hit["modality"], (hit["text"] or "")[:80].replace("\n", " "))
+    out.print(table)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.search import table_status
+
+    job = load_job(args.job)
+    status = table_status(job)
+    out.print_json(json.dumps(status, default=str))
+    return 0
+
+
+def cmd_emulator(args: argparse.Namespace) -> int:
+    from pipeline.emulator.server import Emulator, EmulatorOptions
+
+    options = EmulatorOptions(api_key=args.api_key, auth=args.auth, latency_ms=args.latency_ms,
+                              per_item_ms=args.per_item_ms, jitter_ms=args.jitter_ms)
+    console.print(f"emulator on http://{args.host}:{args.port} (Ctrl-C to stop)")
+    Emulator(options, host=args.host, port=args.port).serve_forever()
+    return 0
+
+
+def cmd_samples(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.samples import make_quickstart_media, make_text_corpus
+
+    folder = Path(args.folder)
+    made = make_text_corpus(folder, args.texts) if args.texts else make_quickstart_media(folder)
+    console.print(f"wrote {len(made)} files under {folder}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embedpipe", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a job: embed what is new or changed")
+    run.add_argument("job")
+    run.add_argument("--retry-rejects", action="store_true",
+                     help="try files rejected by earlier runs again even if unchanged")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
+    run.set_defaults(func=cmd_run)
+
+    search = sub.add_parser("search", help="nearest rows to a text query")
+    search.add_argument("job")
+    search.add_argument("query")
+    search.add_argument("-k", type=int, default=5)
+    search.add_argument("--where", default=None, help="a Lance filter, e.g. \"modality = 'text'\"")
+    search.set_defaults(func=cmd_search)
+
+    status = sub.add_parser("status", help="row counts of the job's tables")
+    status.add_argument("job")
+    status.set_defaults(func=cmd_status)
+
+    emu = sub.add_parser("emulator", help="serve the Gemini-compatible emulator")
+    emu.add_argument("--host", default="127.0.0.1")
+    emu.add_argument("--port", type=int, default=8765)
+    emu.add_argument("--api-key", default=None, help="require this key (default: none)")
+    emu.add_argument("--auth", choices=("google", "bearer", "raw", "any"), default="any")
+    emu.add_argument("--latency-ms", type=float, default=0.0)
+    emu.add_argument("--per-item-ms", type=float, default=0.0)
+    emu.add_argument("--jitter-ms", type=float, default=0.0)
+    emu.set_defaults(func=cmd_emulator)
+    samples = sub.add_parser("samples", help="write generated sample files (images, a PDF)")
+    samples.add_argument("folder")
+    samples.add_argument("--texts", type=int, default=0,
+                         help="write this many small text files instead")
+    samples.set_defaults(func=cmd_samples)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_format, args.verbose)
+    try:
+        code: int = args.func(args)
+        return code
+    except ConfigError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return EXIT_USAGE
+    except PipelineError as exc:
+        console.print(f"[red]run failed:[/] {exc}", highlight=False, soft_wrap=True)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+
+
+def _entry() -> Any:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    _entry()

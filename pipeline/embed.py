@@ -1,0 +1,110 @@
+"""The embed stage: one batch of items in, vectors and rejects out.
+
+- Requests carry what the model wants (taskType and title where the model uses them).
+- Transient failures (429, 5xx, transport) are retried with bounded attempts, waiting what the
+  server's RetryInfo says, else exponential backoff with full jitter.
+- A terminal 4xx on a batch is bisected, so only the items the API refuses become
+  ``api_rejected`` rejects and the rest are embedded.
+- Vectors are L2-normalised where the model does not do it (gemini-embedding-001 below 3072).
+- A per-day quota error is not retried: it propagates so the run can stop cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+
+import anyio
+import numpy as np
+
+from pipeline.errors import QuotaExhausted, RejectReason, TerminalEmbedError, TransientEmbedError
+from pipeline.gemini import EmbedRequest, EmbedResponse, GeminiClient
+from pipeline.models import ModelSpec
+from pipeline.records import Batch, Item, Reject, Vector
+from pipeline.stats import RunStats
+
+log = logging.getLogger("embedpipe.embed")
+
+
+class Embedder:
+    def __init__(self, client: GeminiClient, spec: ModelSpec, *, task_type: str | None,
+                 max_attempts: int, stats: RunStats, backoff_base_s: float = 1.0,
+                 backoff_cap_s: float = 60.0) -> None:
+        self.client = client
+        self.spec = spec
+        self.task_type = task_type
+        self.max_attempts = max_attempts
+        self.stats = stats
+        self.backoff_base_s = backoff_base_s
+        self.backoff_cap_s = backoff_cap_s
+        self.normalise = not spec.is_normalised(client.dims)
+
+    def request_for(self, item: Item) -> EmbedRequest:
+        if not self.spec.uses_task_type:
+            return EmbedRequest(item.parts)
+        return EmbedRequest(item.parts, task_type=self.task_type, title=item.title)
+
+    async def embed_batch(self, batch: Batch) -> tuple[list[Vector], list[Reject]]:
+        return await self._embed(list(batch.items))
+
+    async def _embed(self, items: list[Item]) -> tuple[list[Vector], list[Reject]]:
+        try:
+            response = await self._call_with_retries(items)
+            vectors = self._vectors(items, response)
+        except TerminalEmbedError as exc:
+            if len(items) == 1:
+                item = items[0]
+                return [], [Reject(item.source, item.version, RejectReason.API_REJECTED,
+                                   f"{item.source.key} part {item.part + 1}/{item.part_count}: "
+                                   f"the API refused it: {exc}", item.mime, item.part,
+                                   item.part_count)]
+            mid = len(items) // 2
+            left = await self._embed(items[:mid])
+            right = await self._embed(items[mid:])
+            return left[0] + right[0], left[1] + right[1]
+        return vectors, []
+
+    async def _call_with_retries(self, items: Sequence[Item]) -> EmbedResponse:
+        requests = [self.request_for(i) for i in items]
+        attempt = 0
+        while True:
+            attempt += 1
+            self.stats.api_calls += 1
+            try:
+                if len(requests) == 1:
+                    return await self.client.embed(requests[0])
+                return await self.client.batch_embed(requests)
+            except QuotaExhausted:
+                self.stats.http_429 += 1
+                raise
+            except TransientEmbedError as exc:
+                if exc.http_status == 429:
+                    self.stats.http_429 += 1
+                if attempt >= self.max_attempts:
+                    raise
+                delay = self._delay(attempt, exc.retry_after_s)
+                self.stats.retries += 1
+                log.warning("transient error (%s); retry %d/%d in %.1fs", exc, attempt,
+                            self.max_attempts - 1, delay)
+                await anyio.sleep(delay)
+
+    def _delay(self, attempt: int, server_says: float | None) -> float:
+        if server_says is not None:
+            return server_says + random.uniform(0, 0.1 * max(server_says, 1.0))
+        return random.uniform(0, min(self.backoff_cap_s, self.backoff_base_s * 2 ** (attempt - 1)))
+
+    def _vectors(self, items: Sequence[Item], response: EmbedResponse) -> list[Vector]:
+        estimated = sum(i.est_tokens for i in items) or 1
+        reported = response.prompt_tokens
+        out = []
+        for item, values in zip(items, response.vectors, strict=True):
+            if self.normalise:
+                norm = float(np.linalg.norm(values))
+                if norm == 0.0:
+                    raise TerminalEmbedError("the API returned a zero vector", status="BAD_RESPONSE")
+                values = (values / norm).astype(np.float32)
+            tokens = (item.est_tokens if reported is None
+                      else round(item.est_tokens * reported / estimated))
+            out.append(Vector(item, values, tokens))
+        return out

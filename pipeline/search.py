@@ -1,0 +1,70 @@
+"""Reading a job's output: nearest-neighbour search over the vectors, and table status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+
+from pipeline.config import JobConfig
+from pipeline.endpoint import embedding_client
+from pipeline.errors import SinkError
+from pipeline.gemini import EmbedRequest
+from pipeline.models import model_spec
+from pipeline.records import Part
+from pipeline.sink import open_db
+
+
+def _where(row: dict[str, Any]) -> str:
+    if row.get("page_start") is not None:
+        return f"pages {row['page_start']}-{row['page_end']}"
+    if row.get("char_start") is not None:
+        return f"chars {row['char_start']}-{row['char_end']}"
+    if row.get("time_start_s") is not None:
+        return f"{row['time_start_s']:.1f}-{row['time_end_s']:.1f} s"
+    return "whole file"
+
+
+def _open_vectors(job: JobConfig) -> Any:
+    db = open_db(job.sink.uri)
+    if job.sink.table not in db.list_tables().tables:
+        raise SinkError(f"no table {job.sink.table!r} in {job.sink.uri}: run the job first")
+    return db.open_table(job.sink.table)
+
+
+async def search(job: JobConfig, query: str, *, k: int = 5,
+                 where: str | None = None) -> list[dict[str, Any]]:
+    spec = model_spec(job.embed.model)
+    task = "RETRIEVAL_QUERY" if spec.uses_task_type else None
+    async with embedding_client(job) as client:
+        response = await client.embed(EmbedRequest((Part(text=query),), task_type=task))
+    vector = response.vectors[0]
+    if not spec.is_normalised(job.embed.output_dimensionality):
+        vector = vector / max(float((vector**2).sum()) ** 0.5, 1e-12)
+
+    def nearest() -> list[dict[str, Any]]:
+        table = _open_vectors(job)
+        q = table.search(vector.tolist()).distance_type("cosine").limit(k)
+        if where:
+            q = q.where(where, prefilter=True)
+        try:
+            rows: list[dict[str, Any]] = q.select(
+                ["uri", "key", "part", "modality", "mime", "text", "page_start", "page_end",
+                 "char_start", "char_end", "time_start_s", "time_end_s", "_distance"]).to_list()
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise SinkError(f"search failed: {exc}") from exc
+        for row in rows:
+            row["score"] = 1.0 - float(row.pop("_distance"))
+            row["where"] = _where(row)
+        return rows
+
+    return await anyio.to_thread.run_sync(nearest)
+
+
+def table_status(job: JobConfig) -> dict[str, Any]:
+    db = open_db(job.sink.uri)
+    names = set(db.list_tables().tables)
+    status: dict[str, Any] = {"uri": job.sink.uri}
+    for name in (job.sink.table, job.sink.rejects_table, job.sink.manifest_table):
+        status[name] = db.open_table(name).count_rows() if name in names else None
+    return status

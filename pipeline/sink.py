@@ -1,0 +1,194 @@
+"""The Lance output: a table of vectors and a table of rejects in one Lance database.
+
+Writes are idempotent: rows are merged on ``id`` (deterministic from uri, version, part, model
+and dimensions), so a batch written twice cannot make two rows. When a file's new version is
+complete, its rows of older versions are removed in the same commit that adds the last new rows.
+All methods block: the runner calls them from a worker thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+
+from pipeline.errors import SinkError
+from pipeline.records import Reject, Vector
+
+
+def sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def vectors_schema(dims: int) -> pa.Schema:
+    return pa.schema([
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("key", pa.string()),
+        pa.field("version", pa.string(), nullable=False),
+        pa.field("part", pa.int32()),
+        pa.field("part_count", pa.int32()),
+        pa.field("modality", pa.string()),
+        pa.field("mime", pa.string()),
+        pa.field("page_start", pa.int32()),
+        pa.field("page_end", pa.int32()),
+        pa.field("char_start", pa.int64()),
+        pa.field("char_end", pa.int64()),
+        pa.field("time_start_s", pa.float64()),
+        pa.field("time_end_s", pa.float64()),
+        pa.field("text", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("dims", pa.int32()),
+        pa.field("vector", pa.list_(pa.float32(), dims)),
+        pa.field("tokens", pa.int32()),
+        pa.field("run_id", pa.string()),
+        pa.field("embedded_at", pa.timestamp("us", tz="UTC")),
+    ])
+
+
+REJECTS_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("uri", pa.string(), nullable=False),
+    pa.field("key", pa.string()),
+    pa.field("version", pa.string()),
+    pa.field("part", pa.int32()),
+    pa.field("reason", pa.string()),
+    pa.field("message", pa.string()),
+    pa.field("mime", pa.string()),
+    pa.field("run_id", pa.string()),
+    pa.field("rejected_at", pa.timestamp("us", tz="UTC")),
+])
+
+
+def reject_id(uri: str, version: str | None, part: int | None) -> str:
+    key = f"{uri}\x00{version or ''}\x00{'' if part is None else part}"
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
+
+
+def open_db(uri: str) -> Any:
+    try:
+        return lancedb.connect(uri)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise SinkError(f"cannot open the Lance database at {uri}: {exc}") from exc
+
+
+def open_table(db: Any, name: str, schema: pa.Schema) -> Any:
+    """Open ``name``, creating it empty with ``schema`` if it does not exist."""
+    try:
+        if name in db.list_tables().tables:
+            return db.open_table(name)
+        return db.create_table(name, schema=schema, exist_ok=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise SinkError(f"cannot open table {name!r} in {db.uri}: {exc}") from exc
+
+
+class LanceSink:
+    def __init__(self, db: Any, table: str, rejects_table: str, dims: int, model: str) -> None:
+        self.db = db
+        self.dims = dims
+        self.model = model
+        self.vectors = open_table(db, table, vectors_schema(dims))
+        self._check_schema(table)
+        self.rejects = open_table(db, rejects_table, REJECTS_SCHEMA)
+
+    def _check_schema(self, table: str) -> None:
+        field = self.vectors.schema.field("vector")
+        size = getattr(field.type, "list_size", None)
+        if size != self.dims:
+            raise SinkError(
+                f"table {table!r} holds {size}-dimension vectors but the job asks for "
+                f"{self.dims}: write to another table (sink.table) or delete this one")
+
+    # --- writing ------------------------------------------------------------------------------
+
+    def write(self, vectors: Sequence[Vector], rejects: Sequence[Reject], run_id: str,
+              completed: dict[str, str]) -> None:
+        """Merge ``vectors`` and ``rejects``; for each ``completed`` file (uri -> version) remove
+        rows of other versions, in the same commit as the merge."""
+        now = datetime.now(UTC)
+        stale = " OR ".join(
+            f"(uri = {sql_str(uri)} AND version != {sql_str(version)})"
+            for uri, version in completed.items())
+        try:
+            if vectors:
+                merge = (self.vectors.merge_insert("id").when_matched_update_all()
+                         .when_not_matched_insert_all())
+                if stale:
+                    merge = merge.when_not_matched_by_source_delete(stale)
+                merge.execute(self._vector_table(vectors, run_id, now))
+            elif stale:
+                self.vectors.delete(stale)
+            if rejects:
+                (self.rejects.merge_insert("id").when_matched_update_all()
+                 .when_not_matched_insert_all().execute(self._reject_table(rejects, run_id, now)))
+            if stale:
+                self.rejects.delete(stale)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise SinkError(f"writing to {self.db.uri} failed: {exc}") from exc
+
+    def delete_uris(self, uris: Iterable[str]) -> None:
+        """Remove every row of these sources (files gone from the source)."""
+        batch: list[str] = []
+        for uri in uris:
+            batch.append(uri)
+            if len(batch) >= 500:
+                self._delete(batch)
+                batch = []
+        if batch:
+            self._delete(batch)
+
+    def _delete(self, uris: list[str]) -> None:
+        cond = f"uri IN ({', '.join(sql_str(u) for u in uris)})"
+        try:
+            self.vectors.delete(cond)
+            self.rejects.delete(cond)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise SinkError(f"deleting rows from {self.db.uri} failed: {exc}") from exc
+
+    def _vector_table(self, vectors: Sequence[Vector], run_id: str, now: datetime) -> pa.Table:
+        items = [v.item for v in vectors]
+        flat = np.concatenate([v.values.astype(np.float32, copy=False) for v in vectors])
+        columns: dict[str, Any] = {
+            "id": [i.id for i in items],
+            "uri": [i.source.uri for i in items],
+            "key": [i.source.key for i in items],
+            "version": [i.version for i in items],
+            "part": [i.part for i in items],
+            "part_count": [i.part_count for i in items],
+            "modality": [str(i.modality) for i in items],
+            "mime": [i.mime for i in items],
+            "page_start": [i.span.page_start for i in items],
+            "page_end": [i.span.page_end for i in items],
+            "char_start": [i.span.char_start for i in items],
+            "char_end": [i.span.char_end for i in items],
+            "time_start_s": [i.span.time_start_s for i in items],
+            "time_end_s": [i.span.time_end_s for i in items],
+            "text": [i.text for i in items],
+            "model": [self.model] * len(items),
+            "dims": [self.dims] * len(items),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), self.dims),
+            "tokens": [v.tokens for v in vectors],
+            "run_id": [run_id] * len(items),
+            "embedded_at": [now] * len(items),
+        }
+        return pa.table(columns, schema=vectors_schema(self.dims))
+
+    @staticmethod
+    def _reject_table(rejects: Sequence[Reject], run_id: str, now: datetime) -> pa.Table:
+        return pa.table({
+            "id": [reject_id(r.source.uri, r.version, r.part) for r in rejects],
+            "uri": [r.source.uri for r in rejects],
+            "key": [r.source.key for r in rejects],
+            "version": [r.version or "" for r in rejects],
+            "part": [r.part for r in rejects],
+            "reason": [r.reason for r in rejects],
+            "message": [r.message for r in rejects],
+            "mime": [r.mime for r in rejects],
+            "run_id": [run_id] * len(rejects),
+            "rejected_at": [now] * len(rejects),
+        }, schema=REJECTS_SCHEMA)

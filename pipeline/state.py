@@ -1,0 +1,108 @@
+"""The manifest: what the job has done with every source object, so a run only does what changed.
+
+Stored as the table ``files`` (``sink.manifest_table``) in the same Lance database as the vectors,
+one row per source uri: its version, size, mtime, the job fingerprint it was embedded with, and
+its status (``embedded`` with part counts, or ``rejected`` with the reason). A file's row is
+written only after all its items are committed to the vectors table, so a run killed at any
+moment leaves files either done (skipped next time) or not (redone; merging on ``id`` keeps
+redone rows single).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.errors import SinkError
+from pipeline.records import SourceObject
+from pipeline.sink import open_table, sql_str
+
+MANIFEST_SCHEMA = pa.schema([
+    pa.field("uri", pa.string(), nullable=False),
+    pa.field("key", pa.string()),
+    pa.field("version", pa.string()),
+    pa.field("size", pa.int64()),
+    pa.field("mtime", pa.timestamp("us", tz="UTC")),
+    pa.field("fingerprint", pa.string()),
+    pa.field("status", pa.string()),
+    pa.field("parts", pa.int32()),
+    pa.field("rejected_parts", pa.int32()),
+    pa.field("reason", pa.string()),
+    pa.field("run_id", pa.string()),
+    pa.field("updated_at", pa.timestamp("us", tz="UTC")),
+])
+
+EMBEDDED = "embedded"
+REJECTED = "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class FileState:
+    uri: str
+    key: str
+    version: str
+    size: int
+    mtime: datetime
+    fingerprint: str
+    status: str
+    parts: int
+    rejected_parts: int
+    reason: str | None
+
+    def unchanged(self, obj: SourceObject, fingerprint: str) -> bool:
+        """True when the listing alone proves the file is as it was: no read needed."""
+        if self.fingerprint != fingerprint:
+            return False
+        if obj.version is not None:
+            return obj.version == self.version
+        return obj.size == self.size and abs((obj.mtime - self.mtime).total_seconds()) < 1e-5
+
+
+class Manifest:
+    def __init__(self, db: Any, table: str) -> None:
+        self.table = open_table(db, table, MANIFEST_SCHEMA)
+
+    def load(self) -> dict[str, FileState]:
+        """uri -> state, for diffing the listing."""
+        try:
+            data = self.table.to_arrow().to_pylist()
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise SinkError(f"cannot read the manifest: {exc}") from exc
+        return {
+            row["uri"]: FileState(row["uri"], row["key"], row["version"], row["size"],
+                                  row["mtime"], row["fingerprint"], row["status"], row["parts"],
+                                  row["rejected_parts"], row["reason"])
+            for row in data
+        }
+
+    def record(self, states: Iterable[FileState], run_id: str) -> None:
+        rows = list(states)
+        if not rows:
+            return
+        now = datetime.now(UTC)
+        table = pa.table({
+            "uri": [s.uri for s in rows], "key": [s.key for s in rows],
+            "version": [s.version for s in rows], "size": [s.size for s in rows],
+            "mtime": [s.mtime for s in rows], "fingerprint": [s.fingerprint for s in rows],
+            "status": [s.status for s in rows], "parts": [s.parts for s in rows],
+            "rejected_parts": [s.rejected_parts for s in rows],
+            "reason": [s.reason for s in rows], "run_id": [run_id] * len(rows),
+            "updated_at": [now] * len(rows),
+        }, schema=MANIFEST_SCHEMA)
+        try:
+            (self.table.merge_insert("uri").when_matched_update_all()
+             .when_not_matched_insert_all().execute(table))
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise SinkError(f"cannot write the manifest: {exc}") from exc
+
+    def forget(self, uris: list[str]) -> None:
+        for start in range(0, len(uris), 500):
+            chunk = uris[start : start + 500]
+            try:
+                self.table.delete(f"uri IN ({', '.join(sql_str(u) for u in chunk)})")
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise SinkError(f"cannot update the manifest: {exc}") from exc

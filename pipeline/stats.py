@@ -1,0 +1,40 @@
+"""Counters a run keeps; read by the progress display, the summary and the run report."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class RunStats:
+    run_id: str
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    files_seen: int = 0
+    files_new: int = 0
+    files_changed: int = 0
+    files_unchanged: int = 0
+    files_deleted: int = 0
+    files_done: int = 0
+    items_validated: int = 0
+    items_embedded: int = 0
+    rejects: int = 0
+    reject_reasons: Counter[str] = field(default_factory=Counter)
+    tokens: int = 0
+    api_calls: int = 0
+    http_429: int = 0
+    retries: int = 0
+    listing_done: bool = False
+
+    @property
+    def wall_s(self) -> float:
+        return (self.finished or time.time()) - self.started
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["reject_reasons"] = dict(self.reject_reasons)
+        out["wall_s"] = round(self.wall_s, 3)
+        return out
