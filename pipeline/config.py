@@ -94,7 +94,7 @@ class _EmbedCommon(_Strict):
 
 class EmulatorEmbedConfig(_EmbedCommon):
     provider: Literal["emulator"]
-    emulator: EmulatorSettings = Field(default_factory=EmulatorSettings)
+    emulator: EmulatorSettings = Field(default_factory=lambda: EmulatorSettings())
 
 
 class GeminiEmbedConfig(_EmbedCommon):
@@ -163,8 +163,8 @@ class JobConfig(_Strict):
     source: SourceConfig
     embed: EmbedConfig
     sink: SinkConfig
-    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
-    run: RunConfig = Field(default_factory=RunConfig)
+    validate_: ValidateConfig = Field(default_factory=lambda: ValidateConfig(), alias="validate")
+    run: RunConfig = Field(default_factory=lambda: RunConfig())
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

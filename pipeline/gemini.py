@@ -162,9 +162,10 @@ class GeminiClient:
                    or usage.get("prompt_tokens_details") or [])
         per: dict[str, int] = {}
         for d in details if isinstance(details, list) else []:
-            if isinstance(d, dict) and isinstance(d.get("tokenCount", d.get("token_count")), int):
+            count = d.get("tokenCount", d.get("token_count")) if isinstance(d, dict) else None
+            if isinstance(count, int):
                 modality = str(d.get("modality", "UNKNOWN"))
-                per[modality] = per.get(modality, 0) + int(d.get("tokenCount", d.get("token_count")))
+                per[modality] = per.get(modality, 0) + count
         return EmbedResponse(vectors, total if isinstance(total, int) else None, per)
 
     # --- transport ----------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """A run: source -> validate -> batch -> embed -> sink, stages joined by bounded anyio streams.
 
-    list ──(obj, prev)──▶ validate ×N ──Item──▶ pack ──Batch──▶ embed ×C ──▶ write
+    list ──(obj, prev)──▶ validate xN ──Item──▶ pack ──Batch──▶ embed xC ──▶ write
                               └──────────────Reject──────────────────────────▲
 
 Every stream is bounded, so a slow stage holds back the ones before it and memory stays bounded
@@ -209,7 +209,7 @@ class Run:
     async def _fit(self, obj: SourceObject, data: bytes, items: ObjectSendStream[Item],
                    out: ObjectSendStream[Outcome]) -> None:
         produced = self.validator.fit(obj, data)
-        done = object()
+        done = None
         while True:
             try:
                 entry = await anyio.to_thread.run_sync(next, produced, done)
@@ -219,7 +219,7 @@ class Run:
                                       f"{obj.key}: the validator failed: {type(exc).__name__}: "
                                       f"{exc}"))
                 return
-            if entry is done:
+            if entry is None:
                 return
             if isinstance(entry, Item):
                 self.stats.items_validated += 1
@@ -244,8 +244,10 @@ class Run:
                     self.problems.append(f"{len(batch.items)} items not embedded after "
                                          f"{self.job.embed.max_attempts} attempts: {exc}")
                     continue
-                for outcome in (*vectors, *rejects):
-                    await out.send(outcome)
+                for vector in vectors:
+                    await out.send(vector)
+                for reject in rejects:
+                    await out.send(reject)
 
     async def _write(self, out: ObjectReceiveStream[Outcome]) -> None:
         writer = _Writer(self)

@@ -68,8 +68,7 @@ class Validator:
                 raise ItemRejected(RejectReason.CORRUPT, f"file is empty (0 bytes) but named as {claimed}")
             raise ItemRejected(RejectReason.EMPTY, "file is empty (0 bytes)")
         mime = sniff(data[:4096], obj.key)
-        if mime.startswith("text/") or mime in TEXT_EXTENSIONS.values():
-            if binary_claim:
+        if (mime.startswith("text/") or mime in TEXT_EXTENSIONS.values()) and binary_claim:
                 raise ItemRejected(
                     RejectReason.CORRUPT,
                     f"named as {claimed} but its bytes are plain text (no {claimed} header)",

@@ -180,5 +180,5 @@ def sniff(head: bytes, name: str) -> str:
         return kind
     if looks_like_text(head):
         claimed = extension_mime(name)
-        return claimed if claimed in TEXT_EXTENSIONS.values() else "text/plain"
+        return claimed if claimed is not None and claimed in TEXT_EXTENSIONS.values() else "text/plain"
     return OCTET

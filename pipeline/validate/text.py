@@ -15,6 +15,7 @@ from charset_normalizer import from_bytes
 from pipeline.errors import ItemRejected, RejectReason
 
 BYTES_PER_TOKEN = 3
+PREFERRED_LEGACY = "cp1252"
 _BREAKS = ("\n\n", "\n", ". ", "? ", "! ", "; ", ", ", " ")
 
 _BOMS = (
@@ -35,10 +36,17 @@ def decode_text(data: bytes) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         pass
-    best = from_bytes(data[:1_000_000]).best()
+    results = from_bytes(data[:1_000_000])
+    best = results.best()
     if best is None or best.encoding is None:
         raise ItemRejected(RejectReason.CORRUPT, "not decodable as text in any known encoding")
-    return data.decode(best.encoding, errors="replace")
+    encoding = best.encoding
+    # Short texts often fit several code pages equally well: prefer the most common one.
+    tied = {m.encoding for m in results
+            if m.chaos == best.chaos and m.coherence == best.coherence}
+    if PREFERRED_LEGACY in tied:
+        encoding = PREFERRED_LEGACY
+    return data.decode(encoding, errors="replace")
 
 
 def _fit(text: str, start: int, budget: int) -> int:

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from connectors.base import glob_regex
+from connectors.local import LocalConnector
+from pipeline.config import LocalSourceConfig
+from pipeline.errors import ConnectorError, RejectReason
+from pipeline.records import Reject, SourceObject
+
+
+def _connector(root: Path, **kw) -> LocalConnector:
+    return LocalConnector(LocalSourceConfig(kind="local", root=root, **kw))
+
+
+@pytest.mark.parametrize(("pattern", "key", "match"), [
+    ("**/*", "a.txt", True), ("**/*", "d/e/a.txt", True), ("*.txt", "d/a.txt", False),
+    ("**/*.txt", "d/e/a.txt", True), ("docs/**", "docs/x/y.pdf", True),
+    ("img/?.png", "img/a.png", True), ("img/[ab].png", "img/c.png", False),
+])
+def test_globs(pattern, key, match):
+    assert bool(glob_regex(pattern).match(key)) is match
+
+
+def test_listing_is_sorted_recursive_filtered_and_has_metadata(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "z.txt").write_text("z")
+    (tmp_path / "a.txt").write_text("hello")
+    (tmp_path / "skip.log").write_text("x")
+    (tmp_path / "b" / "y.md").write_text("y")
+    conn = _connector(tmp_path, include=["**/*.txt", "**/*.md"], exclude=["skip*"])
+    listed = list(conn.list())
+    assert [o.key for o in listed] == ["a.txt", "b/y.md", "b/z.txt"]
+    first = listed[0]
+    assert isinstance(first, SourceObject)
+    assert first.size == 5 and first.uri == (tmp_path / "a.txt").as_uri()
+    assert abs(first.mtime.timestamp() - os.stat(tmp_path / "a.txt").st_mtime) < 1e-3
+    assert conn.read(first) == b"hello"
+
+
+def test_symlinks_never_lead_outside_the_root(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    outside = tmp_path / "secret.txt"
+    outside.write_text("secret")
+    (root / "inside.txt").write_text("ok")
+    (root / "link-in.txt").symlink_to(root / "inside.txt")
+    (root / "link-out.txt").symlink_to(outside)
+    (root / "dangling.txt").symlink_to(tmp_path / "missing")
+    (root / "dirlink").symlink_to(tmp_path)
+    listed = {o.source.key if isinstance(o, Reject) else o.key: o for o in _connector(root).list()}
+    assert isinstance(listed["inside.txt"], SourceObject)
+    assert isinstance(listed["link-in.txt"], SourceObject)
+    out = listed["link-out.txt"]
+    assert isinstance(out, Reject) and out.reason == RejectReason.UNREADABLE
+    assert "outside the source root" in out.message
+    assert isinstance(listed["dangling.txt"], Reject)
+    assert isinstance(listed["dirlink"], Reject)
+    assert not any(k.startswith("dirlink/") for k in listed)
+
+
+def test_a_file_gone_before_reading_is_a_connector_error(tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    conn = _connector(tmp_path)
+    (obj,) = list(conn.list())
+    assert isinstance(obj, SourceObject)
+    (tmp_path / "a.txt").unlink()
+    with pytest.raises(ConnectorError, match=r"a\.txt: cannot read"):
+        conn.read(obj)

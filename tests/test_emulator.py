@@ -1,0 +1,115 @@
+"""The emulator as Google's stand-in: request shapes, limits and error bodies, over real HTTP."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from pipeline.emulator.server import Emulator
+
+URL = "/v1beta/models/gemini-embedding-2:batchEmbedContents"
+
+
+def _req(parts: list[dict], model: str = "models/gemini-embedding-2", **kw) -> dict:
+    return {"model": model, "content": {"parts": parts}, **kw}
+
+
+def _inline(mime: str, data: bytes) -> dict:
+    return {"inlineData": {"mimeType": mime, "data": base64.b64encode(data).decode()}}
+
+
+def _post(emu: Emulator, body: dict, path: str = URL) -> httpx.Response:
+    return httpx.post(emu.base_url + path, json=body, timeout=30)
+
+
+def _error(resp: httpx.Response) -> dict:
+    body = resp.json()
+    assert set(body) == {"error"}
+    return body["error"]
+
+
+def test_vectors_are_deterministic_normalised_and_text_similar(emulator: Emulator):
+    texts = ["how to cook pasta", "cooking pasta at home", "stellar spectroscopy"]
+    body = {"requests": [_req([{"text": t}], outputDimensionality=768) for t in texts]}
+    first = _post(emulator, body).json()
+    again = _post(emulator, body).json()
+    assert first["embeddings"] == again["embeddings"]
+    v = [np.array(e["values"]) for e in first["embeddings"]]
+    assert all(x.shape == (768,) and abs(np.linalg.norm(x) - 1) < 1e-6 for x in v)
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.2
+    usage = first["usageMetadata"]
+    assert usage["promptTokenCount"] == sum(d["tokenCount"] for d in usage["promptTokenDetails"])
+
+
+def test_embed_content_and_v1_snake_case(emulator: Emulator):
+    one = _post(emulator, {"content": {"parts": [{"text": "x"}]}, "output_dimensionality": 128},
+                "/v1/models/gemini-embedding-2:embedContent")
+    assert one.status_code == 200 and len(one.json()["embedding"]["values"]) == 128
+
+
+def test_gemini_embedding_001_is_unnormalised_below_3072(emulator: Emulator):
+    body = {"requests": [_req([{"text": "hello there"}], model="models/gemini-embedding-001",
+                              outputDimensionality=768)]}
+    resp = httpx.post(emulator.base_url + "/v1beta/models/gemini-embedding-001:batchEmbedContents",
+                      json=body)
+    norm = np.linalg.norm(resp.json()["embeddings"][0]["values"])
+    assert abs(norm - 1) > 1e-3
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"requests": [_req([{"text": "x"}])] * 101}, "at most 100 requests"),
+    ({"requests": [_req([{"text": "x"}], model="models/gemini-embedding-001")]}, "Model mismatch"),
+    ({"requests": [_req([{"inlineData": {"mimeType": "image/png", "data": "@@@"}}])]},
+     "Base64 decoding failed"),
+    ({"requests": [_req([_inline("image/gif", b"GIF89a")])]}, "Unsupported MIME type"),
+    ({"requests": [_req([{"text": "word " * 9000}])]}, "exceeds the maximum number of tokens"),
+    ({"requests": [_req([{"text": "x"}], outputDimensionality=5000)]}, "outputDimensionality"),
+    ({"requests": [_req([])]}, "contents is not specified"),
+])
+def test_invalid_requests_get_googles_400(emulator: Emulator, body: dict, message: str):
+    resp = _post(emulator, body)
+    assert resp.status_code == 400
+    err = _error(resp)
+    assert err["status"] == "INVALID_ARGUMENT" and err["code"] == 400
+    assert message in err["message"]
+
+
+def test_media_limits(emulator: Emulator, corpus_dir: Path):
+    png = (corpus_dir / "image/smile.png").read_bytes()
+    seven = _post(emulator, {"requests": [_req([_inline("image/png", png)] * 7)]})
+    assert seven.status_code == 400 and "At most 6 images" in _error(seven)["message"]
+    six = _post(emulator, {"requests": [_req([_inline("image/png", png)] * 6)]})
+    assert six.status_code == 200 and six.json()["usageMetadata"]["promptTokenCount"] == 6 * 258
+    pdf = (corpus_dir / "pdf/Seige_of_Vicksburg_Sample_OCR-crazyones-merged.pdf").read_bytes()
+    seven_pages = _post(emulator, {"requests": [_req([_inline("application/pdf", pdf)])]})
+    assert seven_pages.status_code == 400 and "7 pages" in _error(seven_pages)["message"]
+    song = (corpus_dir / "audio/asc-machine_wars.mp3").read_bytes()
+    long_audio = _post(emulator, {"requests": [_req([_inline("audio/mpeg", song)])]})
+    assert long_audio.status_code == 400 and "180 s" in _error(long_audio)["message"]
+    clip = (corpus_dir / "video/one-by-one-person-detection.mp4").read_bytes()
+    long_video = _post(emulator, {"requests": [_req([_inline("video/mp4", clip)])]})
+    assert long_video.status_code == 400 and "120 s" in _error(long_video)["message"]
+
+
+def test_unknown_model_is_404(emulator: Emulator):
+    resp = httpx.post(emulator.base_url + "/v1beta/models/text-nope:batchEmbedContents",
+                      json={"requests": [_req([{"text": "x"}], model="models/text-nope")]})
+    assert resp.status_code == 404 and _error(resp)["status"] == "NOT_FOUND"
+
+
+def test_stats_endpoint_counts_what_was_served():
+    with Emulator() as emu:
+        _post(emu, {"requests": [_req([{"text": "a b c"}])] * 3})
+        _post(emu, {"requests": [_req([{"text": "x"}])] * 101})
+        stats = httpx.get(emu.base_url + "/emulator/stats").json()
+        assert stats["batch_calls"] == 1 and stats["items"] == 3
+        assert stats["by_status"] == {"200": 1, "400": 1}
+        assert stats["tokens"] == 3 * 2
+        logged = httpx.get(emu.base_url + "/emulator/requests").json()
+        assert len(logged) == 2 and logged[0]["method"] == "batchEmbedContents"
+        httpx.post(emu.base_url + "/emulator/reset")
+        assert httpx.get(emu.base_url + "/emulator/stats").json()["http_requests"] == 0

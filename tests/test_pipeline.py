@@ -1,0 +1,125 @@
+"""End to end: a folder of real files -> emulator over HTTP -> a Lance table in tmp_path."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import lancedb
+import numpy as np
+import polars as pl
+import pytest
+
+from pipeline.config import load_job
+from pipeline.emulator.server import Emulator
+from pipeline.runner import EXIT_OK, EXIT_REJECTS, run_job
+from tests.conftest import copy_corpus_files, write_job
+
+MIXED = ["pdf/tracemonkey.pdf", "pdf/minimal-document.pdf", "image/smile.png",
+         "image/flower.jpg", "bad/this-is-a-jpeg.png", "bad/broken.png", "bad/rc4-40.pdf",
+         "bad/empty.pdf"]
+
+
+@pytest.fixture()
+def mixed(tmp_path: Path, corpus_dir: Path) -> Path:
+    src = tmp_path / "src"
+    copy_corpus_files(corpus_dir, MIXED, src)
+    (src / "notes").mkdir()
+    (src / "notes" / "pasta.txt").write_text(
+        "How to cook pasta: boil salted water and cook the spaghetti for nine minutes.")
+    (src / "notes" / "stars.md").write_text(
+        "Telescopes gather starlight; a bigger mirror shows fainter galaxies.")
+    return src
+
+
+def _tables(job_path: Path, env: dict[str, str] | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    job = load_job(job_path, env)
+    db = lancedb.connect(job.sink.uri)
+    vectors = pl.from_arrow(db.open_table("vectors").to_arrow())
+    rejects = pl.from_arrow(db.open_table("rejects").to_arrow())
+    assert isinstance(vectors, pl.DataFrame) and isinstance(rejects, pl.DataFrame)
+    return vectors, rejects
+
+
+def test_end_to_end_mixed_folder(tmp_path: Path, mixed: Path):
+    job_path = write_job(tmp_path, mixed)
+    result = run_job(load_job(job_path))
+    assert result.exit_code == EXIT_REJECTS
+    vectors, rejects = _tables(job_path)
+    # tracemonkey: 14 pages -> 3 parts; 4 images/pdf singles; 2 texts
+    assert vectors.height == 3 + 1 + 3 + 2 == result.stats.items_embedded
+    assert vectors["id"].n_unique() == vectors.height
+    assert sorted(rejects["key"].to_list()) == ["bad/broken.png", "bad/empty.pdf",
+                                                 "bad/rc4-40.pdf"]
+    assert dict(zip(rejects["key"], rejects["reason"], strict=True)) == {
+        "bad/broken.png": "corrupt", "bad/empty.pdf": "corrupt", "bad/rc4-40.pdf": "encrypted"}
+    trace = vectors.filter(pl.col("key") == "pdf/tracemonkey.pdf").sort("part")
+    assert trace.select("page_start", "page_end").rows() == [(1, 6), (7, 12), (13, 14)]
+    assert set(vectors["modality"]) == {"document", "image", "text"}
+    assert vectors.filter(pl.col("key") == "bad/this-is-a-jpeg.png")["mime"].item() == "image/jpeg"
+    v = np.stack(vectors["vector"].to_list())
+    assert v.shape == (9, 256) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-3)
+    assert (vectors["tokens"] > 0).all() and vectors["run_id"].n_unique() == 1
+    # every listed file is accounted for: a row or a reject
+    files = {str(p.relative_to(mixed)) for p in mixed.rglob("*") if p.is_file()}
+    assert set(vectors["key"]) | set(rejects["key"]) == files
+
+    again = run_job(load_job(job_path))
+    assert again.exit_code == EXIT_OK
+    assert again.stats.api_calls == 0 and again.stats.files_unchanged == len(files)
+    assert _tables(job_path)[0].height == vectors.height
+
+
+def test_changed_deleted_added_and_touched_files(tmp_path: Path, mixed: Path):
+    job_path = write_job(tmp_path, mixed)
+    run_job(load_job(job_path))
+    before, _ = _tables(job_path)
+    (mixed / "notes" / "pasta.txt").write_text("Risotto needs constant stirring and warm stock.")
+    (mixed / "notes" / "stars.md").unlink()
+    (mixed / "notes" / "new.txt").write_text("A brand new note about volcanoes.")
+    os.utime(mixed / "image/flower.jpg", (1, 1))  # touched, same content
+    result = run_job(load_job(job_path))
+    s = result.stats
+    assert (s.files_changed, s.files_new, s.files_deleted) == (1, 1, 1)
+    assert s.items_embedded == 2 and s.files_unchanged == len(MIXED) - 1 + 1
+    after, _ = _tables(job_path)
+    assert "notes/stars.md" not in set(after["key"])
+    pasta = after.filter(pl.col("key") == "notes/pasta.txt")
+    assert pasta.height == 1 and "Risotto" in pasta["text"].item()
+    assert after.height == before.height + 1 - 1
+    third = run_job(load_job(job_path))
+    assert third.stats.api_calls == 0 and third.stats.files_unchanged == third.stats.files_seen
+
+
+def test_gemini_provider_against_an_external_emulator(tmp_path: Path, mixed: Path,
+                                                      emulator: Emulator,
+                                                      monkeypatch: pytest.MonkeyPatch):
+    shutil.rmtree(mixed / "pdf")
+    job_path = write_job(tmp_path, mixed, embed={
+        "provider": "gemini", "base_url": emulator.base_url, "api_key": "${EP_TEST_KEY}",
+        "auth": "bearer", "model": "gemini-embedding-2", "output_dimensionality": 128})
+    before = emulator.state.stats.items
+    monkeypatch.setenv("EP_TEST_KEY", "k-123")
+    result = run_job(load_job(job_path))
+    assert emulator.state.stats.items - before == result.stats.items_embedded == 5
+    vectors, rejects = _tables(job_path)
+    for frame in (vectors.drop("vector"), rejects):
+        assert not any("k-123" in str(v) for row in frame.rows() for v in row)
+
+
+def test_cli_run_and_search_rank_the_relevant_text_first(tmp_path: Path, mixed: Path):
+    job_path = write_job(tmp_path, mixed)
+    env = {**os.environ, "COLUMNS": "200"}
+    run = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job_path)],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == EXIT_REJECTS, run.stderr
+    assert "items embedded" in run.stderr and "rejected encrypted" in run.stderr
+    search = subprocess.run([sys.executable, "-m", "pipeline.cli", "search", str(job_path),
+                             "how long to cook spaghetti", "-k", "3"],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert search.returncode == 0, search.stderr
+    lines = [ln for ln in search.stdout.splitlines() if ln.startswith("│")]
+    assert "notes/pasta.txt" in lines[0]
