@@ -118,10 +118,24 @@ EmbedConfig = Annotated[EmulatorEmbedConfig | GeminiEmbedConfig, Field(discrimin
 # --- validation -------------------------------------------------------------------------------
 
 
+Policy = Literal["convert", "reject"]
+
+
 class ValidateConfig(_Strict):
-    """How files are fitted to the model's limits. ``None`` means: the model's own limit."""
+    """How files are fitted to the model's limits. ``None`` means: the model's own limit, or,
+    for the ``*_convert_from`` lists, every format a decoder opens."""
 
     pdf_max_pages: int | None = Field(None, ge=1)
+    audio_max_s: float | None = Field(None, gt=0)
+    video_max_s: float | None = Field(None, gt=0)
+    too_long: Literal["split", "reject"] = "split"
+    image_policy: Policy = "convert"
+    audio_policy: Policy = "convert"
+    video_policy: Policy = "convert"
+    audio_formats: list[str] = Field(default_factory=lambda: ["audio/mpeg", "audio/wav"])
+    image_convert_from: list[str] | None = None
+    audio_convert_from: list[str] | None = None
+    video_convert_from: list[str] | None = None
     text_max_tokens: int | None = Field(None, ge=16)
     text_overlap_tokens: int = Field(64, ge=0)
     max_inline_bytes: int = Field(20_000_000, ge=1024)
@@ -175,7 +189,8 @@ class JobConfig(_Strict):
             "dims": self.embed.output_dimensionality,
             "task": self.embed.task_type,
             "validate": self.validate_.model_dump(
-                include={"pdf_max_pages", "text_max_tokens", "text_overlap_tokens"}
+                include={"pdf_max_pages", "text_max_tokens", "text_overlap_tokens", "audio_max_s",
+                         "video_max_s", "audio_formats"}
             ),
         }
         blob = json.dumps(parts, sort_keys=True).encode()

@@ -57,8 +57,7 @@ class Embedder:
                 item = items[0]
                 return [], [Reject(item.source, item.version, RejectReason.API_REJECTED,
                                    f"{item.source.key} part {item.part + 1}/{item.part_count}: "
-                                   f"the API refused it: {exc}", item.mime, item.part,
-                                   item.part_count)]
+                                   f"the API refused it: {exc}", item.mime, item.part)]
             mid = len(items) // 2
             left = await self._embed(items[:mid])
             right = await self._embed(items[mid:])

@@ -90,6 +90,8 @@ class Item:
     span: Span = field(default_factory=Span)
     text: str | None = None
     title: str | None = None
+    source_mime: str | None = None  # the file's sniffed type, when the item was converted
+    claimed_mime: str | None = None  # what the file name's extension claims
 
     @property
     def payload_bytes(self) -> int:
@@ -107,7 +109,15 @@ class Reject:
     message: str
     mime: str | None = None
     part: int | None = None
-    part_count: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FileEnd:
+    """The validator is done with a file: ``count`` items and part rejects came out of it.
+    The writer marks the file complete once that many outcomes are committed."""
+
+    source: SourceObject
+    count: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ from pipeline.errors import (
     TransientEmbedError,
 )
 from pipeline.models import model_spec
-from pipeline.records import Batch, Item, Reject, SourceObject, Vector
+from pipeline.records import Batch, FileEnd, Item, Reject, SourceObject, Vector
 from pipeline.sink import LanceSink, open_db
 from pipeline.state import EMBEDDED, REJECTED, FileState, Manifest
 from pipeline.stats import RunStats
@@ -52,7 +52,7 @@ EXIT_FAILED = 3
 EXIT_QUOTA = 4
 EXIT_INTERRUPTED = 130
 
-Outcome = Vector | Reject | FileState
+Outcome = Vector | Reject | FileState | FileEnd
 
 
 def new_run_id() -> str:
@@ -75,7 +75,7 @@ class _Pending:
     """A file whose items are on their way to the table."""
 
     obj: SourceObject
-    expected: int
+    expected: int | None = None  # known once the validator is done with the file
     embedded: int = 0
     rejected: int = 0
     reason: str | None = None
@@ -209,24 +209,27 @@ class Run:
     async def _fit(self, obj: SourceObject, data: bytes, items: ObjectSendStream[Item],
                    out: ObjectSendStream[Outcome]) -> None:
         produced = self.validator.fit(obj, data)
-        done = None
+        count = 0
         while True:
             try:
-                entry = await anyio.to_thread.run_sync(next, produced, done)
+                entry = await anyio.to_thread.run_sync(next, produced, None)
             except Exception as exc:  # a parser bug on one file must not end a million-file run
                 log.exception("validator failed on %s", obj.key)
-                await out.send(Reject(obj, obj.version, RejectReason.CORRUPT,
-                                      f"{obj.key}: the validator failed: {type(exc).__name__}: "
-                                      f"{exc}"))
-                return
+                entry = Reject(obj, obj.version, RejectReason.CORRUPT,
+                               f"{obj.key}: the validator failed: {type(exc).__name__}: {exc}",
+                               part=count if count else None)
+                produced = iter(())
             if entry is None:
-                return
+                break
+            count += 1
             if isinstance(entry, Item):
                 self.stats.items_validated += 1
                 await items.send(entry)
             else:
-                assert isinstance(entry, Reject)
                 await out.send(entry)
+                if entry.part is None:
+                    return  # a whole-file reject completes the file by itself
+        await out.send(FileEnd(obj, count))
 
     async def _embed(self, batches: ObjectReceiveStream[Batch],
                      out: ObjectSendStream[Outcome]) -> None:
@@ -306,33 +309,34 @@ class _Writer:
         if isinstance(entry, FileState):
             self.completed.append(entry)
             return
-        if isinstance(entry, Vector):
+        if isinstance(entry, FileEnd):
+            p = self._pending(entry.source)
+            p.expected = entry.count
+        elif isinstance(entry, Vector):
             self.vectors.append(entry)
             self.stats.items_embedded += 1
             self.stats.tokens += entry.tokens
-            item = entry.item
-            p = self._pending(item.source, item.version, item.part_count)
+            p = self._pending(entry.item.source)
             p.embedded += 1
         else:
             self.rejects.append(entry)
             self.stats.rejects += 1
             self.stats.reject_reasons[entry.reason] += 1
-            # A part reject may end the file early (the validator stopped in the middle).
-            expected = entry.part_count if entry.part is not None and entry.part_count else 1
-            p = self._pending(entry.source, entry.version or "", expected)
-            p.expected = min(p.expected, expected)
+            p = self._pending(entry.source)
             p.rejected += 1
             p.reason = p.reason or entry.reason
+            if entry.part is None:
+                p.expected = 1
         self._complete(p)
 
-    def _pending(self, obj: SourceObject, version: str, expected: int) -> _Pending:
-        key = (obj.uri, version)
+    def _pending(self, obj: SourceObject) -> _Pending:
+        key = (obj.uri, obj.version or "")
         if key not in self.pending:
-            self.pending[key] = _Pending(obj.with_version(version), expected)
+            self.pending[key] = _Pending(obj.with_version(obj.version or ""))
         return self.pending[key]
 
     def _complete(self, p: _Pending) -> None:
-        if p.embedded + p.rejected < p.expected:
+        if p.expected is None or p.embedded + p.rejected < p.expected:
             return
         del self.pending[(p.obj.uri, p.obj.version or "")]
         status = EMBEDDED if p.embedded else REJECTED

@@ -9,6 +9,7 @@ Reject reasons are the closed list in :class:`pipeline.errors.RejectReason`.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from pathlib import PurePosixPath
@@ -18,16 +19,32 @@ from pipeline.errors import ItemRejected, RejectReason
 from pipeline.models import (
     IMAGE_MIMES,
     PDF_MIME,
+    TOKENS_PER_AUDIO_SECOND,
     TOKENS_PER_IMAGE,
     TOKENS_PER_PDF_PAGE,
+    TOKENS_PER_VIDEO_FRAME,
+    VIDEO_MAX_FRAMES,
+    VIDEO_MIMES,
     model_spec,
     text_tokens,
 )
 from pipeline.records import Item, Modality, Part, Reject, SourceObject, Span, item_id
-from pipeline.validate.image import check_image
+from pipeline.validate.image import check_image, convert_to_png
+from pipeline.validate.media import (
+    VIDEO_CODECS,
+    MediaInfo,
+    audio_segments,
+    cut_points,
+    probe,
+    video_segments,
+    video_transcode,
+)
 from pipeline.validate.pdf import PdfDocument
 from pipeline.validate.sniff import TEXT_EXTENSIONS, extension_mime, sniff
 from pipeline.validate.text import chunk_spans, decode_text
+
+# Types no decoder here opens (FFmpeg renders neither MIDI nor tracker modules by default).
+NO_DECODER = frozenset({"audio/midi", "audio/x-it"})
 
 # Tokens kept free in every text chunk for a title or task prefix the embedder may add.
 PREFIX_RESERVE_TOKENS = 64
@@ -56,9 +73,8 @@ class Validator:
                 yield item
         except ItemRejected as exc:
             # After some parts went out, the reject is one more part and the file ends there.
-            part, count = (emitted, emitted + 1) if emitted else (None, None)
-            yield Reject(obj, obj.version, exc.reason, f"{obj.key}: {exc.message}", mime, part,
-                         count)
+            yield Reject(obj, obj.version, exc.reason, f"{obj.key}: {exc.message}", mime,
+                         emitted if emitted else None)
 
     def _mime(self, obj: SourceObject, data: bytes) -> str:
         claimed = extension_mime(obj.key)
@@ -84,24 +100,115 @@ class Validator:
                 RejectReason.UNSUPPORTED,
                 f"{mime} cannot be embedded: {self.model} embeds text only",
             )
-        if len(data) * 4 // 3 > self.cfg.max_inline_bytes and mime != PDF_MIME:
-            raise ItemRejected(
-                RejectReason.TOO_LARGE,
-                f"{len(data):,} bytes is over the inline payload limit of "
-                f"{self.cfg.max_inline_bytes:,} bytes once base64-encoded (validate.max_inline_bytes)",
-            )
+        deadline = time.monotonic() + self.cfg.file_timeout_s
         if mime in IMAGE_MIMES:
             check_image(data, mime, self.cfg.max_image_pixels)
-            yield self._item(obj, 0, 1, Modality.IMAGE, mime, (Part(mime=mime, data=data),),
-                             TOKENS_PER_IMAGE, Span())
+            yield self._image(obj, data, mime, mime)
+        elif mime.startswith("image/"):
+            self._may_convert(mime, self.cfg.image_policy, self.cfg.image_convert_from, "image")
+            png = convert_to_png(data, mime, self.cfg.max_image_pixels)
+            yield self._image(obj, png, "image/png", mime)
+        elif mime == PDF_MIME:
+            yield from self._pdf(obj, data, deadline)
+        elif mime in NO_DECODER:
+            raise ItemRejected(RejectReason.UNSUPPORTED, f"{mime} has no decoder here and is not "
+                               "accepted by the model")
+        elif mime.startswith(("audio/", "video/")):
+            info = probe(data, deadline)
+            if info.kind == "audio":
+                yield from self._audio(obj, data, _audio_mime(mime), info, deadline)
+            else:
+                yield from self._video(obj, data, mime, info, deadline)
+        else:
+            raise ItemRejected(
+                RejectReason.UNSUPPORTED,
+                f"{mime} is not a supported input (supported: text, images, PDF, audio, video)",
+            )
+
+    def _may_convert(self, mime: str, policy: str, allowed: list[str] | None, kind: str) -> None:
+        if policy == "reject" or (allowed is not None and mime not in allowed):
+            raise ItemRejected(
+                RejectReason.UNSUPPORTED,
+                f"{mime} is not a format {self.model} accepts and converting it is off "
+                f"(validate.{kind}_policy: convert, validate.{kind}_convert_from)")
+
+    def _inline_ok(self, data: bytes) -> bool:
+        return (len(data) + 2) // 3 * 4 <= self.cfg.max_inline_bytes
+
+    def _too_large(self, what: str, size: int) -> ItemRejected:
+        return ItemRejected(
+            RejectReason.TOO_LARGE,
+            f"{what} is {size:,} bytes, over the inline payload limit of "
+            f"{self.cfg.max_inline_bytes:,} bytes once base64-encoded (validate.max_inline_bytes)")
+
+    def _image(self, obj: SourceObject, data: bytes, mime: str, source_mime: str) -> Item:
+        if not self._inline_ok(data):
+            raise self._too_large("the image", len(data))
+        return self._item(obj, 0, 1, Modality.IMAGE, mime, (Part(mime=mime, data=data),),
+                          TOKENS_PER_IMAGE, Span(), source_mime=source_mime)
+
+    def _audio(self, obj: SourceObject, data: bytes, mime: str, info: MediaInfo,
+               deadline: float) -> Iterator[Item]:
+        max_s = self.cfg.audio_max_s or self.spec.max_audio_s
+        as_is = mime in self.cfg.audio_formats
+        if not as_is:
+            self._may_convert(mime, self.cfg.audio_policy, self.cfg.audio_convert_from, "audio")
+        too_long = info.measured_s > max_s
+        if too_long and self.cfg.too_long == "reject":
+            raise ItemRejected(RejectReason.TOO_LONG, f"audio is {info.measured_s:.1f} s; the limit "
+                               f"is {max_s:g} s (validate.too_long: split to cut it)")
+        if as_is and not too_long and self._inline_ok(data):
+            yield self._item(obj, 0, 1, Modality.AUDIO, mime, (Part(mime=mime, data=data),),
+                             _audio_tokens(info.measured_s),
+                             Span(time_start_s=0.0, time_end_s=info.measured_s))
             return
-        if mime == PDF_MIME:
-            yield from self._pdf(obj, data)
+        # Cut a little under the limit: cuts fall on frame boundaries.
+        length = max(1.0, max_s - 1.0) if max_s > 2 else max_s
+        count = max(1, math.ceil(info.measured_s / length - 1e-9))
+        for index, seg in enumerate(audio_segments(data, length, deadline)):
+            if not self._inline_ok(seg.data):
+                raise self._too_large(f"audio {seg.start_s:.0f}-{seg.end_s:.0f} s", len(seg.data))
+            yield self._item(obj, index, count, Modality.AUDIO, seg.mime,
+                             (Part(mime=seg.mime, data=seg.data),),
+                             _audio_tokens(seg.end_s - seg.start_s),
+                             Span(time_start_s=seg.start_s, time_end_s=seg.end_s),
+                             source_mime=mime)
+
+    def _video(self, obj: SourceObject, data: bytes, mime: str, info: MediaInfo,
+               deadline: float) -> Iterator[Item]:
+        max_s = self.cfg.video_max_s or self.spec.max_video_s
+        native = mime in VIDEO_MIMES and info.video_codec in VIDEO_CODECS
+        if not native:
+            self._may_convert(mime, self.cfg.video_policy, self.cfg.video_convert_from, "video")
+        too_long = info.measured_s > max_s
+        if too_long and self.cfg.too_long == "reject":
+            raise ItemRejected(RejectReason.TOO_LONG, f"video is {info.measured_s:.1f} s; the limit "
+                               f"is {max_s:g} s (validate.too_long: split to cut it)")
+        if native and not too_long and self._inline_ok(data):
+            yield self._item(obj, 0, 1, Modality.VIDEO, mime, (Part(mime=mime, data=data),),
+                             _video_tokens(info.measured_s),
+                             Span(time_start_s=0.0, time_end_s=info.measured_s))
             return
-        raise ItemRejected(
-            RejectReason.UNSUPPORTED,
-            f"{mime} is not a supported input (supported: text, PNG, JPEG, PDF)",
-        )
+        if native:
+            # Shorter segments when the bytes, not the seconds, are over the limit.
+            per_s = len(data) / max(info.measured_s, 1e-3)
+            by_size = 0.8 * self.cfg.max_inline_bytes * 3 / 4 / per_s
+            # A second of slack: containers report a little more than the packets span.
+            length = min(max(1.0, max_s - 1.0) if max_s > 2 else max_s, by_size)
+            cuts = cut_points(info.keyframes, info.measured_s, length)
+            count = len(cuts) if cuts is not None else 1
+            segments = video_segments(data, info, length, deadline)
+        else:
+            count = max(1, math.ceil(info.measured_s / max_s - 1e-9))
+            segments = video_transcode(data, info, max_s, deadline)
+        for index, seg in enumerate(segments):
+            if not self._inline_ok(seg.data):
+                raise self._too_large(f"video {seg.start_s:.0f}-{seg.end_s:.0f} s", len(seg.data))
+            yield self._item(obj, index, count, Modality.VIDEO, seg.mime,
+                             (Part(mime=seg.mime, data=seg.data),),
+                             _video_tokens(seg.end_s - seg.start_s),
+                             Span(time_start_s=seg.start_s, time_end_s=seg.end_s),
+                             source_mime=mime)
 
     def _text(self, obj: SourceObject, data: bytes, mime: str) -> Iterator[Item]:
         text = decode_text(data)
@@ -113,28 +220,40 @@ class Validator:
             yield self._item(obj, index, len(spans), Modality.TEXT, mime, (Part(text=chunk),),
                              text_tokens(chunk), Span(char_start=start, char_end=end), text=chunk)
 
-    def _pdf(self, obj: SourceObject, data: bytes) -> Iterator[Item]:
-        deadline = time.monotonic() + self.cfg.file_timeout_s
+    def _pdf(self, obj: SourceObject, data: bytes, deadline: float) -> Iterator[Item]:
         doc = PdfDocument(data)
         count = doc.part_count(self.pdf_max_pages)
         for index, part in enumerate(doc.parts(self.pdf_max_pages, deadline)):
             pages = part.page_end - part.page_start + 1
-            if len(part.data) * 4 // 3 > self.cfg.max_inline_bytes:
-                raise ItemRejected(
-                    RejectReason.TOO_LARGE,
-                    f"pages {part.page_start}-{part.page_end} are {len(part.data):,} bytes, over the "
-                    f"inline limit of {self.cfg.max_inline_bytes:,} once base64-encoded",
-                )
+            if not self._inline_ok(part.data):
+                raise self._too_large(f"pages {part.page_start}-{part.page_end}", len(part.data))
             yield self._item(obj, index, count, Modality.DOCUMENT, PDF_MIME,
                              (Part(mime=PDF_MIME, data=part.data),), pages * TOKENS_PER_PDF_PAGE,
                              Span(page_start=part.page_start, page_end=part.page_end))
 
     def _item(self, obj: SourceObject, part: int, count: int, modality: Modality, mime: str,
-              parts: tuple[Part, ...], tokens: int, span: Span, text: str | None = None) -> Item:
+              parts: tuple[Part, ...], tokens: int, span: Span, text: str | None = None,
+              source_mime: str | None = None) -> Item:
         assert obj.version is not None
         return Item(
             id=item_id(obj.uri, obj.version, part, self.model, self.dims),
             source=obj, version=obj.version, part=part, part_count=count, modality=modality,
             mime=mime, parts=parts, est_tokens=tokens, span=span, text=text,
-            title=PurePosixPath(obj.key).stem,
+            title=PurePosixPath(obj.key).stem, source_mime=source_mime or mime,
+            claimed_mime=extension_mime(obj.key),
         )
+
+
+def _audio_mime(mime: str) -> str:
+    """The audio format of a container sniffed as video (an .m4a is an MP4 without video)."""
+    return {"video/mp4": "audio/mp4", "video/quicktime": "audio/mp4",
+            "video/x-ms-asf": "audio/x-ms-wma", "video/webm": "audio/webm",
+            "video/x-matroska": "audio/x-matroska"}.get(mime, mime)
+
+
+def _audio_tokens(seconds: float) -> int:
+    return max(1, math.ceil(seconds * TOKENS_PER_AUDIO_SECOND))
+
+
+def _video_tokens(seconds: float) -> int:
+    return min(VIDEO_MAX_FRAMES, max(1, math.ceil(seconds))) * TOKENS_PER_VIDEO_FRAME
