@@ -208,15 +208,29 @@ class Run:
 
     async def _fit(self, obj: SourceObject, data: bytes, items: ObjectSendStream[Item],
                    out: ObjectSendStream[Outcome]) -> None:
+        """Run the validator's generator in worker threads, one step at a time. A step that
+        outlives the per-file limit is abandoned (its thread is left to finish on its own) and
+        the file becomes a ``timeout`` reject: one pathological file cannot hang the run."""
         produced = self.validator.fit(obj, data)
+        limit = self.job.validate_.file_timeout_s
+        deadline = anyio.current_time() + limit * 1.5 + 1.0  # the validator checks "limit" itself
         count = 0
         while True:
-            try:
-                entry = await anyio.to_thread.run_sync(next, produced, None)
-            except Exception as exc:  # a parser bug on one file must not end a million-file run
-                log.exception("validator failed on %s", obj.key)
-                entry = Reject(obj, obj.version, RejectReason.CORRUPT,
-                               f"{obj.key}: the validator failed: {type(exc).__name__}: {exc}",
+            entry: Item | Reject | None = None
+            with anyio.move_on_after(max(0.0, deadline - anyio.current_time())) as scope:
+                try:
+                    entry = await anyio.to_thread.run_sync(next, produced, None,
+                                                           abandon_on_cancel=True)
+                except Exception as exc:  # a parser bug on one file must not end the run
+                    log.exception("validator failed on %s", obj.key)
+                    entry = Reject(obj, obj.version, RejectReason.CORRUPT,
+                                   f"{obj.key}: the validator failed: {type(exc).__name__}: {exc}",
+                                   part=count if count else None)
+                    produced = iter(())
+            if scope.cancelled_caught:
+                entry = Reject(obj, obj.version, RejectReason.TIMEOUT,
+                               f"{obj.key}: validation took longer than "
+                               f"{limit:g} s (validate.file_timeout_s)",
                                part=count if count else None)
                 produced = iter(())
             if entry is None:

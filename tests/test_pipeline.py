@@ -123,3 +123,76 @@ def test_cli_run_and_search_rank_the_relevant_text_first(tmp_path: Path, mixed: 
     assert search.returncode == 0, search.stderr
     lines = [ln for ln in search.stdout.splitlines() if ln.startswith("│")]
     assert "notes/pasta.txt" in lines[0]
+
+
+def test_whole_corpus_end_to_end_zero_400s(tmp_path: Path, corpus_dir: Path, emulator: Emulator):
+    """Every corpus file ends as rows or exactly one reject; the emulator, which enforces the
+    model's limits, answers no 400: the validator fitted everything before sending."""
+    from tests.conftest import load_manifest
+    from tests.test_validate import MANIFEST_POLICY
+
+    job_path = write_job(tmp_path, corpus_dir, embed={
+        "provider": "gemini", "base_url": emulator.base_url, "model": "gemini-embedding-2",
+        "output_dimensionality": 128, "concurrency": 4}, extra={
+        "validate": MANIFEST_POLICY, "source": {"kind": "local", "root": str(corpus_dir),
+                                               "exclude": ["*.md", "*.tsv"]}})
+    before = dict(emulator.state.stats.by_status)
+    result = run_job(load_job(job_path))
+    after = emulator.state.stats.by_status
+    assert after.get("400", 0) == before.get("400", 0), "the emulator refused a request"
+    vectors, rejects = _tables(job_path)
+    assert vectors["id"].n_unique() == vectors.height
+    rows = load_manifest()
+    whole_file_rejects = rejects.filter(pl.col("part").is_null())
+    assert whole_file_rejects["key"].n_unique() == whole_file_rejects.height
+    by_key = dict(zip(whole_file_rejects["key"], whole_file_rejects["reason"], strict=True))
+    parts = vectors.group_by("key").agg(pl.len().alias("n"), pl.col("page_end").max())
+    counts = dict(zip(parts["key"], parts["n"], strict=True))
+    assert set(counts) | set(by_key) == {r.path for r in rows}
+    assert not set(counts) & set(by_key)
+    for row in rows:
+        got = by_key.get(row.path) or ("split" if counts[row.path] > 1 else "ok")
+        if row.expected == "too_long" and got == "split":
+            got = "too_long"
+        assert row.accepts(got), f"{row.path}: {got}"
+        if row.pages and row.path in counts:
+            page_end = parts.filter(pl.col("key") == row.path)["page_end"].item()
+            assert page_end == row.pages, row.path
+    assert result.stats.files_seen == len(rows)
+
+
+def test_a_validator_step_that_hangs_becomes_a_timeout_reject(tmp_path: Path, mixed: Path,
+                                                             monkeypatch: pytest.MonkeyPatch):
+    """The watchdog, for code that never returns to check its deadline (a stuck parser)."""
+    import time
+
+    from pipeline.validate import Validator
+
+    real_fit = Validator.fit
+
+    def fit(self, obj, data):  # type: ignore[no-untyped-def]
+        if obj.key.endswith("stars.md"):
+            time.sleep(8)
+        yield from real_fit(self, obj, data)
+
+    monkeypatch.setattr(Validator, "fit", fit)
+    job_path = write_job(tmp_path, mixed, extra={"validate": {"file_timeout_s": 1.0}})
+    started = time.monotonic()
+    result = run_job(load_job(job_path))
+    assert time.monotonic() - started < 8
+    _, rejects = _tables(job_path)
+    stars = rejects.filter(pl.col("key") == "notes/stars.md")
+    assert stars["reason"].to_list() == ["timeout"]
+    assert result.stats.items_embedded == 8 and result.stats.rejects == 4
+
+
+def test_per_file_limit_stops_a_long_split(tmp_path: Path, corpus_dir: Path):
+    src = tmp_path / "src"
+    copy_corpus_files(corpus_dir, ["pdf/octave.pdf"], src)
+    job_path = write_job(tmp_path, src, extra={"validate": {"file_timeout_s": 0.3}})
+    result = run_job(load_job(job_path))
+    vectors, rejects = _tables(job_path)
+    assert rejects["reason"].to_list() == ["timeout"]
+    assert "validate.file_timeout_s" in rejects["message"].item()
+    assert (rejects["part"].item() or 0) == vectors.height  # parts before the limit are kept
+    assert result.stats.files_done == 1

@@ -20,9 +20,9 @@ import io
 import logging
 import math
 import time
-from fractions import Fraction
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import av
