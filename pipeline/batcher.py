@@ -57,27 +57,28 @@ class Packer:
         return batch
 
 
-async def pack(items: ObjectReceiveStream[Item], batches: ObjectSendStream[Batch],
+async def pack(items: ObjectReceiveStream[list[Item]], batches: ObjectSendStream[Batch],
                limits: BatchLimits) -> None:
     packer = Packer(limits)
     async with items, batches:
         while True:
-            item: Item | None = None
+            chunk: list[Item] | None = None
             try:
                 if packer.items:
                     with anyio.move_on_after(limits.linger_s):
-                        item = await items.receive()
+                        chunk = await items.receive()
                 else:
-                    item = await items.receive()
+                    chunk = await items.receive()
             except anyio.EndOfStream:
                 break
-            if item is None:  # lingered long enough
+            if chunk is None:  # lingered long enough
                 await batches.send(packer.take())
                 continue
-            if not packer.fits(item):
-                await batches.send(packer.take())
-            packer.add(item)
-            if packer.full:
-                await batches.send(packer.take())
+            for item in chunk:
+                if not packer.fits(item):
+                    await batches.send(packer.take())
+                packer.add(item)
+                if packer.full:
+                    await batches.send(packer.take())
         if packer.items:
             await batches.send(packer.take())

@@ -19,6 +19,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -107,9 +108,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.quiet:
         _summary(job, result)
     if result.exit_code == 4 and run.quota_error is not None:
+        delay = run.quota_error.retry_after_s
+        when = (f"at {datetime.now(UTC) + timedelta(seconds=delay):%Y-%m-%d %H:%M:%S} UTC"
+                if delay else "at midnight Pacific time (Google's daily reset)")
         console.print(f"[red]stopped:[/] per-day quota exhausted ({run.quota_error}); "
-                      "everything done so far is saved; run again after the quota resets "
-                      "(midnight Pacific time for Google's API)")
+                      f"everything done so far is saved; the quota resets {when}: run the job "
+                      "again then and it continues where it stopped", highlight=False)
     return result.exit_code
 
 

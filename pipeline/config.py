@@ -74,10 +74,33 @@ SourceConfig = Annotated[LocalSourceConfig, Field(discriminator="kind")]
 
 
 class EmulatorSettings(_Strict):
-    """The in-process emulator started for ``provider: emulator``."""
+    """The in-process emulator started for ``provider: emulator``: latency, quotas (counted the
+    way Google counts them) and fault rates per call (0..1)."""
 
     api_key: SecretStr | None = None
     latency_ms: float = Field(0.0, ge=0)
+    per_item_ms: float = Field(0.0, ge=0)
+    jitter_ms: float = Field(0.0, ge=0)
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+    rpd: int | None = Field(None, ge=1)
+    day_s: float = Field(86_400.0, gt=0)
+    error_500: float = Field(0.0, ge=0, le=1)
+    error_503: float = Field(0.0, ge=0, le=1)
+    reset: float = Field(0.0, ge=0, le=1)
+    stall: float = Field(0.0, ge=0, le=1)
+    stall_s: float = Field(30.0, gt=0)
+    truncate: float = Field(0.0, ge=0, le=1)
+    seed: int | None = None
+
+
+class QuotaConfig(_Strict):
+    """The project's quotas, when known: the run paces itself to stay under them. Unset
+    budgets are unknown: the run then adapts to 429s (halving calls in flight, growing back)."""
+
+    rpm: int | None = Field(None, ge=1, description="requests per minute; each item counts")
+    tpm: int | None = Field(None, ge=1, description="input tokens per minute")
+    rpd: int | None = Field(None, ge=1, description="requests per day; each item counts")
 
 
 class _EmbedCommon(_Strict):
@@ -87,9 +110,10 @@ class _EmbedCommon(_Strict):
     batch_size: int = Field(MAX_BATCH_REQUESTS, ge=1, le=MAX_BATCH_REQUESTS)
     max_batch_bytes: int = Field(8_000_000, ge=1024)
     max_batch_tokens: int = Field(200_000, ge=1)
-    concurrency: int = Field(4, ge=1, le=256)
+    concurrency: int = Field(16, ge=1, le=256)
     max_attempts: int = Field(6, ge=1, le=50)
     timeout_s: float = Field(120.0, gt=0)
+    quota: QuotaConfig = Field(default_factory=lambda: QuotaConfig())
 
 
 class EmulatorEmbedConfig(_EmbedCommon):
@@ -165,7 +189,7 @@ SinkConfig = Annotated[LanceSinkConfig, Field(discriminator="kind")]
 
 
 class RunConfig(_Strict):
-    validate_workers: int = Field(2, ge=1, le=64)
+    validate_workers: int = Field(4, ge=1, le=64)
     queue_size: int = Field(256, ge=1)
     flush_rows: int = Field(2000, ge=1)
     flush_interval_s: float = Field(5.0, gt=0)

@@ -1,8 +1,11 @@
 """The embed stage: one batch of items in, vectors and rejects out.
 
 - Requests carry what the model wants (taskType and title where the model uses them).
+- Every attempt first takes a permit from the shared rate limiter (requests/min, tokens/min,
+  requests/day, when the job knows its quotas) and a slot from the adaptive concurrency limit.
 - Transient failures (429, 5xx, transport) are retried with bounded attempts, waiting what the
-  server's RetryInfo says, else exponential backoff with full jitter.
+  server's RetryInfo says, else exponential backoff with full jitter. A 429 also halves the
+  calls in flight; successes grow them back (AIMD).
 - A terminal 4xx on a batch is bisected, so only the items the API refuses become
   ``api_rejected`` rejects and the rest are embedded.
 - Vectors are L2-normalised where the model does not do it (gemini-embedding-001 below 3072).
@@ -21,6 +24,7 @@ import numpy as np
 from pipeline.errors import QuotaExhausted, RejectReason, TerminalEmbedError, TransientEmbedError
 from pipeline.gemini import EmbedRequest, EmbedResponse, GeminiClient
 from pipeline.models import ModelSpec
+from pipeline.ratelimit import AdaptiveConcurrency, Permit, QuotaExceeded, RateLimiter
 from pipeline.records import Batch, Item, Reject, Vector
 from pipeline.stats import RunStats
 
@@ -29,9 +33,12 @@ log = logging.getLogger("embedpipe.embed")
 
 class Embedder:
     def __init__(self, client: GeminiClient, spec: ModelSpec, *, task_type: str | None,
-                 max_attempts: int, stats: RunStats, backoff_base_s: float = 1.0,
+                 max_attempts: int, stats: RunStats, limiter: RateLimiter | None = None,
+                 concurrency: AdaptiveConcurrency | None = None, backoff_base_s: float = 1.0,
                  backoff_cap_s: float = 60.0) -> None:
         self.client = client
+        self.limiter = limiter
+        self.concurrency = concurrency or AdaptiveConcurrency(64)
         self.spec = spec
         self.task_type = task_type
         self.max_attempts = max_attempts
@@ -66,20 +73,29 @@ class Embedder:
 
     async def _call_with_retries(self, items: Sequence[Item]) -> EmbedResponse:
         requests = [self.request_for(i) for i in items]
+        tokens = sum(i.est_tokens for i in items)
         attempt = 0
         while True:
             attempt += 1
-            self.stats.api_calls += 1
             try:
-                if len(requests) == 1:
-                    return await self.client.embed(requests[0])
-                return await self.client.batch_embed(requests)
+                async with self.concurrency.limiter:
+                    permit = await self._permit(len(items), tokens)
+                    self.stats.api_calls += 1
+                    if len(requests) == 1:
+                        response = await self.client.embed(requests[0])
+                    else:
+                        response = await self.client.batch_embed(requests)
+                    if permit is not None:
+                        permit.settle(response.prompt_tokens)
+                self.concurrency.on_success()
+                return response
             except QuotaExhausted:
                 self.stats.http_429 += 1
                 raise
             except TransientEmbedError as exc:
                 if exc.http_status == 429:
                     self.stats.http_429 += 1
+                    self.concurrency.on_throttle()
                 if attempt >= self.max_attempts:
                     raise
                 delay = self._delay(attempt, exc.retry_after_s)
@@ -87,6 +103,14 @@ class Embedder:
                 log.warning("transient error (%s); retry %d/%d in %.1fs", exc, attempt,
                             self.max_attempts - 1, delay)
                 await anyio.sleep(delay)
+
+    async def _permit(self, requests: int, tokens: int) -> Permit | None:
+        if self.limiter is None:
+            return None
+        try:
+            return await self.limiter.acquire(requests, tokens)
+        except QuotaExceeded as exc:
+            raise QuotaExhausted(str(exc), status="CLIENT_BUDGET") from exc
 
     def _delay(self, attempt: int, server_says: float | None) -> float:
         if server_says is not None:

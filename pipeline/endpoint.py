@@ -24,8 +24,8 @@ async def embedding_client(job: JobConfig) -> AsyncIterator[GeminiClient]:
               "timeout_s": embed.timeout_s, "max_connections": embed.concurrency * 2}
     if isinstance(embed, EmulatorEmbedConfig):
         key = embed.emulator.api_key.get_secret_value() if embed.emulator.api_key else None
-        emulator = Emulator(EmulatorOptions(api_key=key, auth="google",
-                                            latency_ms=embed.emulator.latency_ms))
+        settings = embed.emulator.model_dump(exclude={"api_key"})
+        emulator = Emulator(EmulatorOptions(api_key=key, auth="google", **settings))
         await anyio.to_thread.run_sync(emulator.start)
         try:
             async with GeminiClient(base_url=emulator.base_url, api_key=key, auth="google",

@@ -15,7 +15,6 @@ an exception message. Retrying is the caller's decision (see :mod:`pipeline.embe
 from __future__ import annotations
 
 import base64
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import anyio
 import httpx
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from pipeline.errors import (
     EmbedError,
@@ -171,7 +171,7 @@ class GeminiClient:
     # --- transport ----------------------------------------------------------------------------
 
     async def _post(self, method: str, body: dict[str, Any]) -> dict[str, Any]:
-        content = await anyio.to_thread.run_sync(lambda: json.dumps(body).encode("utf-8"))
+        content = await anyio.to_thread.run_sync(orjson.dumps, body)
         try:
             response = await self._http.post(f"{self._root}:{method}", content=content)
             raw = await response.aread()
@@ -182,8 +182,8 @@ class GeminiClient:
         if response.status_code != 200:
             raise self._error(response.status_code, raw, response.headers.get("retry-after"))
         try:
-            data = await anyio.to_thread.run_sync(json.loads, raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            data = await anyio.to_thread.run_sync(orjson.loads, raw)
+        except orjson.JSONDecodeError:
             raise TransientEmbedError(f"malformed response: {len(raw)} bytes of invalid JSON",
                                       http_status=200, status="BAD_RESPONSE") from None
         if not isinstance(data, dict):
@@ -197,7 +197,7 @@ class GeminiClient:
     def _error(self, code: int, raw: bytes, retry_after: str | None) -> EmbedError:
         status, message, delay, quota_id = None, "", None, None
         try:
-            err = json.loads(raw).get("error", {})
+            err = orjson.loads(raw).get("error", {})
             status = err.get("status")
             message = str(err.get("message", ""))
             for detail in err.get("details") or []:
@@ -208,7 +208,7 @@ class GeminiClient:
                 elif kind.endswith("QuotaFailure"):
                     for v in detail.get("violations") or []:
                         quota_id = v.get("quotaId") or quota_id
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError):
+        except (orjson.JSONDecodeError, AttributeError, TypeError):
             message = raw[:300].decode("utf-8", "replace").strip()
         if delay is None and (m := _RETRY_IN.search(message)):
             delay = float(m.group(1)) / (1000 if m.group(2).lower() == "ms" else 1)

@@ -15,6 +15,7 @@ import logging
 import secrets
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,8 +38,9 @@ from pipeline.errors import (
     TransientEmbedError,
 )
 from pipeline.models import model_spec
+from pipeline.ratelimit import AdaptiveConcurrency, Quota, RateLimiter
 from pipeline.records import Batch, FileEnd, Item, Reject, SourceObject, Vector
-from pipeline.sink import LanceSink, open_db
+from pipeline.sink import LanceSink, open_db, reject_id
 from pipeline.state import EMBEDDED, REJECTED, FileState, Manifest
 from pipeline.stats import RunStats
 from pipeline.validate import Validator
@@ -53,6 +55,12 @@ EXIT_QUOTA = 4
 EXIT_INTERRUPTED = 130
 
 Outcome = Vector | Reject | FileState | FileEnd
+_Todo = tuple[SourceObject, "FileState | None"]
+
+# Files up to this size are validated in groups, one thread hop for the whole group.
+SMALL_FILE_BYTES = 1_000_000
+GROUP_FILES = 32
+GROUP_BYTES = 4_000_000
 
 
 def new_run_id() -> str:
@@ -76,6 +84,8 @@ class _Pending:
 
     obj: SourceObject
     expected: int | None = None  # known once the validator is done with the file
+    ids: set[str] = field(default_factory=set)  # of its vector rows
+    reject_ids: set[str] = field(default_factory=set)
     embedded: int = 0
     rejected: int = 0
     reason: str | None = None
@@ -93,6 +103,8 @@ class Run:
         self.fingerprint = job.fingerprint()
         self.validator = Validator(job)
         self.problems: list[str] = []
+        # Files in flight that had rows before: their stale rows are removed on completion.
+        self.replacing: dict[str, bool] = {}
         self.failed_items = 0
         self.quota_error: QuotaExhausted | None = None
         self.interrupted = False
@@ -111,9 +123,13 @@ class Run:
                               embed.output_dimensionality, embed.model))
         self.manifest = await anyio.to_thread.run_sync(Manifest, db, sink_cfg.manifest_table)
         self._previous = await anyio.to_thread.run_sync(self.manifest.load)
+        quota = Quota(rpm=embed.quota.rpm, tpm=embed.quota.tpm, rpd=embed.quota.rpd)
+        limiter = RateLimiter(quota) if (quota.rpm or quota.tpm or quota.rpd) else None
         async with embedding_client(self.job) as client:
             self.embedder = Embedder(client, model_spec(embed.model), task_type=embed.task_type,
-                                     max_attempts=embed.max_attempts, stats=self.stats)
+                                     max_attempts=embed.max_attempts, stats=self.stats,
+                                     limiter=limiter,
+                                     concurrency=AdaptiveConcurrency(embed.concurrency))
             await self._pipeline()
         self.stats.finished = datetime.now(UTC).timestamp()
         return RunResult(self.stats, self._exit_code(), self.problems)
@@ -131,15 +147,18 @@ class Run:
 
     async def _pipeline(self) -> None:
         cfg = self.job.run
-        todo_tx, todo_rx = anyio.create_memory_object_stream[tuple[SourceObject, FileState | None]](
-            cfg.queue_size)
-        items_tx, items_rx = anyio.create_memory_object_stream[Item](cfg.queue_size)
+        # Streams carry lists: per-record hops through the event loop would cost more than
+        # validating a small file.
+        todo_tx, todo_rx = anyio.create_memory_object_stream[list[_Todo]](cfg.validate_workers * 2)
+        items_tx, items_rx = anyio.create_memory_object_stream[list[Item]](cfg.queue_size)
         batches_tx, batches_rx = anyio.create_memory_object_stream[Batch](
             max(2, self.job.embed.concurrency))
-        out_tx, out_rx = anyio.create_memory_object_stream[Outcome](cfg.queue_size)
-        limits = BatchLimits(max_requests=self.job.embed.batch_size,
-                             max_bytes=self.job.embed.max_batch_bytes,
-                             max_tokens=self.job.embed.max_batch_tokens)
+        out_tx, out_rx = anyio.create_memory_object_stream[list[Outcome]](cfg.queue_size)
+        embed = self.job.embed
+        # A call must fit the per-minute budgets, or it could never be sent.
+        limits = BatchLimits(max_requests=min(embed.batch_size, embed.quota.rpm or 10**9),
+                             max_bytes=embed.max_batch_bytes,
+                             max_tokens=min(embed.max_batch_tokens, embed.quota.tpm or 10**12))
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._write, out_rx)
             if threading.current_thread() is threading.main_thread():
@@ -161,19 +180,24 @@ class Run:
             await self._writer_done.wait()
             outer.cancel_scope.cancel()
 
-    async def _list(self, todo: ObjectSendStream[tuple[SourceObject, FileState | None]],
-                    out: ObjectSendStream[Outcome]) -> None:
+    async def _list(self, todo: ObjectSendStream[list[_Todo]],
+                    out: ObjectSendStream[list[Outcome]]) -> None:
+        """Diff the listing against the manifest; send what must be (re)done in groups of small
+        files (one thread hop validates a whole group) or alone (large files)."""
         listing: Iterator[SourceObject | Reject] = self.connector.list()
         async with todo, out:
             while True:
                 chunk = await anyio.to_thread.run_sync(lambda: list(islice(listing, 512)))
                 if not chunk:
                     break
+                rejects: list[Outcome] = []
+                group: list[_Todo] = []
+                group_bytes = 0
                 for entry in chunk:
                     self.stats.files_seen += 1
                     if isinstance(entry, Reject):
                         self._previous.pop(entry.source.uri, None)
-                        await out.send(entry)
+                        rejects.append(entry)
                         continue
                     prev = self._previous.pop(entry.uri, None)
                     if prev is not None and prev.unchanged(entry, self.fingerprint) and not (
@@ -184,69 +208,117 @@ class Run:
                         self.stats.files_new += 1
                     else:
                         self.stats.files_changed += 1
-                    await todo.send((entry, prev))
+                    if entry.size > SMALL_FILE_BYTES:
+                        await todo.send([(entry, prev)])
+                        continue
+                    group.append((entry, prev))
+                    group_bytes += entry.size
+                    if len(group) >= GROUP_FILES or group_bytes >= GROUP_BYTES:
+                        await todo.send(group)
+                        group, group_bytes = [], 0
+                if group:
+                    await todo.send(group)
+                if rejects:
+                    await out.send(rejects)
         self.stats.listing_done = True
 
-    async def _validate(self, todo: ObjectReceiveStream[tuple[SourceObject, FileState | None]],
-                        items: ObjectSendStream[Item], out: ObjectSendStream[Outcome]) -> None:
+    async def _validate(self, todo: ObjectReceiveStream[list[_Todo]],
+                        items: ObjectSendStream[list[Item]],
+                        out: ObjectSendStream[list[Outcome]]) -> None:
         async with todo, items, out:
-            async for obj, prev in todo:
-                try:
-                    data = await anyio.to_thread.run_sync(self.connector.read, obj)
-                except ConnectorError as exc:
-                    await out.send(Reject(obj, obj.version or "", RejectReason.UNREADABLE, str(exc)))
-                    continue
-                obj = obj.with_version(obj.version or content_version(data))
-                if (prev is not None and prev.version == obj.version
-                        and prev.fingerprint == self.fingerprint and not self.retry_rejects):
-                    # Touched but not changed: same content, nothing to pay for.
-                    self.stats.files_changed -= 1
-                    self.stats.files_unchanged += 1
-                    await out.send(_touched(prev, obj))
-                    continue
-                await self._fit(obj, data, items, out)
+            async for group in todo:
+                works = [_FileWork(self, obj, prev) for obj, prev in group]
+                if len(works) > 1:
+                    works = await self._fit_group(works, items, out)
+                for work in works:
+                    await self._fit(work, items, out)
 
-    async def _fit(self, obj: SourceObject, data: bytes, items: ObjectSendStream[Item],
-                   out: ObjectSendStream[Outcome]) -> None:
-        """Run the validator's generator in worker threads, one step at a time. A step that
-        outlives the per-file limit is abandoned (its thread is left to finish on its own) and
-        the file becomes a ``timeout`` reject: one pathological file cannot hang the run."""
-        produced = self.validator.fit(obj, data)
+    def _deadline(self) -> float:
         limit = self.job.validate_.file_timeout_s
-        deadline = anyio.current_time() + limit * 1.5 + 1.0  # the validator checks "limit" itself
+        return anyio.current_time() + limit * 1.5 + 1.0  # the validator checks "limit" itself
+
+
+    def _timeout_reject(self, work: _FileWork, part: int) -> Reject:
+        return work.reject(RejectReason.TIMEOUT, f"validation took longer than "
+                           f"{self.job.validate_.file_timeout_s:g} s (validate.file_timeout_s)", part)
+
+    async def _fit_group(self, works: list[_FileWork], items: ObjectSendStream[list[Item]],
+                         out: ObjectSendStream[list[Outcome]]) -> list[_FileWork]:
+        """Validate small files in one thread hop. If the hop outlives its deadline, the file
+        it was working on becomes a timeout reject and the files after it are returned, to be
+        done one by one."""
+        group = _GroupWork(works)
+        per_file = self._deadline() - anyio.current_time()
+
+        async with anyio.create_task_group() as tg:
+            async def watch() -> None:
+                while not group.overdue(per_file):
+                    await anyio.sleep(0.05)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch)
+            await anyio.to_thread.run_sync(group.run, abandon_on_cancel=True)
+            tg.cancel_scope.cancel()
+        finished, current = group.stop()
+        for work, entries in finished:
+            await self._emit(work, entries, True, 0, items, out)
+        if current is None:
+            return []
+        await self._emit(current, [self._timeout_reject(current, 0)], True, 0, items, out)
+        return works[len(finished) + 1:]
+
+    async def _fit(self, work: _FileWork, items: ObjectSendStream[list[Item]],
+                   out: ObjectSendStream[list[Outcome]]) -> None:
+        """Read and validate one file in worker threads, a chunk of items per thread hop. A hop
+        that outlives the per-file limit is abandoned (its thread is left to finish on its own)
+        and the file becomes a ``timeout`` reject: one pathological file cannot hang the run."""
+        deadline = self._deadline()
         count = 0
-        while True:
-            entry: Item | Reject | None = None
+        done = False
+        while not done:
+            chunk: list[Item | Reject | FileState] = []
             with anyio.move_on_after(max(0.0, deadline - anyio.current_time())) as scope:
-                try:
-                    entry = await anyio.to_thread.run_sync(next, produced, None,
-                                                           abandon_on_cancel=True)
-                except Exception as exc:  # a parser bug on one file must not end the run
-                    log.exception("validator failed on %s", obj.key)
-                    entry = Reject(obj, obj.version, RejectReason.CORRUPT,
-                                   f"{obj.key}: the validator failed: {type(exc).__name__}: {exc}",
-                                   part=count if count else None)
-                    produced = iter(())
+                chunk, done = await anyio.to_thread.run_sync(work.step, abandon_on_cancel=True)
             if scope.cancelled_caught:
-                entry = Reject(obj, obj.version, RejectReason.TIMEOUT,
-                               f"{obj.key}: validation took longer than "
-                               f"{limit:g} s (validate.file_timeout_s)",
-                               part=count if count else None)
-                produced = iter(())
-            if entry is None:
+                chunk, done = [self._timeout_reject(work, count)], True
+            count = await self._emit(work, chunk, done, count, items, out)
+
+    async def _emit(self, work: _FileWork, chunk: list[Item | Reject | FileState], done: bool,
+                    count: int, items: ObjectSendStream[list[Item]],
+                    out: ObjectSendStream[list[Outcome]]) -> int:
+        """Send a file's entries on; when the file is done, its FileEnd. Returns the count of
+        items and part rejects so far."""
+        found: list[Item] = []
+        other: list[Outcome] = []
+        finished = done
+        for entry in chunk:
+            if isinstance(entry, FileState):
+                # Touched but not changed: same content, nothing to pay for.
+                self.stats.files_changed -= 1
+                self.stats.files_unchanged += 1
+                other.append(entry)
+                finished = False  # complete by itself: no FileEnd
+                break
+            if isinstance(entry, Reject) and entry.part is None:
+                other.append(entry)  # a whole-file reject completes the file by itself
+                finished = False
                 break
             count += 1
             if isinstance(entry, Item):
-                self.stats.items_validated += 1
-                await items.send(entry)
+                found.append(entry)
             else:
-                await out.send(entry)
-                if entry.part is None:
-                    return  # a whole-file reject completes the file by itself
-        await out.send(FileEnd(obj, count))
+                other.append(entry)
+        self.stats.items_validated += len(found)
+        if found:
+            await items.send(found)
+        if finished:
+            other.append(FileEnd(work.obj, count))
+        if other:
+            await out.send(other)
+        return count
 
     async def _embed(self, batches: ObjectReceiveStream[Batch],
-                     out: ObjectSendStream[Outcome]) -> None:
+                     out: ObjectSendStream[list[Outcome]]) -> None:
         async with batches, out:
             async for batch in batches:
                 try:
@@ -261,25 +333,22 @@ class Run:
                     self.problems.append(f"{len(batch.items)} items not embedded after "
                                          f"{self.job.embed.max_attempts} attempts: {exc}")
                     continue
-                for vector in vectors:
-                    await out.send(vector)
-                for reject in rejects:
-                    await out.send(reject)
+                await out.send([*vectors, *rejects])
 
-    async def _write(self, out: ObjectReceiveStream[Outcome]) -> None:
+    async def _write(self, out: ObjectReceiveStream[list[Outcome]]) -> None:
         writer = _Writer(self)
         try:
             async with out:
                 while True:
-                    entry = None
+                    entries = None
                     with anyio.move_on_after(self.job.run.flush_interval_s):
                         try:
-                            entry = await out.receive()
+                            entries = await out.receive()
                         except anyio.EndOfStream:
                             break
-                    if entry is not None:
+                    for entry in entries or ():
                         writer.add(entry)
-                    if entry is None or writer.rows >= self.job.run.flush_rows:
+                    if entries is None or writer.rows >= self.job.run.flush_rows:
                         await anyio.to_thread.run_sync(writer.flush)
             await anyio.to_thread.run_sync(writer.flush)
             if self.stats.listing_done and self.job.run.on_delete == "delete":
@@ -289,11 +358,15 @@ class Run:
         finally:
             self._writer_done.set()
 
+    def stop(self) -> None:
+        """Stop early and cleanly: producers are cancelled, what is done is still committed."""
+        self.interrupted = True
+        self._producers.cancel()
+
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
-                self.interrupted = True
-                self._producers.cancel()
+                self.stop()
                 return
 
     async def _tick(self) -> None:
@@ -314,6 +387,7 @@ class _Writer:
         self.vectors: list[Vector] = []
         self.rejects: list[Reject] = []
         self.completed: list[FileState] = []
+        self.replaced: dict[str, tuple[set[str], set[str]]] = {}
 
     @property
     def rows(self) -> int:
@@ -332,12 +406,14 @@ class _Writer:
             self.stats.tokens += entry.tokens
             p = self._pending(entry.item.source)
             p.embedded += 1
+            p.ids.add(entry.item.id)
         else:
             self.rejects.append(entry)
             self.stats.rejects += 1
             self.stats.reject_reasons[entry.reason] += 1
             p = self._pending(entry.source)
             p.rejected += 1
+            p.reject_ids.add(reject_id(entry.source.uri, entry.version, entry.part))
             p.reason = p.reason or entry.reason
             if entry.part is None:
                 p.expected = 1
@@ -353,6 +429,8 @@ class _Writer:
         if p.expected is None or p.embedded + p.rejected < p.expected:
             return
         del self.pending[(p.obj.uri, p.obj.version or "")]
+        if self.run.replacing.pop(p.obj.uri, False):
+            self.replaced[p.obj.uri] = (p.ids, p.reject_ids)
         status = EMBEDDED if p.embedded else REJECTED
         self.completed.append(FileState(
             p.obj.uri, p.obj.key, p.obj.version or "", p.obj.size, p.obj.mtime,
@@ -362,15 +440,110 @@ class _Writer:
     def flush(self) -> None:
         if not (self.vectors or self.rejects or self.completed):
             return
-        done = {s.uri: s.version for s in self.completed if s.status in (EMBEDDED, REJECTED)}
-        self.run.sink.write(self.vectors, self.rejects, self.stats.run_id, done)
+        self.run.sink.write(self.vectors, self.rejects, self.stats.run_id, self.replaced)
         self.run.manifest.record(self.completed, self.stats.run_id)
-        self.vectors, self.rejects, self.completed = [], [], []
+        self.vectors, self.rejects, self.completed, self.replaced = [], [], [], {}
 
     def delete(self, uris: list[str]) -> None:
         self.run.sink.delete_uris(uris)
         self.run.manifest.forget(uris)
         self.stats.files_deleted += len(uris)
+
+
+class _FileWork:
+    """One file's blocking work, done in worker threads: read it, find its version, then pull
+    its items from the validator a chunk at a time (few thread hops for small files, bounded
+    memory for large ones)."""
+
+    CHUNK_ITEMS = 32
+    CHUNK_BYTES = 8_000_000
+
+    def __init__(self, run: Run, obj: SourceObject, prev: FileState | None) -> None:
+        self.run = run
+        self.obj = obj
+        self.prev = prev
+        self.items: Iterator[Item | Reject] | None = None
+        self.emitted = 0
+
+    def reject(self, reason: str, message: str, part: int) -> Reject:
+        return Reject(self.obj, self.obj.version or "", reason, f"{self.obj.key}: {message}",
+                      part=part if part else None)
+
+    def step(self) -> tuple[list[Item | Reject | FileState], bool]:
+        """The next entries, and whether the file is done."""
+        if self.items is None:
+            try:
+                data = self.run.connector.read(self.obj)
+            except ConnectorError as exc:
+                return [Reject(self.obj, self.obj.version or "", RejectReason.UNREADABLE,
+                               str(exc))], True
+            self.obj = self.obj.with_version(self.obj.version or content_version(data))
+            prev = self.prev
+            if (prev is not None and prev.version == self.obj.version
+                    and prev.fingerprint == self.run.fingerprint and not self.run.retry_rejects):
+                return [_touched(prev, self.obj)], True
+            if prev is not None:
+                self.run.replacing[self.obj.uri] = True  # its old rows go when it completes
+            self.items = self.run.validator.fit(self.obj, data)
+        chunk: list[Item | Reject | FileState] = []
+        size = 0
+        try:
+            for entry in self.items:
+                chunk.append(entry)
+                self.emitted += 1
+                size += entry.payload_bytes if isinstance(entry, Item) else 0
+                if len(chunk) >= self.CHUNK_ITEMS or size >= self.CHUNK_BYTES:
+                    return chunk, False
+        except Exception as exc:  # a parser bug on one file must not end the run
+            log.exception("validator failed on %s", self.obj.key)
+            chunk.append(self.reject(RejectReason.CORRUPT, f"the validator failed: "
+                                     f"{type(exc).__name__}: {exc}", self.emitted))
+        return chunk, True
+
+
+class _GroupWork:
+    """Several small files validated in one thread hop, with progress the event loop can read
+    if it gives up waiting (see :meth:`Run._fit_group`)."""
+
+    def __init__(self, works: list[_FileWork]) -> None:
+        self.works = works
+        self.finished: list[tuple[_FileWork, list[Item | Reject | FileState]]] = []
+        self.current: _FileWork | None = None
+        self._lock = threading.Lock()
+        self._stopped = False
+        self.started = time.monotonic()
+
+    def overdue(self, limit_s: float) -> bool:
+        """The file in progress has taken longer than ``limit_s``."""
+        with self._lock:
+            return self.current is not None and time.monotonic() - self.started > limit_s
+
+    def run(self) -> None:
+        for work in self.works:
+            with self._lock:
+                if self._stopped:
+                    return
+                self.current = work
+                self.started = time.monotonic()
+            entries: list[Item | Reject | FileState] = []
+            done = False
+            while not done:
+                chunk, done = work.step()
+                entries.extend(chunk)
+            with self._lock:
+                if self._stopped:
+                    return
+                self.finished.append((work, entries))
+                self.current = None
+
+    def stop(self) -> tuple[list[tuple[_FileWork, list[Item | Reject | FileState]]],
+                            _FileWork | None]:
+        """Freeze: what is finished, and the file in progress (None if all finished)."""
+        with self._lock:
+            self._stopped = True
+            if len(self.finished) == len(self.works):
+                return list(self.finished), None
+            return list(self.finished), self.current or self.works[len(self.finished)]
 
 
 def _touched(prev: FileState, obj: SourceObject) -> FileState:

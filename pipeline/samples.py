@@ -62,17 +62,18 @@ def make_quickstart_media(folder: Path) -> list[Path]:
     return made
 
 
-def make_text_corpus(folder: Path, n: int, *, seed: int = 7, per_folder: int = 500) -> list[Path]:
-    """``n`` distinct small text files (a few sentences each), ``per_folder`` to a sub-folder."""
+def make_text_corpus(folder: Path, n: int, *, seed: int = 7, per_folder: int = 500,
+                     words: int = 12) -> list[Path]:
+    """``n`` distinct small text files (``words`` keywords each), ``per_folder`` to a folder."""
     rng = random.Random(seed)
     made = []
     for i in range(n):
         sub = folder / f"d{i // per_folder:04d}"
         sub.mkdir(parents=True, exist_ok=True)
         topic = _TOPICS[i % len(_TOPICS)]
-        words = " ".join(rng.choice(_WORDS) for _ in range(12))
+        keywords = " ".join(rng.choice(_WORDS) for _ in range(words))
         text = (f"Note {i}: {topic} {rng.choice(_VERBS)} the country around them. "
-                f"Keywords: {words}.\n")
+                f"Keywords: {keywords}.\n")
         path = sub / f"note-{i:07d}.txt"
         path.write_text(text, encoding="utf-8")
         made.append(path)

@@ -67,6 +67,10 @@ REJECTS_SCHEMA = pa.schema([
 ])
 
 
+def _id_in(ids: list[str]) -> str:
+    return f"id IN ({', '.join(sql_str(i) for i in ids)})"
+
+
 def reject_id(uri: str, version: str | None, part: int | None) -> str:
     key = f"{uri}\x00{version or ''}\x00{'' if part is None else part}"
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
@@ -109,29 +113,43 @@ class LanceSink:
     # --- writing ------------------------------------------------------------------------------
 
     def write(self, vectors: Sequence[Vector], rejects: Sequence[Reject], run_id: str,
-              completed: dict[str, str]) -> None:
-        """Merge ``vectors`` and ``rejects``; for each ``completed`` file (uri -> version) remove
-        rows of other versions, in the same commit as the merge."""
+              replaced: dict[str, tuple[set[str], set[str]]]) -> None:
+        """Merge ``vectors`` and ``rejects`` on ``id``. For each ``replaced`` file (uri -> the
+        ids of its new vector and reject rows), every other row of that uri is stale (an older
+        version, or parts the new split no longer has) and is removed in the same commit as the
+        merge."""
         now = datetime.now(UTC)
-        stale = " OR ".join(
-            f"(uri = {sql_str(uri)} AND version != {sql_str(version)})"
-            for uri, version in completed.items())
         try:
+            stale = self._stale(self.vectors, {u: keep for u, (keep, _) in replaced.items()})
+            stale_rejects = self._stale(self.rejects, {u: keep for u, (_, keep) in replaced.items()})
             if vectors:
                 merge = (self.vectors.merge_insert("id").when_matched_update_all()
                          .when_not_matched_insert_all())
                 if stale:
-                    merge = merge.when_not_matched_by_source_delete(stale)
+                    merge = merge.when_not_matched_by_source_delete(_id_in(stale))
                 merge.execute(self._vector_table(vectors, run_id, now))
             elif stale:
-                self.vectors.delete(stale)
+                self.vectors.delete(_id_in(stale))
             if rejects:
-                (self.rejects.merge_insert("id").when_matched_update_all()
-                 .when_not_matched_insert_all().execute(self._reject_table(rejects, run_id, now)))
-            if stale:
-                self.rejects.delete(stale)
+                merge = (self.rejects.merge_insert("id").when_matched_update_all()
+                         .when_not_matched_insert_all())
+                if stale_rejects:
+                    merge = merge.when_not_matched_by_source_delete(_id_in(stale_rejects))
+                merge.execute(self._reject_table(rejects, run_id, now))
+            elif stale_rejects:
+                self.rejects.delete(_id_in(stale_rejects))
         except (OSError, ValueError, RuntimeError) as exc:
             raise SinkError(f"writing to {self.db.uri} failed: {exc}") from exc
+
+    @staticmethod
+    def _stale(table: Any, keep: dict[str, set[str]]) -> list[str]:
+        """Ids of rows of these uris that are not among the ids to keep."""
+        if not keep:
+            return []
+        cond = f"uri IN ({', '.join(sql_str(u) for u in keep)})"
+        rows = table.search().where(cond).select(["id", "uri"]).limit(None).to_arrow()
+        return [i for i, u in zip(rows["id"].to_pylist(), rows["uri"].to_pylist(), strict=True)
+                if i not in keep[u]]
 
     def delete_uris(self, uris: Iterable[str]) -> None:
         """Remove every row of these sources (files gone from the source)."""

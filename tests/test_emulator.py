@@ -95,6 +95,14 @@ def test_media_limits(emulator: Emulator, corpus_dir: Path):
     assert long_video.status_code == 400 and "120 s" in _error(long_video)["message"]
 
 
+def test_url_safe_unpadded_base64_is_accepted_as_google_does(emulator: Emulator, corpus_dir: Path):
+    png = (corpus_dir / "image/smile.png").read_bytes()
+    data = base64.urlsafe_b64encode(png).decode().rstrip("=")
+    resp = _post(emulator, {"requests": [_req([{"inline_data": {"mime_type": "image/png",
+                                                                 "data": data}}])]})
+    assert resp.status_code == 200, resp.text
+
+
 def test_unknown_model_is_404(emulator: Emulator):
     resp = httpx.post(emulator.base_url + "/v1beta/models/text-nope:batchEmbedContents",
                       json={"requests": [_req([{"text": "x"}], model="models/text-nope")]})

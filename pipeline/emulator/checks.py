@@ -42,6 +42,9 @@ TASK_TYPES = frozenset({
 })
 
 
+_URLSAFE = str.maketrans("-_", "+/")
+
+
 class ApiFault(Exception):
     """An error the emulator answers with, in Google's body shape."""
 
@@ -113,7 +116,10 @@ def _check_part(part: Any, spec: ModelSpec, index: int, req: ParsedRequest) -> N
     if not isinstance(mime, str) or not isinstance(raw, str):
         raise invalid(f"content.parts[{index}].inline_data needs mime_type and data")
     try:
-        data = base64.b64decode(raw, validate=True)
+        # Protobuf's JSON mapping accepts standard and URL-safe base64, padded or not; the
+        # google-genai SDK sends URL-safe.
+        raw = raw.translate(_URLSAFE)
+        data = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise invalid(f"Invalid value at 'content.parts[{index}].inline_data.data' "
                       "(TYPE_BYTES), Base64 decoding failed") from exc

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from functools import lru_cache
 
 import numpy as np
 import numpy.typing as npt
@@ -18,20 +19,30 @@ import numpy.typing as npt
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
-def _bucket(feature: str, dims: int) -> tuple[int, float]:
-    h = int.from_bytes(hashlib.blake2b(feature.encode("utf-8"), digest_size=8).digest(), "big")
-    return h % dims, (1.0 if (h >> 63) & 1 else -1.0)
+@lru_cache(maxsize=1 << 16)
+def _word_features(word: str, dims: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Buckets and signed weights of one word: the word itself and its character trigrams.
+    Cached: words repeat across a corpus, and hashing dominates the cost."""
+    padded = f"<{word}>"
+    features = [("w:" + word, 1.0)] + [("c:" + padded[i : i + 3], 0.5)
+                                       for i in range(len(padded) - 2)]
+    idx, weight = [], []
+    for feature, w in features:
+        h = int.from_bytes(hashlib.blake2b(feature.encode("utf-8"), digest_size=8).digest(), "big")
+        idx.append(h % dims)
+        weight.append(w if (h >> 63) & 1 else -w)
+    return tuple(idx), tuple(weight)
 
 
 def text_vector(text: str, dims: int) -> npt.NDArray[np.float64]:
-    vec = np.zeros(dims, dtype=np.float64)
+    idx: list[int] = []
+    weight: list[float] = []
     for word in _WORD.findall(text.lower()):
-        idx, sign = _bucket("w:" + word, dims)
-        vec[idx] += sign
-        padded = f"<{word}>"
-        for i in range(len(padded) - 2):
-            idx, sign = _bucket("c:" + padded[i : i + 3], dims)
-            vec[idx] += 0.5 * sign
+        i, w = _word_features(word, dims)
+        idx.extend(i)
+        weight.extend(w)
+    vec = np.zeros(dims, dtype=np.float64)
+    np.add.at(vec, idx, weight)
     if not vec.any():  # punctuation only: still deterministic and non-zero
         return bytes_vector(text.encode("utf-8"), dims)
     return vec / np.linalg.norm(vec)
