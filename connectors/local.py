@@ -7,6 +7,7 @@ which also rules out cycles.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -68,8 +69,17 @@ class LocalConnector:
     def read(self, obj: SourceObject) -> bytes:
         path = self.root / obj.key
         try:
-            if not path.resolve().is_relative_to(self.root):
-                raise ConnectorError(f"{obj.key}: path leads outside the source root", uri=obj.uri)
-            return path.read_bytes()
+            try:
+                # Not following a link at open time is the cheap check, and it cannot race.
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                if not path.resolve().is_relative_to(self.root):
+                    raise ConnectorError(f"{obj.key}: path leads outside the source root",
+                                         uri=obj.uri) from None
+                fd = os.open(path, os.O_RDONLY)
+            with os.fdopen(fd, "rb") as f:
+                return f.read()
         except OSError as exc:
             raise ConnectorError(f"{obj.key}: cannot read: {exc.strerror}", uri=obj.uri) from exc

@@ -141,21 +141,27 @@ class GeminiClient:
         return body
 
     def _parse(self, embeddings: list[Any], data: dict[str, Any]) -> EmbedResponse:
-        vectors = []
+        rows = []
         for index, emb in enumerate(embeddings):
             values = emb.get("values") if isinstance(emb, dict) else None
             if not isinstance(values, list):
                 raise TransientEmbedError(f"malformed response: embedding {index} has no values",
                                           status="BAD_RESPONSE")
-            vec = np.asarray(values, dtype=np.float32)
-            if vec.shape != (self.dims,):
+            if len(values) != self.dims:
                 raise TerminalEmbedError(
-                    f"embedding {index} has {vec.shape[0] if vec.ndim else 0} dimensions, "
-                    f"{self.dims} were requested", status="BAD_RESPONSE")
-            if not np.isfinite(vec).all():
-                raise TerminalEmbedError(f"embedding {index} contains NaN or infinity",
-                                         status="BAD_RESPONSE")
-            vectors.append(vec)
+                    f"embedding {index} has {len(values)} dimensions, {self.dims} were requested",
+                    status="BAD_RESPONSE")
+            rows.append(values)
+        try:
+            matrix = np.array(rows, dtype=np.float32)  # one C loop for the whole batch
+        except (TypeError, ValueError) as exc:
+            raise TerminalEmbedError(f"embedding values are not numbers: {exc}",
+                                     status="BAD_RESPONSE") from None
+        bad = ~np.isfinite(matrix).all(axis=1)
+        if bad.any():
+            raise TerminalEmbedError(f"embedding {int(np.argmax(bad))} contains NaN or infinity",
+                                     status="BAD_RESPONSE")
+        vectors = list(matrix)
         usage = data.get("usageMetadata") or data.get("usage_metadata") or {}
         total = usage.get("promptTokenCount", usage.get("prompt_token_count"))
         details = (usage.get("promptTokenDetails") or usage.get("promptTokensDetails")

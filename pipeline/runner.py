@@ -260,12 +260,16 @@ class Run:
             await anyio.to_thread.run_sync(group.run, abandon_on_cancel=True)
             tg.cancel_scope.cancel()
         finished, current = group.stop()
+        found: list[Item] = []
+        other: list[Outcome] = []
         for work, entries in finished:
-            await self._emit(work, entries, True, 0, items, out)
-        if current is None:
-            return []
-        await self._emit(current, [self._timeout_reject(current, 0)], True, 0, items, out)
-        return works[len(finished) + 1:]
+            self._sort(work, entries, True, 0, found, other)
+        rest: list[_FileWork] = []
+        if current is not None:
+            self._sort(current, [self._timeout_reject(current, 0)], True, 0, found, other)
+            rest = works[len(finished) + 1:]
+        await self._send(found, other, items, out)
+        return rest
 
     async def _fit(self, work: _FileWork, items: ObjectSendStream[list[Item]],
                    out: ObjectSendStream[list[Outcome]]) -> None:
@@ -281,15 +285,15 @@ class Run:
                 chunk, done = await anyio.to_thread.run_sync(work.step, abandon_on_cancel=True)
             if scope.cancelled_caught:
                 chunk, done = [self._timeout_reject(work, count)], True
-            count = await self._emit(work, chunk, done, count, items, out)
+            found: list[Item] = []
+            other: list[Outcome] = []
+            count = self._sort(work, chunk, done, count, found, other)
+            await self._send(found, other, items, out)
 
-    async def _emit(self, work: _FileWork, chunk: list[Item | Reject | FileState], done: bool,
-                    count: int, items: ObjectSendStream[list[Item]],
-                    out: ObjectSendStream[list[Outcome]]) -> int:
-        """Send a file's entries on; when the file is done, its FileEnd. Returns the count of
-        items and part rejects so far."""
-        found: list[Item] = []
-        other: list[Outcome] = []
+    def _sort(self, work: _FileWork, chunk: list[Item | Reject | FileState], done: bool,
+              count: int, found: list[Item], other: list[Outcome]) -> int:
+        """Sort a file's entries into items (to embed) and other outcomes (to write); when the
+        file is done, add its FileEnd. Returns the count of its items and part rejects so far."""
         finished = done
         for entry in chunk:
             if isinstance(entry, FileState):
@@ -306,16 +310,20 @@ class Run:
             count += 1
             if isinstance(entry, Item):
                 found.append(entry)
+                self.stats.items_validated += 1
             else:
                 other.append(entry)
-        self.stats.items_validated += len(found)
-        if found:
-            await items.send(found)
         if finished:
             other.append(FileEnd(work.obj, count))
+        return count
+
+    @staticmethod
+    async def _send(found: list[Item], other: list[Outcome], items: ObjectSendStream[list[Item]],
+                    out: ObjectSendStream[list[Outcome]]) -> None:
+        if found:
+            await items.send(found)
         if other:
             await out.send(other)
-        return count
 
     async def _embed(self, batches: ObjectReceiveStream[Batch],
                      out: ObjectSendStream[list[Outcome]]) -> None:
