@@ -30,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import workdir, write_job  # noqa: E402
-from pipeline.samples import make_quickstart_media, make_text_corpus  # noqa: E402
+from bench.common import workdir, write_job
+from pipeline.samples import make_quickstart_media, make_text_corpus
 
 SEQUENTIAL = r"""
 import sys, time
@@ -142,10 +142,13 @@ def main() -> int:
         job = write_job(folder, src, {"provider": "gemini", "base_url": base,
                                       "model": "gemini-embedding-2",
                                       "output_dimensionality": 768})
+        report = folder / "report.json"
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "-q", str(job)],
-                       check=False, env={**os.environ})
-        ep_s = time.perf_counter() - t0
+        subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "-q", "--report",
+                        str(report), str(job)], check=False, env={**os.environ})
+        ep_process_s = time.perf_counter() - t0
+        ep = json.loads(report.read_text())
+        ep_s = ep["wall_s"]  # the run itself, like the scripts' own timers
         seq_items, seq_s = timed([sys.executable, "-c", SEQUENTIAL, base, str(src),
                                   str(args.sequential_sample)])
         sdk_items, sdk_s = timed([sys.executable, "-c", SDK_ASYNC, base, str(src)])
@@ -156,7 +159,9 @@ def main() -> int:
 
     figures = {
         "items": total,
-        "embedpipe_items_per_s": round(total / ep_s, 1),
+        "embedpipe_embedded": ep["items_embedded"],
+        "embedpipe_items_per_s": round(ep["items_embedded"] / ep_s, 1),
+        "embedpipe_with_process_start_items_per_s": round(ep["items_embedded"] / ep_process_s, 1),
         "sdk_items_per_s": round(sdk_items / sdk_s, 1),
         "sequential_items_per_s": round(seq_items / seq_s, 1),
     }
@@ -165,7 +170,9 @@ def main() -> int:
         figures["embedpipe_items_per_s"] / figures["sequential_items_per_s"], 1)
     print(f"{total} items ({args.texts} texts, {args.images} images); emulator latency "
           f"{args.latency_ms:g} ms + {args.per_item_ms:g} ms/item")
-    print(f"{'embedpipe (whole run, process start included)':48}{figures['embedpipe_items_per_s']:>10} items/s")
+    print(f"{'embedpipe (validate, embed, write Lance)':48}{figures['embedpipe_items_per_s']:>10} items/s")
+    print(f"{'  the same, counting process start and imports':48}"
+          f"{figures['embedpipe_with_process_start_items_per_s']:>10} items/s")
     print(f"{'google-genai async, 100/batch, 8 in flight':48}{figures['sdk_items_per_s']:>10} items/s")
     print(f"{'sequential, one call per file':48}{figures['sequential_items_per_s']:>10} items/s")
     print(f"embedpipe / sdk = {figures['embedpipe_vs_sdk']}x; "

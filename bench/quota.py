@@ -20,11 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import run, workdir, write_job  # noqa: E402
-from pipeline.emulator.server import Emulator, EmulatorOptions  # noqa: E402
-from pipeline.models import text_tokens  # noqa: E402
-from pipeline.samples import make_text_corpus  # noqa: E402
-
+from bench.common import run, workdir, write_job
+from pipeline.emulator.server import Emulator, EmulatorOptions
+from pipeline.models import text_tokens
+from pipeline.samples import make_text_corpus
 
 RUN_S = 66.0  # the run is stopped then: the 60 s window [5 s, 65 s) stays busy throughout
 

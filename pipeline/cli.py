@@ -20,6 +20,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -105,6 +106,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             result = anyio.run(run.execute)
     else:
         result = anyio.run(run.execute)
+    if args.report:
+        report = {"job": job.name, "exit_code": result.exit_code, **result.stats.as_dict(),
+                  "problems": result.problems}
+        text = json.dumps(report, default=str)
+        if args.report == "-":
+            print(text)
+        else:
+            Path(args.report).write_text(text + "\n", encoding="utf-8")
     if not args.quiet:
         _summary(job, result)
     if result.exit_code == 4 and run.quota_error is not None:
@@ -152,8 +161,6 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 
 
 def cmd_samples(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from pipeline.samples import make_quickstart_media, make_text_corpus
 
     folder = Path(args.folder)
@@ -173,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-rejects", action="store_true",
                      help="try files rejected by earlier runs again even if unchanged")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
+    run.add_argument("--report", metavar="PATH", default=None,
+                     help="write the run's figures as JSON to PATH ('-' for stdout)")
     run.set_defaults(func=cmd_run)
 
     search = sub.add_parser("search", help="nearest rows to a text query")

@@ -69,9 +69,6 @@ class SlidingWindow:
             self.tokens += tokens - entry.tokens
         entry.tokens = tokens
 
-    def fits_at_all(self, requests: int, tokens: int) -> bool:
-        return ((self.max_requests is None or requests <= self.max_requests)
-                and (self.max_tokens is None or tokens <= self.max_tokens))
 
 
 @dataclass(frozen=True)
@@ -99,17 +96,11 @@ class Permit:
 
 
 class RateLimiter:
-    def __init__(self, quota: Quota) -> None:
+    def __init__(self, quota: Quota, window_s: float = 60.0) -> None:
         self.quota = quota
-        self.minute = SlidingWindow(60.0 + quota.margin_s, quota.rpm, quota.tpm)
+        self.minute = SlidingWindow(window_s + quota.margin_s, quota.rpm, quota.tpm)
         self.day_used = 0
         self._lock = anyio.Lock()
-
-    def clamp(self, requests: int, tokens: int) -> tuple[int, int]:
-        """The largest call the budgets can ever admit."""
-        r = requests if self.quota.rpm is None else min(requests, self.quota.rpm)
-        t = tokens if self.quota.tpm is None else min(tokens, self.quota.tpm)
-        return r, t
 
     async def acquire(self, requests: int, tokens: int) -> Permit:
         tokens = tokens if self.quota.tpm is None else min(tokens, self.quota.tpm)

@@ -57,6 +57,7 @@ class EmulatorOptions:
     rpm: int | None = None
     tpm: int | None = None
     rpd: int | None = None
+    window_s: float = 60.0  # the "minute" of rpm/tpm (shorter in tests)
     day_s: float = 86_400.0
     error_500: float = 0.0
     error_503: float = 0.0
@@ -114,7 +115,7 @@ class EmulatorApp:
         self.requests: deque[dict[str, Any]] = deque(maxlen=self.options.keep_requests)
         self._lock = threading.Lock()
         self._rng = random.Random(self.options.seed)
-        self.minute = SlidingWindow(60.0, self.options.rpm, self.options.tpm)
+        self.minute = SlidingWindow(self.options.window_s, self.options.rpm, self.options.tpm)
         self.day_start = time.monotonic()
         self.day_used = 0
         self.app = Starlette(routes=[
@@ -138,7 +139,7 @@ class EmulatorApp:
         with self._lock:
             self.stats = Stats()
             self.requests.clear()
-            self.minute = SlidingWindow(60.0, self.options.rpm, self.options.tpm)
+            self.minute = SlidingWindow(self.options.window_s, self.options.rpm, self.options.tpm)
             self.day_start, self.day_used = time.monotonic(), 0
         return JSONResponse({"ok": True})
 
