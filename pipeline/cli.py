@@ -146,7 +146,23 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     job = load_job(args.job)
     status = table_status(job)
-    out.print_json(json.dumps(status, default=str))
+    if args.json:
+        print(json.dumps(status, default=str))
+        return 0
+    out.print(f"[bold]{job.name}[/]: {status['uri']}", highlight=False)
+    out.print("rows: " + ", ".join(f"{k} {v if v is not None else '-'}"
+                                   for k, v in status["rows"].items()), highlight=False)
+    out.print("files: " + (", ".join(f"{k} {v}" for k, v in status["files"].items()) or "none"))
+    table = Table(title="last runs")
+    cols = ("run_id", "status", "exit_code", "started", "files_seen", "files_new",
+            "files_changed", "files_deleted", "items_embedded", "rejects", "tokens", "api_calls",
+            "http_429")
+    for col in cols:
+        table.add_column(col.replace("_", " "))
+    for run in status["runs"]:
+        table.add_row(*(f"{run[c]:%Y-%m-%d %H:%M:%S}" if c == "started" and run[c] else
+                        str(run[c]) for c in cols))
+    out.print(table)
     return 0
 
 
@@ -191,8 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--where", default=None, help="a Lance filter, e.g. \"modality = 'text'\"")
     search.set_defaults(func=cmd_search)
 
-    status = sub.add_parser("status", help="row counts of the job's tables")
+    status = sub.add_parser("status", help="the last runs and what the job's tables hold")
     status.add_argument("job")
+    status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
 
     emu = sub.add_parser("emulator", help="serve the Gemini-compatible emulator")

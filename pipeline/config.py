@@ -177,6 +177,7 @@ class LanceSinkConfig(_Strict):
     table: str = Field("vectors", pattern=r"^[A-Za-z0-9_\-.]+$")
     rejects_table: str = Field("rejects", pattern=r"^[A-Za-z0-9_\-.]+$")
     manifest_table: str = Field("files", pattern=r"^[A-Za-z0-9_\-.]+$")
+    runs_table: str = Field("runs", pattern=r"^[A-Za-z0-9_\-.]+$")
 
     @field_validator("uri")
     @classmethod
@@ -195,6 +196,9 @@ class RunConfig(_Strict):
     flush_rows: int = Field(2000, ge=1)
     flush_interval_s: float = Field(5.0, gt=0)
     on_delete: Literal["delete", "keep"] = "delete"
+    compact: bool = False
+    index_min_rows: int | None = Field(None, ge=256)
+    index_type: Literal["IVF_PQ", "IVF_HNSW_SQ", "IVF_HNSW_PQ", "IVF_FLAT"] = "IVF_PQ"
 
 
 class JobConfig(_Strict):

@@ -41,7 +41,7 @@ from pipeline.models import model_spec
 from pipeline.ratelimit import AdaptiveConcurrency, Quota, RateLimiter
 from pipeline.records import Batch, FileEnd, Item, Reject, SourceObject, Vector
 from pipeline.sink import LanceSink, open_db, reject_id
-from pipeline.state import EMBEDDED, REJECTED, FileState, Manifest
+from pipeline.state import EMBEDDED, REJECTED, FileState, Manifest, RunLog
 from pipeline.stats import RunStats
 from pipeline.validate import Validator
 
@@ -54,7 +54,14 @@ EXIT_FAILED = 3
 EXIT_QUOTA = 4
 EXIT_INTERRUPTED = 130
 
-Outcome = Vector | Reject | FileState | FileEnd
+@dataclass(frozen=True, slots=True)
+class _Committed:
+    """An item whose row a killed run already wrote: counted toward its file, not sent again."""
+
+    item: Item
+
+
+Outcome = Vector | Reject | FileState | FileEnd | _Committed
 _Todo = tuple[SourceObject, "FileState | None"]
 
 # Files up to this size are validated in groups, one thread hop for the whole group.
@@ -105,6 +112,7 @@ class Run:
         self.problems: list[str] = []
         # Files in flight that had rows before: their stale rows are removed on completion.
         self.replacing: dict[str, bool] = {}
+        self._committed: set[str] = set()
         self.failed_items = 0
         self.quota_error: QuotaExhausted | None = None
         self.interrupted = False
@@ -123,16 +131,61 @@ class Run:
                               embed.output_dimensionality, embed.model))
         self.manifest = await anyio.to_thread.run_sync(Manifest, db, sink_cfg.manifest_table)
         self._previous = await anyio.to_thread.run_sync(self.manifest.load)
+        self.runlog = await anyio.to_thread.run_sync(RunLog, db, sink_cfg.runs_table)
+        await anyio.to_thread.run_sync(self._resume)
         quota = Quota(rpm=embed.quota.rpm, tpm=embed.quota.tpm, rpd=embed.quota.rpd)
         limiter = RateLimiter(quota) if (quota.rpm or quota.tpm or quota.rpd) else None
-        async with embedding_client(self.job) as client:
-            self.embedder = Embedder(client, model_spec(embed.model), task_type=embed.task_type,
-                                     max_attempts=embed.max_attempts, stats=self.stats,
-                                     limiter=limiter,
-                                     concurrency=AdaptiveConcurrency(embed.concurrency))
-            await self._pipeline()
-        self.stats.finished = datetime.now(UTC).timestamp()
-        return RunResult(self.stats, self._exit_code(), self.problems)
+        status = "failed"
+        try:
+            async with embedding_client(self.job) as client:
+                self.embedder = Embedder(client, model_spec(embed.model),
+                                         task_type=embed.task_type,
+                                         max_attempts=embed.max_attempts, stats=self.stats,
+                                         limiter=limiter,
+                                         concurrency=AdaptiveConcurrency(embed.concurrency))
+                await self._pipeline()
+            status = "finished"
+        finally:
+            self.stats.finished = datetime.now(UTC).timestamp()
+            code = self._exit_code() if status == "finished" else EXIT_FAILED
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._close, code)
+        return RunResult(self.stats, code, self.problems)
+
+    def _resume(self) -> None:
+        """Runs that never finished (killed) left rows behind: those are paid for already.
+        Their ids are skipped when met again; the runs are marked interrupted."""
+        unfinished = self.runlog.unfinished()
+        self._committed = self.sink.committed_ids(unfinished)
+        self.runlog.mark_interrupted(unfinished)
+        self._version_before = self.sink.version()
+        self.runlog.record(self._run_row("running", None))
+
+    def _close(self, code: int) -> None:
+        status = {EXIT_OK: "finished", EXIT_REJECTS: "finished", EXIT_QUOTA: "quota",
+                  EXIT_INTERRUPTED: "stopped"}.get(code, "failed")
+        if status in ("finished", "quota", "stopped"):
+            run = self.job.run
+            for done in self.sink.upkeep(run.compact, run.index_min_rows, run.index_type):
+                log.info("table upkeep: %s", done)
+            if self.sink.version() != self._version_before:
+                self.sink.tag(f"run-{self.stats.run_id}")
+        self.runlog.record(self._run_row(status, code))
+
+    def _run_row(self, status: str, code: int | None) -> dict[str, Any]:
+        s = self.stats
+        return {
+            "run_id": s.run_id, "job": self.job.name,
+            "started": datetime.fromtimestamp(s.started, UTC),
+            "finished": datetime.fromtimestamp(s.finished, UTC) if s.finished else None,
+            "status": status, "exit_code": code, "files_seen": s.files_seen,
+            "files_new": s.files_new, "files_changed": s.files_changed,
+            "files_deleted": s.files_deleted, "files_unchanged": s.files_unchanged,
+            "items_embedded": s.items_embedded, "items_resumed": s.items_resumed,
+            "rejects": s.rejects, "tokens": s.tokens, "api_calls": s.api_calls,
+            "http_429": s.http_429, "retries": s.retries,
+            "table_version": self.sink.version(),
+        }
 
     def _exit_code(self) -> int:
         if self.interrupted:
@@ -329,6 +382,13 @@ class Run:
                      out: ObjectSendStream[list[Outcome]]) -> None:
         async with batches, out:
             async for batch in batches:
+                paid = [_Committed(i) for i in batch.items if i.id in self._committed]
+                if paid:
+                    self.stats.items_resumed += len(paid)
+                    await out.send(list(paid))
+                    batch = Batch(tuple(i for i in batch.items if i.id not in self._committed))
+                    if not batch.items:
+                        continue
                 try:
                     vectors, rejects = await self.embedder.embed_batch(batch)
                 except QuotaExhausted as exc:
@@ -408,6 +468,10 @@ class _Writer:
         if isinstance(entry, FileEnd):
             p = self._pending(entry.source)
             p.expected = entry.count
+        elif isinstance(entry, _Committed):
+            p = self._pending(entry.item.source)
+            p.embedded += 1
+            p.ids.add(entry.item.id)
         elif isinstance(entry, Vector):
             self.vectors.append(entry)
             self.stats.items_embedded += 1

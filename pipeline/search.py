@@ -13,6 +13,7 @@ from pipeline.gemini import EmbedRequest
 from pipeline.models import model_spec
 from pipeline.records import Part
 from pipeline.sink import open_db
+from pipeline.state import RunLog
 
 
 def _where(row: dict[str, Any]) -> str:
@@ -61,10 +62,19 @@ async def search(job: JobConfig, query: str, *, k: int = 5,
     return await anyio.to_thread.run_sync(nearest)
 
 
-def table_status(job: JobConfig) -> dict[str, Any]:
+def table_status(job: JobConfig, last: int = 10) -> dict[str, Any]:
+    """Row counts of the job's tables, files by status, and the last runs."""
     db = open_db(job.sink.uri)
     names = set(db.list_tables().tables)
-    status: dict[str, Any] = {"uri": job.sink.uri}
-    for name in (job.sink.table, job.sink.rejects_table, job.sink.manifest_table):
-        status[name] = db.open_table(name).count_rows() if name in names else None
-    return status
+    sink = job.sink
+    counts = {name: db.open_table(name).count_rows() if name in names else None
+              for name in (sink.table, sink.rejects_table, sink.manifest_table)}
+    files: dict[str, int] = {}
+    if sink.manifest_table in names:
+        statuses = db.open_table(sink.manifest_table).to_arrow().column("status").to_pylist()
+        for st in statuses:
+            files[st] = files.get(st, 0) + 1
+    runs: list[dict[str, Any]] = []
+    if sink.runs_table in names:
+        runs = RunLog(db, sink.runs_table).last(last)
+    return {"uri": sink.uri, "rows": counts, "files": files, "runs": runs}

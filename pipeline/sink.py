@@ -16,6 +16,7 @@ from typing import Any
 import lancedb
 import numpy as np
 import pyarrow as pa
+from lancedb.index import HnswPq, HnswSq, IvfFlat, IvfPq
 
 from pipeline.errors import SinkError
 from pipeline.records import Reject, Vector
@@ -65,6 +66,11 @@ REJECTS_SCHEMA = pa.schema([
     pa.field("run_id", pa.string()),
     pa.field("rejected_at", pa.timestamp("us", tz="UTC")),
 ])
+
+
+def _index_config(kind: str) -> Any:
+    configs = {"IVF_PQ": IvfPq, "IVF_HNSW_SQ": HnswSq, "IVF_HNSW_PQ": HnswPq, "IVF_FLAT": IvfFlat}
+    return configs[kind](distance_type="cosine")
 
 
 def _id_in(ids: list[str]) -> str:
@@ -150,6 +156,44 @@ class LanceSink:
         rows = table.search().where(cond).select(["id", "uri"]).limit(None).to_arrow()
         return [i for i, u in zip(rows["id"].to_pylist(), rows["uri"].to_pylist(), strict=True)
                 if i not in keep[u]]
+
+    def committed_ids(self, run_ids: list[str]) -> set[str]:
+        """Ids of the rows these runs wrote: after a kill, what is already paid for."""
+        if not run_ids:
+            return set()
+        cond = f"run_id IN ({', '.join(sql_str(r) for r in run_ids)})"
+        try:
+            rows = self.vectors.search().where(cond).select(["id"]).limit(None).to_arrow()
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise SinkError(f"reading {self.db.uri} failed: {exc}") from exc
+        return set(rows["id"].to_pylist())
+
+    def version(self) -> int:
+        return int(self.vectors.version)
+
+    def tag(self, name: str) -> None:
+        """Name the table's current version, so it can be checked out or restored later."""
+        try:
+            self.vectors.tags.create(name, self.vectors.version)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise SinkError(f"cannot tag {self.db.uri} as {name}: {exc}") from exc
+
+    def upkeep(self, compact: bool, index_min_rows: int | None, index_type: str) -> list[str]:
+        """Compact small files and build a vector index once the table is large enough."""
+        done = []
+        try:
+            if compact:
+                self.vectors.optimize()
+                done.append("compacted")
+            rows = self.vectors.count_rows()
+            if index_min_rows is not None and rows >= index_min_rows and not any(
+                    "vector" in (getattr(i, "columns", None) or [])
+                    for i in self.vectors.list_indices()):
+                self.vectors.create_index("vector", config=_index_config(index_type))
+                done.append(f"{index_type} index on {rows:,} rows")
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise SinkError(f"table upkeep on {self.db.uri} failed: {exc}") from exc
+        return done
 
     def delete_uris(self, uris: Iterable[str]) -> None:
         """Remove every row of these sources (files gone from the source)."""

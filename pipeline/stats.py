@@ -21,6 +21,7 @@ class RunStats:
     files_done: int = 0
     items_validated: int = 0
     items_embedded: int = 0
+    items_resumed: int = 0  # committed by a killed run: counted, not paid for again
     rejects: int = 0
     reject_reasons: Counter[str] = field(default_factory=Counter)
     tokens: int = 0

@@ -1,0 +1,154 @@
+"""Exactly once: a run killed at any moment (SIGKILL) continues where it stopped, with no
+duplicate and no lost row, and pays again only for what was in flight."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lancedb
+import polars as pl
+import pytest
+
+from pipeline.config import load_job
+from pipeline.emulator.server import Emulator, EmulatorOptions
+from pipeline.runner import EXIT_OK, run_job
+from pipeline.samples import make_text_corpus
+from tests.conftest import copy_corpus_files, write_job
+
+FILES = 5000
+KILLS = 10
+FLUSH_ROWS = 200
+BATCH = 20
+CONCURRENCY = 2
+
+
+def _run_cli(job: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "-q", str(job)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+@pytest.mark.slow
+def test_ten_sigkills_then_finish_leaves_exactly_one_row_per_item(tmp_path: Path,
+                                                                  corpus_dir: Path):
+    src = tmp_path / "src"
+    make_text_corpus(src, FILES)
+    copy_corpus_files(corpus_dir, ["pdf/tracemonkey.pdf"], src)  # 3 parts, across flushes
+    expected_items = FILES + 3
+    rng = random.Random(20261122)
+    with Emulator(EmulatorOptions(latency_ms=50, per_item_ms=2)) as emu:
+        job = write_job(tmp_path, src, embed={
+            "provider": "gemini", "base_url": emu.base_url, "model": "gemini-embedding-2",
+            "output_dimensionality": 128, "batch_size": BATCH, "concurrency": CONCURRENCY},
+            extra={"run": {"flush_rows": FLUSH_ROWS, "flush_interval_s": 0.5}})
+        killed_mid_run = 0
+        for _ in range(KILLS):
+            proc = _run_cli(job)
+            time.sleep(rng.uniform(1.5, 5.0))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                killed_mid_run += 1
+            proc.wait(timeout=30)
+        final = _run_cli(job)
+        _, err = final.communicate(timeout=300)
+        assert final.returncode == EXIT_OK, err.decode()[-2000:]
+        served = emu.state.stats.items
+
+    assert killed_mid_run >= 5, "the kills should land while the run works"
+    db = lancedb.connect(str(tmp_path / "lance"))
+    rows = pl.from_arrow(db.open_table("vectors").to_arrow().select(["id", "key", "part"]))
+    assert isinstance(rows, pl.DataFrame)
+    assert rows.height == expected_items
+    assert rows["id"].n_unique() == rows.height
+    assert rows.filter(pl.col("key") == "pdf/tracemonkey.pdf")["part"].sort().to_list() == [0, 1, 2]
+    files = pl.from_arrow(db.open_table("files").to_arrow())
+    assert isinstance(files, pl.DataFrame)
+    assert files.height == FILES + 1 and set(files["status"]) == {"embedded"}
+    # Paid again only for what was in flight at each kill: unflushed rows and calls under way.
+    in_flight = FLUSH_ROWS * 2 + BATCH * (CONCURRENCY + 4)
+    assert served <= expected_items + killed_mid_run * in_flight, served
+    runs = pl.from_arrow(db.open_table("runs").to_arrow())
+    assert isinstance(runs, pl.DataFrame)
+    # Kills during start-up land before a run is recorded; every recorded run but the last
+    # was killed, and the next run found it and marked it.
+    statuses = runs.sort("started")["status"].to_list()
+    assert statuses[-1] == "finished" and set(statuses[:-1]) == {"interrupted"}
+    assert 1 <= len(statuses) - 1 <= killed_mid_run
+
+
+def test_unchanged_files_cost_no_call_and_no_read(tmp_path: Path, emulator: Emulator,
+                                                  monkeypatch: pytest.MonkeyPatch):
+    from connectors.local import LocalConnector
+
+    make_text_corpus(tmp_path / "src", 300)
+    job = write_job(tmp_path, tmp_path / "src", embed={
+        "provider": "gemini", "base_url": emulator.base_url, "model": "gemini-embedding-2",
+        "output_dimensionality": 128})
+    assert run_job(load_job(job)).stats.items_embedded == 300
+    calls_before = emulator.state.stats.http_requests
+
+    def no_read(self, obj):  # type: ignore[no-untyped-def]
+        raise AssertionError(f"{obj.key} was read")
+
+    monkeypatch.setattr(LocalConnector, "read", no_read)
+    again = run_job(load_job(job))
+    assert again.exit_code == EXIT_OK and again.stats.files_unchanged == 300
+    assert emulator.state.stats.http_requests == calls_before
+
+
+def test_fingerprint_change_re_embeds_and_replaces(tmp_path: Path, corpus_dir: Path):
+    src = tmp_path / "src"
+    copy_corpus_files(corpus_dir, ["pdf/tracemonkey.pdf"], src)
+    job = write_job(tmp_path, src)
+    run_job(load_job(job))
+    job = write_job(tmp_path, src, extra={"validate": {"pdf_max_pages": 4}})
+    result = run_job(load_job(job))
+    assert result.stats.files_changed == 1 and result.stats.items_embedded == 4
+    rows = lancedb.connect(str(tmp_path / "lance")).open_table("vectors").to_arrow()
+    spans = sorted(zip(rows["page_start"].to_pylist(), rows["page_end"].to_pylist(), strict=True))
+    assert spans == [(1, 4), (5, 8), (9, 12), (13, 14)]  # the 6-page parts are gone
+
+
+def test_rejects_retry_only_when_changed_or_asked(tmp_path: Path, corpus_dir: Path):
+    src = tmp_path / "src"
+    copy_corpus_files(corpus_dir, ["bad/broken.png"], src)
+    job = write_job(tmp_path, src)
+    assert run_job(load_job(job)).stats.rejects == 1
+    assert run_job(load_job(job)).stats.files_unchanged == 1
+    assert run_job(load_job(job), retry_rejects=True).stats.rejects == 1
+    copy_corpus_files(corpus_dir, ["image/smile.png"], tmp_path / "other")
+    (src / "bad" / "broken.png").write_bytes((tmp_path / "other/image/smile.png").read_bytes())
+    fixed = run_job(load_job(job))
+    assert fixed.stats.files_changed == 1 and fixed.stats.items_embedded == 1
+    db = lancedb.connect(str(tmp_path / "lance"))
+    assert db.open_table("rejects").count_rows() == 0  # the old reject went with the old version
+
+
+def test_each_run_is_tagged_and_can_be_checked_out(tmp_path: Path):
+    make_text_corpus(tmp_path / "src", 20)
+    job = write_job(tmp_path, tmp_path / "src")
+    first = run_job(load_job(job))
+    make_text_corpus(tmp_path / "src" / "more", 5, seed=99)
+    run_job(load_job(job))
+    table = lancedb.connect(str(tmp_path / "lance")).open_table("vectors")
+    assert table.count_rows() == 25
+    table.checkout(f"run-{first.stats.run_id}")
+    assert table.count_rows() == 20
+
+
+def test_keep_on_delete_and_upkeep(tmp_path: Path):
+    make_text_corpus(tmp_path / "src", 300)
+    job = write_job(tmp_path, tmp_path / "src", extra={"run": {
+        "on_delete": "keep", "compact": True, "index_min_rows": 256}})
+    run_job(load_job(job))
+    for p in list((tmp_path / "src").rglob("*.txt"))[:10]:
+        p.unlink()
+    result = run_job(load_job(job))
+    assert result.stats.files_deleted == 0
+    table = lancedb.connect(str(tmp_path / "lance")).open_table("vectors")
+    assert table.count_rows() == 300
+    assert any("vector" in (i.columns or []) for i in table.list_indices())
