@@ -169,8 +169,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_emulator(args: argparse.Namespace) -> int:
     from pipeline.emulator.server import Emulator, EmulatorOptions
 
-    options = EmulatorOptions(api_key=args.api_key, auth=args.auth, latency_ms=args.latency_ms,
-                              per_item_ms=args.per_item_ms, jitter_ms=args.jitter_ms)
+    options = EmulatorOptions(
+        api_key=args.api_key, auth=args.auth, latency_ms=args.latency_ms,
+        per_item_ms=args.per_item_ms, jitter_ms=args.jitter_ms, rpm=args.rpm, tpm=args.tpm,
+        rpd=args.rpd, window_s=args.window_s, day_s=args.day_s, error_500=args.error_500,
+        error_503=args.error_503, reset=args.reset, stall=args.stall, stall_s=args.stall_s,
+        truncate=args.truncate, seed=args.seed)
     console.print(f"emulator on http://{args.host}:{args.port} (Ctrl-C to stop)")
     Emulator(options, host=args.host, port=args.port).serve_forever()
     return 0
@@ -220,6 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     emu.add_argument("--latency-ms", type=float, default=0.0)
     emu.add_argument("--per-item-ms", type=float, default=0.0)
     emu.add_argument("--jitter-ms", type=float, default=0.0)
+    emu.add_argument("--rpm", type=int, default=None, help="requests/min quota (items count)")
+    emu.add_argument("--tpm", type=int, default=None, help="input tokens/min quota")
+    emu.add_argument("--rpd", type=int, default=None, help="requests/day quota (items count)")
+    emu.add_argument("--window-s", type=float, default=60.0, help="length of the quota 'minute'")
+    emu.add_argument("--day-s", type=float, default=86_400.0, help="length of the quota 'day'")
+    for fault in ("error-500", "error-503", "reset", "stall", "truncate"):
+        emu.add_argument(f"--{fault}", type=float, default=0.0, metavar="RATE",
+                         help=f"share of calls answered with: {fault}")
+    emu.add_argument("--stall-s", type=float, default=30.0)
+    emu.add_argument("--seed", type=int, default=None)
     emu.set_defaults(func=cmd_emulator)
     samples = sub.add_parser("samples", help="write generated sample files (images, a PDF)")
     samples.add_argument("folder")

@@ -67,17 +67,26 @@ class Manifest:
         self.table = open_table(db, table, MANIFEST_SCHEMA)
 
     def load(self) -> dict[str, FileState]:
-        """uri -> state, for diffing the listing."""
+        """uri -> state, for diffing the listing. Read column by column, with the few distinct
+        fingerprints, statuses and reasons shared, so a large manifest stays small in memory."""
+        names = ["uri", "key", "version", "size", "mtime", "fingerprint", "status", "parts",
+                 "rejected_parts", "reason"]
         try:
-            data = self.table.to_arrow().to_pylist()
+            table = self.table.to_arrow().select(names)
         except (OSError, ValueError, RuntimeError) as exc:
             raise SinkError(f"cannot read the manifest: {exc}") from exc
-        return {
-            row["uri"]: FileState(row["uri"], row["key"], row["version"], row["size"],
-                                  row["mtime"], row["fingerprint"], row["status"], row["parts"],
-                                  row["rejected_parts"], row["reason"])
-            for row in data
-        }
+        shared: dict[Any, Any] = {}
+        out: dict[str, FileState] = {}
+        for batch in table.to_batches(max_chunksize=65_536):
+            cols = [batch.column(n).to_pylist() for n in names]
+            for uri, key, version, size, mtime, fp, status, parts, rejected, reason in zip(
+                    *cols, strict=True):
+                fp = shared.setdefault(fp, fp)
+                status = shared.setdefault(status, status)
+                reason = shared.setdefault(reason, reason)
+                out[uri] = FileState(uri, key, version, size, mtime, fp, status, parts, rejected,
+                                     reason)
+        return out
 
     def record(self, states: Iterable[FileState], run_id: str) -> None:
         rows = list(states)

@@ -179,3 +179,34 @@ def test_a_refused_item_is_bisected_out_of_its_batch(emulator: Emulator, corpus_
     assert len(vectors) == 19 and [r.part for r in rejects] == [13]
     assert rejects[0].reason == "api_rejected" and "Unable to process input image" in rejects[0].message
     assert stats.api_calls <= 1 + 2 * 5  # log2(20) levels of halves
+
+
+def test_emulator_command_takes_quota_and_fault_flags():
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "emulator", "--port",
+                             str(port), "--rpm", "2", "--api-key", "k"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                httpx.get(base + "/emulator/stats")
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        url = base + "/v1beta/models/gemini-embedding-2:batchEmbedContents"
+        body = {"requests": [{"model": "models/gemini-embedding-2",
+                              "content": {"parts": [{"text": "x"}]}}] * 2}
+        headers = {"x-goog-api-key": "k"}
+        assert httpx.post(url, json=body, headers=headers).status_code == 200
+        assert httpx.post(url, json=body, headers=headers).status_code == 429
+        assert httpx.post(url, json=body).status_code == 401
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
