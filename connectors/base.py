@@ -27,6 +27,14 @@ class Connector(Protocol):
         """The object's bytes. Raises ConnectorError (TransientConnectorError when retryable)."""
         ...
 
+    def stat(self, key: str) -> SourceObject | None:
+        """One object by key (None if absent): for files that travel with another (sidecars)."""
+        ...
+
+    def names_in(self, folder: str) -> frozenset[str]:
+        """Names of the objects directly in ``folder`` ('' for the root), to find siblings."""
+        ...
+
 
 def content_version(data: bytes) -> str:
     """A version for stores that have none: the content hash."""

@@ -11,6 +11,7 @@ import errno
 import os
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 
 from connectors.base import key_selected
@@ -65,6 +66,24 @@ class LocalConnector:
         obj = SourceObject(uri=path.absolute().as_uri(), key=key, size=0,
                            mtime=datetime.fromtimestamp(0, tz=UTC))
         return Reject(obj, None, RejectReason.UNREADABLE, f"{key}: {message}")
+
+    def stat(self, key: str) -> SourceObject | None:
+        path = self.root / key
+        if path.is_symlink() and not path.resolve().is_relative_to(self.root):
+            return None
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        mtime = datetime.fromtimestamp(st.st_mtime_ns / 1e9, tz=UTC)
+        return SourceObject(uri=path.as_uri(), key=key, size=st.st_size, mtime=mtime)
+
+    @lru_cache(maxsize=64)  # noqa: B019 - one connector per run; a folder's names are reused
+    def names_in(self, folder: str) -> frozenset[str]:
+        try:
+            return frozenset(os.listdir(self.root / folder))
+        except OSError:
+            return frozenset()
 
     def read(self, obj: SourceObject) -> bytes:
         path = self.root / obj.key

@@ -130,7 +130,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from pipeline.search import search
 
     job = load_job(args.job)
-    hits = anyio.run(lambda: search(job, args.query, k=args.k, where=args.where))
+    file = Path(args.file) if args.file else None
+    hits = anyio.run(lambda: search(job, args.query, k=args.k, where=args.where, file=file))
     table = Table(show_lines=False)
     for col in ("#", "score", "source", "where", "modality", "text"):
         table.add_column(col)
@@ -206,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = sub.add_parser("search", help="nearest rows to a text query")
     search.add_argument("job")
-    search.add_argument("query")
+    search.add_argument("query", nargs="?", default=None, help="the query text")
+    search.add_argument("--file", default=None,
+                        help="a query file (image, audio, video, PDF), alone or with the text")
     search.add_argument("-k", type=int, default=5)
     search.add_argument("--where", default=None, help="a Lance filter, e.g. \"modality = 'text'\"")
     search.set_defaults(func=cmd_search)

@@ -52,11 +52,63 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
 # --- source -----------------------------------------------------------------------------------
 
 
-class LocalSourceConfig(_Strict):
-    kind: Literal["local"]
-    root: Path
+ColumnType = Literal["string", "int64", "float64", "bool"]
+RESERVED_COLUMNS = frozenset({
+    "id", "uri", "key", "version", "part", "part_count", "modality", "mime", "source_mime",
+    "claimed_mime", "sidecar_uri", "page_start", "page_end", "char_start", "char_end",
+    "time_start_s", "time_end_s", "text", "model", "dims", "vector", "tokens", "run_id",
+    "embedded_at"})
+
+
+class MetadataConfig(_Strict):
+    """A CSV or JSONL file mapping source keys to fields: a caption embedded with the file,
+    a title, and typed columns written beside each vector (filterable in searches)."""
+
+    path: Path
+    key: str = "path"
+    caption: str | None = None
+    title: str | None = None
+    columns: dict[str, ColumnType] = Field(default_factory=dict)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: Path, info: ValidationInfo) -> Path:
+        path = _resolve_path(value, info)
+        if not path.is_file():
+            raise ValueError(f"metadata file {path} does not exist")
+        if path.suffix.lower() not in (".csv", ".jsonl", ".ndjson"):
+            raise ValueError("metadata file must be .csv or .jsonl")
+        return path
+
+    @field_validator("columns")
+    @classmethod
+    def _columns(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"column name {name!r} must be a plain identifier")
+            if name in RESERVED_COLUMNS:
+                raise ValueError(f"column name {name!r} is one of the table's own columns")
+        return value
+
+
+class _SourceCommon(_Strict):
     include: list[str] = Field(default_factory=lambda: ["**/*"], min_length=1)
     exclude: list[str] = Field(default_factory=list)
+    sidecar: str | None = None  # e.g. "{stem}.txt": a caption file embedded with its media
+    metadata: MetadataConfig | None = None
+
+    @field_validator("sidecar")
+    @classmethod
+    def _sidecar(cls, value: str | None) -> str | None:
+        if value is not None and ("{stem}" not in value or "/" in value):
+            raise ValueError("sidecar must name a file beside the media and contain {stem}, "
+                             "e.g. '{stem}.txt'")
+        return value
+
+
+class LocalSourceConfig(_SourceCommon):
+    kind: Literal["local"]
+    root: Path
 
     @field_validator("root")
     @classmethod
@@ -108,6 +160,10 @@ class _EmbedCommon(_Strict):
     model: str = "gemini-embedding-2"
     output_dimensionality: int = Field(768, ge=MIN_DIMENSIONS, le=MAX_DIMENSIONS)
     task_type: str | None = "RETRIEVAL_DOCUMENT"
+    query_task_type: str | None = "RETRIEVAL_QUERY"
+    # None: the model's default (prefixes for gemini-embedding-2, none for taskType models).
+    document_template: str | None = None
+    query_template: str | None = None
     batch_size: int = Field(MAX_BATCH_REQUESTS, ge=1, le=MAX_BATCH_REQUESTS)
     max_batch_bytes: int = Field(8_000_000, ge=1024)
     max_batch_tokens: int = Field(200_000, ge=1)
@@ -217,6 +273,7 @@ class JobConfig(_Strict):
             "model": self.embed.model,
             "dims": self.embed.output_dimensionality,
             "task": self.embed.task_type,
+            "template": self.embed.document_template,
             "validate": self.validate_.model_dump(
                 include={"pdf_max_pages", "text_max_tokens", "text_overlap_tokens", "audio_max_s",
                          "video_max_s", "audio_formats"}

@@ -27,12 +27,13 @@ from pipeline.models import ModelSpec
 from pipeline.ratelimit import AdaptiveConcurrency, Permit, QuotaExceeded, RateLimiter
 from pipeline.records import Batch, Item, Reject, Vector
 from pipeline.stats import RunStats
+from pipeline.tasks import TaskStyle
 
 log = logging.getLogger("embedpipe.embed")
 
 
 class Embedder:
-    def __init__(self, client: GeminiClient, spec: ModelSpec, *, task_type: str | None,
+    def __init__(self, client: GeminiClient, spec: ModelSpec, *, style: TaskStyle,
                  max_attempts: int, stats: RunStats, limiter: RateLimiter | None = None,
                  concurrency: AdaptiveConcurrency | None = None, backoff_base_s: float = 1.0,
                  backoff_cap_s: float = 60.0) -> None:
@@ -40,7 +41,7 @@ class Embedder:
         self.limiter = limiter
         self.concurrency = concurrency or AdaptiveConcurrency(64)
         self.spec = spec
-        self.task_type = task_type
+        self.style = style
         self.max_attempts = max_attempts
         self.stats = stats
         self.backoff_base_s = backoff_base_s
@@ -48,9 +49,7 @@ class Embedder:
         self.normalise = not spec.is_normalised(client.dims)
 
     def request_for(self, item: Item) -> EmbedRequest:
-        if not self.spec.uses_task_type:
-            return EmbedRequest(item.parts)
-        return EmbedRequest(item.parts, task_type=self.task_type, title=item.title)
+        return self.style.document(item)
 
     async def embed_batch(self, batch: Batch) -> tuple[list[Vector], list[Reject]]:
         return await self._embed(list(batch.items))

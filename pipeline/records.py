@@ -10,7 +10,7 @@ chunk, a time range). Its ``id`` is deterministic, so writing it twice cannot ma
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 
@@ -36,9 +36,11 @@ class SourceObject:
     size: int
     mtime: datetime
     version: str | None = None
+    sidecar: str | None = None  # key of a caption file embedded with this one
+    companions: str | None = None  # what the sidecar and metadata row looked like, to diff
 
     def with_version(self, version: str) -> SourceObject:
-        return SourceObject(self.uri, self.key, self.size, self.mtime, version)
+        return replace(self, version=version)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,10 +94,23 @@ class Item:
     title: str | None = None
     source_mime: str | None = None  # the file's sniffed type, when the item was converted
     claimed_mime: str | None = None  # what the file name's extension claims
+    sidecar_uri: str | None = None  # the caption file combined into this item
+    columns: dict[str, object] | None = None  # user metadata columns
 
     @property
     def payload_bytes(self) -> int:
         return sum(p.payload_bytes for p in self.parts) + 200  # JSON envelope
+
+
+@dataclass(frozen=True, slots=True)
+class Extras:
+    """What travels with a file besides its bytes: a caption (sidecar or metadata), a title,
+    and metadata columns."""
+
+    caption: str | None = None
+    title: str | None = None
+    sidecar_uri: str | None = None
+    columns: dict[str, object] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from connectors.base import Connector, content_version
 from connectors.local import LocalConnector
 from pipeline.batcher import BatchLimits, pack
+from pipeline.companions import Companions
 from pipeline.config import JobConfig
 from pipeline.embed import Embedder
 from pipeline.endpoint import embedding_client
@@ -43,6 +44,7 @@ from pipeline.records import Batch, FileEnd, Item, Reject, SourceObject, Vector
 from pipeline.sink import LanceSink, open_db, reject_id
 from pipeline.state import EMBEDDED, REJECTED, FileState, Manifest, RunLog
 from pipeline.stats import RunStats
+from pipeline.tasks import TaskStyle
 from pipeline.validate import Validator
 
 log = logging.getLogger("embedpipe.run")
@@ -109,6 +111,7 @@ class Run:
         self.stats = RunStats(run_id=new_run_id())
         self.fingerprint = job.fingerprint()
         self.validator = Validator(job)
+        self.companions = Companions(self.connector, job.source.sidecar, job.source.metadata)
         self.problems: list[str] = []
         # Files in flight that had rows before: their stale rows are removed on completion.
         self.replacing: dict[str, bool] = {}
@@ -128,7 +131,7 @@ class Run:
         embed = self.job.embed
         self.sink = await anyio.to_thread.run_sync(
             lambda: LanceSink(db, sink_cfg.table, sink_cfg.rejects_table,
-                              embed.output_dimensionality, embed.model))
+                              embed.output_dimensionality, embed.model, self._columns()))
         self.manifest = await anyio.to_thread.run_sync(Manifest, db, sink_cfg.manifest_table)
         self._previous = await anyio.to_thread.run_sync(self.manifest.load)
         self.runlog = await anyio.to_thread.run_sync(RunLog, db, sink_cfg.runs_table)
@@ -139,7 +142,7 @@ class Run:
         try:
             async with embedding_client(self.job) as client:
                 self.embedder = Embedder(client, model_spec(embed.model),
-                                         task_type=embed.task_type,
+                                         style=TaskStyle.for_job(self.job),
                                          max_attempts=embed.max_attempts, stats=self.stats,
                                          limiter=limiter,
                                          concurrency=AdaptiveConcurrency(embed.concurrency))
@@ -151,6 +154,10 @@ class Run:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._close, code)
         return RunResult(self.stats, code, self.problems)
+
+    def _columns(self) -> dict[str, str]:
+        metadata = self.job.source.metadata
+        return dict(metadata.columns) if metadata else {}
 
     def _resume(self) -> None:
         """Runs that never finished (killed) left rows behind: those are paid for already.
@@ -252,6 +259,11 @@ class Run:
                         self._previous.pop(entry.source.uri, None)
                         rejects.append(entry)
                         continue
+                    if self.companions.active:
+                        attached = self.companions.attach(entry)
+                        if attached is None:
+                            continue  # a sidecar: embedded with its media file
+                        entry = attached
                     prev = self._previous.pop(entry.uri, None)
                     if prev is not None and prev.unchanged(entry, self.fingerprint) and not (
                             self.retry_rejects and prev.status == REJECTED):
@@ -506,7 +518,7 @@ class _Writer:
         status = EMBEDDED if p.embedded else REJECTED
         self.completed.append(FileState(
             p.obj.uri, p.obj.key, p.obj.version or "", p.obj.size, p.obj.mtime,
-            self.run.fingerprint, status, p.embedded, p.rejected, p.reason))
+            self.run.fingerprint, status, p.embedded, p.rejected, p.reason, p.obj.companions))
         self.stats.files_done += 1
 
     def flush(self) -> None:
@@ -549,14 +561,18 @@ class _FileWork:
             except ConnectorError as exc:
                 return [Reject(self.obj, self.obj.version or "", RejectReason.UNREADABLE,
                                str(exc))], True
-            self.obj = self.obj.with_version(self.obj.version or content_version(data))
+            version = self.obj.version or content_version(data)
+            extras = None
+            if self.run.companions.active:
+                version, extras = self.run.companions.read(self.obj, version)
+            self.obj = self.obj.with_version(version)
             prev = self.prev
             if (prev is not None and prev.version == self.obj.version
                     and prev.fingerprint == self.run.fingerprint and not self.run.retry_rejects):
                 return [_touched(prev, self.obj)], True
             if prev is not None:
                 self.run.replacing[self.obj.uri] = True  # its old rows go when it completes
-            self.items = self.run.validator.fit(self.obj, data)
+            self.items = self.run.validator.fit(self.obj, data, extras)
         chunk: list[Item | Reject | FileState] = []
         size = 0
         try:
@@ -620,7 +636,7 @@ class _GroupWork:
 
 def _touched(prev: FileState, obj: SourceObject) -> FileState:
     return FileState(prev.uri, prev.key, prev.version, obj.size, obj.mtime, prev.fingerprint,
-                     prev.status, prev.parts, prev.rejected_parts, prev.reason)
+                     prev.status, prev.parts, prev.rejected_parts, prev.reason, obj.companions)
 
 
 def run_job(job: JobConfig, **kwargs: Any) -> RunResult:

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import anyio
 
 from pipeline.config import JobConfig
 from pipeline.endpoint import embedding_client
-from pipeline.errors import SinkError
-from pipeline.gemini import EmbedRequest
+from pipeline.errors import ConfigError, SinkError
 from pipeline.models import model_spec
 from pipeline.records import Part
 from pipeline.sink import open_db
 from pipeline.state import RunLog
+from pipeline.tasks import TaskStyle
 
 
 def _where(row: dict[str, Any]) -> str:
@@ -26,6 +27,27 @@ def _where(row: dict[str, Any]) -> str:
     return "whole file"
 
 
+def _query_part(job: JobConfig, path: Path) -> Part:
+    """A query file validated like a document (sniffed, converted if needed): its first item."""
+    from datetime import UTC, datetime
+
+    from connectors.base import content_version
+    from pipeline.records import Item, SourceObject
+    from pipeline.validate import Validator
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the query file: {exc.strerror}") from exc
+    obj = SourceObject(path.resolve().as_uri(), path.name, len(data), datetime.now(UTC),
+                       content_version(data))
+    for entry in Validator(job).fit(obj, data):
+        if isinstance(entry, Item):
+            return entry.parts[0]
+        raise ConfigError(f"{path}: cannot be used as a query: {entry.message}")
+    raise ConfigError(f"{path}: nothing to embed in the query file")
+
+
 def _open_vectors(job: JobConfig) -> Any:
     db = open_db(job.sink.uri)
     if job.sink.table not in db.list_tables().tables:
@@ -33,12 +55,17 @@ def _open_vectors(job: JobConfig) -> Any:
     return db.open_table(job.sink.table)
 
 
-async def search(job: JobConfig, query: str, *, k: int = 5,
-                 where: str | None = None) -> list[dict[str, Any]]:
+async def search(job: JobConfig, query: str | None, *, k: int = 5, where: str | None = None,
+                 file: Path | None = None) -> list[dict[str, Any]]:
+    """The ``k`` rows nearest to a text query, a query file (image, audio, ...), or both."""
     spec = model_spec(job.embed.model)
-    task = "RETRIEVAL_QUERY" if spec.uses_task_type else None
+    parts: list[Part] = [Part(text=query)] if query else []
+    if file is not None:
+        parts.append(_query_part(job, file))
+    if not parts:
+        raise ConfigError("search needs a query text or --file")
     async with embedding_client(job) as client:
-        response = await client.embed(EmbedRequest((Part(text=query),), task_type=task))
+        response = await client.embed(TaskStyle.for_job(job).query(tuple(parts)))
     vector = response.vectors[0]
     if not spec.is_normalised(job.embed.output_dimensionality):
         vector = vector / max(float((vector**2).sum()) ** 0.5, 1e-12)

@@ -26,7 +26,13 @@ def sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def vectors_schema(dims: int) -> pa.Schema:
+_ARROW_TYPES = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(),
+                "bool": pa.bool_()}
+_SQL_TYPES = {"string": "STRING", "int64": "BIGINT", "float64": "DOUBLE", "bool": "BOOLEAN"}
+
+
+def vectors_schema(dims: int, columns: dict[str, str] | None = None) -> pa.Schema:
+    extra = [pa.field(name, _ARROW_TYPES[kind]) for name, kind in (columns or {}).items()]
     return pa.schema([
         pa.field("id", pa.string(), nullable=False),
         pa.field("uri", pa.string(), nullable=False),
@@ -38,6 +44,7 @@ def vectors_schema(dims: int) -> pa.Schema:
         pa.field("mime", pa.string()),
         pa.field("source_mime", pa.string()),
         pa.field("claimed_mime", pa.string()),
+        pa.field("sidecar_uri", pa.string()),
         pa.field("page_start", pa.int32()),
         pa.field("page_end", pa.int32()),
         pa.field("char_start", pa.int64()),
@@ -51,6 +58,7 @@ def vectors_schema(dims: int) -> pa.Schema:
         pa.field("tokens", pa.int32()),
         pa.field("run_id", pa.string()),
         pa.field("embedded_at", pa.timestamp("us", tz="UTC")),
+        *extra,
     ])
 
 
@@ -100,11 +108,14 @@ def open_table(db: Any, name: str, schema: pa.Schema) -> Any:
 
 
 class LanceSink:
-    def __init__(self, db: Any, table: str, rejects_table: str, dims: int, model: str) -> None:
+    def __init__(self, db: Any, table: str, rejects_table: str, dims: int, model: str,
+                 columns: dict[str, str] | None = None) -> None:
         self.db = db
         self.dims = dims
         self.model = model
-        self.vectors = open_table(db, table, vectors_schema(dims))
+        self.columns = dict(columns or {})
+        self.schema = vectors_schema(dims, self.columns)
+        self.vectors = open_table(db, table, self.schema)
         self._check_schema(table)
         self.rejects = open_table(db, rejects_table, REJECTS_SCHEMA)
 
@@ -115,6 +126,15 @@ class LanceSink:
             raise SinkError(
                 f"table {table!r} holds {size}-dimension vectors but the job asks for "
                 f"{self.dims}: write to another table (sink.table) or delete this one")
+        present = set(self.vectors.schema.names)
+        missing = {n: f"CAST(NULL AS {_SQL_TYPES[k]})" for n, k in self.columns.items()
+                   if n not in present}
+        if missing:  # columns declared since the table was made: added, empty for old rows
+            try:
+                self.vectors.add_columns(missing)
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise SinkError(f"cannot add columns {sorted(missing)} to {table!r}: {exc}") from exc
+        self.schema = pa.schema([f for f in self.vectors.schema])
 
     # --- writing ------------------------------------------------------------------------------
 
@@ -228,6 +248,7 @@ class LanceSink:
             "mime": [i.mime for i in items],
             "source_mime": [i.source_mime or i.mime for i in items],
             "claimed_mime": [i.claimed_mime for i in items],
+            "sidecar_uri": [i.sidecar_uri for i in items],
             "page_start": [i.span.page_start for i in items],
             "page_end": [i.span.page_end for i in items],
             "char_start": [i.span.char_start for i in items],
@@ -242,7 +263,10 @@ class LanceSink:
             "run_id": [run_id] * len(items),
             "embedded_at": [now] * len(items),
         }
-        return pa.table(columns, schema=vectors_schema(self.dims))
+        for name in self.schema.names:
+            if name not in columns:  # user metadata columns
+                columns[name] = [(i.columns or {}).get(name) for i in items]
+        return pa.table(columns, schema=self.schema)
 
     @staticmethod
     def _reject_table(rejects: Sequence[Reject], run_id: str, now: datetime) -> pa.Table:

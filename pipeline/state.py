@@ -32,6 +32,7 @@ MANIFEST_SCHEMA = pa.schema([
     pa.field("parts", pa.int32()),
     pa.field("rejected_parts", pa.int32()),
     pa.field("reason", pa.string()),
+    pa.field("companions", pa.string()),
     pa.field("run_id", pa.string()),
     pa.field("updated_at", pa.timestamp("us", tz="UTC")),
 ])
@@ -52,10 +53,11 @@ class FileState:
     parts: int
     rejected_parts: int
     reason: str | None
+    companions: str | None = None
 
     def unchanged(self, obj: SourceObject, fingerprint: str) -> bool:
         """True when the listing alone proves the file is as it was: no read needed."""
-        if self.fingerprint != fingerprint:
+        if self.fingerprint != fingerprint or self.companions != obj.companions:
             return False
         if obj.version is not None:
             return obj.version == self.version
@@ -70,7 +72,7 @@ class Manifest:
         """uri -> state, for diffing the listing. Read column by column, with the few distinct
         fingerprints, statuses and reasons shared, so a large manifest stays small in memory."""
         names = ["uri", "key", "version", "size", "mtime", "fingerprint", "status", "parts",
-                 "rejected_parts", "reason"]
+                 "rejected_parts", "reason", "companions"]
         try:
             table = self.table.to_arrow().select(names)
         except (OSError, ValueError, RuntimeError) as exc:
@@ -79,13 +81,13 @@ class Manifest:
         out: dict[str, FileState] = {}
         for batch in table.to_batches(max_chunksize=65_536):
             cols = [batch.column(n).to_pylist() for n in names]
-            for uri, key, version, size, mtime, fp, status, parts, rejected, reason in zip(
+            for uri, key, version, size, mtime, fp, status, parts, rejected, reason, comp in zip(
                     *cols, strict=True):
                 fp = shared.setdefault(fp, fp)
                 status = shared.setdefault(status, status)
                 reason = shared.setdefault(reason, reason)
                 out[uri] = FileState(uri, key, version, size, mtime, fp, status, parts, rejected,
-                                     reason)
+                                     reason, comp)
         return out
 
     def record(self, states: Iterable[FileState], run_id: str) -> None:
@@ -99,7 +101,8 @@ class Manifest:
             "mtime": [s.mtime for s in rows], "fingerprint": [s.fingerprint for s in rows],
             "status": [s.status for s in rows], "parts": [s.parts for s in rows],
             "rejected_parts": [s.rejected_parts for s in rows],
-            "reason": [s.reason for s in rows], "run_id": [run_id] * len(rows),
+            "reason": [s.reason for s in rows], "companions": [s.companions for s in rows],
+            "run_id": [run_id] * len(rows),
             "updated_at": [now] * len(rows),
         }, schema=MANIFEST_SCHEMA)
         try:

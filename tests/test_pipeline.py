@@ -170,10 +170,10 @@ def test_a_validator_step_that_hangs_becomes_a_timeout_reject(tmp_path: Path, mi
 
     real_fit = Validator.fit
 
-    def fit(self, obj, data):  # type: ignore[no-untyped-def]
+    def fit(self, obj, data, extras=None):  # type: ignore[no-untyped-def]
         if obj.key.endswith("stars.md"):
             time.sleep(8)
-        yield from real_fit(self, obj, data)
+        yield from real_fit(self, obj, data, extras)
 
     monkeypatch.setattr(Validator, "fit", fit)
     job_path = write_job(tmp_path, mixed, extra={"validate": {"file_timeout_s": 1.0}})

@@ -22,6 +22,7 @@ from pipeline.records import Batch, Item, Modality, Part, SourceObject, item_id
 from pipeline.runner import EXIT_OK, EXIT_QUOTA, run_job
 from pipeline.samples import make_text_corpus
 from pipeline.stats import RunStats
+from pipeline.tasks import TaskStyle
 from tests.conftest import write_job
 
 
@@ -171,7 +172,8 @@ def test_a_refused_item_is_bisected_out_of_its_batch(emulator: Emulator, corpus_
     async def main():
         async with GeminiClient(base_url=emulator.base_url, model="gemini-embedding-2",
                                 dims=128) as client:
-            embedder = Embedder(client, model_spec("gemini-embedding-2"), task_type=None,
+            embedder = Embedder(client, model_spec("gemini-embedding-2"),
+                                style=TaskStyle(None, None, None, None),
                                 max_attempts=2, stats=RunStats("t"))
             return await embedder.embed_batch(Batch(tuple(items))), embedder.stats
 

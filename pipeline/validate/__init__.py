@@ -9,6 +9,7 @@ Reject reasons are the closed list in :class:`pipeline.errors.RejectReason`.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from pipeline.models import (
     model_spec,
     text_tokens,
 )
-from pipeline.records import Item, Modality, Part, Reject, SourceObject, Span, item_id
+from pipeline.records import Extras, Item, Modality, Part, Reject, SourceObject, Span, item_id
 from pipeline.validate.image import check_image, convert_to_png
 from pipeline.validate.media import (
     VIDEO_CODECS,
@@ -60,10 +61,21 @@ class Validator:
         self.pdf_max_pages = cfg.pdf_max_pages or self.spec.max_pdf_pages
         self.text_max_tokens = (cfg.text_max_tokens or self.spec.max_input_tokens)
         self.text_budget = max(16, self.text_max_tokens - PREFIX_RESERVE_TOKENS)
+        self._extras: Extras | None = None
+        self._caption: str | None = None
 
-    def fit(self, obj: SourceObject, data: bytes) -> Iterator[Item | Reject]:
-        """The file's items, or one file-level reject. ``obj.version`` must be set."""
+    def fit(self, obj: SourceObject, data: bytes,
+            extras: Extras | None = None) -> Iterator[Item | Reject]:
+        """The file's items, or one file-level reject. ``obj.version`` must be set. ``extras``
+        (a caption, a title, metadata columns) are combined into every item of the file."""
         assert obj.version is not None
+        if extras is not None:
+            # Validators are shared by worker threads: the file's extras go on a copy.
+            per_file = copy.copy(self)
+            per_file._extras = extras
+            per_file._caption = self._fit_caption(extras.caption) if extras.caption else None
+            yield from per_file.fit(obj, data)
+            return
         mime: str | None = None
         emitted = 0
         try:
@@ -75,6 +87,12 @@ class Validator:
             # After some parts went out, the reject is one more part and the file ends there.
             yield Reject(obj, obj.version, exc.reason, f"{obj.key}: {exc.message}", mime,
                          emitted if emitted else None)
+
+    def _fit_caption(self, caption: str) -> str:
+        """A caption shares the request's token limit with its media: cut it to the budget."""
+        budget = self.text_budget * 3  # conservative: 3 UTF-8 bytes a token
+        raw = caption.encode("utf-8")
+        return caption if len(raw) <= budget else raw[:budget].decode("utf-8", "ignore")
 
     def _mime(self, obj: SourceObject, data: bytes) -> str:
         claimed = extension_mime(obj.key)
@@ -235,12 +253,19 @@ class Validator:
               parts: tuple[Part, ...], tokens: int, span: Span, text: str | None = None,
               source_mime: str | None = None) -> Item:
         assert obj.version is not None
+        extras = self._extras
+        if self._caption is not None and modality != Modality.TEXT:
+            parts = (*parts, Part(text=self._caption))
+            tokens += text_tokens(self._caption)
+            text = self._caption
         return Item(
             id=item_id(obj.uri, obj.version, part, self.model, self.dims),
             source=obj, version=obj.version, part=part, part_count=count, modality=modality,
             mime=mime, parts=parts, est_tokens=tokens, span=span, text=text,
-            title=PurePosixPath(obj.key).stem, source_mime=source_mime or mime,
-            claimed_mime=extension_mime(obj.key),
+            title=(extras.title if extras and extras.title else PurePosixPath(obj.key).stem),
+            source_mime=source_mime or mime, claimed_mime=extension_mime(obj.key),
+            sidecar_uri=extras.sidecar_uri if extras else None,
+            columns=extras.columns if extras else None,
         )
 
 
