@@ -248,7 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse leaves an optional positional that follows options unparsed: the query text.
+    if args.command == "search" and args.query is None and len(extra) == 1 \
+            and not extra[0].startswith("-"):
+        args.query, extra = extra[0], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.log_format, args.verbose)
     try:
         code: int = args.func(args)
