@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio
 import httpx
 import lancedb
 import numpy as np
@@ -18,6 +19,7 @@ from PIL import Image
 from pipeline.config import load_job
 from pipeline.emulator.server import Emulator
 from pipeline.runner import EXIT_OK, run_job
+from pipeline.search import search
 from tests.conftest import write_job
 
 CAPTIONS = {
@@ -81,7 +83,8 @@ def test_search_ranks_the_image_whose_caption_matches(tmp_path: Path):
                               "--file", str(tmp_path / "src" / "orchard.jpg"), "-k", "1"],
                              capture_output=True, text=True, timeout=120, env=env)
     assert by_file.returncode == 0, by_file.stderr
-    assert "orchard.jpg" in [ln for ln in by_file.stdout.splitlines() if ln.startswith("│")][0]
+    first = next(ln for ln in by_file.stdout.splitlines() if ln.startswith("│"))
+    assert "orchard.jpg" in first
 
 
 @pytest.mark.parametrize("model", ["gemini-embedding-001", "gemini-embedding-2"])
@@ -93,8 +96,6 @@ def test_requests_carry_the_task_the_model_wants(tmp_path: Path, model: str):
             "provider": "gemini", "base_url": emu.base_url, "model": model,
             "output_dimensionality": 768})
         run_job(load_job(job))
-        from pipeline.search import search
-        import anyio
         anyio.run(lambda: search(load_job(job), "when are tides high", k=1))
         logged = httpx.get(emu.base_url + "/emulator/requests").json()
     document = logged[0]["body"]["requests"][0] if "requests" in logged[0]["body"] else logged[0]["body"]
