@@ -119,7 +119,42 @@ class LocalSourceConfig(_SourceCommon):
         return path
 
 
-SourceConfig = Annotated[LocalSourceConfig, Field(discriminator="kind")]
+class S3Options(_Strict):
+    """Where and how to reach an S3-compatible store. Unset values come from the standard
+    environment variables (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN); keys are secrets."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+    allow_http: bool | None = None  # default: true when endpoint_url is http://
+    virtual_hosted_style: bool = False
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(6, ge=0, le=50)
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"endpoint_url must start with http:// or https://, got {value!r}")
+        return value.rstrip("/") if value else value
+
+
+class S3SourceConfig(_SourceCommon, S3Options):
+    kind: Literal["s3"]
+    bucket: str = Field(pattern=r"^[a-z0-9][a-z0-9.\-_]{1,254}$")
+    prefix: str = ""
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        value = value.strip("/")
+        return f"{value}/" if value else ""
+
+
+SourceConfig = Annotated[LocalSourceConfig | S3SourceConfig, Field(discriminator="kind")]
 
 
 # --- embedder ---------------------------------------------------------------------------------
@@ -229,7 +264,8 @@ class ValidateConfig(_Strict):
 
 class LanceSinkConfig(_Strict):
     kind: Literal["lance"]
-    uri: str
+    uri: str  # a folder, or s3://bucket/path
+    s3: S3Options | None = None  # for an s3:// uri; default: the source's, if it is on S3
     table: str = Field("vectors", pattern=r"^[A-Za-z0-9_\-.]+$")
     rejects_table: str = Field("rejects", pattern=r"^[A-Za-z0-9_\-.]+$")
     manifest_table: str = Field("files", pattern=r"^[A-Za-z0-9_\-.]+$")

@@ -27,13 +27,15 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from connectors.base import Connector, content_version
 from connectors.local import LocalConnector
+from connectors.s3_options import sink_storage_options
 from pipeline.batcher import BatchLimits, pack
 from pipeline.companions import Companions
-from pipeline.config import JobConfig
+from pipeline.config import JobConfig, LocalSourceConfig
 from pipeline.embed import Embedder
 from pipeline.endpoint import embedding_client
 from pipeline.errors import (
     ConnectorError,
+    PipelineError,
     QuotaExhausted,
     RejectReason,
     TransientEmbedError,
@@ -42,7 +44,7 @@ from pipeline.models import model_spec
 from pipeline.ratelimit import AdaptiveConcurrency, Quota, RateLimiter
 from pipeline.records import Batch, FileEnd, Item, Reject, SourceObject, Vector
 from pipeline.sink import LanceSink, open_db, reject_id
-from pipeline.state import EMBEDDED, REJECTED, FileState, Manifest, RunLog
+from pipeline.state import EMBEDDED, REJECTED, UNREADABLE, FileState, Manifest, RunLog
 from pipeline.stats import RunStats
 from pipeline.tasks import TaskStyle
 from pipeline.validate import Validator
@@ -77,7 +79,11 @@ def new_run_id() -> str:
 
 
 def make_connector(job: JobConfig) -> Connector:
-    return LocalConnector(job.source)
+    if isinstance(job.source, LocalSourceConfig):
+        return LocalConnector(job.source)
+    from connectors.s3 import S3Connector  # only S3 jobs load the object-store client
+
+    return S3Connector(job.source)
 
 
 @dataclass
@@ -126,7 +132,8 @@ class Run:
     async def execute(self) -> RunResult:
         self._writer_done = anyio.Event()
         self._producers = anyio.CancelScope()
-        db = await anyio.to_thread.run_sync(open_db, self.job.sink.uri)
+        db = await anyio.to_thread.run_sync(open_db, self.job.sink.uri,
+                                            sink_storage_options(self.job))
         sink_cfg = self.job.sink
         embed = self.job.embed
         self.sink = await anyio.to_thread.run_sync(
@@ -146,7 +153,10 @@ class Run:
                                          max_attempts=embed.max_attempts, stats=self.stats,
                                          limiter=limiter,
                                          concurrency=AdaptiveConcurrency(embed.concurrency))
-                await self._pipeline()
+                try:
+                    await self._pipeline()
+                except BaseExceptionGroup as group:
+                    raise _first_pipeline_error(group) from None
             status = "finished"
         finally:
             self.stats.finished = datetime.now(UTC).timestamp()
@@ -515,7 +525,8 @@ class _Writer:
         del self.pending[(p.obj.uri, p.obj.version or "")]
         if self.run.replacing.pop(p.obj.uri, False):
             self.replaced[p.obj.uri] = (p.ids, p.reject_ids)
-        status = EMBEDDED if p.embedded else REJECTED
+        status = (EMBEDDED if p.embedded else
+                  UNREADABLE if p.reason == RejectReason.UNREADABLE else REJECTED)
         self.completed.append(FileState(
             p.obj.uri, p.obj.key, p.obj.version or "", p.obj.size, p.obj.mtime,
             self.run.fingerprint, status, p.embedded, p.rejected, p.reason, p.obj.companions))
@@ -568,7 +579,8 @@ class _FileWork:
             self.obj = self.obj.with_version(version)
             prev = self.prev
             if (prev is not None and prev.version == self.obj.version
-                    and prev.fingerprint == self.run.fingerprint and not self.run.retry_rejects):
+                    and prev.status != UNREADABLE and prev.fingerprint == self.run.fingerprint
+                    and not self.run.retry_rejects):
                 return [_touched(prev, self.obj)], True
             if prev is not None:
                 self.run.replacing[self.obj.uri] = True  # its old rows go when it completes
@@ -637,6 +649,16 @@ class _GroupWork:
 def _touched(prev: FileState, obj: SourceObject) -> FileState:
     return FileState(prev.uri, prev.key, prev.version, obj.size, obj.mtime, prev.fingerprint,
                      prev.status, prev.parts, prev.rejected_parts, prev.reason, obj.companions)
+
+
+def _first_pipeline_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """Task groups wrap what their tasks raised: surface the pipeline's own error, once."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            exc = _first_pipeline_error(exc)
+        if isinstance(exc, PipelineError):
+            return exc
+    return group
 
 
 def run_job(job: JobConfig, **kwargs: Any) -> RunResult:

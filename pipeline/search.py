@@ -7,6 +7,7 @@ from typing import Any
 
 import anyio
 
+from connectors.s3_options import sink_storage_options
 from pipeline.config import JobConfig
 from pipeline.endpoint import embedding_client
 from pipeline.errors import ConfigError, SinkError
@@ -49,7 +50,7 @@ def _query_part(job: JobConfig, path: Path) -> Part:
 
 
 def _open_vectors(job: JobConfig) -> Any:
-    db = open_db(job.sink.uri)
+    db = open_db(job.sink.uri, sink_storage_options(job))
     if job.sink.table not in db.list_tables().tables:
         raise SinkError(f"no table {job.sink.table!r} in {job.sink.uri}: run the job first")
     return db.open_table(job.sink.table)
@@ -91,7 +92,7 @@ async def search(job: JobConfig, query: str | None, *, k: int = 5, where: str | 
 
 def table_status(job: JobConfig, last: int = 10) -> dict[str, Any]:
     """Row counts of the job's tables, files by status, and the last runs."""
-    db = open_db(job.sink.uri)
+    db = open_db(job.sink.uri, sink_storage_options(job))
     names = set(db.list_tables().tables)
     sink = job.sink
     counts = {name: db.open_table(name).count_rows() if name in names else None

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 from lancedb.index import HnswPq, HnswSq, IvfFlat, IvfPq
 
+from connectors.s3_options import S3_HINTS, s3_error_code
 from pipeline.errors import SinkError
 from pipeline.records import Reject, Vector
 
@@ -90,11 +91,22 @@ def reject_id(uri: str, version: str | None, part: int | None) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
 
 
-def open_db(uri: str) -> Any:
+def open_db(uri: str, storage_options: dict[str, str] | None = None) -> Any:
     try:
-        return lancedb.connect(uri)
+        db = lancedb.connect(uri, storage_options=storage_options)
+        db.list_tables()  # fail here, clearly, if the store cannot be reached
+        return db
     except (OSError, ValueError, RuntimeError) as exc:
-        raise SinkError(f"cannot open the Lance database at {uri}: {exc}") from exc
+        text = str(exc)
+        for key in ("aws_secret_access_key", "aws_session_token"):
+            secret = (storage_options or {}).get(key)
+            if secret:
+                text = text.replace(secret, "[REDACTED]")
+        code = s3_error_code(text)
+        reason = S3_HINTS.get(code or "") or (
+            "the endpoint cannot be reached" if "connect" in text.lower() else
+            text.splitlines()[0][:200])
+        raise SinkError(f"cannot open the Lance database at {uri}: {reason}") from None
 
 
 def open_table(db: Any, name: str, schema: pa.Schema) -> Any:

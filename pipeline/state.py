@@ -39,6 +39,7 @@ MANIFEST_SCHEMA = pa.schema([
 
 EMBEDDED = "embedded"
 REJECTED = "rejected"
+UNREADABLE = "unreadable"  # could not be read: nothing is known of its content; tried every run
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +58,8 @@ class FileState:
 
     def unchanged(self, obj: SourceObject, fingerprint: str) -> bool:
         """True when the listing alone proves the file is as it was: no read needed."""
-        if self.fingerprint != fingerprint or self.companions != obj.companions:
+        if (self.status == UNREADABLE or self.fingerprint != fingerprint
+                or self.companions != obj.companions):
             return False
         if obj.version is not None:
             return obj.version == self.version

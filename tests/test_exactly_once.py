@@ -152,3 +152,28 @@ def test_keep_on_delete_and_upkeep(tmp_path: Path):
     table = lancedb.connect(str(tmp_path / "lance")).open_table("vectors")
     assert table.count_rows() == 300
     assert any("vector" in (i.columns or []) for i in table.list_indices())
+
+
+def test_an_unreadable_file_is_tried_again_next_run(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch):
+    from connectors.local import LocalConnector
+    from pipeline.errors import ConnectorError
+
+    make_text_corpus(tmp_path / "src", 5)
+    job = write_job(tmp_path, tmp_path / "src")
+    real_read = LocalConnector.read
+
+    def flaky(self, obj):  # type: ignore[no-untyped-def]
+        if obj.key.endswith("0000003.txt"):
+            raise ConnectorError(f"{obj.key}: cannot read: Input/output error", uri=obj.uri)
+        return real_read(self, obj)
+
+    with monkeypatch.context() as m:
+        m.setattr(LocalConnector, "read", flaky)
+        first = run_job(load_job(job))
+    assert first.stats.reject_reasons == {"unreadable": 1} and first.stats.items_embedded == 4
+    second = run_job(load_job(job))
+    assert second.stats.items_embedded == 1 and second.stats.rejects == 0
+    db = lancedb.connect(str(tmp_path / "lance"))
+    assert db.open_table("vectors").count_rows() == 5
+    assert db.open_table("rejects").count_rows() == 0

@@ -1,0 +1,175 @@
+"""S3-compatible object stores, against a real SeaweedFS server started by the test session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import anyio
+import lancedb
+import obstore
+import polars as pl
+import pytest
+
+from connectors.s3 import S3Connector
+from pipeline.config import load_job
+from pipeline.runner import EXIT_FAILED, EXIT_OK, EXIT_REJECTS, run_job
+from tests.conftest import S3_SECRET, S3Server, write_job
+
+SAMPLE = ["pdf/tracemonkey.pdf", "pdf/minimal-document.pdf", "image/smile.png",
+          "image/flower.jpg", "audio/crunching.mp3", "video/chaplin.mp4", "bad/broken.png",
+          "bad/rc4-40.pdf"]
+
+
+def _put_many(store: object, items: dict[str, bytes]) -> None:
+    async def main() -> None:
+        limiter = anyio.CapacityLimiter(32)
+
+        async def put(key: str, data: bytes) -> None:
+            async with limiter:
+                await obstore.put_async(store, key, data)  # type: ignore[arg-type]
+
+        async with anyio.create_task_group() as tg:
+            for key, data in items.items():
+                tg.start_soon(put, key, data)
+
+    anyio.run(main)
+
+
+def _rows(job: Path) -> pl.DataFrame:
+    frame = pl.from_arrow(lancedb.connect(load_job(job).sink.uri).open_table("vectors").to_arrow())
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
+def test_job_over_a_bucket_then_etag_driven_increments(tmp_path: Path, s3_server: S3Server,
+                                                       corpus_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch):
+    store = s3_server.store("corpus")
+    _put_many(store, {f"run1/{name}": (corpus_dir / name).read_bytes() for name in SAMPLE})
+    job = write_job(tmp_path, tmp_path, extra={"source": s3_server.source("corpus", "run1")})
+    first = run_job(load_job(job))
+    assert first.exit_code == EXIT_REJECTS
+    rows = _rows(job)
+    assert set(rows["key"]) == set(SAMPLE) - {"bad/broken.png", "bad/rc4-40.pdf"}
+    assert all(u.startswith("s3://corpus/run1/") for u in rows["uri"])
+    assert all(v.startswith("etag:") for v in rows["version"])
+    assert rows.filter(pl.col("key") == "pdf/tracemonkey.pdf").height == 3
+
+    def no_read(self, obj):  # type: ignore[no-untyped-def]
+        raise AssertionError(f"{obj.key} was read")
+
+    with monkeypatch.context() as m:
+        m.setattr(S3Connector, "read", no_read)
+        same = run_job(load_job(job))
+    assert same.stats.api_calls == 0 and same.stats.files_unchanged == len(SAMPLE)
+
+    obstore.put(store, "run1/image/smile.png", (corpus_dir / "image/horse.png").read_bytes())
+    obstore.delete(store, "run1/video/chaplin.mp4")
+    obstore.put(store, "run1/notes/new.txt", b"A new note about harbours.")
+    third = run_job(load_job(job))
+    s = third.stats
+    assert (s.files_changed, s.files_deleted, s.files_new) == (1, 1, 1)
+    rows = _rows(job)
+    assert "video/chaplin.mp4" not in set(rows["key"]) and "notes/new.txt" in set(rows["key"])
+    assert rows.filter(pl.col("key") == "image/smile.png").height == 1
+    assert rows["id"].n_unique() == rows.height
+
+
+@pytest.mark.slow
+def test_ten_thousand_objects_list_and_an_unchanged_night_costs_nothing(
+        tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch):
+    n = 10_050
+    _put_many(s3_server.store("big"),
+              {f"notes/{i:06d}.txt": f"note {i} about tides and boats".encode() for i in range(n)})
+    job = write_job(tmp_path, tmp_path, extra={"source": s3_server.source("big", "notes")})
+    first = run_job(load_job(job))
+    assert first.exit_code == EXIT_OK and first.stats.items_embedded == n
+
+    def no_read(self, obj):  # type: ignore[no-untyped-def]
+        raise AssertionError(f"{obj.key} was read")
+
+    monkeypatch.setattr(S3Connector, "read", no_read)
+    night = run_job(load_job(job))
+    assert night.stats.files_unchanged == n and night.stats.api_calls == 0
+    assert _rows(job).height == n
+
+
+def test_lance_sink_on_s3_and_search(tmp_path: Path, s3_server: S3Server):
+    _put_many(s3_server.store("sink"), {
+        "in/pasta.txt": b"Cook the spaghetti in salted boiling water.",
+        "in/stars.txt": b"A telescope mirror gathers starlight."})
+    job = write_job(tmp_path, tmp_path, extra={"source": s3_server.source("sink", "in"),
+                                               "sink": {"kind": "lance", "uri": "s3://sink/out"}})
+    assert run_job(load_job(job)).exit_code == EXIT_OK
+    listed = {m["path"] for page in obstore.list(s3_server.store("sink"), prefix="out/")
+              for m in page}
+    assert any(p.startswith("out/vectors.lance/") for p in listed)
+    env = {**os.environ, "COLUMNS": "200"}
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "search", str(job),
+                          "boiling spaghetti", "-k", "1"], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "pasta.txt" in out.stdout
+
+
+def test_server_restart_in_the_middle_of_a_run(tmp_path: Path, s3_server: S3Server):
+    n = 600
+    _put_many(s3_server.store("restart"),
+              {f"r/{i:04d}.txt": f"restart note {i}".encode() for i in range(n)})
+    job = write_job(tmp_path, tmp_path, embed={
+        "provider": "emulator", "model": "gemini-embedding-2", "output_dimensionality": 128,
+        "batch_size": 10, "concurrency": 1, "emulator": {"latency_ms": 40}},
+        extra={"source": s3_server.source("restart", "r"),
+               "run": {"validate_workers": 1, "flush_rows": 50, "queue_size": 1}})
+    restarted_at: list[float] = []
+
+    def restart() -> None:
+        time.sleep(2.0)
+        s3_server.restart()
+        restarted_at.append(time.monotonic())
+
+    restarter = threading.Thread(target=restart)
+    restarter.start()
+    first = run_job(load_job(job))
+    finished_at = time.monotonic()
+    restarter.join()
+    assert restarted_at and restarted_at[0] < finished_at, "the restart must fall inside the run"
+    final = first if first.exit_code == EXIT_OK else run_job(load_job(job))
+    assert final.exit_code == EXIT_OK
+    rows = _rows(job)
+    assert rows.height == n and rows["id"].n_unique() == n
+    rejects = lancedb.connect(load_job(job).sink.uri).open_table("rejects")
+    assert rejects.count_rows() == 0  # a read cut by the restart was retried, not kept as a reject
+
+
+@pytest.mark.parametrize(("case", "expect"), [
+    ("missing-bucket", "the bucket does not exist"),
+    ("wrong-secret", "wrong credentials"),
+    ("access-denied", "access denied"),
+    ("unreachable", "cannot be reached"),
+])
+def test_clear_one_line_errors(tmp_path: Path, s3_server: S3Server, case: str, expect: str):
+    source = s3_server.source("corpus", "run1")
+    if case == "missing-bucket":
+        source["bucket"] = "no-such-bucket"
+    elif case == "wrong-secret":
+        source["secret_access_key"] = "not-the-secret-123"
+    elif case == "access-denied":
+        source.update(access_key_id="outsider", secret_access_key="outsider-pw")
+    else:
+        source.update(endpoint_url="http://127.0.0.1:9", max_retries=0, timeout_s=2)
+    job = write_job(tmp_path, tmp_path, extra={"source": source})
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == EXIT_FAILED
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert expect in lines[0] and ("corpus" in lines[0] or "no-such-bucket" in lines[0])
+    assert "Traceback" not in proc.stderr
+    for secret in (S3_SECRET, "not-the-secret-123", "outsider-pw"):
+        assert secret not in proc.stderr
