@@ -62,12 +62,18 @@ def lance_storage_options(opts: S3Options) -> dict[str, str]:
 
 
 
+def sink_s3_options(job: JobConfig) -> S3Options:
+    """An s3:// sink's settings: its own, else the source's when that is on S3, else the
+    environment's."""
+    if job.sink.s3 is not None:
+        return job.sink.s3
+    if isinstance(job.source, S3SourceConfig):
+        return job.source
+    return S3Options()
+
+
 def sink_storage_options(job: JobConfig) -> dict[str, str] | None:
-    """Storage options for an s3:// sink: its own, else the source's when that is on S3."""
+    """Storage options for Lance when the sink is on S3."""
     if not job.sink.uri.startswith("s3://"):
         return None
-    if job.sink.s3 is not None:
-        return lance_storage_options(job.sink.s3)
-    if isinstance(job.source, S3SourceConfig):
-        return lance_storage_options(job.source)
-    return lance_storage_options(S3Options())
+    return lance_storage_options(sink_s3_options(job))

@@ -7,7 +7,8 @@
 
 Exit codes: 0 all embedded; 1 finished, with rejects; 2 bad job file or usage; 3 the run failed
 (some items could not be embedded; run again to retry them); 4 a per-day quota is exhausted
-(run again after it resets); 130 interrupted.
+(run again after it resets); 5 another run of the job (or into the same table) is under way;
+130 interrupted.
 
 This is the only module that prints or imports rich; the pipeline reports through RunStats.
 """
@@ -30,6 +31,7 @@ from rich.table import Table
 
 from pipeline.config import JobConfig, load_job
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.lock import EXIT_LOCKED, JobLocked
 from pipeline.runner import EXIT_FAILED, EXIT_USAGE, Run, RunResult
 from pipeline.stats import RunStats
 
@@ -73,7 +75,7 @@ def _progress_display(enabled: bool) -> tuple[Progress | None, Callable[[RunStat
     return progress, update
 
 
-def _summary(job: JobConfig, result: RunResult) -> None:
+def _summary(job: JobConfig, result: RunResult, run: Run) -> None:
     s = result.stats
     console.print(f"[bold]run {s.run_id}[/] of job [bold]{job.name}[/]", highlight=False)
     table = Table(show_header=False, box=None)
@@ -94,6 +96,8 @@ def _summary(job: JobConfig, result: RunResult) -> None:
     for problem in result.problems[:10]:
         console.print(f"[yellow]problem:[/] {problem}")
     console.print(f"table: {job.sink.uri} ({job.sink.table}); rejects in {job.sink.rejects_table}")
+    if getattr(run, "report_path", None):
+        console.print(f"report: {run.report_path}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -107,15 +111,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         result = anyio.run(run.execute)
     if args.report:
-        report = {"job": job.name, "exit_code": result.exit_code, **result.stats.as_dict(),
-                  "problems": result.problems}
-        text = json.dumps(report, default=str)
+        status = {0: "finished", 1: "finished", 4: "quota", 130: "stopped"}.get(
+            result.exit_code, "failed")
+        text = json.dumps(run.report(status, result.exit_code), default=str)
         if args.report == "-":
             print(text)
         else:
             Path(args.report).write_text(text + "\n", encoding="utf-8")
     if not args.quiet:
-        _summary(job, result)
+        _summary(job, result, run)
     if result.exit_code == 4 and run.quota_error is not None:
         delay = run.quota_error.retry_after_s
         when = (f"at {datetime.now(UTC) + timedelta(seconds=delay):%Y-%m-%d %H:%M:%S} UTC"
@@ -139,6 +143,39 @@ def cmd_search(args: argparse.Namespace) -> int:
         table.add_row(str(rank), f"{hit['score']:.3f}", hit["key"] or hit["uri"],
                       hit["where"], hit["modality"], (hit["text"] or "")[:80].replace("\n", " "))
     out.print(table)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from pipeline.plan import make_plan
+
+    job = load_job(args.job)
+    figures = make_plan(job, retry_rejects=args.retry_rejects).as_dict(job)
+    if args.json:
+        print(json.dumps(figures))
+        return 0
+    out.print(f"[bold]plan for job {job.name}[/] ({job.embed.model}), no API call made",
+              highlight=False)
+    out.print("files: " + ", ".join(f"{k} {v:,}" for k, v in figures["files"].items()))
+    table = Table()
+    for col in ("modality", "items", "est. tokens", "est. cost USD"):
+        table.add_column(col, justify="right" if col != "modality" else "left")
+    prices = figures["prices_usd_per_million_tokens"]
+    for modality, n in sorted(figures["items"].items()):
+        tokens = figures["tokens"].get(modality, 0)
+        price = prices.get(modality, prices.get("text", 0.0))
+        table.add_row(modality, f"{n:,}", f"{tokens:,}", f"{tokens * price / 1e6:.4f}")
+    table.add_row("total", f"{sum(figures['items'].values()):,}",
+                  f"{figures['tokens_total']:,}", f"{figures['cost_usd']:.4f}")
+    out.print(table)
+    out.print(f"PDF pages {figures['pdf_pages']:,}; audio {figures['audio_seconds']:,} s; "
+              f"video {figures['video_seconds']:,} s; rejects "
+              f"{figures['rejects'] or 'none'}; Batch API cost {figures['cost_usd_batch_api']:.4f}")
+    bound = figures["quota_bound_minutes"]
+    out.print(f"wall time under the job's quotas: at least {bound:,} min" if bound is not None
+              else "wall time: no quota set in the job (embed.quota), so none is estimated")
+    if figures["days_by_requests_per_day"]:
+        out.print(f"requests/day quota: {figures['days_by_requests_per_day']} day(s)")
     return 0
 
 
@@ -205,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write the run's figures as JSON to PATH ('-' for stdout)")
     run.set_defaults(func=cmd_run)
 
+    plan = sub.add_parser("plan", help="what a run would do and cost, without calling the API")
+    plan.add_argument("job")
+    plan.add_argument("--json", action="store_true")
+    plan.add_argument("--retry-rejects", action="store_true")
+    plan.set_defaults(func=cmd_plan)
+
     search = sub.add_parser("search", help="nearest rows to a text query")
     search.add_argument("job")
     search.add_argument("query", nargs="?", default=None, help="the query text")
@@ -262,6 +305,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
+    except JobLocked as exc:
+        console.print(f"[red]locked:[/] {exc}", highlight=False, soft_wrap=True)
+        return EXIT_LOCKED
     except PipelineError as exc:
         console.print(f"[red]run failed:[/] {exc}", highlight=False, soft_wrap=True)
         return EXIT_FAILED

@@ -206,6 +206,14 @@ class _EmbedCommon(_Strict):
     max_attempts: int = Field(6, ge=1, le=50)
     timeout_s: float = Field(120.0, gt=0)
     quota: QuotaConfig = Field(default_factory=lambda: QuotaConfig())
+    # USD per 1M input tokens by modality (text, image, document, audio, video);
+    # default: the model's list price from ../shared/GEMINI_API.md.
+    prices: dict[str, float] | None = None
+
+    def price_table(self) -> dict[str, float]:
+        from pipeline.models import PRICES
+
+        return self.prices if self.prices is not None else PRICES.get(self.model, {"text": 0.0})
 
 
 class EmulatorEmbedConfig(_EmbedCommon):
@@ -288,6 +296,9 @@ class RunConfig(_Strict):
     flush_rows: int = Field(2000, ge=1)
     flush_interval_s: float = Field(5.0, gt=0)
     on_delete: Literal["delete", "keep"] = "delete"
+    # The run's JSON report: "auto" writes it beside a local sink (reports/<run_id>.json),
+    # a path writes it there, null writes none.
+    report: str | None = "auto"
     compact: bool = False
     index_min_rows: int | None = Field(None, ge=256)
     index_type: Literal["IVF_PQ", "IVF_HNSW_SQ", "IVF_HNSW_PQ", "IVF_FLAT"] = "IVF_PQ"

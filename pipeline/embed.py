@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Sequence
 
 import anyio
@@ -80,10 +81,12 @@ class Embedder:
                 async with self.concurrency.limiter:
                     permit = await self._permit(len(items), tokens)
                     self.stats.api_calls += 1
+                    started = time.monotonic()
                     if len(requests) == 1:
                         response = await self.client.embed(requests[0])
                     else:
                         response = await self.client.batch_embed(requests)
+                    self.stats.record_call(time.monotonic() - started)
                     if permit is not None:
                         permit.settle(response.prompt_tokens)
                 self.concurrency.on_success()

@@ -101,3 +101,19 @@ def conservative_text_tokens(text: str) -> int:
     """An upper bound used to chunk text under a model's limit: one token per 3 UTF-8 bytes."""
     n = len(text.encode("utf-8"))
     return max(1, -(-n // 3))
+
+
+# USD per 1M input tokens (../shared/GEMINI_API.md; unverified: jobs override ``embed.prices``).
+# PDF pages are billed as images here: no price for documents is published.
+PRICES: dict[str, dict[str, float]] = {
+    "gemini-embedding-001": {"text": 0.15},
+    "gemini-embedding-2": {"text": 0.20, "image": 0.45, "document": 0.45, "audio": 6.50,
+                           "video": 12.00},
+    "gemini-embedding-2-preview": {"text": 0.20, "image": 0.45, "document": 0.45,
+                                   "audio": 6.50, "video": 12.00},
+}
+
+
+def cost_usd(tokens_by_modality: dict[str, int], prices: dict[str, float]) -> float:
+    return sum(n * prices.get(m, prices.get("text", 0.0)) for m, n in
+               tokens_by_modality.items()) / 1_000_000

@@ -11,7 +11,9 @@ per-day quota, Ctrl-C), producers are cancelled and the writer still commits wha
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import secrets
 import signal
 import threading
@@ -20,17 +22,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
+from connectors import connector_for
 from connectors.base import Connector, content_version
-from connectors.local import LocalConnector
-from connectors.s3_options import sink_storage_options
+from connectors.s3_options import sink_s3_options, sink_storage_options
 from pipeline.batcher import BatchLimits, pack
 from pipeline.companions import Companions
-from pipeline.config import JobConfig, LocalSourceConfig
+from pipeline.config import JobConfig
 from pipeline.embed import Embedder
 from pipeline.endpoint import embedding_client
 from pipeline.errors import (
@@ -40,7 +43,8 @@ from pipeline.errors import (
     RejectReason,
     TransientEmbedError,
 )
-from pipeline.models import model_spec
+from pipeline.lock import JobLock
+from pipeline.models import cost_usd, model_spec
 from pipeline.ratelimit import AdaptiveConcurrency, Quota, RateLimiter
 from pipeline.records import Batch, FileEnd, Item, Reject, SourceObject, Vector
 from pipeline.sink import LanceSink, open_db, reject_id
@@ -78,14 +82,6 @@ def new_run_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
-def make_connector(job: JobConfig) -> Connector:
-    if isinstance(job.source, LocalSourceConfig):
-        return LocalConnector(job.source)
-    from connectors.s3 import S3Connector  # only S3 jobs load the object-store client
-
-    return S3Connector(job.source)
-
-
 @dataclass
 class RunResult:
     stats: RunStats
@@ -113,7 +109,7 @@ class Run:
         self.job = job
         self.retry_rejects = retry_rejects
         self.on_progress = on_progress
-        self.connector = connector or make_connector(job)
+        self.connector = connector or connector_for(job)
         self.stats = RunStats(run_id=new_run_id())
         self.fingerprint = job.fingerprint()
         self.validator = Validator(job)
@@ -132,6 +128,20 @@ class Run:
     async def execute(self) -> RunResult:
         self._writer_done = anyio.Event()
         self._producers = anyio.CancelScope()
+        self.lock = JobLock(self.job.sink.uri, self.stats.run_id, self.job.name,
+                            s3_options=sink_s3_options(self.job))
+        await anyio.to_thread.run_sync(self.lock.acquire)
+        try:
+            return await self._locked()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.lock.release)
+
+    async def _locked(self) -> RunResult:
+        if self.lock.took_over is not None:
+            log.warning("took over a stale lock of run %s (pid %s on %s)",
+                        self.lock.took_over.run_id, self.lock.took_over.pid,
+                        self.lock.took_over.host)
         db = await anyio.to_thread.run_sync(open_db, self.job.sink.uri,
                                             sink_storage_options(self.job))
         sink_cfg = self.job.sink
@@ -188,6 +198,31 @@ class Run:
             if self.sink.version() != self._version_before:
                 self.sink.tag(f"run-{self.stats.run_id}")
         self.runlog.record(self._run_row(status, code))
+        self._write_report(status, code)
+
+    def report(self, status: str, code: int) -> dict[str, Any]:
+        """What the run did, as the JSON report holds it."""
+        stats = self.stats.as_dict()
+        return {"job": self.job.name, "status": status, "exit_code": code, **stats,
+                "cost_usd": round(cost_usd(stats["tokens_by_modality"],
+                                           self.job.embed.price_table()), 6),
+                "model": self.job.embed.model, "sink": self.job.sink.uri,
+                "problems": self.problems[:100]}
+
+    def _write_report(self, status: str, code: int) -> None:
+        target = self.job.run.report
+        if target is None or (target == "auto" and "://" in self.job.sink.uri):
+            return
+        path = (Path(self.job.sink.uri) / "reports" / f"{self.stats.run_id}.json"
+                if target == "auto" else Path(target))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.report(status, code), default=str, indent=1))
+            os.replace(tmp, path)
+            self.report_path: Path | None = path
+        except OSError as exc:
+            log.warning("could not write the run report to %s: %s", path, exc)
 
     def _run_row(self, status: str, code: int | None) -> dict[str, Any]:
         s = self.stats
@@ -235,6 +270,7 @@ class Run:
                 outer.start_soon(self._watch_signals)
             if self.on_progress is not None:
                 outer.start_soon(self._tick)
+            outer.start_soon(self._heartbeat)
             with self._producers:
                 async with anyio.create_task_group() as tg, out_tx:
                     tg.start_soon(self._list, todo_tx, out_tx.clone())
@@ -459,6 +495,11 @@ class Run:
                 self.stop()
                 return
 
+    async def _heartbeat(self) -> None:
+        while True:
+            await anyio.sleep(self.lock.heartbeat_s)
+            await anyio.to_thread.run_sync(self.lock.beat)
+
     async def _tick(self) -> None:
         assert self.on_progress is not None
         while True:
@@ -498,6 +539,7 @@ class _Writer:
             self.vectors.append(entry)
             self.stats.items_embedded += 1
             self.stats.tokens += entry.tokens
+            self.stats.tokens_by_modality[str(entry.item.modality)] += entry.tokens
             p = self._pending(entry.item.source)
             p.embedded += 1
             p.ids.add(entry.item.id)

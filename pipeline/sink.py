@@ -13,10 +13,8 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import lancedb
 import numpy as np
 import pyarrow as pa
-from lancedb.index import HnswPq, HnswSq, IvfFlat, IvfPq
 
 from connectors.s3_options import S3_HINTS, s3_error_code
 from pipeline.errors import SinkError
@@ -78,6 +76,8 @@ REJECTS_SCHEMA = pa.schema([
 
 
 def _index_config(kind: str) -> Any:
+    from lancedb.index import HnswPq, HnswSq, IvfFlat, IvfPq
+
     configs = {"IVF_PQ": IvfPq, "IVF_HNSW_SQ": HnswSq, "IVF_HNSW_PQ": HnswPq, "IVF_FLAT": IvfFlat}
     return configs[kind](distance_type="cosine")
 
@@ -92,6 +92,9 @@ def reject_id(uri: str, version: str | None, part: int | None) -> str:
 
 
 def open_db(uri: str, storage_options: dict[str, str] | None = None) -> Any:
+
+    import lancedb  # 2 s to import: only when a table is really opened
+
     try:
         db = lancedb.connect(uri, storage_options=storage_options)
         db.list_tables()  # fail here, clearly, if the store cannot be reached
@@ -109,12 +112,35 @@ def open_db(uri: str, storage_options: dict[str, str] | None = None) -> Any:
         raise SinkError(f"cannot open the Lance database at {uri}: {reason}") from None
 
 
+def _sql_type(t: pa.DataType) -> str | None:
+    if pa.types.is_string(t):
+        return "STRING"
+    if pa.types.is_int32(t):
+        return "INT"
+    if pa.types.is_int64(t):
+        return "BIGINT"
+    if pa.types.is_float64(t):
+        return "DOUBLE"
+    if pa.types.is_boolean(t):
+        return "BOOLEAN"
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMP"
+    return None
+
+
 def open_table(db: Any, name: str, schema: pa.Schema) -> Any:
-    """Open ``name``, creating it empty with ``schema`` if it does not exist."""
+    """Open ``name``, creating it empty with ``schema`` if it does not exist. A table made by
+    an older version gets the columns it lacks, empty for its old rows."""
     try:
-        if name in db.list_tables().tables:
-            return db.open_table(name)
-        return db.create_table(name, schema=schema, exist_ok=True)
+        if name not in db.list_tables().tables:
+            return db.create_table(name, schema=schema, exist_ok=True)
+        table = db.open_table(name)
+        present = set(table.schema.names)
+        missing = {f.name: f"CAST(NULL AS {_sql_type(f.type)})" for f in schema
+                   if f.name not in present and f.nullable and _sql_type(f.type)}
+        if missing:
+            table.add_columns(missing)
+        return table
     except (OSError, ValueError, RuntimeError) as exc:
         raise SinkError(f"cannot open table {name!r} in {db.uri}: {exc}") from exc
 

@@ -67,8 +67,8 @@ class FileState:
 
 
 class Manifest:
-    def __init__(self, db: Any, table: str) -> None:
-        self.table = open_table(db, table, MANIFEST_SCHEMA)
+    def __init__(self, db: Any, table: str, read_only: bool = False) -> None:
+        self.table = db.open_table(table) if read_only else open_table(db, table, MANIFEST_SCHEMA)
 
     def load(self) -> dict[str, FileState]:
         """uri -> state, for diffing the listing. Read column by column, with the few distinct
@@ -76,7 +76,11 @@ class Manifest:
         names = ["uri", "key", "version", "size", "mtime", "fingerprint", "status", "parts",
                  "rejected_parts", "reason", "companions"]
         try:
-            table = self.table.to_arrow().select(names)
+            table = self.table.to_arrow()
+            for name in names:  # a manifest older than a column reads it as empty
+                if name not in table.schema.names:
+                    table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
+            table = table.select(names)
         except (OSError, ValueError, RuntimeError) as exc:
             raise SinkError(f"cannot read the manifest: {exc}") from exc
         shared: dict[Any, Any] = {}

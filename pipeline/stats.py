@@ -29,13 +29,32 @@ class RunStats:
     http_429: int = 0
     retries: int = 0
     listing_done: bool = False
+    tokens_by_modality: Counter[str] = field(default_factory=Counter)
+    call_latencies: list[float] = field(default_factory=list)  # successful calls, capped
+
+    MAX_LATENCY_SAMPLES = 100_000
 
     @property
     def wall_s(self) -> float:
         return (self.finished or time.time()) - self.started
 
+    def record_call(self, seconds: float) -> None:
+        if len(self.call_latencies) < self.MAX_LATENCY_SAMPLES:
+            self.call_latencies.append(seconds)
+
+    def latency_percentile(self, q: float) -> float | None:
+        if not self.call_latencies:
+            return None
+        ordered = sorted(self.call_latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        del out["call_latencies"]
         out["reject_reasons"] = dict(self.reject_reasons)
+        out["tokens_by_modality"] = dict(self.tokens_by_modality)
         out["wall_s"] = round(self.wall_s, 3)
+        for name, q in (("latency_p50_s", 0.5), ("latency_p95_s", 0.95)):
+            value = self.latency_percentile(q)
+            out[name] = round(value, 4) if value is not None else None
         return out

@@ -30,10 +30,11 @@ from pipeline.models import (
     text_tokens,
 )
 from pipeline.records import Extras, Item, Modality, Part, Reject, SourceObject, Span, item_id
-from pipeline.validate.image import check_image, convert_to_png
+from pipeline.validate.image import check_image, convert_to_png, probe_image
 from pipeline.validate.media import (
     VIDEO_CODECS,
     MediaInfo,
+    Segment,
     audio_segments,
     cut_points,
     probe,
@@ -63,6 +64,7 @@ class Validator:
         self.text_budget = max(16, self.text_max_tokens - PREFIX_RESERVE_TOKENS)
         self._extras: Extras | None = None
         self._caption: str | None = None
+        self.dry = False  # plan mode: counts and spans, no payloads
 
     def fit(self, obj: SourceObject, data: bytes,
             extras: Extras | None = None) -> Iterator[Item | Reject]:
@@ -76,6 +78,18 @@ class Validator:
             per_file._caption = self._fit_caption(extras.caption) if extras.caption else None
             yield from per_file.fit(obj, data)
             return
+        yield from self._fit(obj, data)
+
+    def plan(self, obj: SourceObject, data: bytes,
+             extras: Extras | None = None) -> Iterator[Item | Reject]:
+        """What :meth:`fit` would yield, with the same counts, spans and token estimates, but
+        without producing payloads: no PDF part is written, no media is cut or converted."""
+        dry = copy.copy(self)
+        dry.dry = True
+        yield from dry.fit(obj, data, extras)
+
+    def _fit(self, obj: SourceObject, data: bytes) -> Iterator[Item | Reject]:
+        assert obj.version is not None
         mime: str | None = None
         emitted = 0
         try:
@@ -124,8 +138,12 @@ class Validator:
             yield self._image(obj, data, mime, mime)
         elif mime.startswith("image/"):
             self._may_convert(mime, self.cfg.image_policy, self.cfg.image_convert_from, "image")
-            png = convert_to_png(data, mime, self.cfg.max_image_pixels)
-            yield self._image(obj, png, "image/png", mime)
+            if self.dry:
+                probe_image(data, mime, self.cfg.max_image_pixels)
+                yield self._image(obj, b"", "image/png", mime)
+            else:
+                png = convert_to_png(data, mime, self.cfg.max_image_pixels)
+                yield self._image(obj, png, "image/png", mime)
         elif mime == PDF_MIME:
             yield from self._pdf(obj, data, deadline)
         elif mime in NO_DECODER:
@@ -183,7 +201,9 @@ class Validator:
         # Cut a little under the limit: cuts fall on frame boundaries.
         length = max(1.0, max_s - 1.0) if max_s > 2 else max_s
         count = max(1, math.ceil(info.measured_s / length - 1e-9))
-        for index, seg in enumerate(audio_segments(data, length, deadline)):
+        segments = (_spans(info.measured_s, length, "audio/mpeg") if self.dry
+                    else audio_segments(data, length, deadline))
+        for index, seg in enumerate(segments):
             if not self._inline_ok(seg.data):
                 raise self._too_large(f"audio {seg.start_s:.0f}-{seg.end_s:.0f} s", len(seg.data))
             yield self._item(obj, index, count, Modality.AUDIO, seg.mime,
@@ -215,10 +235,12 @@ class Validator:
             length = min(max(1.0, max_s - 1.0) if max_s > 2 else max_s, by_size)
             cuts = cut_points(info.keyframes, info.measured_s, length)
             count = len(cuts) if cuts is not None else 1
-            segments = video_segments(data, info, length, deadline)
+            segments = (_cut_spans(cuts, info.measured_s) if self.dry and cuts is not None
+                        else video_segments(data, info, length, deadline))
         else:
             count = max(1, math.ceil(info.measured_s / max_s - 1e-9))
-            segments = video_transcode(data, info, max_s, deadline)
+            segments = (_spans(info.measured_s, max_s, "video/mp4") if self.dry
+                        else video_transcode(data, info, max_s, deadline))
         for index, seg in enumerate(segments):
             if not self._inline_ok(seg.data):
                 raise self._too_large(f"video {seg.start_s:.0f}-{seg.end_s:.0f} s", len(seg.data))
@@ -241,7 +263,9 @@ class Validator:
     def _pdf(self, obj: SourceObject, data: bytes, deadline: float) -> Iterator[Item]:
         doc = PdfDocument(data)
         count = doc.part_count(self.pdf_max_pages)
-        for index, part in enumerate(doc.parts(self.pdf_max_pages, deadline)):
+        parts = (doc.spans(self.pdf_max_pages) if self.dry
+                 else doc.parts(self.pdf_max_pages, deadline))
+        for index, part in enumerate(parts):
             pages = part.page_end - part.page_start + 1
             if not self._inline_ok(part.data):
                 raise self._too_large(f"pages {part.page_start}-{part.page_end}", len(part.data))
@@ -274,6 +298,18 @@ def _audio_mime(mime: str) -> str:
     return {"video/mp4": "audio/mp4", "video/quicktime": "audio/mp4",
             "video/x-ms-asf": "audio/x-ms-wma", "video/webm": "audio/webm",
             "video/x-matroska": "audio/x-matroska"}.get(mime, mime)
+
+
+def _spans(total_s: float, length_s: float, mime: str) -> Iterator[Segment]:
+    """Plan mode: consecutive time ranges of at most ``length_s``, without cutting anything."""
+    count = max(1, math.ceil(total_s / length_s - 1e-9))
+    for k in range(count):
+        yield Segment(k * length_s, min((k + 1) * length_s, total_s), b"", mime)
+
+
+def _cut_spans(cuts: list[float], total_s: float) -> Iterator[Segment]:
+    for start, end in zip(cuts, [*cuts[1:], total_s], strict=True):
+        yield Segment(start, end, b"", "video/mp4")
 
 
 def _audio_tokens(seconds: float) -> int:

@@ -52,6 +52,12 @@ def check_image(data: bytes, mime: str, max_pixels: int) -> tuple[int, int]:
     return width, height
 
 
+def probe_image(data: bytes, mime: str, max_pixels: int) -> tuple[int, int]:
+    """The declared size of any image a decoder opens, read from its header (plan mode)."""
+    size: tuple[int, int] = _open(data, mime, max_pixels, None).size
+    return size
+
+
 def convert_to_png(data: bytes, mime: str, max_pixels: int) -> bytes:
     """Any image Pillow decodes, as a PNG: EXIF orientation applied, first frame of animations."""
     img = _open(data, mime, max_pixels, None)

@@ -62,6 +62,11 @@ class PdfDocument:
             last = min(first + max_pages, self.pages)
             yield PdfPart(first + 1, last, self._write(first, last))
 
+    def spans(self, max_pages: int) -> Iterator[PdfPart]:
+        """The parts' page ranges without writing them (plan mode)."""
+        for first in range(0, self.pages, max_pages):
+            yield PdfPart(first + 1, min(first + max_pages, self.pages), b"")
+
     def _write(self, first: int, last: int) -> bytes:
         writer = PdfWriter()
         try:
