@@ -30,6 +30,7 @@ from pipeline.models import (
     text_tokens,
 )
 from pipeline.records import Extras, Item, Modality, Part, Reject, SourceObject, Span, item_id
+from pipeline.tasks import MAX_TITLE_CHARS, TaskStyle
 from pipeline.validate.image import check_image, convert_to_png, probe_image
 from pipeline.validate.media import (
     VIDEO_CODECS,
@@ -65,6 +66,7 @@ class Validator:
         self._extras: Extras | None = None
         self._caption: str | None = None
         self.dry = False  # plan mode: counts and spans, no payloads
+        self.style = TaskStyle.for_job(job)
 
     def fit(self, obj: SourceObject, data: bytes,
             extras: Extras | None = None) -> Iterator[Item | Reject]:
@@ -282,11 +284,17 @@ class Validator:
             parts = (*parts, Part(text=self._caption))
             tokens += text_tokens(self._caption)
             text = self._caption
+        title = extras.title if extras and extras.title else PurePosixPath(obj.key).stem
+        template = self.style.document_template
+        if template is not None:  # what the embedder will wrap each text part in
+            overhead = template.replace("{title}", (title or "none")[:MAX_TITLE_CHARS])
+            tokens += sum(text_tokens(overhead.replace("{text}", "")) for p in parts
+                          if p.text is not None)
         return Item(
             id=item_id(obj.uri, obj.version, part, self.model, self.dims),
             source=obj, version=obj.version, part=part, part_count=count, modality=modality,
             mime=mime, parts=parts, est_tokens=tokens, span=span, text=text,
-            title=(extras.title if extras and extras.title else PurePosixPath(obj.key).stem),
+            title=title,
             source_mime=source_mime or mime, claimed_mime=extension_mime(obj.key),
             sidecar_uri=extras.sidecar_uri if extras else None,
             columns=extras.columns if extras else None,
