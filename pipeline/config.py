@@ -287,7 +287,43 @@ class LanceSinkConfig(_Strict):
         return str(_resolve_path(Path(value), info))
 
 
-SinkConfig = Annotated[LanceSinkConfig, Field(discriminator="kind")]
+    @property
+    def state_uri(self) -> str:
+        """Where the manifest and run history live: the same Lance database."""
+        return self.uri
+
+
+class ArrowSinkConfig(_Strict):
+    """Parquet or Arrow IPC files that pyarrow, polars and duckdb read with no glue:
+    ``<path>/vectors/*.parquet`` and ``<path>/rejects/*.parquet`` (``.arrow`` for IPC). The
+    manifest and run history live in a Lance database at ``<path>/_state``."""
+
+    kind: Literal["arrow"]
+    path: str
+    format: Literal["parquet", "ipc"] = "parquet"
+    table: Literal["vectors"] = "vectors"
+    rejects_table: Literal["rejects"] = "rejects"
+    manifest_table: str = "files"
+    runs_table: str = "runs"
+    s3: None = None
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str, info: ValidationInfo) -> str:
+        if "://" in value:
+            raise ValueError("the arrow sink writes to a local folder; use kind: lance for s3://")
+        return str(_resolve_path(Path(value), info))
+
+    @property
+    def uri(self) -> str:
+        return self.path
+
+    @property
+    def state_uri(self) -> str:
+        return str(Path(self.path) / "_state")
+
+
+SinkConfig = Annotated[LanceSinkConfig | ArrowSinkConfig, Field(discriminator="kind")]
 
 
 class RunConfig(_Strict):

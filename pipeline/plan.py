@@ -67,7 +67,7 @@ class Plan:
 
 def _previous(job: JobConfig) -> dict[str, FileState]:
     """The manifest if the job has run before; never creates anything."""
-    uri = job.sink.uri
+    uri = job.sink.state_uri
     if "://" not in uri and not (Path(uri) / f"{job.sink.manifest_table}.lance").exists():
         return {}  # never ran: no need to load Lance at all
     try:

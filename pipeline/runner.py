@@ -31,9 +31,10 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from connectors import connector_for
 from connectors.base import Connector, content_version
 from connectors.s3_options import sink_s3_options, sink_storage_options
+from pipeline.arrow_sink import ArrowSink
 from pipeline.batcher import BatchLimits, pack
 from pipeline.companions import Companions
-from pipeline.config import JobConfig
+from pipeline.config import ArrowSinkConfig, JobConfig
 from pipeline.embed import Embedder
 from pipeline.endpoint import embedding_client
 from pipeline.errors import (
@@ -142,13 +143,19 @@ class Run:
             log.warning("took over a stale lock of run %s (pid %s on %s)",
                         self.lock.took_over.run_id, self.lock.took_over.pid,
                         self.lock.took_over.host)
-        db = await anyio.to_thread.run_sync(open_db, self.job.sink.uri,
+        db = await anyio.to_thread.run_sync(open_db, self.job.sink.state_uri,
                                             sink_storage_options(self.job))
         sink_cfg = self.job.sink
         embed = self.job.embed
-        self.sink = await anyio.to_thread.run_sync(
-            lambda: LanceSink(db, sink_cfg.table, sink_cfg.rejects_table,
-                              embed.output_dimensionality, embed.model, self._columns()))
+
+        def make_sink() -> LanceSink | ArrowSink:
+            if isinstance(sink_cfg, ArrowSinkConfig):
+                return ArrowSink(sink_cfg.path, sink_cfg.format, embed.output_dimensionality,
+                                 embed.model, self._columns())
+            return LanceSink(db, sink_cfg.table, sink_cfg.rejects_table,
+                             embed.output_dimensionality, embed.model, self._columns())
+
+        self.sink = await anyio.to_thread.run_sync(make_sink)
         self.manifest = await anyio.to_thread.run_sync(Manifest, db, sink_cfg.manifest_table)
         self._previous = await anyio.to_thread.run_sync(self.manifest.load)
         self.runlog = await anyio.to_thread.run_sync(RunLog, db, sink_cfg.runs_table)
@@ -182,9 +189,9 @@ class Run:
     def _resume(self) -> None:
         """Runs that never finished (killed) left rows behind: those are paid for already.
         Their ids are skipped when met again; the runs are marked interrupted."""
-        unfinished = self.runlog.unfinished()
+        unfinished, running = self.runlog.unfinished()
         self._committed = self.sink.committed_ids(unfinished)
-        self.runlog.mark_interrupted(unfinished)
+        self.runlog.mark_interrupted(running)
         self._version_before = self.sink.version()
         self.runlog.record(self._run_row("running", None))
 

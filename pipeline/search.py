@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 
 from connectors.s3_options import sink_storage_options
-from pipeline.config import JobConfig
+from pipeline.config import ArrowSinkConfig, JobConfig
 from pipeline.endpoint import embedding_client
 from pipeline.errors import ConfigError, SinkError
 from pipeline.models import model_spec
@@ -72,6 +72,8 @@ async def search(job: JobConfig, query: str | None, *, k: int = 5, where: str | 
         vector = vector / max(float((vector**2).sum()) ** 0.5, 1e-12)
 
     def nearest() -> list[dict[str, Any]]:
+        if isinstance(job.sink, ArrowSinkConfig):
+            return _arrow_nearest(job.sink, vector, k, where)
         table = _open_vectors(job)
         q = table.search(vector.tolist()).distance_type("cosine").limit(k)
         if where:
@@ -90,13 +92,70 @@ async def search(job: JobConfig, query: str | None, *, k: int = 5, where: str | 
     return await anyio.to_thread.run_sync(nearest)
 
 
+_COLUMNS = ["uri", "key", "part", "modality", "mime", "text", "page_start", "page_end",
+            "char_start", "char_end", "time_start_s", "time_end_s"]
+
+
+def _arrow_nearest(sink: ArrowSinkConfig, vector: Any, k: int,
+                   where: str | None) -> list[dict[str, Any]]:
+    """Exact search over Parquet/IPC files, one record batch at a time (memory stays flat);
+    ``--where`` is SQL evaluated by polars on each batch."""
+    import heapq
+
+    import numpy as np
+    import polars as pl
+    import pyarrow.dataset as ds
+
+    folder = Path(sink.path) / "vectors"
+    if not folder.is_dir():
+        raise SinkError(f"no vectors in {sink.path}: run the job first")
+    dataset = ds.dataset(folder, format="parquet" if sink.format == "parquet" else "ipc")
+    query = np.asarray(vector, dtype=np.float32)
+    best: list[tuple[float, int, dict[str, Any]]] = []
+    seen = 0
+    for batch in dataset.to_batches(columns=[*_COLUMNS, "vector"]):
+        frame = pl.from_arrow(batch)
+        assert isinstance(frame, pl.DataFrame)
+        if where:
+            try:
+                frame = pl.SQLContext(t=frame).execute(f"SELECT * FROM t WHERE {where}",
+                                                        eager=True)
+            except pl.exceptions.PolarsError as exc:
+                raise SinkError(f"--where {where!r} is not a valid filter: {exc}") from None
+        if frame.height == 0:
+            continue
+        matrix = np.stack(frame["vector"].to_list()).astype(np.float32)
+        norms = np.linalg.norm(matrix, axis=1) * max(float(np.linalg.norm(query)), 1e-12)
+        scores = matrix @ query / np.maximum(norms, 1e-12)
+        for row, score in zip(frame.drop("vector").iter_rows(named=True), scores, strict=True):
+            seen += 1
+            item = (float(score), seen, row)
+            if len(best) < k:
+                heapq.heappush(best, item)
+            else:
+                heapq.heappushpop(best, item)
+    out = []
+    for score, _, row in sorted(best, key=lambda t: -t[0]):
+        row["score"] = score
+        row["where"] = _where(row)
+        out.append(row)
+    return out
+
+
 def table_status(job: JobConfig, last: int = 10) -> dict[str, Any]:
     """Row counts of the job's tables, files by status, and the last runs."""
-    db = open_db(job.sink.uri, sink_storage_options(job))
+    db = open_db(job.sink.state_uri, sink_storage_options(job))
     names = set(db.list_tables().tables)
     sink = job.sink
     counts = {name: db.open_table(name).count_rows() if name in names else None
               for name in (sink.table, sink.rejects_table, sink.manifest_table)}
+    if isinstance(sink, ArrowSinkConfig):
+        import pyarrow.dataset as ds
+
+        for sub in ("vectors", "rejects"):
+            folder = Path(sink.path) / sub
+            counts[sub] = (ds.dataset(folder, format="parquet" if sink.format == "parquet"
+                                      else "ipc").count_rows() if folder.is_dir() else None)
     files: dict[str, int] = {}
     if sink.manifest_table in names:
         statuses = db.open_table(sink.manifest_table).to_arrow().column("status").to_pylist()

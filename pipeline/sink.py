@@ -273,50 +273,60 @@ class LanceSink:
             raise SinkError(f"deleting rows from {self.db.uri} failed: {exc}") from exc
 
     def _vector_table(self, vectors: Sequence[Vector], run_id: str, now: datetime) -> pa.Table:
-        items = [v.item for v in vectors]
-        flat = np.concatenate([v.values.astype(np.float32, copy=False) for v in vectors])
-        columns: dict[str, Any] = {
-            "id": [i.id for i in items],
-            "uri": [i.source.uri for i in items],
-            "key": [i.source.key for i in items],
-            "version": [i.version for i in items],
-            "part": [i.part for i in items],
-            "part_count": [i.part_count for i in items],
-            "modality": [str(i.modality) for i in items],
-            "mime": [i.mime for i in items],
-            "source_mime": [i.source_mime or i.mime for i in items],
-            "claimed_mime": [i.claimed_mime for i in items],
-            "sidecar_uri": [i.sidecar_uri for i in items],
-            "page_start": [i.span.page_start for i in items],
-            "page_end": [i.span.page_end for i in items],
-            "char_start": [i.span.char_start for i in items],
-            "char_end": [i.span.char_end for i in items],
-            "time_start_s": [i.span.time_start_s for i in items],
-            "time_end_s": [i.span.time_end_s for i in items],
-            "text": [i.text for i in items],
-            "model": [self.model] * len(items),
-            "dims": [self.dims] * len(items),
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), self.dims),
-            "tokens": [v.tokens for v in vectors],
-            "run_id": [run_id] * len(items),
-            "embedded_at": [now] * len(items),
-        }
-        for name in self.schema.names:
-            if name not in columns:  # user metadata columns
-                columns[name] = [(i.columns or {}).get(name) for i in items]
-        return pa.table(columns, schema=self.schema)
+        return vector_table(vectors, run_id, now, self.schema, self.dims, self.model)
 
     @staticmethod
     def _reject_table(rejects: Sequence[Reject], run_id: str, now: datetime) -> pa.Table:
-        return pa.table({
-            "id": [reject_id(r.source.uri, r.version, r.part) for r in rejects],
-            "uri": [r.source.uri for r in rejects],
-            "key": [r.source.key for r in rejects],
-            "version": [r.version or "" for r in rejects],
-            "part": [r.part for r in rejects],
-            "reason": [r.reason for r in rejects],
-            "message": [r.message for r in rejects],
-            "mime": [r.mime for r in rejects],
-            "run_id": [run_id] * len(rejects),
-            "rejected_at": [now] * len(rejects),
-        }, schema=REJECTS_SCHEMA)
+        return rejects_table(rejects, run_id, now)
+
+
+def vector_table(vectors: Sequence[Vector], run_id: str, now: datetime, schema: pa.Schema,
+                 dims: int, model: str) -> pa.Table:
+    """The rows of ``vectors`` in the table schema (shared by the Lance and Arrow sinks)."""
+    items = [v.item for v in vectors]
+    flat = np.concatenate([v.values.astype(np.float32, copy=False) for v in vectors])
+    columns: dict[str, Any] = {
+        "id": [i.id for i in items],
+        "uri": [i.source.uri for i in items],
+        "key": [i.source.key for i in items],
+        "version": [i.version for i in items],
+        "part": [i.part for i in items],
+        "part_count": [i.part_count for i in items],
+        "modality": [str(i.modality) for i in items],
+        "mime": [i.mime for i in items],
+        "source_mime": [i.source_mime or i.mime for i in items],
+        "claimed_mime": [i.claimed_mime for i in items],
+        "sidecar_uri": [i.sidecar_uri for i in items],
+        "page_start": [i.span.page_start for i in items],
+        "page_end": [i.span.page_end for i in items],
+        "char_start": [i.span.char_start for i in items],
+        "char_end": [i.span.char_end for i in items],
+        "time_start_s": [i.span.time_start_s for i in items],
+        "time_end_s": [i.span.time_end_s for i in items],
+        "text": [i.text for i in items],
+        "model": [model] * len(items),
+        "dims": [dims] * len(items),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dims),
+        "tokens": [v.tokens for v in vectors],
+        "run_id": [run_id] * len(items),
+        "embedded_at": [now] * len(items),
+    }
+    for name in schema.names:
+        if name not in columns:  # user metadata columns
+            columns[name] = [(i.columns or {}).get(name) for i in items]
+    return pa.table(columns, schema=schema)
+
+
+def rejects_table(rejects: Sequence[Reject], run_id: str, now: datetime) -> pa.Table:
+    return pa.table({
+        "id": [reject_id(r.source.uri, r.version, r.part) for r in rejects],
+        "uri": [r.source.uri for r in rejects],
+        "key": [r.source.key for r in rejects],
+        "version": [r.version or "" for r in rejects],
+        "part": [r.part for r in rejects],
+        "reason": [r.reason for r in rejects],
+        "message": [r.message for r in rejects],
+        "mime": [r.mime for r in rejects],
+        "run_id": [run_id] * len(rejects),
+        "rejected_at": [now] * len(rejects),
+    }, schema=REJECTS_SCHEMA)

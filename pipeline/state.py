@@ -158,13 +158,21 @@ class RunLog:
     def __init__(self, db: Any, table: str) -> None:
         self.table = open_table(db, table, RUNS_SCHEMA)
 
-    def unfinished(self) -> list[str]:
+    def unfinished(self) -> tuple[list[str], list[str]]:
+        """(runs since the last finished one, the ones among them still marked running).
+        Such runs may have committed rows of files they never completed: killed (still
+        "running"), failed, stopped or out of quota. A finished run completed every file
+        before it, so older runs need no look."""
         try:
-            rows = (self.table.search().where(f"status = {sql_str(RUNNING)}")
-                    .select(["run_id"]).limit(None).to_arrow())
+            rows = self.table.to_arrow().select(["run_id", "status", "started"]).to_pylist()
         except (OSError, ValueError, RuntimeError) as exc:
             raise SinkError(f"cannot read the run history: {exc}") from exc
-        return [str(r) for r in rows["run_id"].to_pylist()]
+        rows.sort(key=lambda r: r["started"] or datetime.min.replace(tzinfo=UTC))
+        since: list[dict[str, Any]] = []
+        for row in rows:
+            since = [] if row["status"] == "finished" else [*since, row]
+        return ([str(r["run_id"]) for r in since],
+                [str(r["run_id"]) for r in since if r["status"] == RUNNING])
 
     def record(self, row: dict[str, Any]) -> None:
         data = {f.name: [row.get(f.name)] for f in RUNS_SCHEMA}

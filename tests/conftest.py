@@ -93,6 +93,7 @@ def write_job(folder: Path, root: Path, *, name: str = "t", embed: dict | None =
         "sink": {"kind": "lance", "uri": str(folder / "lance")},
         **(extra or {}),
     }
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(job), encoding="utf-8")
     return path
