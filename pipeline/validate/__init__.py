@@ -185,20 +185,31 @@ class Validator:
         return self._item(obj, 0, 1, Modality.IMAGE, mime, (Part(mime=mime, data=data),),
                           TOKENS_PER_IMAGE, Span(), source_mime=source_mime)
 
+    def _too_long(self, kind: str, info: MediaInfo, max_s: float) -> bool:
+        """Over the limit: True (to split), or a ``too_long`` reject when splitting is off."""
+        if info.measured_s <= max_s:
+            return False
+        if self.cfg.too_long == "reject":
+            raise ItemRejected(RejectReason.TOO_LONG, f"{kind} is {info.measured_s:.1f} s; the "
+                               f"limit is {max_s:g} s (validate.too_long: split to cut it)")
+        return True
+
+    def _whole(self, obj: SourceObject, data: bytes, mime: str, modality: Modality,
+               info: MediaInfo, tokens: int) -> Item:
+        """A media file sent as it is: one item spanning its whole duration."""
+        return self._item(obj, 0, 1, modality, mime, (Part(mime=mime, data=data),), tokens,
+                          Span(time_start_s=0.0, time_end_s=info.measured_s))
+
     def _audio(self, obj: SourceObject, data: bytes, mime: str, info: MediaInfo,
                deadline: float) -> Iterator[Item]:
         max_s = self.cfg.audio_max_s or self.spec.max_audio_s
         as_is = mime in self.cfg.audio_formats
         if not as_is:
             self._may_convert(mime, self.cfg.audio_policy, self.cfg.audio_convert_from, "audio")
-        too_long = info.measured_s > max_s
-        if too_long and self.cfg.too_long == "reject":
-            raise ItemRejected(RejectReason.TOO_LONG, f"audio is {info.measured_s:.1f} s; the limit "
-                               f"is {max_s:g} s (validate.too_long: split to cut it)")
+        too_long = self._too_long("audio", info, max_s)
         if as_is and not too_long and self._inline_ok(data):
-            yield self._item(obj, 0, 1, Modality.AUDIO, mime, (Part(mime=mime, data=data),),
-                             _audio_tokens(info.measured_s),
-                             Span(time_start_s=0.0, time_end_s=info.measured_s))
+            yield self._whole(obj, data, mime, Modality.AUDIO, info,
+                              _audio_tokens(info.measured_s))
             return
         # Cut a little under the limit: cuts fall on frame boundaries.
         length = max(1.0, max_s - 1.0) if max_s > 2 else max_s
@@ -220,14 +231,10 @@ class Validator:
         native = mime in VIDEO_MIMES and info.video_codec in VIDEO_CODECS
         if not native:
             self._may_convert(mime, self.cfg.video_policy, self.cfg.video_convert_from, "video")
-        too_long = info.measured_s > max_s
-        if too_long and self.cfg.too_long == "reject":
-            raise ItemRejected(RejectReason.TOO_LONG, f"video is {info.measured_s:.1f} s; the limit "
-                               f"is {max_s:g} s (validate.too_long: split to cut it)")
+        too_long = self._too_long("video", info, max_s)
         if native and not too_long and self._inline_ok(data):
-            yield self._item(obj, 0, 1, Modality.VIDEO, mime, (Part(mime=mime, data=data),),
-                             _video_tokens(info.measured_s),
-                             Span(time_start_s=0.0, time_end_s=info.measured_s))
+            yield self._whole(obj, data, mime, Modality.VIDEO, info,
+                              _video_tokens(info.measured_s))
             return
         if native:
             # Shorter segments when the bytes, not the seconds, are over the limit.

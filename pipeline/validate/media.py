@@ -210,7 +210,27 @@ def audio_segments(data: bytes, max_s: float, deadline: float) -> Iterator[Segme
             yield encoder.close(start / AUDIO_RATE, (start + written) / AUDIO_RATE)
 
 
-class _Mp3Writer:
+class _Encoder:
+    """One output segment being encoded in memory; ``close`` flushes it into a Segment."""
+
+    mime = ""
+    buf: io.BytesIO
+    out: Any
+    stream: Any
+
+    def _encode(self, frame: Any) -> None:
+        for packet in self.stream.encode(frame):
+            self.out.mux(packet)
+
+    def close(self, start_s: float, end_s: float) -> Segment:
+        self._encode(None)
+        self.out.close()
+        return Segment(start_s, end_s, self.buf.getvalue(), self.mime)
+
+
+class _Mp3Writer(_Encoder):
+    mime = "audio/mpeg"
+
     def __init__(self) -> None:
         self.buf = io.BytesIO()
         self.out = av.open(self.buf, mode="w", format="mp3")
@@ -219,14 +239,7 @@ class _Mp3Writer:
 
     def write(self, frame: Any) -> None:
         frame.pts = None
-        for packet in self.stream.encode(frame):
-            self.out.mux(packet)
-
-    def close(self, start_s: float, end_s: float) -> Segment:
-        for packet in self.stream.encode(None):
-            self.out.mux(packet)
-        self.out.close()
-        return Segment(start_s, end_s, self.buf.getvalue(), "audio/mpeg")
+        self._encode(frame)
 
 
 # --- video output -----------------------------------------------------------------------------
@@ -329,7 +342,9 @@ def video_transcode(data: bytes, info: MediaInfo, max_s: float, deadline: float,
             yield writer.close(seg_start, info.measured_s)
 
 
-class _H264Writer:
+class _H264Writer(_Encoder):
+    mime = "video/mp4"
+
     def __init__(self, width: int, height: int, rate: Any, max_height: int) -> None:
         scale = min(1.0, max_height / max(height, 1))
         self.width = max(2, int(width * scale) // 2 * 2)
@@ -348,11 +363,4 @@ class _H264Writer:
         frame.pts = self.count
         frame.time_base = self.stream.codec_context.time_base
         self.count += 1
-        for packet in self.stream.encode(frame):
-            self.out.mux(packet)
-
-    def close(self, start_s: float, end_s: float) -> Segment:
-        for packet in self.stream.encode(None):
-            self.out.mux(packet)
-        self.out.close()
-        return Segment(start_s, end_s, self.buf.getvalue(), "video/mp4")
+        self._encode(frame)
