@@ -48,7 +48,7 @@ from pipeline.lock import JobLock
 from pipeline.models import cost_usd, model_spec
 from pipeline.ratelimit import AdaptiveConcurrency, Quota, RateLimiter
 from pipeline.records import Batch, FileEnd, Item, Reject, SourceObject, Vector
-from pipeline.sink import LanceSink, open_db, reject_id
+from pipeline.sink import LanceSink, open_db, preload, reject_id
 from pipeline.state import EMBEDDED, REJECTED, UNREADABLE, FileState, Manifest, RunLog
 from pipeline.stats import RunStats
 from pipeline.tasks import TaskStyle
@@ -111,6 +111,7 @@ class Run:
         self.retry_rejects = retry_rejects
         self.on_progress = on_progress
         self.connector = connector or connector_for(job)
+        preload()
         self.stats = RunStats(run_id=new_run_id())
         self.fingerprint = job.fingerprint()
         self.validator = Validator(job)
