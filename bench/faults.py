@@ -25,25 +25,6 @@ from bench.common import run, workdir, write_job
 from pipeline.emulator.server import Emulator, EmulatorOptions
 from pipeline.samples import make_text_corpus
 
-
-class _FaultyEmulator(Emulator):
-    """5% of calls get a per-minute 429 (with RetryInfo), on top of the configured faults."""
-
-    def __init__(self, options: EmulatorOptions, rate_429: float) -> None:
-        super().__init__(options)
-        state = self.state
-        original = state._charge
-
-        def charge(items: int, tokens: int) -> None:
-            if state._rng.random() < rate_429:
-                raise state._quota_fault(
-                    "EmbedContentRequestsPerMinutePerUserPerProjectPerModel", 1.0,
-                    "requests per minute (shared)")
-            original(items, tokens)
-
-        state._charge = charge  # type: ignore[method-assign]
-
-
 BATCH = 10  # small calls, so the fault rates show up hundreds of times
 
 
@@ -76,9 +57,9 @@ def main() -> int:
     try:
         with Emulator(EmulatorOptions(latency_ms=50)) as clean_emu:
             clean = one_run(folder, src, clean_emu, "clean")
-        faulty_options = EmulatorOptions(latency_ms=50, error_500=0.05, error_503=0.05,
-                                         reset=0.02, truncate=0.01, seed=11)
-        with _FaultyEmulator(faulty_options, rate_429=0.05) as emu:
+        faulty_options = EmulatorOptions(latency_ms=50, error_429=0.05, error_500=0.05,
+                                         error_503=0.05, reset=0.02, truncate=0.01, seed=11)
+        with Emulator(faulty_options) as emu:
             faulty = one_run(folder, src, emu, "faults")
             served = emu.state.stats.as_dict()
     finally:
@@ -97,7 +78,7 @@ def main() -> int:
     print(f"{'lost files':26}{lost:>14}{len(expected - clean['keys']):>10}")
     print(f"{'retries (429s)':26}{faulty['retries']:>9} ({faulty['http_429']}){clean['retries']:>10}")
     print(f"{'wall s':26}{faulty['wall_s']:>14}{clean['wall_s']:>10}")
-    print(f"faults served: {served['faults']}, per-minute 429s: {served['quota_429']}")
+    print(f"faults served: {served['faults']}")
     if args.json:
         print(json.dumps(figures))
     return 0

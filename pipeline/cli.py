@@ -210,7 +210,8 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     options = EmulatorOptions(
         api_key=args.api_key, auth=args.auth, latency_ms=args.latency_ms,
         per_item_ms=args.per_item_ms, jitter_ms=args.jitter_ms, rpm=args.rpm, tpm=args.tpm,
-        rpd=args.rpd, window_s=args.window_s, day_s=args.day_s, error_500=args.error_500,
+        rpd=args.rpd, window_s=args.window_s, day_s=args.day_s, error_429=args.error_429,
+        error_500=args.error_500,
         error_503=args.error_503, reset=args.reset, stall=args.stall, stall_s=args.stall_s,
         truncate=args.truncate, seed=args.seed)
     console.print(f"emulator on http://{args.host}:{args.port} (Ctrl-C to stop)")
@@ -275,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     emu.add_argument("--rpd", type=int, default=None, help="requests/day quota (items count)")
     emu.add_argument("--window-s", type=float, default=60.0, help="length of the quota 'minute'")
     emu.add_argument("--day-s", type=float, default=86_400.0, help="length of the quota 'day'")
-    for fault in ("error-500", "error-503", "reset", "stall", "truncate"):
+    for fault in ("error-429", "error-500", "error-503", "reset", "stall", "truncate"):
         emu.add_argument(f"--{fault}", type=float, default=0.0, metavar="RATE",
                          help=f"share of calls answered with: {fault}")
     emu.add_argument("--stall-s", type=float, default=30.0)

@@ -173,6 +173,7 @@ class EmulatorSettings(_Strict):
     rpd: int | None = Field(None, ge=1)
     window_s: float = Field(60.0, gt=0)
     day_s: float = Field(86_400.0, gt=0)
+    error_429: float = Field(0.0, ge=0, le=1)
     error_500: float = Field(0.0, ge=0, le=1)
     error_503: float = Field(0.0, ge=0, le=1)
     reset: float = Field(0.0, ge=0, le=1)

@@ -40,7 +40,6 @@ def test_plan_matches_the_run_and_calls_nothing(tmp_path: Path, corpus_dir: Path
         reported = emu.state.stats.tokens_by_modality
     report = json.loads(next((tmp_path / "lance" / "reports").glob("*.json")).read_text())
     assert plan["files"] == {"new": len(SAMPLE) + 40, "deleted": 0}
-    run_items: dict[str, int] = {}
     for modality, tokens in report["tokens_by_modality"].items():
         assert tokens > 0, modality
     assert sum(plan["items"].values()) == result.stats.items_embedded
@@ -51,8 +50,7 @@ def test_plan_matches_the_run_and_calls_nothing(tmp_path: Path, corpus_dir: Path
     for modality, estimate in plan["tokens"].items():
         assert abs(estimate - served[modality]) <= 0.1 * served[modality], (modality, estimate,
                                                                            served[modality])
-    run_items = {m: n for m, n in plan["items"].items()}
-    assert set(run_items) == {"text", "image", "document", "audio", "video"}
+    assert set(plan["items"]) == {"text", "image", "document", "audio", "video"}
     again = make_plan(job).as_dict(job)
     assert again["files"] == {"unchanged": len(SAMPLE) + 40, "deleted": 0}
     assert again["items"] == {} and again["cost_usd"] == 0

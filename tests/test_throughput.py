@@ -150,11 +150,12 @@ def test_per_day_quota_stops_cleanly_and_the_next_run_continues(tmp_path: Path):
 
 
 def test_faults_leave_every_item_embedded_exactly_once(tmp_path: Path):
-    job = _job(tmp_path, 300, {"error_500": 0.1, "error_503": 0.05, "reset": 0.05,
-                               "truncate": 0.05, "seed": 3},
+    job = _job(tmp_path, 300, {"error_429": 0.05, "error_500": 0.1, "error_503": 0.05,
+                               "reset": 0.05, "truncate": 0.05, "seed": 3},
                batch_size=10, max_attempts=12, timeout_s=10)
     result = run_job(load_job(job))
     assert result.exit_code == EXIT_OK and result.stats.retries > 5
+    assert result.stats.http_429 > 0
     ids = _table_ids(job)
     assert len(ids) == len(set(ids)) == 300
 

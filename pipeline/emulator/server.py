@@ -59,6 +59,7 @@ class EmulatorOptions:
     rpd: int | None = None
     window_s: float = 60.0  # the "minute" of rpm/tpm (shorter in tests)
     day_s: float = 86_400.0
+    error_429: float = 0.0  # a per-minute 429 as if others shared the quota
     error_500: float = 0.0
     error_503: float = 0.0
     reset: float = 0.0
@@ -152,7 +153,8 @@ class EmulatorApp:
     def _draw_fault(self) -> str | None:
         o = self.options
         roll = self._rng.random()
-        for name, rate in (("500", o.error_500), ("503", o.error_503), ("reset", o.reset),
+        for name, rate in (("429", o.error_429), ("500", o.error_500), ("503", o.error_503),
+                           ("reset", o.reset),
                            ("stall", o.stall), ("truncate", o.truncate)):
             if roll < rate:
                 return name
@@ -239,6 +241,11 @@ class EmulatorApp:
         fault = self._draw_fault()
         if fault is not None:
             self._note_fault(fault)
+            if fault == "429":
+                quota = self._quota_fault("EmbedContentRequestsPerMinutePerUserPerProjectPerModel",
+                                          1.0, "requests per minute (shared with other clients)")
+                self._count(429)
+                return JSONResponse(quota.body(), status_code=429)
             if fault in ("500", "503"):
                 code, status, msg = ((500, "INTERNAL", "Internal error encountered.")
                                      if fault == "500" else
