@@ -1,8 +1,12 @@
 """The Arrow output: a folder of Parquet (or Arrow IPC) files with the Lance sink's columns.
 
-    <path>/vectors/part-<run_id>-<n>.parquet    one file per flush
-    <path>/rejects/part-<run_id>-<n>.parquet
+    <path>/part-<run_id>-<n>.parquet            the vectors: one file per flush
+    <path>/_rejects/part-<run_id>-<n>.parquet   the rejects, beside them
     <path>/_state/                              manifest and run history (Lance)
+    <path>/_reports/<run_id>.json               run reports
+
+Readers see only the vectors in ``<path>``: pyarrow.dataset skips names starting with ``_`` or
+``.``, and ``'<path>/*.parquet'`` (polars, duckdb) does not descend into folders.
 
 Every file is written under a hidden temporary name and renamed into place, so a reader, or a
 run killed mid-write, never sees half a file. Files are immutable once written, except that
@@ -34,6 +38,9 @@ from pipeline.errors import SinkError
 from pipeline.records import Reject, Vector
 from pipeline.sink import REJECTS_SCHEMA, rejects_table, vector_table, vectors_schema
 
+VECTORS = "."  # the vectors are the folder itself
+REJECTS = "_rejects"
+
 
 class ArrowSink:
     def __init__(self, path: str, fmt: str, dims: int, model: str,
@@ -46,7 +53,7 @@ class ArrowSink:
         self.schema = vectors_schema(dims, columns)
         self.seq = 0
         try:
-            for sub in ("vectors", "rejects"):
+            for sub in (VECTORS, REJECTS):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise SinkError(f"cannot create the output folder {self.root}: {exc}") from exc
@@ -56,7 +63,7 @@ class ArrowSink:
         return sorted(p for p in (self.root / sub).glob(f"*{self.ext}") if p.name[0] not in "._")
 
     def _check_schema(self) -> None:
-        files = self._files("vectors")
+        files = self._files(VECTORS)
         if files:
             existing = self._read(files[0], None).schema
             size = getattr(existing.field("vector").type, "list_size", None)
@@ -99,14 +106,14 @@ class ArrowSink:
         self._run_id = run_id
         if vectors:
             self.seq += 1
-            self._write("vectors", vector_table(vectors, run_id, now, self.schema, self.dims,
+            self._write(VECTORS, vector_table(vectors, run_id, now, self.schema, self.dims,
                                                 self.model))
         if rejects:
             self.seq += 1
-            self._write("rejects", rejects_table(rejects, run_id, now))
+            self._write(REJECTS, rejects_table(rejects, run_id, now))
         if replaced:
-            self._drop("vectors", {u: keep for u, (keep, _) in replaced.items()})
-            self._drop("rejects", {u: keep for u, (_, keep) in replaced.items()})
+            self._drop(VECTORS, {u: keep for u, (keep, _) in replaced.items()})
+            self._drop(REJECTS, {u: keep for u, (_, keep) in replaced.items()})
 
     def _drop(self, sub: str, keep: dict[str, set[str]] | None, uris: set[str] | None = None
               ) -> None:
@@ -132,18 +139,18 @@ class ArrowSink:
     def delete_uris(self, uris: Iterable[str]) -> None:
         gone = set(uris)
         if gone:
-            self._drop("vectors", None, gone)
-            self._drop("rejects", None, gone)
+            self._drop(VECTORS, None, gone)
+            self._drop(REJECTS, None, gone)
 
     def committed_ids(self, run_ids: list[str]) -> set[str]:
         out: set[str] = set()
         for run_id in run_ids:
-            for path in (self.root / "vectors").glob(f"part-{run_id}-*{self.ext}"):
+            for path in (self.root / VECTORS).glob(f"part-{run_id}-*{self.ext}"):
                 out.update(self._read(path, ["id"]).column("id").to_pylist())
         return out
 
     def version(self) -> int:
-        return len(self._files("vectors"))
+        return len(self._files(VECTORS))
 
     def tag(self, name: str) -> None:
         """Files have no versions to name: nothing to do (see the module docstring)."""
@@ -151,6 +158,6 @@ class ArrowSink:
     def upkeep(self, compact: bool, index_min_rows: int | None, index_type: str) -> list[str]:
         return []
 
-    def dataset(self, sub: str = "vectors") -> Any:
+    def dataset(self, sub: str = VECTORS) -> Any:
         return ds.dataset(self.root / sub, format="parquet" if self.format == "parquet"
-                          else "ipc", schema=self.schema if sub == "vectors" else REJECTS_SCHEMA)
+                          else "ipc", schema=self.schema if sub == VECTORS else REJECTS_SCHEMA)

@@ -296,8 +296,8 @@ class LanceSinkConfig(_Strict):
 
 class ArrowSinkConfig(_Strict):
     """Parquet or Arrow IPC files that pyarrow, polars and duckdb read with no glue:
-    ``<path>/vectors/*.parquet`` and ``<path>/rejects/*.parquet`` (``.arrow`` for IPC). The
-    manifest and run history live in a Lance database at ``<path>/_state``."""
+    ``<path>/*.parquet`` (``.arrow`` for IPC), the rejects beside them in ``<path>/_rejects``;
+    the manifest and run history live in a Lance database at ``<path>/_state``."""
 
     kind: Literal["arrow"]
     path: str

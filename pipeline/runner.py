@@ -221,7 +221,9 @@ class Run:
         target = self.job.run.report
         if target is None or (target == "auto" and "://" in self.job.sink.uri):
             return
-        path = (Path(self.job.sink.uri) / "reports" / f"{self.stats.run_id}.json"
+        # Beside an Arrow sink's data files the folder must stay data only: "_" hides it.
+        folder = "_reports" if isinstance(self.job.sink, ArrowSinkConfig) else "reports"
+        path = (Path(self.job.sink.uri) / folder / f"{self.stats.run_id}.json"
                 if target == "auto" else Path(target))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

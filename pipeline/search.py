@@ -106,7 +106,7 @@ def _arrow_nearest(sink: ArrowSinkConfig, vector: Any, k: int,
     import polars as pl
     import pyarrow.dataset as ds
 
-    folder = Path(sink.path) / "vectors"
+    folder = Path(sink.path)
     if not folder.is_dir():
         raise SinkError(f"no vectors in {sink.path}: run the job first")
     dataset = ds.dataset(folder, format="parquet" if sink.format == "parquet" else "ipc")
@@ -152,10 +152,10 @@ def table_status(job: JobConfig, last: int = 10) -> dict[str, Any]:
     if isinstance(sink, ArrowSinkConfig):
         import pyarrow.dataset as ds
 
-        for sub in ("vectors", "rejects"):
+        for name, sub in (("vectors", "."), ("rejects", "_rejects")):
             folder = Path(sink.path) / sub
-            counts[sub] = (ds.dataset(folder, format="parquet" if sink.format == "parquet"
-                                      else "ipc").count_rows() if folder.is_dir() else None)
+            counts[name] = (ds.dataset(folder, format="parquet" if sink.format == "parquet"
+                                       else "ipc").count_rows() if folder.is_dir() else None)
     files: dict[str, int] = {}
     if sink.manifest_table in names:
         statuses = db.open_table(sink.manifest_table).to_arrow().column("status").to_pylist()

@@ -42,16 +42,16 @@ def test_parquet_is_read_by_pyarrow_polars_and_duckdb_like_lance(tmp_path: Path,
     lance_rows = lancedb.connect(str(tmp_path / "l" / "lance")).open_table("vectors").count_rows()
 
     out = tmp_path / "a" / "out"
-    table = ds.dataset(out / "vectors", format="parquet").to_table()
+    table = ds.dataset(out, format="parquet").to_table()
     assert table.num_rows == lance_rows == 50 + 3 + 1 + 1
     vtype = table.schema.field("vector").type
     assert pa.types.is_fixed_size_list(vtype) and vtype.list_size == 256
     assert vtype.value_type == pa.float32()
-    frame = pl.scan_parquet(out / "vectors" / "*.parquet").collect()
+    frame = pl.scan_parquet(out / "*.parquet").collect()
     assert frame.height == lance_rows and frame["id"].n_unique() == lance_rows
-    count = duckdb.sql(f"SELECT count(*) FROM '{out}/vectors/*.parquet'").fetchall()
+    count = duckdb.sql(f"SELECT count(*) FROM '{out}/*.parquet'").fetchall()
     assert count == [(lance_rows,)]
-    rejects = pl.read_parquet(out / "rejects" / "*.parquet")
+    rejects = pl.read_parquet(out / "_rejects" / "*.parquet")
     assert rejects["reason"].to_list() == ["corrupt"]
     assert not any(p.name.startswith(".tmp") for p in out.rglob("*"))
     vectors = np.stack(frame["vector"].to_list())
@@ -63,7 +63,7 @@ def test_ipc_format_and_polars_scan_ipc(tmp_path: Path):
     job = write_job(tmp_path, tmp_path / "src", extra={
         "sink": {"kind": "arrow", "path": str(tmp_path / "out"), "format": "ipc"}})
     assert run_job(load_job(job)).exit_code == EXIT_OK
-    assert pl.scan_ipc(tmp_path / "out" / "vectors" / "*.arrow").collect().height == 20
+    assert pl.scan_ipc(tmp_path / "out" / "*.arrow").collect().height == 20
 
 
 def test_incremental_runs_and_search(tmp_path: Path):
@@ -79,7 +79,7 @@ def test_incremental_runs_and_search(tmp_path: Path):
     third = run_job(load_job(job))
     assert (third.stats.files_changed, third.stats.files_deleted, third.stats.files_new) == (
         1, 1, 1)
-    frame = pl.read_parquet(tmp_path / "out" / "vectors" / "*.parquet")
+    frame = pl.read_parquet(tmp_path / "out" / "*.parquet")
     assert frame.height == 30 and frame["id"].n_unique() == 30
     assert frame.filter(pl.col("uri") == notes[0].as_uri())["text"].item().startswith(
         "Completely")
@@ -118,5 +118,5 @@ def test_a_killed_runs_rows_are_not_written_twice(tmp_path: Path,
     monkeypatch.setattr(runner.Manifest, "record", real_record)
     second = run_job(load_job(job))
     assert second.exit_code == EXIT_OK and second.stats.items_resumed > 0
-    frame = pl.read_parquet(tmp_path / "out" / "vectors" / "*.parquet")
+    frame = pl.read_parquet(tmp_path / "out" / "*.parquet")
     assert frame.height == 40 and frame["id"].n_unique() == 40
