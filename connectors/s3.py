@@ -53,10 +53,11 @@ class S3Connector:
         self.config = config
         self.bucket = config.bucket
         self.prefix = config.prefix
-        self.endpoint = resolved(config)["endpoint"] or "AWS S3"
+        settings = resolved(config)
+        self.endpoint = settings["endpoint"] or "AWS S3"
         self.store = make_store(config.bucket, config)
-        self._secrets = [v for v in (resolved(config)["secret_access_key"],
-                                     resolved(config)["session_token"]) if v]
+        self._secrets = [v for v in (settings["secret_access_key"], settings["session_token"])
+                         if v]
 
     def _error(self, doing: str, exc: BaseException, key: str | None = None) -> ConnectorError:
         text = str(exc)

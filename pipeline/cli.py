@@ -32,7 +32,7 @@ from rich.table import Table
 from pipeline.config import JobConfig, load_job
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.lock import EXIT_LOCKED, JobLocked
-from pipeline.runner import EXIT_FAILED, EXIT_USAGE, Run, RunResult
+from pipeline.runner import EXIT_FAILED, EXIT_USAGE, Run, RunResult, run_status
 from pipeline.stats import RunStats
 
 console = Console(stderr=True)
@@ -111,9 +111,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         result = anyio.run(run.execute)
     if args.report:
-        status = {0: "finished", 1: "finished", 4: "quota", 130: "stopped"}.get(
-            result.exit_code, "failed")
-        text = json.dumps(run.report(status, result.exit_code), default=str)
+        text = json.dumps(run.report(run_status(result.exit_code), result.exit_code),
+                          default=str)
         if args.report == "-":
             print(text)
         else:

@@ -79,6 +79,12 @@ GROUP_FILES = 32
 GROUP_BYTES = 4_000_000
 
 
+def run_status(code: int) -> str:
+    """The ``runs`` table's status for a run that ended with this exit code."""
+    return {EXIT_OK: "finished", EXIT_REJECTS: "finished", EXIT_QUOTA: "quota",
+            EXIT_INTERRUPTED: "stopped"}.get(code, "failed")
+
+
 def new_run_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
@@ -197,8 +203,7 @@ class Run:
         self.runlog.record(self._run_row("running", None))
 
     def _close(self, code: int) -> None:
-        status = {EXIT_OK: "finished", EXIT_REJECTS: "finished", EXIT_QUOTA: "quota",
-                  EXIT_INTERRUPTED: "stopped"}.get(code, "failed")
+        status = run_status(code)
         if status in ("finished", "quota", "stopped"):
             run = self.job.run
             for done in self.sink.upkeep(run.compact, run.index_min_rows, run.index_type):

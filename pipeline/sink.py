@@ -82,6 +82,18 @@ def _index_config(kind: str) -> Any:
     return configs[kind](distance_type="cosine")
 
 
+def _merge(table: Any, rows: pa.Table | None, stale: list[str]) -> None:
+    """Merge ``rows`` on ``id`` and delete the ``stale`` ids, in one commit."""
+    if rows is None:
+        if stale:
+            table.delete(_id_in(stale))
+        return
+    merge = table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all()
+    if stale:
+        merge = merge.when_not_matched_by_source_delete(_id_in(stale))
+    merge.execute(rows)
+
+
 def _id_in(ids: list[str]) -> str:
     return f"id IN ({', '.join(sql_str(i) for i in ids)})"
 
@@ -191,22 +203,10 @@ class LanceSink:
         try:
             stale = self._stale(self.vectors, {u: keep for u, (keep, _) in replaced.items()})
             stale_rejects = self._stale(self.rejects, {u: keep for u, (_, keep) in replaced.items()})
-            if vectors:
-                merge = (self.vectors.merge_insert("id").when_matched_update_all()
-                         .when_not_matched_insert_all())
-                if stale:
-                    merge = merge.when_not_matched_by_source_delete(_id_in(stale))
-                merge.execute(self._vector_table(vectors, run_id, now))
-            elif stale:
-                self.vectors.delete(_id_in(stale))
-            if rejects:
-                merge = (self.rejects.merge_insert("id").when_matched_update_all()
-                         .when_not_matched_insert_all())
-                if stale_rejects:
-                    merge = merge.when_not_matched_by_source_delete(_id_in(stale_rejects))
-                merge.execute(self._reject_table(rejects, run_id, now))
-            elif stale_rejects:
-                self.rejects.delete(_id_in(stale_rejects))
+            _merge(self.vectors, self._vector_table(vectors, run_id, now) if vectors else None,
+                   stale)
+            _merge(self.rejects, self._reject_table(rejects, run_id, now) if rejects else None,
+                   stale_rejects)
         except (OSError, ValueError, RuntimeError) as exc:
             raise SinkError(f"writing to {self.db.uri} failed: {exc}") from exc
 

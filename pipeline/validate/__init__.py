@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import PurePosixPath
 
 from pipeline.config import JobConfig
@@ -216,14 +216,7 @@ class Validator:
         count = max(1, math.ceil(info.measured_s / length - 1e-9))
         segments = (_spans(info.measured_s, length, "audio/mpeg") if self.dry
                     else audio_segments(data, length, deadline))
-        for index, seg in enumerate(segments):
-            if not self._inline_ok(seg.data):
-                raise self._too_large(f"audio {seg.start_s:.0f}-{seg.end_s:.0f} s", len(seg.data))
-            yield self._item(obj, index, count, Modality.AUDIO, seg.mime,
-                             (Part(mime=seg.mime, data=seg.data),),
-                             _audio_tokens(seg.end_s - seg.start_s),
-                             Span(time_start_s=seg.start_s, time_end_s=seg.end_s),
-                             source_mime=mime)
+        yield from self._segments(obj, segments, count, Modality.AUDIO, _audio_tokens, mime)
 
     def _video(self, obj: SourceObject, data: bytes, mime: str, info: MediaInfo,
                deadline: float) -> Iterator[Item]:
@@ -250,14 +243,21 @@ class Validator:
             count = max(1, math.ceil(info.measured_s / max_s - 1e-9))
             segments = (_spans(info.measured_s, max_s, "video/mp4") if self.dry
                         else video_transcode(data, info, max_s, deadline))
+        yield from self._segments(obj, segments, count, Modality.VIDEO, _video_tokens, mime)
+
+    def _segments(self, obj: SourceObject, segments: Iterator[Segment], count: int,
+                  modality: Modality, tokens: Callable[[float], int],
+                  source_mime: str) -> Iterator[Item]:
+        """One item per time segment of a media file."""
         for index, seg in enumerate(segments):
             if not self._inline_ok(seg.data):
-                raise self._too_large(f"video {seg.start_s:.0f}-{seg.end_s:.0f} s", len(seg.data))
-            yield self._item(obj, index, count, Modality.VIDEO, seg.mime,
+                raise self._too_large(f"{modality} {seg.start_s:.0f}-{seg.end_s:.0f} s",
+                                      len(seg.data))
+            yield self._item(obj, index, count, modality, seg.mime,
                              (Part(mime=seg.mime, data=seg.data),),
-                             _video_tokens(seg.end_s - seg.start_s),
+                             tokens(seg.end_s - seg.start_s),
                              Span(time_start_s=seg.start_s, time_end_s=seg.end_s),
-                             source_mime=mime)
+                             source_mime=source_mime)
 
     def _text(self, obj: SourceObject, data: bytes, mime: str) -> Iterator[Item]:
         text = decode_text(data)
