@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import quote_from_bytes
 
 from connectors.base import key_selected
 from pipeline.config import LocalSourceConfig
@@ -20,9 +21,15 @@ from pipeline.errors import ConnectorError, RejectReason
 from pipeline.records import Reject, SourceObject
 
 
+def file_uri(path: str) -> str:
+    """``Path(path).as_uri()`` for an absolute path, without building a Path."""
+    return "file://" + quote_from_bytes(os.fsencode(path))
+
+
 class LocalConnector:
     def __init__(self, config: LocalSourceConfig) -> None:
         self.root = config.root.resolve()
+        self._root = str(self.root)
         self.include = config.include
         self.exclude = config.exclude
 
@@ -46,21 +53,22 @@ class LocalConnector:
                 pass
             if not key_selected(key, self.include, self.exclude):
                 continue
-            yield self._stat(Path(entry.path), key, entry.is_symlink())
+            yield self._stat(entry.path, key, entry.is_symlink())
 
-    def _stat(self, path: Path, key: str, is_link: bool) -> SourceObject | Reject:
+    def _stat(self, path: str, key: str, is_link: bool) -> SourceObject | Reject:
+        """The listed file (string paths: this runs for every file of every night)."""
         if is_link:
-            target = path.resolve()
+            target = Path(path).resolve()
             if not target.is_relative_to(self.root):
-                return self._reject(path, key, "symbolic link points outside the source root")
+                return self._reject(Path(path), key, "symbolic link points outside the source root")
             if target.is_dir():
-                return self._reject(path, key, "symbolic link to a folder is not followed")
+                return self._reject(Path(path), key, "symbolic link to a folder is not followed")
         try:
-            st = path.stat()
+            st = os.stat(path)
         except OSError as exc:
-            return self._reject(path, key, f"cannot read file metadata: {exc.strerror}")
+            return self._reject(Path(path), key, f"cannot read file metadata: {exc.strerror}")
         mtime = datetime.fromtimestamp(st.st_mtime_ns / 1e9, tz=UTC)
-        return SourceObject(uri=path.as_uri(), key=key, size=st.st_size, mtime=mtime)
+        return SourceObject(uri=file_uri(path), key=key, size=st.st_size, mtime=mtime)
 
     def _reject(self, path: Path, key: str, message: str) -> Reject:
         obj = SourceObject(uri=path.absolute().as_uri(), key=key, size=0,
@@ -86,7 +94,7 @@ class LocalConnector:
             return frozenset()
 
     def read(self, obj: SourceObject) -> bytes:
-        path = self.root / obj.key
+        path = os.path.join(self._root, obj.key)
         try:
             try:
                 # Not following a link at open time is the cheap check, and it cannot race.
@@ -94,7 +102,7 @@ class LocalConnector:
             except OSError as exc:
                 if exc.errno != errno.ELOOP:
                     raise
-                if not path.resolve().is_relative_to(self.root):
+                if not Path(path).resolve().is_relative_to(self.root):
                     raise ConnectorError(f"{obj.key}: path leads outside the source root",
                                          uri=obj.uri) from None
                 fd = os.open(path, os.O_RDONLY)

@@ -22,8 +22,9 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import anyio
 import numpy as np
@@ -41,6 +42,7 @@ from pipeline.ratelimit import SlidingWindow
 
 AuthStyle = Literal["google", "bearer", "raw", "any"]
 log = logging.getLogger("embedpipe.emulator")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -286,15 +288,15 @@ class EmulatorApp:
         if spec is None:
             raise ApiFault(404, "NOT_FOUND", f"models/{model} is not found for API version "
                            f"{version}, or is not supported for {method}.")
+        raw = await request.body()
         try:
-            body = orjson.loads(await request.body())
+            body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise invalid("Invalid JSON payload received.") from exc
         with self._lock:
             self.requests.append({"method": method, "model": model, "body": _redact(body)})
         if method == "embedContent":
-            parsed = await anyio.to_thread.run_sync(
-                lambda: parse_request(body, spec, in_batch=False))
+            parsed = await _work(len(raw), lambda: parse_request(body, spec, in_batch=False))
             self._charge(1, parsed.total_tokens)
             vectors = await self._vectors([parsed], spec)
             with self._lock:
@@ -307,7 +309,7 @@ class EmulatorApp:
         if len(requests) > MAX_BATCH_REQUESTS:
             raise invalid(f"* BatchEmbedContentsRequest.requests: at most {MAX_BATCH_REQUESTS} "
                           f"requests can be in one batch, got {len(requests)}")
-        parsed_all = await anyio.to_thread.run_sync(self._parse_batch, requests, spec)
+        parsed_all = await _work(len(raw), lambda: self._parse_batch(requests, spec))
         self._charge(len(parsed_all), sum(p.total_tokens for p in parsed_all))
         vectors = await self._vectors(parsed_all, spec)
         with self._lock:
@@ -327,17 +329,18 @@ class EmulatorApp:
         return out
 
     async def _vectors(self, parsed: list[ParsedRequest], spec: ModelSpec) -> list[Any]:
+        """The vectors, answered after the latency model's delay. The work is done first and
+        counts towards the delay (as a server's own work does), inline: in worker threads it
+        would only fight the event loop for the GIL."""
         o = self.options
         delay = o.latency_ms + o.per_item_ms * len(parsed) + random.uniform(0, o.jitter_ms)
-        if delay > 0:
-            await anyio.sleep(delay / 1000)
-
-        def compute() -> list[Any]:
-            # float32 like the service's values; serialised natively by orjson
-            return [content_vector(p.parts, p.dims, spec.is_normalised(p.dims)).astype(np.float32)
-                    for p in parsed]
-
-        vectors = await anyio.to_thread.run_sync(compute)
+        started = time.monotonic()
+        # float32 like the service's values; serialised natively by orjson
+        vectors = [content_vector(p.parts, p.dims, spec.is_normalised(p.dims)).astype(np.float32)
+                   for p in parsed]
+        remaining = delay / 1000 - (time.monotonic() - started)
+        if remaining > 0:
+            await anyio.sleep(remaining)
         with self._lock:
             self.stats.items += len(parsed)
             for p in parsed:
@@ -356,6 +359,14 @@ class EmulatorApp:
         total = sum(per.values())
         return {"promptTokenCount": total, "totalTokenCount": total,
                 "promptTokenDetails": [{"modality": m, "tokenCount": n} for m, n in per.items()]}
+
+
+async def _work(payload_bytes: int, fn: Callable[[], T]) -> T:
+    """Checking a request's parts: in a worker thread when the payload is large (decoding
+    megabytes of media), inline when small (a thread hop would only fight over the GIL)."""
+    if payload_bytes < 256_000:
+        return fn()
+    return await anyio.to_thread.run_sync(fn)
 
 
 class _Json(JSONResponse):

@@ -41,8 +41,7 @@ def text_vector(text: str, dims: int) -> npt.NDArray[np.float64]:
         i, w = _word_features(word, dims)
         idx.extend(i)
         weight.extend(w)
-    vec = np.zeros(dims, dtype=np.float64)
-    np.add.at(vec, idx, weight)
+    vec = np.bincount(idx, weights=weight, minlength=dims)  # sums repeated buckets
     if not vec.any():  # punctuation only: still deterministic and non-zero
         return bytes_vector(text.encode("utf-8"), dims)
     return vec / np.linalg.norm(vec)

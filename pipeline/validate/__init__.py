@@ -13,7 +13,6 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterator
-from pathlib import PurePosixPath
 
 from pipeline.config import JobConfig
 from pipeline.errors import ItemRejected, RejectReason
@@ -43,7 +42,7 @@ from pipeline.validate.media import (
     video_transcode,
 )
 from pipeline.validate.pdf import PdfDocument
-from pipeline.validate.sniff import TEXT_EXTENSIONS, extension_mime, sniff
+from pipeline.validate.sniff import TEXT_EXTENSIONS, extension_mime, sniff, stem
 from pipeline.validate.text import chunk_spans, decode_text
 
 # Types no decoder here opens (FFmpeg renders neither MIDI nor tracker modules by default).
@@ -291,7 +290,7 @@ class Validator:
             parts = (*parts, Part(text=self._caption))
             tokens += text_tokens(self._caption)
             text = self._caption
-        title = extras.title if extras and extras.title else PurePosixPath(obj.key).stem
+        title = extras.title if extras and extras.title else stem(obj.key)
         template = self.style.document_template
         if template is not None:  # what the embedder will wrap each text part in
             overhead = template.replace("{title}", (title or "none")[:MAX_TITLE_CHARS])

@@ -6,8 +6,6 @@ say "text", and to name what the file claimed to be in a reject message.
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
-
 OCTET = "application/octet-stream"
 
 TEXT_EXTENSIONS = {
@@ -69,7 +67,22 @@ _AVIF_BRANDS = {b"avif", b"avis"}
 
 def extension_mime(name: str) -> str | None:
     """What the file name claims (lower-cased extension), for messages and text flavours."""
-    return EXTENSION_MIMES.get(PurePosixPath(name).suffix.lower())
+    return EXTENSION_MIMES.get(suffix(name))
+
+
+def suffix(key: str) -> str:
+    """The lower-cased extension of a '/'-separated key, as ``PurePosixPath.suffix`` gives it
+    (string operations: this runs for every file)."""
+    name = key.rpartition("/")[2]
+    dot = name.rfind(".")
+    return name[dot:].lower() if 0 < dot < len(name) - 1 else ""
+
+
+def stem(key: str) -> str:
+    """The file name without its extension, as ``PurePosixPath.stem`` gives it."""
+    name = key.rpartition("/")[2]
+    dot = name.rfind(".")
+    return name[:dot] if 0 < dot < len(name) - 1 else name
 
 
 def _ftyp(head: bytes) -> str | None:
@@ -163,13 +176,16 @@ def sniff_bytes(head: bytes) -> str | None:
     return None
 
 
+_CONTROL_BYTES = bytes([*range(9), *range(14, 32)])
+
+
 def looks_like_text(head: bytes) -> bool:
     """No NUL bytes and few control characters: worth trying a text decoder on."""
     if not head:
         return False
     if b"\x00" in head and not head.startswith((b"\xff\xfe", b"\xfe\xff")):
         return False
-    controls = sum(1 for b in head if b < 9 or 13 < b < 32)
+    controls = len(head) - len(head.translate(None, _CONTROL_BYTES))
     return controls <= len(head) // 100
 
 
