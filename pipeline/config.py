@@ -203,7 +203,8 @@ class _EmbedCommon(_Strict):
     batch_size: int = Field(MAX_BATCH_REQUESTS, ge=1, le=MAX_BATCH_REQUESTS)
     max_batch_bytes: int = Field(8_000_000, ge=1024)
     max_batch_tokens: int = Field(200_000, ge=1)
-    concurrency: int = Field(16, ge=1, le=256)
+    # Calls in flight. Memory for media-heavy runs is about concurrency x max_batch_bytes.
+    concurrency: int = Field(32, ge=1, le=256)
     max_attempts: int = Field(6, ge=1, le=50)
     timeout_s: float = Field(120.0, gt=0)
     quota: QuotaConfig = Field(default_factory=lambda: QuotaConfig())

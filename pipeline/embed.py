@@ -18,6 +18,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import anyio
 import numpy as np
@@ -131,5 +132,7 @@ class Embedder:
                 values = (values / norm).astype(np.float32)
             tokens = (item.est_tokens if reported is None
                       else round(item.est_tokens * reported / estimated))
+            if any(p.data is not None for p in item.parts):
+                item = replace(item, parts=())  # the bytes are sent: do not hold them to the write
             out.append(Vector(item, values, tokens))
         return out

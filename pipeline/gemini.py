@@ -25,6 +25,7 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 import orjson
+import simdjson
 
 from pipeline.errors import (
     EmbedError,
@@ -52,6 +53,39 @@ class EmbedResponse:
     vectors: list[npt.NDArray[np.float32]]
     prompt_tokens: int | None
     tokens_by_modality: dict[str, int] = field(default_factory=dict)
+
+
+def _malformed(what: str) -> TransientEmbedError:
+    """A 200 whose body is not what was asked for (a cut or garbled answer): worth a retry."""
+    return TransientEmbedError(f"malformed response: {what}", http_status=200,
+                               status="BAD_RESPONSE")
+
+
+def _special_floats(values: list[Any], index: int) -> npt.NDArray[np.float64]:
+    """Values with protobuf's JSON spellings of special floats ("NaN", "Infinity") among the
+    numbers; anything else is not a vector."""
+    try:
+        return np.array([v if isinstance(v, int | float) and not isinstance(v, bool) else
+                         {"NaN": np.nan, "Infinity": np.inf, "-Infinity": -np.inf}[v]
+                         for v in values], dtype=np.float64)
+    except (KeyError, TypeError):
+        raise TerminalEmbedError(f"embedding {index} has values that are not numbers",
+                                 status="BAD_RESPONSE") from None
+
+
+def _usage_response(vectors: list[npt.NDArray[np.float32]],
+                    usage: dict[str, Any]) -> EmbedResponse:
+    """The vectors with usageMetadata's token counts (both spellings, Gemini's and Vertex's)."""
+    total = usage.get("promptTokenCount", usage.get("prompt_token_count"))
+    details = (usage.get("promptTokenDetails") or usage.get("promptTokensDetails")
+               or usage.get("prompt_tokens_details") or [])
+    per: dict[str, int] = {}
+    for d in details if isinstance(details, list) else []:
+        count = d.get("tokenCount", d.get("token_count")) if isinstance(d, dict) else None
+        if isinstance(count, int):
+            modality = str(d.get("modality", "UNKNOWN"))
+            per[modality] = per.get(modality, 0) + count
+    return EmbedResponse(vectors, total if isinstance(total, int) else None, per)
 
 
 def auth_headers(style: AuthStyle, key: str | None) -> dict[str, str]:
@@ -105,21 +139,13 @@ class GeminiClient:
     # --- public calls -------------------------------------------------------------------------
 
     async def embed(self, request: EmbedRequest) -> EmbedResponse:
-        body = self._request_json(request)
-        data = await self._post("embedContent", body)
-        embedding = data.get("embedding") if isinstance(data, dict) else None
-        return self._parse([embedding], data)
+        raw = await self._post("embedContent", self._request_json(request))
+        return self._decode(raw, 1)
 
     async def batch_embed(self, requests: Sequence[EmbedRequest]) -> EmbedResponse:
         body = {"requests": [self._request_json(r) for r in requests]}
-        data = await self._post("batchEmbedContents", body)
-        embeddings = data.get("embeddings") if isinstance(data, dict) else None
-        if not isinstance(embeddings, list) or len(embeddings) != len(requests):
-            got = len(embeddings) if isinstance(embeddings, list) else "no"
-            raise TransientEmbedError(
-                f"malformed response: {got} embeddings for {len(requests)} requests",
-                status="BAD_RESPONSE")
-        return self._parse(embeddings, data)
+        raw = await self._post("batchEmbedContents", body)
+        return self._decode(raw, len(requests))
 
     # --- request and response -----------------------------------------------------------------
 
@@ -140,43 +166,48 @@ class GeminiClient:
             body["title"] = request.title
         return body
 
-    def _parse(self, embeddings: list[Any], data: dict[str, Any]) -> EmbedResponse:
-        rows = []
+    def _decode(self, raw: bytes, count: int) -> EmbedResponse:
+        """``count`` embeddings from a 200 response. simdjson reads each ``values`` array into
+        numpy without a Python float per value (a 100 x 3072 response is 4 MB of JSON)."""
+        try:
+            doc = simdjson.Parser().parse(raw)
+        except ValueError:
+            raise _malformed(f"{len(raw)} bytes of invalid JSON") from None
+        if not isinstance(doc, simdjson.Object):
+            raise _malformed("not a JSON object")
+        embeddings: Any = doc.get("embeddings") if count != 1 or "embeddings" in doc else [
+            doc.get("embedding")]
+        if not isinstance(embeddings, simdjson.Array | list) or len(embeddings) != count:
+            got = len(embeddings) if isinstance(embeddings, simdjson.Array) else "no"
+            raise _malformed(f"{got} embeddings for {count} requests")
+        matrix = np.empty((count, self.dims), dtype=np.float32)
         for index, emb in enumerate(embeddings):
-            values = emb.get("values") if isinstance(emb, dict) else None
-            if not isinstance(values, list):
-                raise TransientEmbedError(f"malformed response: embedding {index} has no values",
-                                          status="BAD_RESPONSE")
+            values = emb.get("values") if isinstance(emb, simdjson.Object) else None
+            if not isinstance(values, simdjson.Array):
+                raise _malformed(f"embedding {index} has no values")
             if len(values) != self.dims:
                 raise TerminalEmbedError(
                     f"embedding {index} has {len(values)} dimensions, {self.dims} were requested",
                     status="BAD_RESPONSE")
-            rows.append(values)
-        try:
-            matrix = np.array(rows, dtype=np.float32)  # one C loop for the whole batch
-        except (TypeError, ValueError) as exc:
-            raise TerminalEmbedError(f"embedding values are not numbers: {exc}",
-                                     status="BAD_RESPONSE") from None
+            try:
+                row = np.frombuffer(values.as_buffer(of_type="d"), dtype=np.float64)
+            except (TypeError, ValueError):
+                row = _special_floats(values.as_list(), index)
+            with np.errstate(over="ignore"):  # too large for float32: caught as infinity below
+                matrix[index] = row
         bad = ~np.isfinite(matrix).all(axis=1)
-        if bad.any():
+        if bad.any():  # finite in float64 but not in float32
             raise TerminalEmbedError(f"embedding {int(np.argmax(bad))} contains NaN or infinity",
                                      status="BAD_RESPONSE")
-        vectors = list(matrix)
-        usage = data.get("usageMetadata") or data.get("usage_metadata") or {}
-        total = usage.get("promptTokenCount", usage.get("prompt_token_count"))
-        details = (usage.get("promptTokenDetails") or usage.get("promptTokensDetails")
-                   or usage.get("prompt_tokens_details") or [])
-        per: dict[str, int] = {}
-        for d in details if isinstance(details, list) else []:
-            count = d.get("tokenCount", d.get("token_count")) if isinstance(d, dict) else None
-            if isinstance(count, int):
-                modality = str(d.get("modality", "UNKNOWN"))
-                per[modality] = per.get(modality, 0) + count
-        return EmbedResponse(vectors, total if isinstance(total, int) else None, per)
+        usage_doc = doc.get("usageMetadata") or doc.get("usage_metadata")
+        usage = usage_doc.as_dict() if isinstance(usage_doc, simdjson.Object) else {}
+        del doc, embeddings  # the parser's buffer is released with its last view
+        return _usage_response(list(matrix), usage)
 
     # --- transport ----------------------------------------------------------------------------
 
-    async def _post(self, method: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _post(self, method: str, body: dict[str, Any]) -> bytes:
+        """The body of a 200 answer; any other answer raised as an :mod:`pipeline.errors` error."""
         content = await anyio.to_thread.run_sync(orjson.dumps, body)
         try:
             response = await self._http.post(f"{self._root}:{method}", content=content)
@@ -187,15 +218,7 @@ class GeminiClient:
                 status="TRANSPORT") from None
         if response.status_code != 200:
             raise self._error(response.status_code, raw, response.headers.get("retry-after"))
-        try:
-            data = await anyio.to_thread.run_sync(orjson.loads, raw)
-        except orjson.JSONDecodeError:
-            raise TransientEmbedError(f"malformed response: {len(raw)} bytes of invalid JSON",
-                                      http_status=200, status="BAD_RESPONSE") from None
-        if not isinstance(data, dict):
-            raise TransientEmbedError("malformed response: not a JSON object", http_status=200,
-                                      status="BAD_RESPONSE")
-        return data
+        return raw
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._secret, "[REDACTED]") if self._secret else text

@@ -75,7 +75,7 @@ _Todo = tuple[SourceObject, "FileState | None"]
 
 # Files up to this size are validated in groups, one thread hop for the whole group.
 SMALL_FILE_BYTES = 1_000_000
-GROUP_FILES = 32
+GROUP_FILES = 128
 GROUP_BYTES = 4_000_000
 
 
@@ -271,8 +271,9 @@ class Run:
         # validating a small file.
         todo_tx, todo_rx = anyio.create_memory_object_stream[list[_Todo]](cfg.validate_workers * 2)
         items_tx, items_rx = anyio.create_memory_object_stream[list[Item]](cfg.queue_size)
-        batches_tx, batches_rx = anyio.create_memory_object_stream[Batch](
-            max(2, self.job.embed.concurrency))
+        # Idle callers take batches straight from the packer: queuing more would only hold
+        # payloads in memory.
+        batches_tx, batches_rx = anyio.create_memory_object_stream[Batch](2)
         out_tx, out_rx = anyio.create_memory_object_stream[list[Outcome]](cfg.queue_size)
         embed = self.job.embed
         # A call must fit the per-minute budgets, or it could never be sent.

@@ -148,6 +148,12 @@ def test_usage_metadata_vertex_spelling_and_dimension_check():
         _call_with(_mock(200, {"embeddings": [{"values": [1, 2, 3]}]}))
     with pytest.raises(TerminalEmbedError, match="NaN"):
         _call_with(_mock(200, {"embeddings": [{"values": [1, 2, 3, "NaN"]}]}))
+    with pytest.raises(TerminalEmbedError, match="infinity"):
+        _call_with(_mock(200, {"embeddings": [{"values": [1, 2, 3, "-Infinity"]}]}))
+    with pytest.raises(TerminalEmbedError, match="not numbers"):
+        _call_with(_mock(200, {"embeddings": [{"values": [1, 2, True, "x"]}]}))
+    with pytest.raises(TerminalEmbedError, match="infinity"):  # finite in float64 only
+        _call_with(_mock(200, {"embeddings": [{"values": [1, 2, 3, 1e300]}]}))
 
 
 def test_truncated_json_is_transient():
