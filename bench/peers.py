@@ -2,8 +2,9 @@
 
     python bench/peers.py [--texts 3000] [--images 40] [--latency-ms 100] [--per-item-ms 3] [--json]
 
-The emulator runs in its own process (no quota; latency = fixed + per item, like a real batch
-call), and each contender runs in its own process, one after another:
+Each contender runs in its own process, one after another, against a fresh emulator in a process
+of its own (no quota; latency = fixed + per item, like a real batch call; fresh, so that none
+profits from the caches another warmed):
 
 - embedpipe: ``embedpipe run`` on a job with default settings (the time includes validation and
   writing the Lance table);
@@ -26,6 +27,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -91,6 +94,30 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@contextmanager
+def emulator(args: argparse.Namespace) -> Iterator[str]:
+    """A fresh emulator in its own process (no quota; latency = fixed + per item)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "emulator", "--port", str(port),
+         "--latency-ms", str(args.latency_ms), "--per-item-ms", str(args.per_item_ms)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+
+
 def timed(cmd: list[str]) -> tuple[float, float]:
     """(items, seconds) as the script prints them on its last line."""
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -122,39 +149,27 @@ def main() -> int:
             f.write(i.to_bytes(4, "big"))
     total = args.texts + args.images
 
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    emulator = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "emulator", "--port", str(port),
-         "--latency-ms", str(args.latency_ms), "--per-item-ms", str(args.per_item_ms)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job_root = folder / "job"
+    job_root.mkdir()
+    report = folder / "report.json"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-
-        job = write_job(folder, src, {"provider": "gemini", "base_url": base,
-                                      "model": "gemini-embedding-2",
-                                      "output_dimensionality": 768})
-        report = folder / "report.json"
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "-q", "--report",
-                        str(report), str(job)], check=False, env={**os.environ})
-        ep_process_s = time.perf_counter() - t0
+        # Each contender gets a fresh emulator: none profits from caches another one warmed.
+        with emulator(args) as base:
+            job = write_job(job_root, src, {"provider": "gemini", "base_url": base,
+                                            "model": "gemini-embedding-2",
+                                            "output_dimensionality": 768})
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "-q", "--report",
+                            str(report), str(job)], check=False, env={**os.environ})
+            ep_process_s = time.perf_counter() - t0
         ep = json.loads(report.read_text())
         ep_s = ep["wall_s"]  # the run itself, like the scripts' own timers
-        seq_items, seq_s = timed([sys.executable, "-c", SEQUENTIAL, base, str(src),
-                                  str(args.sequential_sample)])
-        sdk_items, sdk_s = timed([sys.executable, "-c", SDK_ASYNC, base, str(src)])
+        with emulator(args) as base:
+            seq_items, seq_s = timed([sys.executable, "-c", SEQUENTIAL, base, str(src),
+                                      str(args.sequential_sample)])
+        with emulator(args) as base:
+            sdk_items, sdk_s = timed([sys.executable, "-c", SDK_ASYNC, base, str(src)])
     finally:
-        emulator.send_signal(signal.SIGINT)
-        emulator.wait(timeout=10)
         shutil.rmtree(folder, ignore_errors=True)
 
     figures = {
