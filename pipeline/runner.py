@@ -79,6 +79,10 @@ GROUP_FILES = 128
 GROUP_BYTES = 4_000_000
 
 
+def _share(per_minute: int | None) -> int:
+    return max(1, per_minute // 20) if per_minute else 10**12
+
+
 def run_status(code: int) -> str:
     """The ``runs`` table's status for a run that ended with this exit code."""
     return {EXIT_OK: "finished", EXIT_REJECTS: "finished", EXIT_QUOTA: "quota",
@@ -276,10 +280,11 @@ class Run:
         batches_tx, batches_rx = anyio.create_memory_object_stream[Batch](2)
         out_tx, out_rx = anyio.create_memory_object_stream[list[Outcome]](cfg.queue_size)
         embed = self.job.embed
-        # A call must fit the per-minute budgets, or it could never be sent.
-        limits = BatchLimits(max_requests=min(embed.batch_size, embed.quota.rpm or 10**9),
+        # A call takes at most 1/20 of a per-minute budget: when the budget is nearly spent,
+        # the next call still fits what is left, so a minute is used to 95 % or more.
+        limits = BatchLimits(max_requests=min(embed.batch_size, _share(embed.quota.rpm)),
                              max_bytes=embed.max_batch_bytes,
-                             max_tokens=min(embed.max_batch_tokens, embed.quota.tpm or 10**12))
+                             max_tokens=min(embed.max_batch_tokens, _share(embed.quota.tpm)))
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._write, out_rx)
             if threading.current_thread() is threading.main_thread():
