@@ -123,7 +123,7 @@ def test_server_restart_in_the_middle_of_a_run(tmp_path: Path, s3_server: S3Serv
               {f"r/{i:04d}.txt": f"restart note {i}".encode() for i in range(n)})
     job = write_job(tmp_path, tmp_path, embed={
         "provider": "emulator", "model": "gemini-embedding-2", "output_dimensionality": 128,
-        "batch_size": 10, "concurrency": 1, "emulator": {"latency_ms": 40}},
+        "batch_size": 10, "concurrency": 1, "emulator": {"latency_ms": 100}},
         extra={"source": s3_server.source("restart", "r"),
                "run": {"validate_workers": 1, "flush_rows": 50, "queue_size": 1}})
     restarted_at: list[float] = []
