@@ -155,7 +155,8 @@ class ArrowSink:
     def tag(self, name: str) -> None:
         """Files have no versions to name: nothing to do (see the module docstring)."""
 
-    def upkeep(self, compact: bool, index_min_rows: int | None, index_type: str) -> list[str]:
+    def upkeep(self, compact: bool, index_min_rows: int | None, index_type: str,
+               id_index_min_rows: int | None = None) -> list[str]:
         return []
 
     def dataset(self, sub: str = VECTORS) -> Any:

@@ -339,6 +339,9 @@ class RunConfig(_Strict):
     report: str | None = "auto"
     compact: bool = False
     index_min_rows: int | None = Field(None, ge=256)
+    # A BTREE index on the rows' id once the table is this large: merging a flush on id scans
+    # every id without one (null: never).
+    id_index_min_rows: int | None = Field(50_000, ge=1)
     index_type: Literal["IVF_PQ", "IVF_HNSW_SQ", "IVF_HNSW_PQ", "IVF_FLAT"] = "IVF_PQ"
 
 

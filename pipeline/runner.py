@@ -210,7 +210,8 @@ class Run:
         status = run_status(code)
         if status in ("finished", "quota", "stopped"):
             run = self.job.run
-            for done in self.sink.upkeep(run.compact, run.index_min_rows, run.index_type):
+            for done in self.sink.upkeep(run.compact, run.index_min_rows, run.index_type,
+                                         run.id_index_min_rows):
                 log.info("table upkeep: %s", done)
             if self.sink.version() != self._version_before:
                 self.sink.tag(f"run-{self.stats.run_id}")

@@ -241,14 +241,18 @@ class LanceSink:
         except (OSError, ValueError, RuntimeError) as exc:
             raise SinkError(f"cannot tag {self.db.uri} as {name}: {exc}") from exc
 
-    def upkeep(self, compact: bool, index_min_rows: int | None, index_type: str) -> list[str]:
-        """Compact small files and build a vector index once the table is large enough."""
+    def upkeep(self, compact: bool, index_min_rows: int | None, index_type: str,
+               id_index_min_rows: int | None = None) -> list[str]:
+        """Compact small files, keep the id index fresh and build a vector index once the table
+        is large enough."""
         done = []
         try:
             if compact:
                 self.vectors.optimize()
                 done.append("compacted")
             rows = self.vectors.count_rows()
+            if id_index_min_rows is not None and rows >= id_index_min_rows:
+                done.extend(self._id_index(rows))
             if index_min_rows is not None and rows >= index_min_rows and not any(
                     "vector" in (getattr(i, "columns", None) or [])
                     for i in self.vectors.list_indices()):
@@ -257,6 +261,21 @@ class LanceSink:
         except (OSError, ValueError, RuntimeError) as exc:
             raise SinkError(f"table upkeep on {self.db.uri} failed: {exc}") from exc
         return done
+
+    def _id_index(self, rows: int) -> list[str]:
+        """Each flush merges on ``id``: without an index that scans every id of the table
+        (2,000 rows into 1M: 0.17 s; with a BTREE index: 0.02 s). Rows added since the index
+        was built are scanned, so it is rebuilt once they are a fifth of the table."""
+        current = [i for i in self.vectors.list_indices()
+                   if list(getattr(i, "columns", None) or []) == ["id"]]
+        if current:
+            stats = self.vectors.index_stats(current[0].name)
+            if (getattr(stats, "num_unindexed_rows", 0) or 0) <= rows // 5:
+                return []
+        from lancedb.index import BTree
+
+        self.vectors.create_index("id", config=BTree(), replace=True)
+        return [f"BTREE index on id ({rows:,} rows)"]
 
     def delete_uris(self, uris: Iterable[str]) -> None:
         """Remove every row of these sources (files gone from the source)."""

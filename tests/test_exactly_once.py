@@ -154,6 +154,29 @@ def test_keep_on_delete_and_upkeep(tmp_path: Path):
     assert any("vector" in (i.columns or []) for i in table.list_indices())
 
 
+def test_id_index_is_built_kept_and_rebuilt_when_stale(tmp_path: Path):
+    """Flushes merge on id: past run.id_index_min_rows the table gets a BTREE index on it, and
+    merges stay exact with it (a changed file replaces its row, no duplicate)."""
+    src = tmp_path / "src"
+    make_text_corpus(src, 100)
+    job = write_job(tmp_path, src, extra={"run": {"id_index_min_rows": 50}})
+    run_job(load_job(job))
+    table = lancedb.connect(str(tmp_path / "lance")).open_table("vectors")
+    (index,) = [i for i in table.list_indices() if i.columns == ["id"]]
+    assert table.index_stats(index.name).num_unindexed_rows == 0
+    files = sorted(src.rglob("*.txt"))
+    files[0].write_text("A changed note about lighthouses.")
+    for i in range(30):  # 30 new rows: more than a fifth of the table is not in the index
+        (src / f"new-{i}.txt").write_text(f"new note {i} about tides")
+    result = run_job(load_job(job))
+    assert result.stats.items_embedded == 31 and result.stats.files_changed == 1
+    table = lancedb.connect(str(tmp_path / "lance")).open_table("vectors")
+    ids = table.to_arrow()["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 130
+    (index,) = [i for i in table.list_indices() if i.columns == ["id"]]
+    assert table.index_stats(index.name).num_unindexed_rows == 0  # rebuilt
+
+
 def test_an_unreadable_file_is_tried_again_next_run(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch):
     from connectors.local import LocalConnector
