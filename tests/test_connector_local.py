@@ -70,3 +70,10 @@ def test_a_file_gone_before_reading_is_a_connector_error(tmp_path):
     (tmp_path / "a.txt").unlink()
     with pytest.raises(ConnectorError, match=r"a\.txt: cannot read"):
         conn.read(obj)
+
+
+def test_file_uri_matches_pathlib_on_awkward_names():
+    from connectors.local import file_uri
+
+    for path in ["/tmp/a b/c%d.txt", "/x/é/ü?.md", "/a/#b;c=d&e+f~g.txt", "/p/[x]@y!$z'(1),*.txt"]:
+        assert file_uri(path) == Path(path).as_uri()

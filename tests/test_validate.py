@@ -213,3 +213,14 @@ def test_latin1_text_is_decoded(tmp_path: Path):
     path.write_bytes("Crème brûlée à la française, très bien.".encode("latin-1"))
     (item,) = fit(path)
     assert isinstance(item, Item) and item.text is not None and "brûlée" in item.text
+
+
+def test_suffix_and_stem_match_pathlib():
+    from pathlib import PurePosixPath
+
+    from pipeline.validate.sniff import stem, suffix
+
+    for key in ["a.txt", "dir/a.TXT", ".bashrc", "a.", "a..b", "dir.d/file", "x/.hidden.md",
+                "noext", "a.tar.gz", "x/y/z.PDF", "a/..b"]:
+        assert suffix(key) == PurePosixPath(key).suffix.lower(), key
+        assert stem(key) == PurePosixPath(key).stem, key
