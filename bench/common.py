@@ -1,9 +1,16 @@
-"""Shared benchmark plumbing: a corpus in a temp folder, a job YAML, an in-process run."""
+"""Shared benchmark plumbing: a corpus in a temp folder, a job YAML, an in-process run, an
+emulator in a process of its own."""
 
 from __future__ import annotations
 
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,3 +58,33 @@ def run(job_path: Path, stop_after_s: float | None = None) -> Timed:
 
 def workdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="embedpipe-bench-"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def emulator_process(*flags: str) -> Iterator[str]:
+    """``embedpipe emulator`` with these flags in a process of its own; yields its base URL
+    once it answers, stops it on exit."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "emulator", "--port", str(port), *flags],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)

@@ -13,18 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import workdir, write_job
+from bench.common import emulator_process, workdir, write_job
 from pipeline.samples import make_text_corpus
 
 CHILD = r"""
@@ -35,12 +32,6 @@ report = json.loads(open(sys.argv[2]).read())
 report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps(report))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run(job: Path) -> dict:
@@ -59,31 +50,20 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     folder = workdir()
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    emulator = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "emulator", "--port",
-                                 str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(300):
-            try:
-                httpx.get(base + "/emulator/stats")
-                break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        jobs = {}
-        for name, n in (("small", args.small), ("large", args.large)):
-            make_text_corpus(folder / name / "src", n)
-            jobs[name] = write_job(folder / name, folder / name / "src", {
-                "provider": "gemini", "base_url": base, "model": "gemini-embedding-2",
-                "output_dimensionality": 128})
-        small = run(jobs["small"])
-        large = run(jobs["large"])
-        calls_before = httpx.get(base + "/emulator/stats").json()["http_requests"]
-        again = run(jobs["large"])
-        calls_after = httpx.get(base + "/emulator/stats").json()["http_requests"]
+        with emulator_process() as base:
+            jobs = {}
+            for name, n in (("small", args.small), ("large", args.large)):
+                make_text_corpus(folder / name / "src", n)
+                jobs[name] = write_job(folder / name, folder / name / "src", {
+                    "provider": "gemini", "base_url": base, "model": "gemini-embedding-2",
+                    "output_dimensionality": 128})
+            small = run(jobs["small"])
+            large = run(jobs["large"])
+            calls_before = httpx.get(base + "/emulator/stats").json()["http_requests"]
+            again = run(jobs["large"])
+            calls_after = httpx.get(base + "/emulator/stats").json()["http_requests"]
     finally:
-        emulator.send_signal(signal.SIGINT)
-        emulator.wait(timeout=10)
         shutil.rmtree(folder, ignore_errors=True)
     figures = {
         "first_small_files": args.small, "first_small_wall_s": small["wall_s"],

@@ -19,21 +19,18 @@ Prints items/s for each and the ratios; with --json the last line is one JSON ob
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import workdir, write_job
+from bench.common import emulator_process, workdir, write_job
 from pipeline.samples import make_quickstart_media, make_text_corpus
 
 SEQUENTIAL = r"""
@@ -88,34 +85,10 @@ asyncio.run(main())
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def emulator(args: argparse.Namespace) -> Iterator[str]:
-    """A fresh emulator in its own process (no quota; latency = fixed + per item)."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "emulator", "--port", str(port),
-         "--latency-ms", str(args.latency_ms), "--per-item-ms", str(args.per_item_ms)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=10)
+def emulator(args: argparse.Namespace) -> contextlib.AbstractContextManager[str]:
+    """A fresh emulator (no quota; latency = fixed + per item)."""
+    return emulator_process("--latency-ms", str(args.latency_ms),
+                            "--per-item-ms", str(args.per_item_ms))
 
 
 def timed(cmd: list[str]) -> tuple[float, float]:
