@@ -140,12 +140,12 @@ class GeminiClient:
 
     async def embed(self, request: EmbedRequest) -> EmbedResponse:
         raw = await self._post("embedContent", self._request_json(request))
-        return self._decode(raw, 1)
+        return self._decode(raw, "embedding", 1)
 
     async def batch_embed(self, requests: Sequence[EmbedRequest]) -> EmbedResponse:
         body = {"requests": [self._request_json(r) for r in requests]}
         raw = await self._post("batchEmbedContents", body)
-        return self._decode(raw, len(requests))
+        return self._decode(raw, "embeddings", len(requests))
 
     # --- request and response -----------------------------------------------------------------
 
@@ -166,17 +166,17 @@ class GeminiClient:
             body["title"] = request.title
         return body
 
-    def _decode(self, raw: bytes, count: int) -> EmbedResponse:
-        """``count`` embeddings from a 200 response. simdjson reads each ``values`` array into
-        numpy without a Python float per value (a 100 x 3072 response is 4 MB of JSON)."""
+    def _decode(self, raw: bytes, key: str, count: int) -> EmbedResponse:
+        """``count`` embeddings from a 200 response, under ``key`` ("embedding" holds one,
+        "embeddings" a list). simdjson reads each ``values`` array into numpy without a Python
+        float per value (a 100 x 3072 response is 4 MB of JSON)."""
         try:
             doc = simdjson.Parser().parse(raw)
         except ValueError:
             raise _malformed(f"{len(raw)} bytes of invalid JSON") from None
         if not isinstance(doc, simdjson.Object):
             raise _malformed("not a JSON object")
-        embeddings: Any = doc.get("embeddings") if count != 1 or "embeddings" in doc else [
-            doc.get("embedding")]
+        embeddings: Any = doc.get(key) if key == "embeddings" else [doc.get(key)]
         if not isinstance(embeddings, simdjson.Array | list) or len(embeddings) != count:
             got = len(embeddings) if isinstance(embeddings, simdjson.Array) else "no"
             raise _malformed(f"{got} embeddings for {count} requests")
