@@ -70,19 +70,23 @@ def extension_mime(name: str) -> str | None:
     return EXTENSION_MIMES.get(suffix(name))
 
 
-def suffix(key: str) -> str:
-    """The lower-cased extension of a '/'-separated key, as ``PurePosixPath.suffix`` gives it
-    (string operations: this runs for every file)."""
+def _split_name(key: str) -> tuple[str, str]:
+    """(stem, extension) of a '/'-separated key's file name, by ``PurePosixPath``'s rule (a
+    leading or trailing dot is not an extension), with string operations: this runs for every
+    file."""
     name = key.rpartition("/")[2]
     dot = name.rfind(".")
-    return name[dot:].lower() if 0 < dot < len(name) - 1 else ""
+    return (name[:dot], name[dot:]) if 0 < dot < len(name) - 1 else (name, "")
+
+
+def suffix(key: str) -> str:
+    """The lower-cased extension, as ``PurePosixPath.suffix.lower()`` gives it."""
+    return _split_name(key)[1].lower()
 
 
 def stem(key: str) -> str:
     """The file name without its extension, as ``PurePosixPath.stem`` gives it."""
-    name = key.rpartition("/")[2]
-    dot = name.rfind(".")
-    return name[:dot] if 0 < dot < len(name) - 1 else name
+    return _split_name(key)[0]
 
 
 def _ftyp(head: bytes) -> str | None:
