@@ -31,7 +31,7 @@ BATCH = 10  # small calls, so the fault rates show up hundreds of times
 def one_run(folder: Path, src: Path, emulator: Emulator, name: str) -> dict:
     out = folder / name
     out.mkdir()
-    job = write_job(out, src, {"provider": "gemini", "base_url": emulator.base_url,
+    job = write_job(out, src, {"provider": "gemini", "api_key": "any-key", "base_url": emulator.base_url,
                                "model": "gemini-embedding-2", "output_dimensionality": 128,
                                "max_attempts": 12, "timeout_s": 10,
                                "batch_size": BATCH})

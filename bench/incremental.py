@@ -56,7 +56,8 @@ def main() -> int:
             for name, n in (("small", args.small), ("large", args.large)):
                 make_text_corpus(folder / name / "src", n)
                 jobs[name] = write_job(folder / name, folder / name / "src", {
-                    "provider": "gemini", "base_url": base, "model": "gemini-embedding-2",
+                    "provider": "gemini", "api_key": "any-key",
+                    "base_url": base, "model": "gemini-embedding-2",
                     "output_dimensionality": 128})
             small = run(jobs["small"])
             large = run(jobs["large"])

@@ -128,7 +128,7 @@ def main() -> int:
     try:
         # Each contender gets a fresh emulator: none profits from caches another one warmed.
         with emulator(args) as base:
-            job = write_job(job_root, src, {"provider": "gemini", "base_url": base,
+            job = write_job(job_root, src, {"provider": "gemini", "api_key": "any-key", "base_url": base,
                                             "model": "gemini-embedding-2",
                                             "output_dimensionality": 768})
             t0 = time.perf_counter()

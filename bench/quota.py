@@ -41,7 +41,8 @@ def scenario(name: str, rpm: int | None, tpm: int | None, items: int, words: int
     options = EmulatorOptions(rpm=rpm, tpm=tpm, latency_ms=100, jitter_ms=20)
     with Emulator(options) as emu:
         job = write_job(folder, folder / "src", {
-            "provider": "gemini", "base_url": emu.base_url, "model": "gemini-embedding-2",
+            "provider": "gemini", "api_key": "any-key",
+            "base_url": emu.base_url, "model": "gemini-embedding-2",
             "output_dimensionality": 128, "concurrency": 8,
             "quota": {k: v for k, v in (("rpm", rpm), ("tpm", tpm)) if v}})
         timed = run(job, stop_after_s=RUN_S)

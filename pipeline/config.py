@@ -25,6 +25,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     ValidationInfo,
@@ -32,7 +33,7 @@ from pydantic import (
 )
 
 from pipeline.errors import ConfigError
-from pipeline.models import MAX_BATCH_REQUESTS, MAX_DIMENSIONS, MIN_DIMENSIONS
+from pipeline.models import MAX_BATCH_REQUESTS, MAX_DIMENSIONS, MIN_DIMENSIONS, TASK_TYPES
 
 GOOGLE_BASE_URL = "https://generativelanguage.googleapis.com"
 
@@ -212,6 +213,16 @@ class _EmbedCommon(_Strict):
     # default: the model's list price from ../shared/GEMINI_API.md.
     prices: dict[str, float] | None = None
 
+    @field_validator("task_type", "query_task_type")
+    @classmethod
+    def _task_type(cls, value: str | None) -> str | None:
+        if value is not None and value not in TASK_TYPES:
+            hint = difflib.get_close_matches(value.upper(), TASK_TYPES, n=1, cutoff=0.5)
+            raise ValueError(f"{value!r} is not a Gemini task type"
+                             + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                             + f"; one of {', '.join(TASK_TYPES)}")
+        return value
+
     def price_table(self) -> dict[str, float]:
         from pipeline.models import PRICES
 
@@ -334,6 +345,10 @@ class RunConfig(_Strict):
     flush_rows: int = Field(2000, ge=1)
     flush_interval_s: float = Field(5.0, gt=0)
     on_delete: Literal["delete", "keep"] = "delete"
+    # A run that would delete more than this share of the files the job knew (or all of
+    # them) deletes nothing and fails (exit 3): an emptied source is not a night's changes.
+    # 1.0 (or `run --allow-mass-delete`) lets such a run delete.
+    max_delete_fraction: float = Field(0.2, ge=0.0, le=1.0)
     # The run's JSON report: "auto" writes it beside a local sink (reports/<run_id>.json),
     # a path writes it there, null writes none.
     report: str | None = "auto"
@@ -354,6 +369,21 @@ class JobConfig(_Strict):
     run: RunConfig = Field(default_factory=lambda: RunConfig())
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # The ${VAR} of embed.api_key when it was not set: only commands that call the API need it.
+    _unset_key_variable: str | None = PrivateAttr(None)
+    _path: str | None = PrivateAttr(None)  # the job file, for messages
+
+    def require_api_key(self) -> None:
+        """For commands that call the API (run, search): ``provider: gemini`` needs a key."""
+        embed = self.embed
+        if not isinstance(embed, GeminiEmbedConfig):
+            return
+        if embed.api_key is None or not embed.api_key.get_secret_value().strip():
+            why = (f"environment variable {self._unset_key_variable} is not set"
+                   if self._unset_key_variable else "no key is given (or it is empty)")
+            raise ConfigError(f"{self._path or 'job ' + self.name}: embed.api_key: {why}; "
+                              "provider gemini needs an API key to call the API, e.g. "
+                              "api_key: ${GEMINI_API_KEY}")
 
     def fingerprint(self) -> str:
         """What makes two embeddings of the same file comparable: change it and files re-embed."""
@@ -376,11 +406,17 @@ class JobConfig(_Strict):
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _expand(value: Any, path: tuple[str | int, ...], env: dict[str, str]) -> Any:
+# Keys whose unset ${VAR} is not an error at load: commands that never call the API (plan,
+# status) run without the key; those that do check it (JobConfig.require_api_key).
+_DEFERRED = {("embed", "api_key")}
+
+
+def _expand(value: Any, path: tuple[str | int, ...], env: dict[str, str],
+            unset: list[str] | None = None) -> Any:
     if isinstance(value, dict):
-        return {k: _expand(v, (*path, str(k)), env) for k, v in value.items()}
+        return {k: _expand(v, (*path, str(k)), env, unset) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand(v, (*path, i), env) for i, v in enumerate(value)]
+        return [_expand(v, (*path, i), env, unset) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
 
@@ -392,6 +428,9 @@ def _expand(value: Any, path: tuple[str | int, ...], env: dict[str, str]) -> Any
             return env[name]
         if default is not None:
             return default
+        if path in _DEFERRED and unset is not None:
+            unset.append(name)
+            return ""
         raise _UnsetVariable(path, name)
 
     return _VAR.sub(sub, value)
@@ -492,15 +531,19 @@ def load_job(path: str | Path, env: dict[str, str] | None = None) -> JobConfig:
         raise ConfigError(f"{path}: {where}invalid YAML: {problem}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a job file must be a mapping of keys, got {type(raw).__name__}")
+    unset: list[str] = []
     try:
-        data = _expand(raw, (), env)
+        data = _expand(raw, (), env, unset)
     except _UnsetVariable as exc:
         raise ConfigError(
             f"{path}: {_loc(exc.path)}: environment variable {exc.name} is not set "
             f"(set it, or write ${{{exc.name}:-default}})"
         ) from None
     try:
-        return JobConfig.model_validate(data, context={"base_dir": path.resolve().parent})
+        job = JobConfig.model_validate(data, context={"base_dir": path.resolve().parent})
     except ValidationError as exc:
         problems = [_describe(e, raw) for e in exc.errors(include_input=False)]
         raise ConfigError("\n".join(f"{path}: {p}" for p in problems)) from None
+    job._unset_key_variable = unset[0] if unset else None
+    job._path = str(path)
+    return job

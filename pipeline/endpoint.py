@@ -19,6 +19,7 @@ from pipeline.gemini import GeminiClient
 
 @asynccontextmanager
 async def embedding_client(job: JobConfig) -> AsyncIterator[GeminiClient]:
+    job.require_api_key()
     embed = job.embed
     common = {"model": embed.model, "dims": embed.output_dimensionality,
               "timeout_s": embed.timeout_s, "max_connections": embed.concurrency * 2}

@@ -10,7 +10,9 @@ Lance), and chained with ``raise ... from exc``::
     ├── EmbedError            a call to the embedding API failed
     │   ├── TransientEmbedError   429, 5xx, transport: worth retrying
     │   │   └── QuotaExhausted        a per-day quota: stop the run cleanly
-    │   └── TerminalEmbedError    other 4xx: retrying cannot help
+    │   ├── AccessError           the key, permission, model or endpoint is wrong: the call's
+    │   │                         fault, never an item's; the run stops (exit 3)
+    │   └── TerminalEmbedError    a 400 about the request's content: bisected to find the item
     └── SinkError             the table could not be written
 
 ``Transient`` is a marker: code decides retries by ``isinstance(exc, Transient)``, never by
@@ -126,8 +128,14 @@ class QuotaExhausted(TransientEmbedError):
     """A per-day quota is used up: retrying today is pointless; the run stops cleanly."""
 
 
+class AccessError(EmbedError):
+    """The API refused the call for what it is sent with, not what it holds: a wrong, expired,
+    leaked or missing key (401, 403, 400 API_KEY_INVALID), a model the endpoint does not serve
+    (404). Every other call would fail the same way: the run stops and no file is blamed."""
+
+
 class TerminalEmbedError(EmbedError):
-    """A 4xx other than 429: the request itself is wrong."""
+    """A 4xx about the request's content (a 400 INVALID_ARGUMENT): retrying cannot help."""
 
 
 class SinkError(PipelineError):

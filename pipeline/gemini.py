@@ -4,8 +4,11 @@ It builds camelCase requests, sends them with one of three auth styles, parses e
 usageMetadata (``promptTokenDetails`` and Vertex's ``promptTokensDetails``), and converts every
 failure once, here, into :mod:`pipeline.errors`:
 
-    HTTP 429 ............................ TransientEmbedError (QuotaExhausted for a per-day quota)
+    HTTP 429 ............................ TransientEmbedError (QuotaExhausted when any violation
+                                          is a per-day quota)
     HTTP 408, 5xx, transport, bad JSON .. TransientEmbedError
+    401, 403, 404, 400 API_KEY_INVALID .. AccessError (the key, permission, model or endpoint:
+                                          never an item's fault, never bisected)
     other 4xx ........................... TerminalEmbedError
 
 The key travels in a header, never in the URL, and is scrubbed from any text that could reach
@@ -28,6 +31,7 @@ import orjson
 import simdjson
 
 from pipeline.errors import (
+    AccessError,
     EmbedError,
     QuotaExhausted,
     TerminalEmbedError,
@@ -39,6 +43,10 @@ AuthStyle = Literal["google", "bearer", "raw"]
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
 _RETRY_IN = re.compile(r"retry in (\d+(?:\.\d+)?)\s*(ms|s)\b", re.IGNORECASE)
+# ErrorInfo reasons Google gives a 400 that is about the key, not the request's content.
+KEY_REASONS = frozenset({"API_KEY_INVALID", "API_KEY_EXPIRED", "API_KEY_SERVICE_BLOCKED",
+                         "API_KEY_HTTP_REFERRER_BLOCKED", "API_KEY_IP_ADDRESS_BLOCKED",
+                         "API_KEY_ANDROID_APP_BLOCKED", "API_KEY_IOS_APP_BLOCKED"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +126,7 @@ class GeminiClient:
         base = base_url.rstrip("/")
         if not re.search(r"/v1(beta)?$", base):
             base = f"{base}/{api_version}"
+        self._base = base
         self._root = f"{base}/models/{self.model}"
         self._http = httpx.AsyncClient(
             headers={"content-type": "application/json", **auth_headers(auth, api_key)},
@@ -224,30 +233,82 @@ class GeminiClient:
         return text.replace(self._secret, "[REDACTED]") if self._secret else text
 
     def _error(self, code: int, raw: bytes, retry_after: str | None) -> EmbedError:
-        status, message, delay, quota_id = None, "", None, None
+        body = _ErrorBody.parse(raw)
+        delays = [d for d in (body.retry_delay_s, _retry_in(body.message),
+                              float(retry_after) if retry_after and retry_after.strip().isdigit()
+                              else None) if d is not None]
+        message = self._scrub(body.message or f"HTTP {code}")
+        kwargs: dict[str, Any] = {"http_status": code, "status": body.status,
+                                  "retry_after_s": max(delays) if delays else None,
+                                  "quota_id": body.per_day_quota or (body.quota_ids[-1]
+                                                                     if body.quota_ids else None)}
+        if code == 429 and body.per_day_quota:
+            return QuotaExhausted(message, **kwargs)
+        if code in TRANSIENT_STATUS:
+            return TransientEmbedError(message, **kwargs)
+        if code in (401, 403, 404) or (code == 400 and body.about_key):
+            return AccessError(self._access_message(code, body, message), **kwargs)
+        return TerminalEmbedError(message, **kwargs)
+
+    def _access_message(self, code: int, body: _ErrorBody, message: str) -> str:
+        """One line: what the API said, where, for which model, and what to check."""
+        if code == 404:
+            check = ("embed.model, and embed.base_url / embed.api_version if a gateway serves "
+                     "the API under another path")
+        elif code == 401 or body.about_key:
+            check = ("embed.api_key (is it set, current, and a key of a project with the "
+                     "Generative Language API enabled?) and embed.auth")
+        else:
+            check = ("the key's permissions: its project must have access to the model, the "
+                     "key must not be restricted, suspended or reported as leaked")
+        return f"{message} (endpoint {self._base}, model {self.model}: check {check})"
+
+
+def _retry_in(message: str) -> float | None:
+    """The delay in a message's "Please retry in 33.384105706s" (or "...ms")."""
+    m = _RETRY_IN.search(message)
+    return float(m.group(1)) / (1000 if m.group(2).lower() == "ms" else 1) if m else None
+
+
+@dataclass(frozen=True, slots=True)
+class _ErrorBody:
+    """What a Google error body says, read once: status, message and the details that
+    decide what to do (RetryInfo, every QuotaFailure violation, ErrorInfo reasons)."""
+
+    status: str | None = None
+    message: str = ""
+    retry_delay_s: float | None = None
+    quota_ids: tuple[str, ...] = ()
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def per_day_quota(self) -> str | None:
+        """The first per-day violation: any of them means no retry helps today."""
+        return next((q for q in self.quota_ids if "perday" in q.lower()), None)
+
+    @property
+    def about_key(self) -> bool:
+        return bool(KEY_REASONS.intersection(self.reasons)) or \
+            self.message.lower().startswith(("api key not valid", "api key expired"))
+
+    @classmethod
+    def parse(cls, raw: bytes) -> _ErrorBody:
         try:
             err = orjson.loads(raw).get("error", {})
-            status = err.get("status")
-            message = str(err.get("message", ""))
+            delay = None
+            quota_ids: list[str] = []
+            reasons: list[str] = []
             for detail in err.get("details") or []:
                 kind = str(detail.get("@type", ""))
                 if kind.endswith("RetryInfo"):
                     m = _DURATION.match(str(detail.get("retryDelay", "")))
                     delay = float(m.group(1)) if m else None
                 elif kind.endswith("QuotaFailure"):
-                    for v in detail.get("violations") or []:
-                        quota_id = v.get("quotaId") or quota_id
-        except (orjson.JSONDecodeError, AttributeError, TypeError):
-            message = raw[:300].decode("utf-8", "replace").strip()
-        if delay is None and (m := _RETRY_IN.search(message)):
-            delay = float(m.group(1)) / (1000 if m.group(2).lower() == "ms" else 1)
-        if delay is None and retry_after and retry_after.strip().isdigit():
-            delay = float(retry_after)
-        message = self._scrub(message or f"HTTP {code}")
-        kwargs: dict[str, Any] = {"http_status": code, "status": status,
-                                  "retry_after_s": delay, "quota_id": quota_id}
-        if code == 429 and quota_id and "perday" in quota_id.lower():
-            return QuotaExhausted(message, **kwargs)
-        if code in TRANSIENT_STATUS:
-            return TransientEmbedError(message, **kwargs)
-        return TerminalEmbedError(message, **kwargs)
+                    quota_ids += [str(v["quotaId"]) for v in detail.get("violations") or []
+                                  if v.get("quotaId")]
+                elif kind.endswith("ErrorInfo") and detail.get("reason"):
+                    reasons.append(str(detail["reason"]))
+            return cls(err.get("status"), str(err.get("message", "")), delay, tuple(quota_ids),
+                       tuple(reasons))
+        except (orjson.JSONDecodeError, AttributeError, TypeError, KeyError):
+            return cls(message=raw[:300].decode("utf-8", "replace").strip())

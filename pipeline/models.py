@@ -21,6 +21,15 @@ TOKENS_PER_VIDEO_FRAME = 258
 VIDEO_MAX_FRAMES = 32
 
 MAX_BATCH_REQUESTS = 100
+
+# Media within this much of a length limit are split, never sent whole: containers, decoders
+# and the service measure a few tens of milliseconds apart (an AAC track's encoder delay makes
+# a 120.000 s MP4 120.064 s by its header). Segments are cut a second under the limit.
+DURATION_MARGIN_S = 0.5
+
+# Google's TaskType enum (google.ai.generativelanguage.v1beta.TaskType), less UNSPECIFIED.
+TASK_TYPES = ("RETRIEVAL_QUERY", "RETRIEVAL_DOCUMENT", "SEMANTIC_SIMILARITY", "CLASSIFICATION",
+              "CLUSTERING", "QUESTION_ANSWERING", "FACT_VERIFICATION", "CODE_RETRIEVAL_QUERY")
 MIN_DIMENSIONS = 128
 MAX_DIMENSIONS = 3072
 

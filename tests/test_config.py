@@ -67,10 +67,15 @@ def test_env_variables_defaults_and_unset(tmp_path):
         "embed: {provider: gemini, api_key: '${GEMKEY}', output_dimensionality: 768,"
         " base_url: '${BASE:-http://127.0.0.1:9}', auth: bearer}")
     path = _job(tmp_path, text)
+    # plan and status call no API: the job loads without its key; run and search need it
+    unset = load_job(path, env={})
     with pytest.raises(ConfigError) as err:
-        load_job(path, env={})
+        unset.require_api_key()
     assert str(err.value).startswith(f"{path}: embed.api_key: environment variable GEMKEY")
+    with pytest.raises(ConfigError, match=r"embed\.api_key: no key is given"):
+        load_job(path, env={"GEMKEY": ""}).require_api_key()
     job = load_job(path, env={"GEMKEY": "s3cr3t-value"})
+    job.require_api_key()
     assert isinstance(job.embed, GeminiEmbedConfig)
     assert job.embed.base_url == "http://127.0.0.1:9"
     assert job.embed.api_key is not None

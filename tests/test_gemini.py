@@ -10,8 +10,8 @@ import httpx
 import numpy as np
 import pytest
 
-from pipeline.emulator.server import Emulator
-from pipeline.errors import QuotaExhausted, TerminalEmbedError, TransientEmbedError
+from pipeline.emulator.server import Emulator, EmulatorOptions
+from pipeline.errors import AccessError, QuotaExhausted, TerminalEmbedError, TransientEmbedError
 from pipeline.gemini import EmbedRequest, GeminiClient
 from pipeline.records import Part
 
@@ -40,18 +40,40 @@ def test_each_auth_style_is_accepted_by_a_server_expecting_it(keyed_emulator: Em
 
 
 @pytest.mark.parametrize("keyed_emulator", ["google"], indirect=True)
-def test_auth_failures_are_terminal_and_never_echo_the_key(keyed_emulator: Emulator):
+def test_auth_failures_are_access_errors_that_never_echo_the_key(keyed_emulator: Emulator):
+    """Google's own answers: a wrong key is a 400 whose ErrorInfo says API_KEY_INVALID, no key
+    is a 403, a Bearer key at Google's endpoint a 401. None is an item's fault."""
     url = keyed_emulator.base_url
-    with pytest.raises(TerminalEmbedError) as wrong:
+    with pytest.raises(AccessError) as wrong:
         anyio.run(lambda: _batch(url, key="not-the-key"))
-    assert wrong.value.http_status == 403 and wrong.value.status == "PERMISSION_DENIED"
+    assert wrong.value.http_status == 400 and wrong.value.status == "INVALID_ARGUMENT"
     assert "not-the-key" not in str(wrong.value)
-    with pytest.raises(TerminalEmbedError) as missing:
+    text = str(wrong.value)
+    assert url in text and "gemini-embedding-2" in text and "embed.api_key" in text
+    with pytest.raises(AccessError) as missing:
         anyio.run(lambda: _batch(url, key=None))
-    assert missing.value.http_status == 401
-    with pytest.raises(TerminalEmbedError) as bearer:
+    assert missing.value.http_status == 403
+    with pytest.raises(AccessError) as bearer:
         anyio.run(lambda: _batch(url, key=KEY, auth="bearer"))
     assert bearer.value.http_status == 401  # Google's endpoint refuses Bearer API keys
+
+
+def test_leaked_key_and_unknown_model_are_access_errors():
+    with Emulator(EmulatorOptions(revoked_keys=("leaked-key-1",))) as emu:
+        with pytest.raises(AccessError) as leaked:
+            anyio.run(lambda: _batch(emu.base_url, key="leaked-key-1"))
+        assert leaked.value.http_status == 403 and "leaked" in str(leaked.value)
+        assert "leaked-key-1" not in str(leaked.value)
+
+        async def unknown() -> None:
+            async with GeminiClient(base_url=emu.base_url, model="gemini-embedding-9",
+                                    dims=256) as client:
+                await client.embed(_text("x"))
+
+        with pytest.raises(AccessError) as missing_model:
+            anyio.run(unknown)
+        assert missing_model.value.http_status == 404
+        assert "embed.model" in str(missing_model.value)
 
 
 def test_base_url_with_version_and_v1_path(emulator: Emulator):
@@ -112,7 +134,8 @@ def test_429_per_minute_is_transient_with_retry_delay():
     with pytest.raises(TransientEmbedError) as err:
         _call_with(_mock(429, body))
     assert not isinstance(err.value, QuotaExhausted)
-    assert err.value.retry_after_s == 38.0 and err.value.http_status == 429
+    # RetryInfo says "38s", the message "Please retry in 38.9s": the longer one is waited.
+    assert err.value.retry_after_s == pytest.approx(38.9) and err.value.http_status == 429
 
 
 def test_429_per_day_is_quota_exhausted():
@@ -120,6 +143,54 @@ def test_429_per_day_is_quota_exhausted():
     with pytest.raises(QuotaExhausted) as err:
         _call_with(_mock(429, body))
     assert "PerDay" in (err.value.quota_id or "")
+
+
+# Recorded from Google (generativelanguage.googleapis.com, 2026): the per-day violation is
+# listed first, two per-minute ones after it; RetryInfo rounds the message's delay down.
+GOOGLE_429_PER_DAY = {"error": {
+    "code": 429, "status": "RESOURCE_EXHAUSTED",
+    "message": "You exceeded your current quota, please check your plan and billing details. "
+               "For more information on this error, head to: "
+               "https://ai.google.dev/gemini-api/docs/rate-limits. To monitor your current "
+               "usage, head to: https://ai.dev/rate-limit. \n* Quota exceeded for metric: "
+               "generativelanguage.googleapis.com/embed_content_free_tier_requests, limit: 1000, "
+               "model: gemini-embedding-1.0\nPlease retry in 33.384105706s.",
+    "details": [
+        {"@type": "type.googleapis.com/google.rpc.Help", "links": [
+            {"description": "Learn more about Gemini API quotas",
+             "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}]},
+        {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [
+            {"quotaMetric": "generativelanguage.googleapis.com/embed_content_free_tier_requests",
+             "quotaId": "EmbedContentRequestsPerDayPerUserPerProjectPerModel-FreeTier",
+             "quotaDimensions": {"location": "global", "model": "gemini-embedding-1.0"},
+             "quotaValue": "1000"},
+            {"quotaMetric": "generativelanguage.googleapis.com/embed_content_free_tier_requests",
+             "quotaId": "EmbedContentRequestsPerMinutePerUserPerProjectPerModel-FreeTier",
+             "quotaDimensions": {"location": "global", "model": "gemini-embedding-1.0"},
+             "quotaValue": "100"},
+            {"quotaMetric": "generativelanguage.googleapis.com/embed_content_free_tier_input_token_count",
+             "quotaId": "EmbedContentInputTokensPerMinutePerUserPerProjectPerModel-FreeTier",
+             "quotaDimensions": {"location": "global", "model": "gemini-embedding-1.0"},
+             "quotaValue": "30000"}]},
+        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "33s"}]}}
+
+
+def test_any_per_day_violation_stops_and_the_longer_delay_wins():
+    with pytest.raises(QuotaExhausted) as err:
+        _call_with(_mock(429, GOOGLE_429_PER_DAY))
+    assert err.value.quota_id == "EmbedContentRequestsPerDayPerUserPerProjectPerModel-FreeTier"
+    assert err.value.retry_after_s == pytest.approx(33.384105706)
+
+
+def test_a_key_error_behind_a_gateway_without_details_is_still_an_access_error():
+    body = {"error": {"code": 400, "status": "INVALID_ARGUMENT",
+                      "message": "API key expired. Please renew the API key."}}
+    with pytest.raises(AccessError):
+        _call_with(_mock(400, body))
+    content = {"error": {"code": 400, "status": "INVALID_ARGUMENT",
+                         "message": "Unable to process input image."}}
+    with pytest.raises(TerminalEmbedError):
+        _call_with(_mock(400, content))
 
 
 def test_retry_in_message_is_used_when_retryinfo_is_absent():

@@ -93,7 +93,7 @@ def test_requests_carry_the_task_the_model_wants(tmp_path: Path, model: str):
     (tmp_path / "src" / "tides.txt").write_text("Spring tides follow the full moon.")
     with Emulator() as emu:
         job = write_job(tmp_path, tmp_path / "src", embed={
-            "provider": "gemini", "base_url": emu.base_url, "model": model,
+            "provider": "gemini", "api_key": "any-key", "base_url": emu.base_url, "model": model,
             "output_dimensionality": 768})
         run_job(load_job(job))
         anyio.run(lambda: search(load_job(job), "when are tides high", k=1))

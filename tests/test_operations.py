@@ -32,7 +32,8 @@ def test_plan_matches_the_run_and_calls_nothing(tmp_path: Path, corpus_dir: Path
     make_text_corpus(src / "notes", 40, words=30)
     with Emulator() as emu:
         job = load_job(write_job(tmp_path, src, embed={
-            "provider": "gemini", "base_url": emu.base_url, "model": "gemini-embedding-2",
+            "provider": "gemini", "api_key": "any-key",
+            "base_url": emu.base_url, "model": "gemini-embedding-2",
             "output_dimensionality": 128}))
         plan = make_plan(job).as_dict(job)
         assert emu.state.stats.http_requests == 0
@@ -77,7 +78,8 @@ def test_a_second_run_is_refused_while_the_first_holds_the_lock(tmp_path: Path):
     make_text_corpus(tmp_path / "src", 400)
     with Emulator(EmulatorOptions(latency_ms=200)) as emu:
         job_path = write_job(tmp_path, tmp_path / "src", embed={
-            "provider": "gemini", "base_url": emu.base_url, "model": "gemini-embedding-2",
+            "provider": "gemini", "api_key": "any-key",
+            "base_url": emu.base_url, "model": "gemini-embedding-2",
             "output_dimensionality": 128, "batch_size": 10, "concurrency": 1})
         first = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "-q",
                                   str(job_path)], stderr=subprocess.PIPE)

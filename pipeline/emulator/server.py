@@ -52,6 +52,8 @@ class EmulatorOptions:
 
     api_key: str | None = None
     auth: AuthStyle = "any"
+    # Keys answered as Google answers a key reported as leaked (403 PERMISSION_DENIED).
+    revoked_keys: tuple[str, ...] = ()
     latency_ms: float = 0.0
     per_item_ms: float = 0.0
     jitter_ms: float = 0.0
@@ -175,8 +177,11 @@ class EmulatorApp:
             self.day_start, self.day_used = now, 0
         if o.rpd is not None and self.day_used + items > o.rpd:
             reset_in = o.day_s - (now - self.day_start)
+            # Google lists the per-day violation first, then the per-minute ones beside it.
             raise self._quota_fault("EmbedContentRequestsPerDayPerUserPerProjectPerModel", reset_in,
-                                    f"requests per day ({o.rpd})")
+                                    f"requests per day ({o.rpd})",
+                                    also=("EmbedContentRequestsPerMinutePerUserPerProjectPerModel",
+                                          "EmbedContentInputTokensPerMinutePerUserPerProjectPerModel"))
         wait = self.minute.wait_s(now, items, tokens)
         if wait > 0:
             over_r = o.rpm is not None and self.minute.requests + items > o.rpm
@@ -190,16 +195,27 @@ class EmulatorApp:
         with self._lock:
             self.stats.timeline.append((now, items, tokens))
 
-    def _quota_fault(self, quota_id: str, retry_s: float, metric: str) -> ApiFault:
+    def _quota_fault(self, quota_id: str, retry_s: float, metric: str,
+                     also: tuple[str, ...] = ()) -> ApiFault:
+        """Google's 429: RetryInfo holds whole seconds, rounded down ("33s"), while the
+        message gives the exact delay ("Please retry in 33.384105706s")."""
         with self._lock:
             self.stats.quota_429[quota_id] = self.stats.quota_429.get(quota_id, 0) + 1
-        delay = max(1, math.ceil(retry_s))
+        violations = [{"quotaMetric": "generativelanguage.googleapis.com/embed_content_requests",
+                       "quotaId": q, "quotaDimensions": {"location": "global",
+                                                         "model": "gemini-embedding"}}
+                      for q in (quota_id, *also)]
         return ApiFault(429, "RESOURCE_EXHAUSTED",
-                        f"Quota exceeded for metric: {metric}. Please retry in {retry_s:.1f}s.",
+                        f"You exceeded your current quota, please check your plan and billing "
+                        f"details. Quota exceeded for metric: {metric}. "
+                        f"Please retry in {retry_s:.9f}s.",
                         [{"@type": "type.googleapis.com/google.rpc.QuotaFailure",
-                          "violations": [{"quotaMetric": metric, "quotaId": quota_id}]},
+                          "violations": violations},
+                         {"@type": "type.googleapis.com/google.rpc.Help",
+                          "links": [{"description": "Learn more about Gemini API quotas",
+                                     "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}]},
                          {"@type": "type.googleapis.com/google.rpc.RetryInfo",
-                          "retryDelay": f"{delay}s"}])
+                          "retryDelay": f"{math.floor(retry_s)}s"}])
 
     # --- auth ---------------------------------------------------------------------------------
 
@@ -222,18 +238,30 @@ class EmulatorApp:
         with self._lock:
             self.stats.auth_seen[style or "none"] = self.stats.auth_seen.get(style or "none", 0) + 1
         expected = self.options.api_key
+        if key is not None and key in self.options.revoked_keys:
+            raise ApiFault(403, "PERMISSION_DENIED",
+                           "Your API key was reported as leaked. Please use another API key.")
         if expected is None:
             return
         if style is None or key is None:
-            raise ApiFault(401, "UNAUTHENTICATED",
-                           "Request is missing required authentication credential.")
+            raise ApiFault(403, "PERMISSION_DENIED",
+                           "Method doesn't allow unregistered callers (callers without "
+                           "established identity). Please use API Key or other form of API "
+                           "consumer identity to call this API.")
         if self.options.auth not in ("any", style):
             raise ApiFault(401, "UNAUTHENTICATED",
-                           f"Request had invalid authentication credentials: this server expects "
-                           f"'{self.options.auth}' authentication, got '{style}'.")
+                           "Request had invalid authentication credentials. Expected OAuth 2 "
+                           "access token, login cookie or other valid authentication "
+                           f"credential (this server takes '{self.options.auth}' keys, got "
+                           f"'{style}').")
         if not hmac.compare_digest(key.encode(), expected.encode()):
-            raise ApiFault(403, "PERMISSION_DENIED",
-                           "API key not valid. Please pass a valid API key.")
+            message = "API key not valid. Please pass a valid API key."
+            raise ApiFault(400, "INVALID_ARGUMENT", message, [
+                {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
+                 "domain": "googleapis.com",
+                 "metadata": {"service": "generativelanguage.googleapis.com"}},
+                {"@type": "type.googleapis.com/google.rpc.LocalizedMessage", "locale": "en-US",
+                 "message": message}])
 
     # --- embedding ----------------------------------------------------------------------------
 
