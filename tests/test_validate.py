@@ -200,7 +200,8 @@ def test_chunk_spans_short_text_is_one_chunk():
 
 @pytest.mark.parametrize(("content", "name", "reason"), [
     (b"", "empty.txt", "empty"), (b"   \n\t ", "blank.md", "empty"),
-    (b"", "empty.jpg", "corrupt"), (b"just some text", "fake.pdf", "corrupt"),
+    (b"", "empty.jpg", "empty"), (b"", "empty.pdf", "empty"),
+    (b"just some text", "fake.pdf", "corrupt"),
 ])
 def test_empty_and_mismatched_files(tmp_path: Path, content: bytes, name: str, reason: str):
     path = tmp_path / name
@@ -224,3 +225,50 @@ def test_suffix_and_stem_match_pathlib():
                 "noext", "a.tar.gz", "x/y/z.PDF", "a/..b"]:
         assert suffix(key) == PurePosixPath(key).suffix.lower(), key
         assert stem(key) == PurePosixPath(key).stem, key
+
+
+@pytest.mark.parametrize(("data", "text"), [
+    ("Grüße aus Köln\n".encode("utf-16"), "Grüße aus Köln\n"),  # UTF-16 LE with its BOM
+    (b"\xfe\xff" + "Grüße aus Köln\n".encode("utf-16-be"), "Grüße aus Köln\n"),
+    ("Grüße aus Köln\n".encode("utf-32"), "Grüße aus Köln\n"),
+    ("\ufeffGrüße aus Köln\n".encode("utf-8"), "Grüße aus Köln\n"),
+    ("Grüße aus Köln, no mark\n".encode("utf-16-le"), "Grüße aus Köln, no mark\n"),
+    ("Grüße aus Köln, no mark\n".encode("utf-16-be"), "Grüße aus Köln, no mark\n"),
+    (b"Caf\xe9", "Café"),  # 4 bytes: a charset guess would read CJK
+    ("Grüße".encode("cp1252"), "Grüße"),
+    ("Price: 5\u20ac \u2013 \u201cquoted\u201d".encode("cp1252"),
+     "Price: 5\u20ac \u2013 \u201cquoted\u201d"),  # euro sign, en dash, curly quotes
+    ("Привет, как дела? Это текст на русском языке.".encode("cp1251"),
+     "Привет, как дела? Это текст на русском языке."),
+    ("これは日本語のテキストです。東京は大きな都市です。".encode("shift_jis"),
+     "これは日本語のテキストです。東京は大きな都市です。"),
+])
+def test_text_that_is_text_is_read_as_text(tmp_path: Path, data: bytes, text: str):
+    path = tmp_path / "note.txt"
+    path.write_bytes(data)
+    (item,) = fit(path)
+    assert isinstance(item, Item) and item.text == text and item.modality == "text"
+
+
+def test_html_is_embedded_as_its_visible_text_with_its_title(tmp_path: Path):
+    path = tmp_path / "page.html"
+    path.write_text("""<!doctype html><html><head><title> Sourdough   basics </title>
+        <style>body { color: red }</style><script>track("visit")</script></head>
+        <body><h1>Starter</h1><p>Feed it <b>daily</b>.</p><!-- note to self -->
+        <ul><li>flour</li><li>water</li></ul></body></html>""", encoding="utf-8")
+    (item,) = fit(path)
+    assert isinstance(item, Item) and item.mime == "text/html"
+    assert item.text == "Starter\nFeed it daily.\nflour\nwater"
+    assert item.title == "Sourdough basics"
+
+
+def test_xml_is_read_without_resolving_entities(tmp_path: Path):
+    path = tmp_path / "feed.xml"
+    path.write_bytes(b'<?xml version="1.0" encoding="ISO-8859-1"?>\n'
+                     b'<!DOCTYPE rss [<!ENTITY x SYSTEM "file:///etc/hostname">]>\n'
+                     b"<rss><channel><title>Caf\xe9 news</title><item><description>"
+                     b"Open &x; today</description></item></channel></rss>")
+    (item,) = fit(path)
+    assert isinstance(item, Item) and item.title == "Café news"
+    assert item.text is not None and "Café news" in item.text and "Open" in item.text
+    assert Path("/etc/hostname").read_text().strip() not in item.text.replace("Open", "")

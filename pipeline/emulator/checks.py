@@ -14,11 +14,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import mutagen
 from PIL import Image, UnidentifiedImageError
 from pypdf import PdfReader
 from pypdf.errors import PyPdfError
 
+from pipeline.errors import ItemRejected
 from pipeline.models import (
     AUDIO_MIMES,
     IMAGE_MIMES,
@@ -34,12 +34,12 @@ from pipeline.models import (
     ModelSpec,
     text_tokens,
 )
+from pipeline.models import (
+    TASK_TYPES as MODEL_TASK_TYPES,
+)
+from pipeline.validate.media import probe
 
-TASK_TYPES = frozenset({
-    "TASK_TYPE_UNSPECIFIED", "RETRIEVAL_QUERY", "RETRIEVAL_DOCUMENT", "SEMANTIC_SIMILARITY",
-    "CLASSIFICATION", "CLUSTERING", "QUESTION_ANSWERING", "FACT_VERIFICATION",
-    "CODE_RETRIEVAL_QUERY",
-})
+TASK_TYPES = frozenset({"TASK_TYPE_UNSPECIFIED", *MODEL_TASK_TYPES})
 
 
 _URLSAFE = str.maketrans("-_", "+/")
@@ -84,14 +84,12 @@ def _get(d: dict[str, Any], camel: str, snake: str) -> Any:
 
 
 def _media_seconds(data: bytes, kind: str) -> float:
+    """The length as the validator measures it (what demuxes or decodes): one measure for
+    both sides, so a file the validator passes is never over the limit here."""
     try:
-        info = mutagen.File(io.BytesIO(data))
-    except Exception as exc:  # mutagen raises many unrelated types on garbage
-        raise invalid(f"Unable to process input {kind}: {type(exc).__name__}") from exc
-    length = getattr(getattr(info, "info", None), "length", None)
-    if not length or length <= 0:
-        raise invalid(f"Unable to process input {kind}: no playable stream")
-    return float(length)
+        return probe(data).measured_s
+    except ItemRejected as exc:
+        raise invalid(f"Unable to process input {kind}: {exc.message}") from exc
 
 
 def _check_part(part: Any, spec: ModelSpec, index: int, req: ParsedRequest) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pipeline.config import JobConfig
 from pipeline.errors import ItemRejected, RejectReason
 from pipeline.models import (
+    DURATION_MARGIN_S,
     IMAGE_MIMES,
     PDF_MIME,
     TOKENS_PER_AUDIO_SECOND,
@@ -31,6 +32,7 @@ from pipeline.models import (
 from pipeline.records import Extras, Item, Modality, Part, Reject, SourceObject, Span, item_id
 from pipeline.tasks import MAX_TITLE_CHARS, TaskStyle
 from pipeline.validate.image import check_image, convert_to_png, probe_image
+from pipeline.validate.markup import MARKUP_MIMES, visible_text
 from pipeline.validate.media import (
     VIDEO_CODECS,
     MediaInfo,
@@ -113,8 +115,6 @@ class Validator:
         claimed = extension_mime(obj.key)
         binary_claim = claimed is not None and claimed not in TEXT_EXTENSIONS.values()
         if not data:
-            if binary_claim:
-                raise ItemRejected(RejectReason.CORRUPT, f"file is empty (0 bytes) but named as {claimed}")
             raise ItemRejected(RejectReason.EMPTY, "file is empty (0 bytes)")
         mime = sniff(data[:4096], obj.key)
         if (mime.startswith("text/") or mime in TEXT_EXTENSIONS.values()) and binary_claim:
@@ -185,12 +185,14 @@ class Validator:
                           TOKENS_PER_IMAGE, Span(), source_mime=source_mime)
 
     def _too_long(self, kind: str, info: MediaInfo, max_s: float) -> bool:
-        """Over the limit: True (to split), or a ``too_long`` reject when splitting is off."""
-        if info.measured_s <= max_s:
+        """Over the limit (less the margin measures differ by): True (to split), or a
+        ``too_long`` reject when splitting is off."""
+        if info.measured_s <= max_s - DURATION_MARGIN_S:
             return False
         if self.cfg.too_long == "reject":
-            raise ItemRejected(RejectReason.TOO_LONG, f"{kind} is {info.measured_s:.1f} s; the "
-                               f"limit is {max_s:g} s (validate.too_long: split to cut it)")
+            raise ItemRejected(RejectReason.TOO_LONG, f"{kind} is {info.measured_s:.3f} s; the "
+                               f"limit is {max_s:g} s, and media within {DURATION_MARGIN_S:g} s "
+                               "of it are split (validate.too_long: split to cut it)")
         return True
 
     def _whole(self, obj: SourceObject, data: bytes, mime: str, modality: Modality,
@@ -237,11 +239,12 @@ class Validator:
             cuts = cut_points(info.keyframes, info.measured_s, length)
             count = len(cuts) if cuts is not None else 1
             segments = (_cut_spans(cuts, info.measured_s) if self.dry and cuts is not None
-                        else video_segments(data, info, length, deadline))
+                        else video_segments(data, info, length, deadline, limit_s=max_s))
         else:
-            count = max(1, math.ceil(info.measured_s / max_s - 1e-9))
-            segments = (_spans(info.measured_s, max_s, "video/mp4") if self.dry
-                        else video_transcode(data, info, max_s, deadline))
+            length = max(1.0, max_s - 1.0) if max_s > 2 else max_s
+            count = max(1, math.ceil(info.measured_s / length - 1e-9))
+            segments = (_spans(info.measured_s, length, "video/mp4") if self.dry
+                        else video_transcode(data, info, length, deadline))
         yield from self._segments(obj, segments, count, Modality.VIDEO, _video_tokens, mime)
 
     def _segments(self, obj: SourceObject, segments: Iterator[Segment], count: int,
@@ -259,14 +262,21 @@ class Validator:
                              source_mime=source_mime)
 
     def _text(self, obj: SourceObject, data: bytes, mime: str) -> Iterator[Item]:
-        text = decode_text(data)
+        title = None
+        if mime in MARKUP_MIMES:
+            text, title = visible_text(data, mime)
+            if not text:
+                raise ItemRejected(RejectReason.EMPTY, f"{mime} holds no visible text")
+        else:
+            text = decode_text(data)
         if not text.strip():
             raise ItemRejected(RejectReason.EMPTY, "text file holds only white space")
         spans = list(chunk_spans(text, self.text_budget, self.cfg.text_overlap_tokens))
         for index, (start, end) in enumerate(spans):
             chunk = text[start:end]
             yield self._item(obj, index, len(spans), Modality.TEXT, mime, (Part(text=chunk),),
-                             text_tokens(chunk), Span(char_start=start, char_end=end), text=chunk)
+                             text_tokens(chunk), Span(char_start=start, char_end=end), text=chunk,
+                             doc_title=title)
 
     def _pdf(self, obj: SourceObject, data: bytes, deadline: float) -> Iterator[Item]:
         doc = PdfDocument(data)
@@ -283,14 +293,14 @@ class Validator:
 
     def _item(self, obj: SourceObject, part: int, count: int, modality: Modality, mime: str,
               parts: tuple[Part, ...], tokens: int, span: Span, text: str | None = None,
-              source_mime: str | None = None) -> Item:
+              source_mime: str | None = None, doc_title: str | None = None) -> Item:
         assert obj.version is not None
         extras = self._extras
         if self._caption is not None and modality != Modality.TEXT:
             parts = (*parts, Part(text=self._caption))
             tokens += text_tokens(self._caption)
             text = self._caption
-        title = extras.title if extras and extras.title else stem(obj.key)
+        title = extras.title if extras and extras.title else (doc_title or stem(obj.key))
         template = self.style.document_template
         if template is not None:  # what the embedder will wrap each text part in
             overhead = template.replace("{title}", (title or "none")[:MAX_TITLE_CHARS])

@@ -41,6 +41,14 @@ def check_image(data: bytes, mime: str, max_pixels: int) -> tuple[int, int]:
     """Decode the whole image (JPEG at 1/8 scale: every byte is still parsed). Returns its size."""
     img = _open(data, mime, max_pixels, ["PNG", "JPEG"])
     width, height = img.size
+    if img.format == "PNG":
+        # Chunk checksums, as the API checks them: a PNG that decodes with a wrong CRC is
+        # still refused there.
+        try:
+            img.verify()
+        except _DECODE_ERRORS as exc:
+            raise ItemRejected(RejectReason.CORRUPT, f"PNG chunk check failed: {exc}") from exc
+        img = _open(data, mime, max_pixels, ["PNG", "JPEG"])
     try:
         if img.format == "JPEG":
             img.draft("RGB", (max(1, width // 8), max(1, height // 8)))

@@ -90,7 +90,9 @@ def _real_video_streams(container: Any) -> list[Any]:
             if not (s.disposition & attached) and s.codec_context.name not in ("png", "bmp")]
 
 
-def probe(data: bytes, deadline: float) -> MediaInfo:
+def probe(data: bytes, deadline: float = math.inf) -> MediaInfo:
+    """What the media is and how long it lasts, measured from what demuxes or decodes. The
+    emulator measures with this too, so the validator's verdict is the API's."""
     with _open(data) as container:
         header = _header_seconds(data, container)
         videos = _real_video_streams(container)
@@ -257,15 +259,17 @@ def cut_points(keyframes: list[float], duration: float, max_s: float) -> list[fl
     return cuts
 
 
-def video_segments(data: bytes, info: MediaInfo, max_s: float, deadline: float,
-                   ) -> Iterator[Segment]:
+def video_segments(data: bytes, info: MediaInfo, max_s: float, deadline: float, *,
+                   limit_s: float | None = None) -> Iterator[Segment]:
     """Remux the video stream (no audio: the model ignores it) into MP4 segments cut at
-    keyframes, without re-encoding."""
+    keyframes, without re-encoding. Segments are at most ``max_s``; ``limit_s`` is the model's
+    limit, named in the reject."""
     cuts = cut_points(info.keyframes, info.measured_s, max_s)
     if cuts is None:
         raise ItemRejected(RejectReason.TOO_LONG,
-                           f"video is {info.measured_s:.1f} s, over the {max_s:g} s limit, and its "
-                           f"keyframes are too far apart to cut it without re-encoding")
+                           f"video is {info.measured_s:.1f} s, over the {limit_s or max_s:g} s "
+                           f"limit, and its keyframes are too far apart to cut it into parts of "
+                           f"at most {max_s:g} s without re-encoding")
     bounds = [*cuts, math.inf]
     with _open(data) as container:
         stream = _real_video_streams(container)[0]

@@ -193,12 +193,46 @@ def looks_like_text(head: bytes) -> bool:
     return controls <= len(head) // 100
 
 
+# Longest first: UTF-32 LE's BOM begins with UTF-16 LE's.
+_BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe\x00\x00", "utf-32"),
+         (b"\x00\x00\xfe\xff", "utf-32"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+
+
+def bom_encoding(head: bytes) -> str | None:
+    """The encoding a byte-order mark names (Python's codec, which strips the mark)."""
+    return next((enc for bom, enc in _BOMS if head.startswith(bom)), None)
+
+
+def utf16_without_bom(head: bytes) -> str | None:
+    """'utf-16-le' or 'utf-16-be' for text written in UTF-16 without a BOM, told by its zero
+    bytes: mostly-Latin text has a zero in every other byte, on one side only."""
+    pairs = len(head) // 2
+    if pairs < 2:
+        return None
+    even = head[0:pairs * 2:2].count(0)
+    odd = head[1:pairs * 2:2].count(0)
+    for zeros, other, encoding in ((odd, even, "utf-16-le"), (even, odd, "utf-16-be")):
+        if zeros >= 0.3 * pairs and other <= 0.02 * pairs:
+            # "replace": the head may end inside a surrogate pair
+            text = head[:pairs * 2].decode(encoding, errors="replace")
+            printable = sum(c.isprintable() or c in "\t\r\n" for c in text)
+            return encoding if text and printable >= 0.95 * len(text) else None
+    return None
+
+
 def sniff(head: bytes, name: str) -> str:
-    """The file's real MIME type; for text, the flavour its extension names (else text/plain)."""
+    """The file's real MIME type; for text, the flavour its extension names (else text/plain).
+    A byte-order mark is text before anything else (UTF-16 LE's looks like an MP3 frame)."""
+    if bom_encoding(head) is not None:
+        return _text_flavour(name)
     kind = sniff_bytes(head)
     if kind is not None:
         return kind
-    if looks_like_text(head):
-        claimed = extension_mime(name)
-        return claimed if claimed is not None and claimed in TEXT_EXTENSIONS.values() else "text/plain"
+    if utf16_without_bom(head) is not None or looks_like_text(head):
+        return _text_flavour(name)
     return OCTET
+
+
+def _text_flavour(name: str) -> str:
+    claimed = extension_mime(name)
+    return claimed if claimed is not None and claimed in TEXT_EXTENSIONS.values() else "text/plain"

@@ -7,46 +7,59 @@ whatever the real tokenizer does. Cuts prefer paragraph, line, sentence and word
 
 from __future__ import annotations
 
-import codecs
+import unicodedata
 from collections.abc import Iterator
 
 from charset_normalizer import from_bytes
 
 from pipeline.errors import ItemRejected, RejectReason
+from pipeline.validate.sniff import bom_encoding, utf16_without_bom
 
 BYTES_PER_TOKEN = 3
-PREFERRED_LEGACY = "cp1252"
 _BREAKS = ("\n\n", "\n", ". ", "? ", "! ", "; ", ", ", " ")
-
-_BOMS = (
-    (codecs.BOM_UTF8, "utf-8-sig"),
-    (codecs.BOM_UTF32_LE, "utf-32"),
-    (codecs.BOM_UTF32_BE, "utf-32"),
-    (codecs.BOM_UTF16_LE, "utf-16"),
-    (codecs.BOM_UTF16_BE, "utf-16"),
-)
+# A guess is trusted when the detector recognised a language in the decoded text, or when a
+# multi-byte East Asian encoding decoded it into East Asian script: short Latin-1 texts
+# otherwise come out as CJK ("Caf\xe9" reads as UTF-16BE "䍡曩").
+MIN_COHERENCE = 0.2
+_MULTIBYTE = frozenset({"cp932", "shift_jis", "euc_jp", "iso2022_jp", "gb18030", "gb2312", "gbk",
+                        "big5", "big5hkscs", "cp950", "euc_kr", "cp949", "johab", "hz"})
+# Tried in order when no guess is trusted, if every byte is printable there.
+LEGACY_FALLBACKS = ("cp1252", "latin-1")
 
 
 def decode_text(data: bytes) -> str:
-    """UTF-8 (the common case, checked first), a BOM's encoding, else charset detection."""
-    for bom, encoding in _BOMS:
-        if data.startswith(bom):
-            return data.decode(encoding, errors="replace")
+    """A byte-order mark's encoding (UTF-8/16/32), UTF-16 told by its zero bytes, UTF-8 (the
+    common case), a trusted charset guess, else cp1252 / latin-1 when they read every byte as
+    printable text, else the detector's best guess."""
+    encoding = bom_encoding(data) or utf16_without_bom(data[:4096])
+    if encoding is not None:
+        return data.decode(encoding, errors="replace")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         pass
-    results = from_bytes(data[:1_000_000])
-    best = results.best()
-    if best is None or best.encoding is None:
+    results = [m for m in from_bytes(data[:1_000_000])
+               if m.encoding and not m.encoding.startswith(("utf_16", "utf_32"))]
+    for match in results[:1]:
+        text = str(match)
+        if match.coherence >= MIN_COHERENCE or (match.encoding in _MULTIBYTE
+                                                and _east_asian_share(text) >= 0.3):
+            return data.decode(match.encoding, errors="replace")
+    for legacy in LEGACY_FALLBACKS:
+        try:
+            text = data.decode(legacy)
+        except UnicodeDecodeError:
+            continue
+        if all(c.isprintable() or c in "\t\r\n\f\v" for c in text):
+            return text
+    if not results:
         raise ItemRejected(RejectReason.CORRUPT, "not decodable as text in any known encoding")
-    encoding = best.encoding
-    # Short texts often fit several code pages equally well: prefer the most common one.
-    tied = {m.encoding for m in results
-            if m.chaos == best.chaos and m.coherence == best.coherence}
-    if PREFERRED_LEGACY in tied:
-        encoding = PREFERRED_LEGACY
-    return data.decode(encoding, errors="replace")
+    return data.decode(results[0].encoding, errors="replace")
+
+
+def _east_asian_share(text: str) -> float:
+    wide = sum(1 for c in text if unicodedata.east_asian_width(c) in ("W", "F"))
+    return wide / max(1, len(text.strip()))
 
 
 def _fit(text: str, start: int, budget: int) -> int:
