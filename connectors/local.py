@@ -2,13 +2,17 @@
 
 Symbolic links to files are followed only while they stay inside the root; a link that leads out
 of it (or is broken) is listed as a reject so the user sees it. Links to folders are not followed,
-which also rules out cycles.
+which also rules out cycles. Only regular files are listed: a FIFO, socket or device is an
+``unsupported`` reject found from its metadata, never opened (opening a FIFO blocks until
+someone writes to it). Reads open with O_NONBLOCK and check again what they opened, so a file
+swapped for a FIFO after the listing cannot hang a run either.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -34,6 +38,13 @@ class LocalConnector:
         self.exclude = config.exclude
 
     def list(self) -> Iterator[SourceObject | Reject]:
+        try:
+            os.scandir(self.root).close()
+        except OSError as exc:
+            # The root itself gone or unreadable is the source's failure, not a file's: the
+            # run fails (and deletes nothing) instead of seeing every file removed.
+            raise ConnectorError(f"cannot list the source folder {self.root}: "
+                                 f"{exc.strerror}") from exc
         yield from self._walk(self.root, "")
 
     def _walk(self, folder: Path, prefix: str) -> Iterator[SourceObject | Reject]:
@@ -59,6 +70,9 @@ class LocalConnector:
         """The listed file (string paths: this runs for every file of every night)."""
         if is_link:
             target = Path(path).resolve()
+            if not os.path.exists(path):
+                return self._reject(Path(path), key, "symbolic link target is missing "
+                                    f"({os.readlink(path)})")
             if not target.is_relative_to(self.root):
                 return self._reject(Path(path), key, "symbolic link points outside the source root")
             if target.is_dir():
@@ -67,13 +81,17 @@ class LocalConnector:
             st = os.stat(path)
         except OSError as exc:
             return self._reject(Path(path), key, f"cannot read file metadata: {exc.strerror}")
+        if not stat.S_ISREG(st.st_mode):
+            return self._reject(Path(path), key, f"not a regular file ({_kind(st.st_mode)}); "
+                                "it is not opened", RejectReason.UNSUPPORTED)
         mtime = datetime.fromtimestamp(st.st_mtime_ns / 1e9, tz=UTC)
         return SourceObject(uri=file_uri(path), key=key, size=st.st_size, mtime=mtime)
 
-    def _reject(self, path: Path, key: str, message: str) -> Reject:
+    def _reject(self, path: Path, key: str, message: str,
+                reason: str = RejectReason.UNREADABLE) -> Reject:
         obj = SourceObject(uri=path.absolute().as_uri(), key=key, size=0,
                            mtime=datetime.fromtimestamp(0, tz=UTC))
-        return Reject(obj, None, RejectReason.UNREADABLE, f"{key}: {message}")
+        return Reject(obj, None, reason, f"{key}: {message}")
 
     def stat(self, key: str) -> SourceObject | None:
         path = self.root / key
@@ -82,6 +100,8 @@ class LocalConnector:
         try:
             st = path.stat()
         except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
             return None
         mtime = datetime.fromtimestamp(st.st_mtime_ns / 1e9, tz=UTC)
         return SourceObject(uri=path.as_uri(), key=key, size=st.st_size, mtime=mtime)
@@ -98,15 +118,33 @@ class LocalConnector:
         try:
             try:
                 # Not following a link at open time is the cheap check, and it cannot race.
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+                fd = os.open(path, _READ_FLAGS | os.O_NOFOLLOW)
             except OSError as exc:
                 if exc.errno != errno.ELOOP:
                     raise
                 if not Path(path).resolve().is_relative_to(self.root):
                     raise ConnectorError(f"{obj.key}: path leads outside the source root",
                                          uri=obj.uri) from None
-                fd = os.open(path, os.O_RDONLY)
+                fd = os.open(path, _READ_FLAGS)
             with os.fdopen(fd, "rb") as f:
+                mode = os.fstat(fd).st_mode
+                if not stat.S_ISREG(mode):
+                    raise ConnectorError(f"{obj.key}: not a regular file ({_kind(mode)})",
+                                         uri=obj.uri)
                 return f.read()
         except OSError as exc:
             raise ConnectorError(f"{obj.key}: cannot read: {exc.strerror}", uri=obj.uri) from exc
+
+
+# O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer (it changes nothing
+# for regular files, which are all that is read).
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "a special file"

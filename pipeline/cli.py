@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -26,13 +28,22 @@ from typing import Any
 
 import anyio
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from pipeline.config import JobConfig, load_job
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.lock import EXIT_LOCKED, JobLocked
-from pipeline.runner import EXIT_FAILED, EXIT_USAGE, Run, RunResult, run_status
+from pipeline.runner import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    Run,
+    RunResult,
+    run_status,
+    threads_left,
+)
 from pipeline.stats import RunStats
 
 console = Console(stderr=True)
@@ -83,7 +94,10 @@ def _summary(job: JobConfig, result: RunResult, run: Run) -> None:
     table.add_column(justify="right")
     rows = [
         ("files seen", s.files_seen), ("  new", s.files_new), ("  changed", s.files_changed),
-        ("  unchanged", s.files_unchanged), ("  deleted", s.files_deleted),
+        ("  unchanged", s.files_unchanged),
+        ("  rejected at listing", s.files_rejected_at_listing),
+        *((("  sidecars", s.files_sidecars),) if s.files_sidecars else ()),
+        ("files deleted", s.files_deleted),
         ("items embedded", s.items_embedded), ("rejected", s.rejects),
         ("tokens", f"{s.tokens:,}"), ("API calls", s.api_calls), ("retries", s.retries),
         ("HTTP 429", s.http_429), ("wall time", f"{s.wall_s:.1f} s"),
@@ -94,7 +108,9 @@ def _summary(job: JobConfig, result: RunResult, run: Run) -> None:
         table.add_row(f"  rejected {reason}", str(n))
     console.print(table)
     for problem in result.problems[:10]:
-        console.print(f"[yellow]problem:[/] {problem}")
+        if problem != run.failure:
+            console.print(f"[yellow]problem:[/] {escape(problem)}", highlight=False,
+                          soft_wrap=True)
     console.print(f"table: {job.sink.uri} ({job.sink.table}); rejects in {job.sink.rejects_table}")
     if getattr(run, "report_path", None):
         console.print(f"report: {run.report_path}")
@@ -104,7 +120,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     show = not args.quiet and console.is_terminal
     progress, update = _progress_display(show)
-    run = Run(job, retry_rejects=args.retry_rejects, on_progress=update)
+    run = Run(job, retry_rejects=args.retry_rejects, allow_mass_delete=args.allow_mass_delete,
+              on_progress=update)
     if progress is not None:
         with progress:
             result = anyio.run(run.execute)
@@ -119,6 +136,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             Path(args.report).write_text(text + "\n", encoding="utf-8")
     if not args.quiet:
         _summary(job, result, run)
+    if run.failure is not None:
+        console.print(f"[red]run failed:[/] {escape(run.failure)}", highlight=False,
+                      soft_wrap=True)
+    if result.exit_code == EXIT_INTERRUPTED:
+        s = result.stats
+        left = s.files_new + s.files_changed - s.files_done
+        more = "" if s.listing_done else " (and the rest of the listing, which was not finished)"
+        console.print(f"[yellow]interrupted:[/] {left:,} files still to do{more}; what was "
+                      "done is committed and the next run continues from there",
+                      highlight=False, soft_wrap=True)
     if result.exit_code == 4 and run.quota_error is not None:
         delay = run.quota_error.retry_after_s
         when = (f"at {datetime.now(UTC) + timedelta(seconds=delay):%Y-%m-%d %H:%M:%S} UTC"
@@ -149,7 +176,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pipeline.plan import make_plan
 
     job = load_job(args.job)
-    figures = make_plan(job, retry_rejects=args.retry_rejects).as_dict(job)
+    # SIGTERM ends a plan as Ctrl-C does: its worker processes are ended on the way out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    figures = make_plan(job, retry_rejects=args.retry_rejects,
+                        allow_mass_delete=args.allow_mass_delete).as_dict(job)
     if args.json:
         print(json.dumps(figures))
         return 0
@@ -175,6 +205,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
               else "wall time: no quota set in the job (embed.quota), so none is estimated")
     if figures["days_by_requests_per_day"]:
         out.print(f"requests/day quota: {figures['days_by_requests_per_day']} day(s)")
+    if figures["delete_refusal"]:
+        out.print(f"[yellow]a run would fail:[/] {figures['delete_refusal']}", highlight=False)
     return 0
 
 
@@ -200,6 +232,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         table.add_row(*(f"{run[c]:%Y-%m-%d %H:%M:%S}" if c == "started" and run[c] else
                         str(run[c]) for c in cols))
     out.print(table)
+    pending = status["pending"]
+    if pending is not None:
+        left = ("an unknown number of files (it was killed before its listing finished)"
+                if pending["files"] is None else f"{pending['files']:,} files")
+        out.print(f"[yellow]last run {pending['run_id']} is {pending['status']}:[/] {left} "
+                  "still to do; run the job again to continue", highlight=False, soft_wrap=True)
     return 0
 
 
@@ -237,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("job")
     run.add_argument("--retry-rejects", action="store_true",
                      help="try files rejected by earlier runs again even if unchanged")
+    run.add_argument("--allow-mass-delete", action="store_true",
+                     help="delete the rows of removed files even when they are more than "
+                          "run.max_delete_fraction of the job's files (or all of them)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
     run.add_argument("--report", metavar="PATH", default=None,
                      help="write the run's figures as JSON to PATH ('-' for stdout)")
@@ -246,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("job")
     plan.add_argument("--json", action="store_true")
     plan.add_argument("--retry-rejects", action="store_true")
+    plan.add_argument("--allow-mass-delete", action="store_true",
+                      help="plan as `run --allow-mass-delete` would run")
     plan.set_defaults(func=cmd_plan)
 
     search = sub.add_parser("search", help="nearest rows to a text query")
@@ -303,21 +346,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
         return code
     except ConfigError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
     except JobLocked as exc:
-        console.print(f"[red]locked:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]locked:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return EXIT_LOCKED
     except PipelineError as exc:
-        console.print(f"[red]run failed:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]run failed:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return EXIT_FAILED
     except KeyboardInterrupt:
         console.print("interrupted")
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def _entry() -> Any:
-    sys.exit(main())
+    code = main()
+    if threads_left():
+        # A parser the run gave up on is still running in a thread nothing can end; the
+        # interpreter would wait for it at exit. Everything is committed and printed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -163,6 +163,11 @@ class JobLock:
             self.backend.remove()
         raise JobLocked(f"{self.sink_uri}: could not take the lock (another run raced for it)")
 
+    def live_run(self) -> str | None:
+        """The run id of the live holder, if any (read only: for ``status``)."""
+        current = self._current()
+        return current.run_id if current is not None and current.alive(self.stale_s) else None
+
     def beat(self) -> None:
         self.backend.write(self._doc())
 

@@ -5,17 +5,26 @@ and runs the validator in plan mode over what is new or changed: the same items,
 estimates as a run, but no PDF part written and no media cut or converted. Unchanged files are
 not read. Costs come from the job's price table; the wall time is the quota's bound when the
 job states its quotas.
+
+Validation runs in worker processes (parsing is CPU work), which nothing can hang: each file
+has a deadline enforced inside the worker by a timer signal, and a worker stuck where signals
+do not reach (inside a C library) is given up on with its whole pool, which is replaced. Workers
+ignore Ctrl-C; the parent ends them all on its way out.
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
+import multiprocessing.pool
 import os
+import signal
 import time
-from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from connectors import connector_for
@@ -27,7 +36,7 @@ from pipeline.errors import ConnectorError, SinkError
 from pipeline.models import cost_usd
 from pipeline.records import Reject, SourceObject
 from pipeline.sink import open_db
-from pipeline.state import REJECTED, UNREADABLE, FileState, Manifest
+from pipeline.state import REJECTED, UNREADABLE, FileState, Manifest, mass_delete_refusal
 from pipeline.validate import Validator
 
 
@@ -40,6 +49,8 @@ class Plan:
     audio_s: float = 0.0
     video_s: float = 0.0
     rejects: Counter[str] = field(default_factory=Counter)
+    listing_rejects: int = 0
+    delete_refusal: str | None = None  # why the run would refuse its deletions
     wall_s: float = 0.0
 
     def as_dict(self, job: JobConfig) -> dict[str, Any]:
@@ -61,6 +72,7 @@ class Plan:
             "quota_bound_minutes": round(max(minutes), 2) if any(minutes) else None,
             "days_by_requests_per_day": (math.ceil(requests / quota.rpd) if quota.rpd
                                          else None),
+            "delete_refusal": self.delete_refusal,
             "plan_wall_s": round(self.wall_s, 2),
         }
 
@@ -84,17 +96,50 @@ def _previous(job: JobConfig) -> dict[str, FileState]:
 _worker: dict[str, Any] = {}
 
 
+class _FileTimeout(Exception):
+    pass
+
+
+def _alarm(signum: int, frame: FrameType | None) -> None:
+    raise _FileTimeout
+
+
 def _init(job: JobConfig, retry_rejects: bool) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    signal.signal(signal.SIGALRM, _alarm)
     connector = connector_for(job)
     _worker.update(job=job, connector=connector, validator=Validator(job),
                    companions=Companions(connector, job.source.sidecar, job.source.metadata),
-                   fingerprint=job.fingerprint(), retry_rejects=retry_rejects)
+                   fingerprint=job.fingerprint(), retry_rejects=retry_rejects,
+                   limit_s=_file_limit_s(job))
+
+
+def _file_limit_s(job: JobConfig) -> float:
+    """A file's time in a worker; the validator checks ``file_timeout_s`` itself first."""
+    return job.validate_.file_timeout_s * 1.5 + 1.0
 
 
 Planned = tuple[str, str, int, int, float]  # (kind, modality or reason, tokens, pages, seconds)
+_Todo = tuple[SourceObject, FileState | None]
+_TIMEOUT: list[Planned] = [("reject", "timeout", 0, 0, 0.0)]
 
 
-def _plan_one(entry: tuple[SourceObject, FileState | None]) -> list[Planned] | None:
+def _plan_group(group: list[_Todo]) -> list[list[Planned] | None]:
+    """Each file of a group planned under its own deadline (a timer signal: it interrupts
+    Python code and blocking system calls alike)."""
+    out: list[list[Planned] | None] = []
+    for entry in group:
+        signal.setitimer(signal.ITIMER_REAL, _worker["limit_s"])
+        try:
+            out.append(_plan_one(entry))
+        except _FileTimeout:
+            out.append(_TIMEOUT)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    return out
+
+
+def _plan_one(entry: _Todo) -> list[Planned] | None:
     """A file's planned items as small tuples, or None when it is only touched."""
     w = _worker
     obj, prev = entry
@@ -123,17 +168,21 @@ def _plan_one(entry: tuple[SourceObject, FileState | None]) -> list[Planned] | N
     return out
 
 
-def make_plan(job: JobConfig, retry_rejects: bool = False, workers: int | None = None) -> Plan:
+def make_plan(job: JobConfig, retry_rejects: bool = False, workers: int | None = None,
+              allow_mass_delete: bool = False) -> Plan:
     started = time.monotonic()
     connector = connector_for(job)
     companions = Companions(connector, job.source.sidecar, job.source.metadata)
     fingerprint = job.fingerprint()
     previous = _previous(job)
+    known = len(previous)
     plan = Plan()
     todo: list[tuple[SourceObject, FileState | None]] = []
     for entry in connector.list():
         if isinstance(entry, Reject):
             plan.rejects[entry.reason] += 1
+            plan.listing_rejects += 1
+            previous.pop(entry.source.uri, None)
             continue
         if companions.active:
             attached = companions.attach(entry)
@@ -149,15 +198,56 @@ def make_plan(job: JobConfig, retry_rejects: bool = False, workers: int | None =
         todo.append((entry, prev))
     if job.run.on_delete == "delete":
         plan.files["deleted"] = len(previous)
+        plan.delete_refusal = mass_delete_refusal(
+            len(previous), known, sum(plan.files.values()) - len(previous) + plan.listing_rejects,
+            job.run.max_delete_fraction, allow_mass_delete)
     if todo:
         # Large files first, so the slowest work starts early and the pool ends together.
         todo.sort(key=lambda e: -e[0].size)
-        with ProcessPoolExecutor(workers or os.cpu_count() or 1, initializer=_init,
-                                 initargs=(job, retry_rejects)) as pool:
-            for result in pool.map(_plan_one, todo, chunksize=8):
-                _add(plan, result)
+        for result in _validate_all(job, retry_rejects, todo, workers or os.cpu_count() or 1):
+            _add(plan, result)
     plan.wall_s = time.monotonic() - started
     return plan
+
+
+SMALL_FILE_BYTES = 1_000_000
+GROUP_FILES = 32
+
+
+def _groups(todo: list[_Todo]) -> list[list[_Todo]]:
+    """Large files alone (the slow, risky parsers), small ones in groups (fewer hops)."""
+    large = [[e] for e in todo if e[0].size > SMALL_FILE_BYTES]
+    small = [e for e in todo if e[0].size <= SMALL_FILE_BYTES]
+    return large + [small[i:i + GROUP_FILES] for i in range(0, len(small), GROUP_FILES)]
+
+
+def _validate_all(job: JobConfig, retry_rejects: bool, todo: list[_Todo],
+                  workers: int) -> Iterator[list[Planned] | None]:
+    """Every file's planned items, in worker processes, with at most ``2 x workers`` groups
+    in flight. The oldest group in flight has had every chance to start: if it is not done
+    within its files' deadlines (plus slack), its worker is stuck where the timer cannot reach
+    it; its files become timeouts and the pool is replaced (a pool cannot end one worker)."""
+    # spawn: forking a process whose Lance and tokio threads are running is not safe
+    context = multiprocessing.get_context("spawn")
+    queue = deque(_groups(todo))
+    limit_s = _file_limit_s(job)
+    while queue:
+        with context.Pool(workers, initializer=_init, initargs=(job, retry_rejects)) as pool:
+            flight: deque[tuple[list[_Todo], multiprocessing.pool.AsyncResult[Any]]] = deque()
+            while queue or flight:
+                while queue and len(flight) < 2 * workers:
+                    group = queue.popleft()
+                    flight.append((group, pool.apply_async(_plan_group, (group,))))
+                group, pending = flight[0]
+                try:
+                    results = pending.get(timeout=limit_s * len(group) + 10.0)
+                except multiprocessing.TimeoutError:
+                    yield from (_TIMEOUT for _ in group)
+                    flight.popleft()
+                    queue.extendleft(reversed([g for g, _ in flight]))
+                    break  # leaving the with-block terminates the pool, stuck worker included
+                flight.popleft()
+                yield from results
 
 
 def _add(plan: Plan, result: list[Planned] | None) -> None:

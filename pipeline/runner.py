@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
@@ -38,6 +38,7 @@ from pipeline.config import ArrowSinkConfig, JobConfig
 from pipeline.embed import Embedder
 from pipeline.endpoint import embedding_client
 from pipeline.errors import (
+    AccessError,
     ConnectorError,
     PipelineError,
     QuotaExhausted,
@@ -49,7 +50,15 @@ from pipeline.models import cost_usd, model_spec
 from pipeline.ratelimit import AdaptiveConcurrency, Quota, RateLimiter
 from pipeline.records import Batch, FileEnd, Item, Reject, SourceObject, Vector
 from pipeline.sink import LanceSink, open_db, preload, reject_id
-from pipeline.state import EMBEDDED, REJECTED, UNREADABLE, FileState, Manifest, RunLog
+from pipeline.state import (
+    EMBEDDED,
+    REJECTED,
+    UNREADABLE,
+    FileState,
+    Manifest,
+    RunLog,
+    mass_delete_refusal,
+)
 from pipeline.stats import RunStats
 from pipeline.tasks import TaskStyle
 from pipeline.validate import Validator
@@ -77,6 +86,35 @@ _Todo = tuple[SourceObject, "FileState | None"]
 SMALL_FILE_BYTES = 1_000_000
 GROUP_FILES = 128
 GROUP_BYTES = 4_000_000
+
+
+class _ThreadCalls:
+    """Counts validation calls still running in worker threads. A call the run gave up on (a
+    parser past its deadline, or cut off by a signal) cannot be ended from outside; anyio's
+    worker threads are not daemons, so the interpreter would wait for it at exit. The CLI
+    asks :func:`threads_left` and ends the process itself once everything is committed."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, fn: Callable[[], _T]) -> _T:
+        with self._lock:
+            self.running += 1
+        try:
+            return fn()
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+_T = TypeVar("_T")
+_THREAD_CALLS = _ThreadCalls()
+
+
+def threads_left() -> int:
+    """Validation calls still running in threads the run abandoned."""
+    return _THREAD_CALLS.running
 
 
 def _share(per_minute: int | None) -> int:
@@ -115,10 +153,13 @@ class _Pending:
 
 class Run:
     def __init__(self, job: JobConfig, *, retry_rejects: bool = False,
+                 allow_mass_delete: bool = False,
                  on_progress: Callable[[RunStats], None] | None = None,
                  connector: Connector | None = None) -> None:
+        job.require_api_key()
         self.job = job
         self.retry_rejects = retry_rejects
+        self.allow_mass_delete = allow_mass_delete
         self.on_progress = on_progress
         self.connector = connector or connector_for(job)
         preload()
@@ -132,8 +173,14 @@ class Run:
         self._committed: set[str] = set()
         self.failed_items = 0
         self.quota_error: QuotaExhausted | None = None
+        # A failure that is not any file's fault (the key, the endpoint, the API down): the
+        # run stops, blames no file and deletes nothing.
+        self.fatal: PipelineError | None = None
+        self.failure: str | None = None  # why the run failed, one line (also in problems)
         self.interrupted = False
+        self.deletion_refused = False
         self._previous: dict[str, FileState] = {}
+        self._known = 0
 
     # --- entry point --------------------------------------------------------------------------
 
@@ -169,6 +216,7 @@ class Run:
         self.sink = await anyio.to_thread.run_sync(make_sink)
         self.manifest = await anyio.to_thread.run_sync(Manifest, db, sink_cfg.manifest_table)
         self._previous = await anyio.to_thread.run_sync(self.manifest.load)
+        self._known = len(self._previous)
         self.runlog = await anyio.to_thread.run_sync(RunLog, db, sink_cfg.runs_table)
         await anyio.to_thread.run_sync(self._resume)
         quota = Quota(rpm=embed.quota.rpm, tpm=embed.quota.tpm, rpd=embed.quota.rpd)
@@ -253,6 +301,7 @@ class Run:
             "status": status, "exit_code": code, "files_seen": s.files_seen,
             "files_new": s.files_new, "files_changed": s.files_changed,
             "files_deleted": s.files_deleted, "files_unchanged": s.files_unchanged,
+            "files_done": s.files_done,
             "items_embedded": s.items_embedded, "items_resumed": s.items_resumed,
             "rejects": s.rejects, "tokens": s.tokens, "api_calls": s.api_calls,
             "http_429": s.http_429, "retries": s.retries,
@@ -260,11 +309,13 @@ class Run:
         }
 
     def _exit_code(self) -> int:
+        if self.fatal is not None:
+            return EXIT_FAILED
         if self.interrupted:
             return EXIT_INTERRUPTED
         if self.quota_error is not None:
             return EXIT_QUOTA
-        if self.failed_items:
+        if self.failed_items or self.deletion_refused:
             return EXIT_FAILED
         return EXIT_REJECTS if self.stats.rejects else EXIT_OK
 
@@ -325,11 +376,13 @@ class Run:
                     self.stats.files_seen += 1
                     if isinstance(entry, Reject):
                         self._previous.pop(entry.source.uri, None)
+                        self.stats.files_rejected_at_listing += 1
                         rejects.append(entry)
                         continue
                     if self.companions.active:
                         attached = self.companions.attach(entry)
                         if attached is None:
+                            self.stats.files_sidecars += 1
                             continue  # a sidecar: embedded with its media file
                         entry = attached
                     prev = self._previous.pop(entry.uri, None)
@@ -354,6 +407,8 @@ class Run:
                 if rejects:
                     await out.send(rejects)
         self.stats.listing_done = True
+        # What the run has to do is known now: a run killed from here on shows it in `status`.
+        await anyio.to_thread.run_sync(self.runlog.record, self._run_row("running", None))
 
     async def _validate(self, todo: ObjectReceiveStream[list[_Todo]],
                         items: ObjectSendStream[list[Item]],
@@ -390,7 +445,7 @@ class Run:
                 tg.cancel_scope.cancel()
 
             tg.start_soon(watch)
-            await anyio.to_thread.run_sync(group.run, abandon_on_cancel=True)
+            await anyio.to_thread.run_sync(_THREAD_CALLS, group.run, abandon_on_cancel=True)
             tg.cancel_scope.cancel()
         finished, current = group.stop()
         found: list[Item] = []
@@ -415,7 +470,8 @@ class Run:
         while not done:
             chunk: list[Item | Reject | FileState] = []
             with anyio.move_on_after(max(0.0, deadline - anyio.current_time())) as scope:
-                chunk, done = await anyio.to_thread.run_sync(work.step, abandon_on_cancel=True)
+                chunk, done = await anyio.to_thread.run_sync(_THREAD_CALLS, work.step,
+                                                             abandon_on_cancel=True)
             if scope.cancelled_caught:
                 chunk, done = [self._timeout_reject(work, count)], True
             found: list[Item] = []
@@ -475,13 +531,31 @@ class Run:
                     self.quota_error = exc
                     self._producers.cancel()
                     return
+                except AccessError as exc:
+                    self._fail(exc, len(batch.items))
+                    return
                 except TransientEmbedError as exc:
-                    # Not the files' fault: leave them undone so the next run tries again.
-                    self.failed_items += len(batch.items)
-                    self.problems.append(f"{len(batch.items)} items not embedded after "
-                                         f"{self.job.embed.max_attempts} attempts: {exc}")
-                    continue
+                    # The API kept failing after every retry: the next calls would too. Not
+                    # the files' fault: they stay undone and the next run tries them again.
+                    self._fail(exc, len(batch.items), f"after {self.job.embed.max_attempts} "
+                                                      "attempts")
+                    return
                 await out.send([*vectors, *rejects])
+
+    def _fail(self, exc: PipelineError, items: int, how: str = "") -> None:
+        """Stop the run for an error that is no file's fault: nothing is stored against the
+        files, nothing is deleted, and what was done is still committed."""
+        self.failed_items += items
+        if self.fatal is None:
+            self.fatal = exc
+            self._failed(f"the embedding API failed{' ' + how if how else ''}: {exc}; nothing "
+                         "was stored against the files and nothing was deleted: run the job "
+                         "again once this is fixed")
+        self._producers.cancel()
+
+    def _failed(self, why: str) -> None:
+        self.failure = why  # the CLI prints it once; the report lists it among the problems
+        self.problems.append(why)
 
     async def _write(self, out: ObjectReceiveStream[list[Outcome]]) -> None:
         writer = _Writer(self)
@@ -499,10 +573,17 @@ class Run:
                     if entries is None or writer.rows >= self.job.run.flush_rows:
                         await anyio.to_thread.run_sync(writer.flush)
             await anyio.to_thread.run_sync(writer.flush)
-            if self.stats.listing_done and self.job.run.on_delete == "delete":
+            if (self.stats.listing_done and self.job.run.on_delete == "delete"
+                    and self.fatal is None and self._previous):
                 gone = list(self._previous)
-                if gone:
+                refusal = mass_delete_refusal(
+                    len(gone), self._known, self.stats.files_seen,
+                    self.job.run.max_delete_fraction, self.allow_mass_delete)
+                if refusal is None:
                     await anyio.to_thread.run_sync(writer.delete, gone)
+                else:
+                    self.deletion_refused = True
+                    self._failed(refusal)
         finally:
             self._writer_done.set()
 
@@ -512,10 +593,16 @@ class Run:
         self._producers.cancel()
 
     async def _watch_signals(self) -> None:
+        """The first SIGINT/SIGTERM stops the run cleanly (what is done is committed); a second
+        one ends the process at once: the next run redoes what was not committed."""
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
+                if self.interrupted:
+                    log.error("second signal: exiting now; what was not committed is redone "
+                              "by the next run")
+                    os._exit(EXIT_INTERRUPTED)
+                log.warning("stopping: committing what is done (a second signal exits at once)")
                 self.stop()
-                return
 
     async def _heartbeat(self) -> None:
         while True:

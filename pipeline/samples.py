@@ -8,10 +8,12 @@
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+_FIXED_DATE = time.gmtime(1_767_225_600)  # 2026-01-01, as Pillow's PDF writer takes dates
 _TOPICS = ["rivers", "bridges", "orchards", "comets", "glaciers", "harbours", "libraries",
            "railways", "deserts", "lighthouses", "beehives", "windmills", "coral reefs",
            "observatories", "vineyards", "tunnels"]
@@ -57,7 +59,9 @@ def make_quickstart_media(folder: Path) -> list[Path]:
                    f"{_VERBS[n % len(_VERBS)]} the land.")
              for n, topic in enumerate(_TOPICS[:9])]
     path = folder / "field-guide.pdf"
-    pages[0].save(path, save_all=True, append_images=pages[1:], resolution=72)
+    # Fixed dates: the same bytes on every call, so a second `samples` changes nothing.
+    pages[0].save(path, save_all=True, append_images=pages[1:], resolution=72,
+                  creationDate=_FIXED_DATE, modDate=_FIXED_DATE)
     made.append(path)
     return made
 

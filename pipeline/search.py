@@ -7,14 +7,15 @@ from typing import Any
 
 import anyio
 
-from connectors.s3_options import sink_storage_options
+from connectors.s3_options import sink_s3_options, sink_storage_options
 from pipeline.config import ArrowSinkConfig, JobConfig
 from pipeline.endpoint import embedding_client
 from pipeline.errors import ConfigError, SinkError
+from pipeline.lock import JobLock
 from pipeline.models import model_spec
 from pipeline.records import Part
-from pipeline.sink import open_db
-from pipeline.state import RunLog
+from pipeline.sink import open_db, sql_str
+from pipeline.state import RUNNING, RunLog
 from pipeline.tasks import TaskStyle
 
 
@@ -164,4 +165,27 @@ def table_status(job: JobConfig, last: int = 10) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     if sink.runs_table in names:
         runs = RunLog(db, sink.runs_table).last(last)
-    return {"uri": sink.uri, "rows": counts, "files": files, "runs": runs}
+    pending = None
+    if runs and runs[-1]["status"] not in ("finished", None):
+        latest = runs[-1]
+        if latest["status"] == RUNNING and JobLock(
+                sink.uri, "status", job.name, s3_options=sink_s3_options(job)).live_run() \
+                != latest["run_id"]:
+            latest["status"] = "killed"  # no live process holds its lock: marked by the next run
+        pending = _pending(db.open_table(sink.manifest_table) if sink.manifest_table in names
+                           else None, latest)
+    return {"uri": sink.uri, "rows": counts, "files": files, "runs": runs, "pending": pending}
+
+
+def _pending(manifest: Any, run: dict[str, Any]) -> dict[str, Any]:
+    """What the last run, unfinished, left to do: the files its listing found new or changed
+    less those it completed. A run killed before its listing finished never said (None)."""
+    todo = (run.get("files_new") or 0) + (run.get("files_changed") or 0)
+    if not run.get("files_seen"):
+        return {"run_id": run["run_id"], "status": run["status"], "files": None}
+    done = run.get("files_done") or 0
+    if run["status"] in (RUNNING, "killed", "interrupted") and manifest is not None:
+        # killed: its row was last written when its listing finished; its files are in the
+        # manifest under its run id
+        done = manifest.count_rows(f"run_id = {sql_str(run['run_id'])}")
+    return {"run_id": run["run_id"], "status": run["status"], "files": max(0, todo - done)}

@@ -126,6 +126,26 @@ class Manifest:
                 raise SinkError(f"cannot update the manifest: {exc}") from exc
 
 
+def mass_delete_refusal(gone: int, known: int, listed: int, max_fraction: float,
+                        allowed: bool) -> str | None:
+    """Why deleting the rows of ``gone`` of the ``known`` files must not happen, or None.
+
+    An emptied or vanished source (an unmounted share, a wrong prefix, an ``include`` that
+    matches nothing) looks exactly like every file deleted. Deleting more than
+    ``run.max_delete_fraction`` of what the job knew, or all of it, waits for the operator to
+    say so (``--allow-mass-delete`` or ``max_delete_fraction: 1.0``)."""
+    if not gone or allowed or max_fraction >= 1.0:
+        return None
+    if gone < known and gone <= max_fraction * known:
+        return None
+    hint = (" (is the source mounted, and its prefix and include patterns right?)"
+            if listed == 0 else "")
+    return (f"refused to delete the rows of {gone:,} of the {known:,} files this job knew "
+            f"({gone / max(known, 1):.0%}, over run.max_delete_fraction {max_fraction:g}): the "
+            f"source listed {listed:,} files{hint}; nothing was deleted. If they were removed "
+            "on purpose, run again with --allow-mass-delete")
+
+
 RUNS_SCHEMA = pa.schema([
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("job", pa.string()),
@@ -138,6 +158,7 @@ RUNS_SCHEMA = pa.schema([
     pa.field("files_changed", pa.int64()),
     pa.field("files_deleted", pa.int64()),
     pa.field("files_unchanged", pa.int64()),
+    pa.field("files_done", pa.int64()),
     pa.field("items_embedded", pa.int64()),
     pa.field("items_resumed", pa.int64()),
     pa.field("rejects", pa.int64()),

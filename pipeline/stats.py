@@ -17,6 +17,8 @@ class RunStats:
     files_new: int = 0
     files_changed: int = 0
     files_unchanged: int = 0
+    files_rejected_at_listing: int = 0  # not regular files, broken links, unlistable folders
+    files_sidecars: int = 0  # captions embedded with their media file, not on their own
     files_deleted: int = 0
     files_done: int = 0
     items_validated: int = 0

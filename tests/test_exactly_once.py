@@ -32,6 +32,13 @@ def _run_cli(job: Path) -> subprocess.Popen[bytes]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+def _wait_for_items(emu: Emulator, proc: subprocess.Popen[bytes], served: int) -> None:
+    deadline = time.monotonic() + 120
+    while emu.state.stats.items < served and proc.poll() is None:
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.005)
+
+
 @pytest.mark.slow
 def test_ten_sigkills_then_finish_leaves_exactly_one_row_per_item(tmp_path: Path,
                                                                   corpus_dir: Path):
@@ -42,23 +49,31 @@ def test_ten_sigkills_then_finish_leaves_exactly_one_row_per_item(tmp_path: Path
     rng = random.Random(20261122)
     with Emulator(EmulatorOptions(latency_ms=50, per_item_ms=2)) as emu:
         job = write_job(tmp_path, src, embed={
-            "provider": "gemini", "base_url": emu.base_url, "model": "gemini-embedding-2",
+            "provider": "gemini", "api_key": "any-key",
+            "base_url": emu.base_url, "model": "gemini-embedding-2",
             "output_dimensionality": 128, "batch_size": BATCH, "concurrency": CONCURRENCY},
             extra={"run": {"flush_rows": FLUSH_ROWS, "flush_interval_s": 0.5}})
         killed_mid_run = 0
-        for _ in range(KILLS):
+        for kill in range(KILLS):
             proc = _run_cli(job)
-            time.sleep(rng.uniform(1.5, 5.0))
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                killed_mid_run += 1
+            if kill % 4 == 0:
+                # During start-up: the run cannot have finished (5,003 items at ~400/s).
+                time.sleep(rng.uniform(0.2, 1.0))
+            else:
+                # Mid-run, at a moment measured from the run itself: after it has been served
+                # a random number of items. Each kill leaves most of the corpus undone, so no
+                # kill can land after the run finished.
+                _wait_for_items(emu, proc, emu.state.stats.items + rng.randint(20, 300))
+            assert proc.poll() is None, f"run {kill} ended before its kill: {proc.returncode}"
+            proc.send_signal(signal.SIGKILL)
+            killed_mid_run += 1
             proc.wait(timeout=30)
         final = _run_cli(job)
         _, err = final.communicate(timeout=300)
         assert final.returncode == EXIT_OK, err.decode()[-2000:]
         served = emu.state.stats.items
 
-    assert killed_mid_run >= 5, "the kills should land while the run works"
+    assert killed_mid_run == KILLS
     db = lancedb.connect(str(tmp_path / "lance"))
     rows = pl.from_arrow(db.open_table("vectors").to_arrow().select(["id", "key", "part"]))
     assert isinstance(rows, pl.DataFrame)
@@ -86,7 +101,8 @@ def test_unchanged_files_cost_no_call_and_no_read(tmp_path: Path, emulator: Emul
 
     make_text_corpus(tmp_path / "src", 300)
     job = write_job(tmp_path, tmp_path / "src", embed={
-        "provider": "gemini", "base_url": emulator.base_url, "model": "gemini-embedding-2",
+        "provider": "gemini", "api_key": "any-key",
+        "base_url": emulator.base_url, "model": "gemini-embedding-2",
         "output_dimensionality": 128})
     assert run_job(load_job(job)).stats.items_embedded == 300
     calls_before = emulator.state.stats.http_requests
