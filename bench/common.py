@@ -19,7 +19,7 @@ import anyio
 import yaml
 
 from pipeline.config import load_job
-from pipeline.runner import Run, RunResult
+from pipeline.run import Run, RunResult
 
 
 @dataclass

@@ -25,7 +25,7 @@ import boto3
 from connectors.s3 import S3Connector
 from pipeline.config import S3SourceConfig
 from pipeline.records import SourceObject
-from pipeline.state import FileState
+from pipeline.state.manifest import FileState
 from tests.conftest import S3_KEY, S3_SECRET, S3Server
 from tests.test_s3 import _put_many
 

@@ -33,17 +33,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from pipeline.config import JobConfig, load_job
+from pipeline.engine.threads import threads_left
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.lock import EXIT_LOCKED, JobLocked
-from pipeline.runner import (
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
-    EXIT_USAGE,
-    Run,
-    RunResult,
-    run_status,
-    threads_left,
-)
+from pipeline.outcome import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_USAGE, run_status
+from pipeline.run import Run, RunResult
+from pipeline.state.lock import JobLocked
 from pipeline.stats import RunStats
 
 console = Console(stderr=True)

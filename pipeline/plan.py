@@ -30,13 +30,13 @@ from typing import Any
 from connectors import connector_for
 from connectors.base import content_version
 from connectors.s3_options import sink_storage_options
-from pipeline.companions import Companions
 from pipeline.config import JobConfig
 from pipeline.errors import ConnectorError, SinkError
 from pipeline.models import cost_usd
 from pipeline.records import Reject, SourceObject
-from pipeline.sink import open_db
-from pipeline.state import REJECTED, UNREADABLE, FileState, Manifest, mass_delete_refusal
+from pipeline.sinks.lance import open_db
+from pipeline.stages.companions import Companions
+from pipeline.state.manifest import REJECTED, UNREADABLE, FileState, Manifest, mass_delete_refusal
 from pipeline.validate import Validator
 
 

@@ -1,7 +1,7 @@
 """The typed records that flow between stages.
 
-    connector ──SourceObject──▶ validate ──Item──▶ batch ──Batch──▶ embed ──Vector──▶ sink
-                                    └──────────────Reject───────────────────────────────▲
+    listing ──SourceObject──▶ validation ──Item──▶ packing ──Batch──▶ embedding ──Vector──▶ writing
+                                  └──Reject, FileEnd (and the manifest's FileState)─────────▲
 
 An :class:`Item` is one request to the API (a whole file or one part of it: a page range, a text
 chunk, a time range). Its ``id`` is deterministic, so writing it twice cannot make two rows.
@@ -126,15 +126,26 @@ class Reject:
     message: str
     mime: str | None = None
     part: int | None = None
+    # The file had rows before (it is changed, not new): a whole-file reject removes them.
+    replaces: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class FileEnd:
     """The validator is done with a file: ``count`` items and part rejects came out of it.
-    The writer marks the file complete once that many outcomes are committed."""
+    The writer marks the file complete once that many outcomes are committed; when the file
+    ``replaces`` earlier rows, those its new rows do not overwrite go in the same commit."""
 
     source: SourceObject
     count: int
+    replaces: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """An item whose row a killed run already wrote: counted toward its file, not sent again."""
+
+    item: Item
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,14 +9,14 @@ import anyio
 
 from connectors.s3_options import sink_s3_options, sink_storage_options
 from pipeline.config import ArrowSinkConfig, JobConfig
-from pipeline.endpoint import embedding_client
 from pipeline.errors import ConfigError, SinkError
-from pipeline.lock import JobLock
+from pipeline.gemini.endpoint import embedding_client
+from pipeline.gemini.tasks import TaskStyle
 from pipeline.models import model_spec
 from pipeline.records import Part
-from pipeline.sink import open_db, sql_str
-from pipeline.state import RUNNING, RunLog
-from pipeline.tasks import TaskStyle
+from pipeline.sinks.lance import open_db, sql_str
+from pipeline.state.lock import JobLock
+from pipeline.state.runs import RUNNING, RunLog
 
 
 def _where(row: dict[str, Any]) -> str:

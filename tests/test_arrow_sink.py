@@ -17,7 +17,7 @@ import pytest
 
 from pipeline.config import load_job
 from pipeline.errors import SinkError
-from pipeline.runner import EXIT_OK, EXIT_REJECTS, run_job
+from pipeline.run import EXIT_OK, EXIT_REJECTS, run_job
 from pipeline.samples import make_text_corpus
 from tests.conftest import copy_corpus_files, write_job
 
@@ -96,7 +96,7 @@ def test_a_killed_runs_rows_are_not_written_twice(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch):
     """A run that fails after writing some files but before recording them as done: the next
     run reads the ids back by run id and does not append them again."""
-    import pipeline.runner as runner
+    import pipeline.run as runner
 
     make_text_corpus(tmp_path / "src", 40)
     job = write_job(tmp_path, tmp_path / "src", embed={

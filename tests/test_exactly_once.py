@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.config import load_job
 from pipeline.emulator.server import Emulator, EmulatorOptions
-from pipeline.runner import EXIT_OK, run_job
+from pipeline.run import EXIT_OK, run_job
 from pipeline.samples import make_text_corpus
 from tests.conftest import copy_corpus_files, write_job
 

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.emulator.server import Emulator, EmulatorOptions
 from pipeline.errors import AccessError, QuotaExhausted, TerminalEmbedError, TransientEmbedError
-from pipeline.gemini import EmbedRequest, GeminiClient
+from pipeline.gemini.client import EmbedRequest, GeminiClient
 from pipeline.records import Part
 
 KEY = "test-key-123"

@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipeline.config import load_job
 from pipeline.emulator.server import Emulator
-from pipeline.runner import EXIT_OK, run_job
+from pipeline.run import EXIT_OK, run_job
 from pipeline.search import search
 from tests.conftest import write_job
 

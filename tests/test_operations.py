@@ -14,10 +14,10 @@ import pytest
 
 from pipeline.config import load_job
 from pipeline.emulator.server import Emulator, EmulatorOptions
-from pipeline.lock import LOCK_NAME, JobLock, JobLocked
 from pipeline.plan import make_plan
-from pipeline.runner import EXIT_OK, run_job
+from pipeline.run import EXIT_OK, run_job
 from pipeline.samples import make_text_corpus
+from pipeline.state.lock import LOCK_NAME, JobLock, JobLocked
 from tests.conftest import S3Server, copy_corpus_files, write_job
 
 SAMPLE = ["pdf/tracemonkey.pdf", "pdf/pdflatex-4-pages.pdf", "image/smile.png",

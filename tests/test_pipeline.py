@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.config import load_job
 from pipeline.emulator.server import Emulator
-from pipeline.runner import EXIT_OK, EXIT_REJECTS, run_job
+from pipeline.run import EXIT_OK, EXIT_REJECTS, run_job
 from tests.conftest import copy_corpus_files, write_job
 
 MIXED = ["pdf/tracemonkey.pdf", "pdf/minimal-document.pdf", "image/smile.png",

@@ -17,7 +17,7 @@ import pytest
 
 from connectors.s3 import S3Connector
 from pipeline.config import load_job
-from pipeline.runner import EXIT_FAILED, EXIT_OK, EXIT_REJECTS, run_job
+from pipeline.run import EXIT_FAILED, EXIT_OK, EXIT_REJECTS, run_job
 from tests.conftest import S3_SECRET, S3Server, write_job
 
 SAMPLE = ["pdf/tracemonkey.pdf", "pdf/minimal-document.pdf", "image/smile.png",

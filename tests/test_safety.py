@@ -17,7 +17,7 @@ import pytest
 
 from pipeline.config import load_job
 from pipeline.emulator.server import Emulator, EmulatorOptions
-from pipeline.runner import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_REJECTS, run_job
+from pipeline.run import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_REJECTS, run_job
 from pipeline.samples import make_quickstart_media, make_text_corpus
 from tests.conftest import write_job
 

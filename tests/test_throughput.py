@@ -13,16 +13,16 @@ import lancedb
 import pytest
 
 from pipeline.config import load_job
-from pipeline.embed import Embedder
 from pipeline.emulator.server import Emulator, EmulatorOptions
-from pipeline.gemini import GeminiClient
+from pipeline.gemini.client import GeminiClient
+from pipeline.gemini.limiter import AdaptiveConcurrency, Quota, RateLimiter, SlidingWindow
+from pipeline.gemini.tasks import TaskStyle
 from pipeline.models import model_spec
-from pipeline.ratelimit import AdaptiveConcurrency, Quota, RateLimiter, SlidingWindow
 from pipeline.records import Batch, Item, Modality, Part, SourceObject, item_id
-from pipeline.runner import EXIT_OK, EXIT_QUOTA, run_job
+from pipeline.run import EXIT_OK, EXIT_QUOTA, run_job
 from pipeline.samples import make_text_corpus
+from pipeline.stages.embedding import Embedder
 from pipeline.stats import RunStats
-from pipeline.tasks import TaskStyle
 from tests.conftest import write_job
 
 
@@ -123,7 +123,7 @@ def test_unknown_quota_is_found_by_backing_off_on_429(tmp_path: Path):
 
 
 def test_known_quota_makes_no_429(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    import pipeline.runner as runner_module
+    import pipeline.run as runner_module
 
     # The job's per-minute window, shortened like the emulator's.
     monkeypatch.setattr(runner_module, "RateLimiter",

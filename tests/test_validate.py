@@ -242,7 +242,8 @@ def test_suffix_and_stem_match_pathlib():
      "Привет, как дела? Это текст на русском языке."),
     ("これは日本語のテキストです。東京は大きな都市です。".encode("shift_jis"),
      "これは日本語のテキストです。東京は大きな都市です。"),
-])
+], ids=["utf16le-bom", "utf16be-bom", "utf32-bom", "utf8-bom", "utf16le", "utf16be",
+        "cafe-latin1", "short-cp1252", "cp1252-punctuation", "cp1251", "shift-jis"])
 def test_text_that_is_text_is_read_as_text(tmp_path: Path, data: bytes, text: str):
     path = tmp_path / "note.txt"
     path.write_bytes(data)

@@ -14,17 +14,14 @@ Use :class:`Emulator` to run it in a background thread of the current process.
 
 from __future__ import annotations
 
-import hmac
 import logging
-import math
 import random
 import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import numpy as np
@@ -35,68 +32,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from pipeline.emulator.auth import authorise, presented
 from pipeline.emulator.checks import ApiFault, ParsedRequest, invalid, parse_request
+from pipeline.emulator.options import AuthStyle as AuthStyle
+from pipeline.emulator.options import EmulatorOptions as EmulatorOptions
+from pipeline.emulator.options import Stats
+from pipeline.emulator.quota import Quotas
 from pipeline.emulator.vectors import content_vector
 from pipeline.models import MAX_BATCH_REQUESTS, MODELS, ModelSpec
-from pipeline.ratelimit import SlidingWindow
 
-AuthStyle = Literal["google", "bearer", "raw", "any"]
 log = logging.getLogger("embedpipe.emulator")
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class EmulatorOptions:
-    """How the emulator behaves. Quotas count the way Google does: every item of a batch is a
-    request; a refused call counts for nothing. Fault rates are per HTTP call, 0..1."""
-
-    api_key: str | None = None
-    auth: AuthStyle = "any"
-    # Keys answered as Google answers a key reported as leaked (403 PERMISSION_DENIED).
-    revoked_keys: tuple[str, ...] = ()
-    latency_ms: float = 0.0
-    per_item_ms: float = 0.0
-    jitter_ms: float = 0.0
-    keep_requests: int = 200
-    rpm: int | None = None
-    tpm: int | None = None
-    rpd: int | None = None
-    window_s: float = 60.0  # the "minute" of rpm/tpm (shorter in tests)
-    day_s: float = 86_400.0
-    error_429: float = 0.0  # a per-minute 429 as if others shared the quota
-    error_500: float = 0.0
-    error_503: float = 0.0
-    reset: float = 0.0
-    stall: float = 0.0
-    stall_s: float = 30.0
-    truncate: float = 0.0
-    seed: int | None = None
-
-
-@dataclass
-class Stats:
-    http_requests: int = 0
-    embed_calls: int = 0
-    batch_calls: int = 0
-    items: int = 0
-    tokens: int = 0
-    tokens_by_modality: dict[str, int] = field(default_factory=dict)
-    by_status: dict[str, int] = field(default_factory=dict)
-    auth_seen: dict[str, int] = field(default_factory=dict)
-    faults: dict[str, int] = field(default_factory=dict)
-    quota_429: dict[str, int] = field(default_factory=dict)
-    # (monotonic time, items, tokens) of each call served, for benchmarks; bounded.
-    timeline: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=100_000))
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "http_requests": self.http_requests, "embed_calls": self.embed_calls,
-            "batch_calls": self.batch_calls, "items": self.items, "tokens": self.tokens,
-            "tokens_by_modality": dict(self.tokens_by_modality),
-            "by_status": dict(self.by_status), "http_429": self.by_status.get("429", 0),
-            "auth_seen": dict(self.auth_seen), "faults": dict(self.faults),
-            "quota_429": dict(self.quota_429),
-        }
 
 
 def _redact(body: Any) -> Any:
@@ -120,9 +66,7 @@ class EmulatorApp:
         self.requests: deque[dict[str, Any]] = deque(maxlen=self.options.keep_requests)
         self._lock = threading.Lock()
         self._rng = random.Random(self.options.seed)
-        self.minute = SlidingWindow(self.options.window_s, self.options.rpm, self.options.tpm)
-        self.day_start = time.monotonic()
-        self.day_used = 0
+        self.quotas = Quotas(self.options, self.stats, self._lock)
         self.app = Starlette(routes=[
             Route("/{version:str}/models/{target:str}", self.embed, methods=["POST"]),
             Route("/emulator/stats", self.get_stats, methods=["GET"]),
@@ -144,8 +88,7 @@ class EmulatorApp:
         with self._lock:
             self.stats = Stats()
             self.requests.clear()
-            self.minute = SlidingWindow(self.options.window_s, self.options.rpm, self.options.tpm)
-            self.day_start, self.day_used = time.monotonic(), 0
+            self.quotas = Quotas(self.options, self.stats, self._lock)
         return JSONResponse({"ok": True})
 
     async def get_requests(self, request: Request) -> Response:
@@ -169,100 +112,6 @@ class EmulatorApp:
         with self._lock:
             self.stats.faults[name] = self.stats.faults.get(name, 0) + 1
 
-    def _charge(self, items: int, tokens: int) -> None:
-        """Count a call against the quotas, or refuse it with Google's 429 body."""
-        o = self.options
-        now = time.monotonic()
-        if now - self.day_start >= o.day_s:
-            self.day_start, self.day_used = now, 0
-        if o.rpd is not None and self.day_used + items > o.rpd:
-            reset_in = o.day_s - (now - self.day_start)
-            # Google lists the per-day violation first, then the per-minute ones beside it.
-            raise self._quota_fault("EmbedContentRequestsPerDayPerUserPerProjectPerModel", reset_in,
-                                    f"requests per day ({o.rpd})",
-                                    also=("EmbedContentRequestsPerMinutePerUserPerProjectPerModel",
-                                          "EmbedContentInputTokensPerMinutePerUserPerProjectPerModel"))
-        wait = self.minute.wait_s(now, items, tokens)
-        if wait > 0:
-            over_r = o.rpm is not None and self.minute.requests + items > o.rpm
-            quota_id = ("EmbedContentRequestsPerMinutePerUserPerProjectPerModel" if over_r
-                        else "EmbedContentInputTokensPerMinutePerUserPerProjectPerModel")
-            raise self._quota_fault(quota_id, wait,
-                                    f"requests per minute ({o.rpm})" if over_r
-                                    else f"input tokens per minute ({o.tpm})")
-        self.minute.add(now, items, tokens)
-        self.day_used += items
-        with self._lock:
-            self.stats.timeline.append((now, items, tokens))
-
-    def _quota_fault(self, quota_id: str, retry_s: float, metric: str,
-                     also: tuple[str, ...] = ()) -> ApiFault:
-        """Google's 429: RetryInfo holds whole seconds, rounded down ("33s"), while the
-        message gives the exact delay ("Please retry in 33.384105706s")."""
-        with self._lock:
-            self.stats.quota_429[quota_id] = self.stats.quota_429.get(quota_id, 0) + 1
-        violations = [{"quotaMetric": "generativelanguage.googleapis.com/embed_content_requests",
-                       "quotaId": q, "quotaDimensions": {"location": "global",
-                                                         "model": "gemini-embedding"}}
-                      for q in (quota_id, *also)]
-        return ApiFault(429, "RESOURCE_EXHAUSTED",
-                        f"You exceeded your current quota, please check your plan and billing "
-                        f"details. Quota exceeded for metric: {metric}. "
-                        f"Please retry in {retry_s:.9f}s.",
-                        [{"@type": "type.googleapis.com/google.rpc.QuotaFailure",
-                          "violations": violations},
-                         {"@type": "type.googleapis.com/google.rpc.Help",
-                          "links": [{"description": "Learn more about Gemini API quotas",
-                                     "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}]},
-                         {"@type": "type.googleapis.com/google.rpc.RetryInfo",
-                          "retryDelay": f"{math.floor(retry_s)}s"}])
-
-    # --- auth ---------------------------------------------------------------------------------
-
-    def _presented(self, request: Request) -> tuple[str | None, str | None]:
-        """(style, key) the client used, or (None, None)."""
-        if key := request.headers.get("x-goog-api-key"):
-            return "google", key
-        if key := request.query_params.get("key"):
-            return "google", key
-        auth = request.headers.get("authorization")
-        if auth:
-            scheme, _, rest = auth.partition(" ")
-            if scheme.lower() == "bearer" and rest:
-                return "bearer", rest.strip()
-            return "raw", auth.strip()
-        return None, None
-
-    def _authorise(self, request: Request) -> None:
-        style, key = self._presented(request)
-        with self._lock:
-            self.stats.auth_seen[style or "none"] = self.stats.auth_seen.get(style or "none", 0) + 1
-        expected = self.options.api_key
-        if key is not None and key in self.options.revoked_keys:
-            raise ApiFault(403, "PERMISSION_DENIED",
-                           "Your API key was reported as leaked. Please use another API key.")
-        if expected is None:
-            return
-        if style is None or key is None:
-            raise ApiFault(403, "PERMISSION_DENIED",
-                           "Method doesn't allow unregistered callers (callers without "
-                           "established identity). Please use API Key or other form of API "
-                           "consumer identity to call this API.")
-        if self.options.auth not in ("any", style):
-            raise ApiFault(401, "UNAUTHENTICATED",
-                           "Request had invalid authentication credentials. Expected OAuth 2 "
-                           "access token, login cookie or other valid authentication "
-                           f"credential (this server takes '{self.options.auth}' keys, got "
-                           f"'{style}').")
-        if not hmac.compare_digest(key.encode(), expected.encode()):
-            message = "API key not valid. Please pass a valid API key."
-            raise ApiFault(400, "INVALID_ARGUMENT", message, [
-                {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
-                 "domain": "googleapis.com",
-                 "metadata": {"service": "generativelanguage.googleapis.com"}},
-                {"@type": "type.googleapis.com/google.rpc.LocalizedMessage", "locale": "en-US",
-                 "message": message}])
-
     # --- embedding ----------------------------------------------------------------------------
 
     async def embed(self, request: Request) -> Response:
@@ -272,7 +121,7 @@ class EmulatorApp:
         if fault is not None:
             self._note_fault(fault)
             if fault == "429":
-                quota = self._quota_fault("EmbedContentRequestsPerMinutePerUserPerProjectPerModel",
+                quota = self.quotas.fault("EmbedContentRequestsPerMinutePerUserPerProjectPerModel",
                                           1.0, "requests per minute (shared with other clients)")
                 self._count(429)
                 return JSONResponse(quota.body(), status_code=429)
@@ -311,7 +160,10 @@ class EmulatorApp:
             raise ApiFault(404, "NOT_FOUND", f"API version {version} is not served")
         if method not in ("embedContent", "batchEmbedContents"):
             raise ApiFault(404, "NOT_FOUND", f"Method {method or '(none)'} is not found")
-        self._authorise(request)
+        style, _ = presented(request)
+        with self._lock:
+            self.stats.auth_seen[style or "none"] = self.stats.auth_seen.get(style or "none", 0) + 1
+        authorise(request, self.options)
         spec = MODELS.get(model)
         if spec is None:
             raise ApiFault(404, "NOT_FOUND", f"models/{model} is not found for API version "
@@ -325,7 +177,7 @@ class EmulatorApp:
             self.requests.append({"method": method, "model": model, "body": _redact(body)})
         if method == "embedContent":
             parsed = await _work(len(raw), lambda: parse_request(body, spec, in_batch=False))
-            self._charge(1, parsed.total_tokens)
+            self.quotas.charge(1, parsed.total_tokens)
             vectors = await self._vectors([parsed], spec)
             with self._lock:
                 self.stats.embed_calls += 1
@@ -338,7 +190,7 @@ class EmulatorApp:
             raise invalid(f"* BatchEmbedContentsRequest.requests: at most {MAX_BATCH_REQUESTS} "
                           f"requests can be in one batch, got {len(requests)}")
         parsed_all = await _work(len(raw), lambda: self._parse_batch(requests, spec))
-        self._charge(len(parsed_all), sum(p.total_tokens for p in parsed_all))
+        self.quotas.charge(len(parsed_all), sum(p.total_tokens for p in parsed_all))
         vectors = await self._vectors(parsed_all, spec)
         with self._lock:
             self.stats.batch_calls += 1

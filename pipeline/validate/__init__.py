@@ -10,42 +10,30 @@ Reject reasons are the closed list in :class:`pipeline.errors.RejectReason`.
 from __future__ import annotations
 
 import copy
-import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from pipeline.config import JobConfig
 from pipeline.errors import ItemRejected, RejectReason
+from pipeline.gemini.tasks import MAX_TITLE_CHARS, TaskStyle
 from pipeline.models import (
-    DURATION_MARGIN_S,
     IMAGE_MIMES,
     PDF_MIME,
-    TOKENS_PER_AUDIO_SECOND,
     TOKENS_PER_IMAGE,
     TOKENS_PER_PDF_PAGE,
-    TOKENS_PER_VIDEO_FRAME,
-    VIDEO_MAX_FRAMES,
-    VIDEO_MIMES,
     model_spec,
     text_tokens,
 )
 from pipeline.records import Extras, Item, Modality, Part, Reject, SourceObject, Span, item_id
-from pipeline.tasks import MAX_TITLE_CHARS, TaskStyle
 from pipeline.validate.image import check_image, convert_to_png, probe_image
 from pipeline.validate.markup import MARKUP_MIMES, visible_text
 from pipeline.validate.media import (
-    VIDEO_CODECS,
-    MediaInfo,
-    Segment,
-    audio_segments,
-    cut_points,
     probe,
-    video_segments,
-    video_transcode,
 )
 from pipeline.validate.pdf import PdfDocument
 from pipeline.validate.sniff import TEXT_EXTENSIONS, extension_mime, sniff, stem
 from pipeline.validate.text import chunk_spans, decode_text
+from pipeline.validate.timed import TimedMedia
 
 # Types no decoder here opens (FFmpeg renders neither MIDI nor tracker modules by default).
 NO_DECODER = frozenset({"audio/midi", "audio/x-it"})
@@ -54,7 +42,7 @@ NO_DECODER = frozenset({"audio/midi", "audio/x-it"})
 PREFIX_RESERVE_TOKENS = 64
 
 
-class Validator:
+class Validator(TimedMedia):
     def __init__(self, job: JobConfig) -> None:
         self.spec = model_spec(job.embed.model)
         self.model = job.embed.model
@@ -184,83 +172,6 @@ class Validator:
         return self._item(obj, 0, 1, Modality.IMAGE, mime, (Part(mime=mime, data=data),),
                           TOKENS_PER_IMAGE, Span(), source_mime=source_mime)
 
-    def _too_long(self, kind: str, info: MediaInfo, max_s: float) -> bool:
-        """Over the limit (less the margin measures differ by): True (to split), or a
-        ``too_long`` reject when splitting is off."""
-        if info.measured_s <= max_s - DURATION_MARGIN_S:
-            return False
-        if self.cfg.too_long == "reject":
-            raise ItemRejected(RejectReason.TOO_LONG, f"{kind} is {info.measured_s:.3f} s; the "
-                               f"limit is {max_s:g} s, and media within {DURATION_MARGIN_S:g} s "
-                               "of it are split (validate.too_long: split to cut it)")
-        return True
-
-    def _whole(self, obj: SourceObject, data: bytes, mime: str, modality: Modality,
-               info: MediaInfo, tokens: int) -> Item:
-        """A media file sent as it is: one item spanning its whole duration."""
-        return self._item(obj, 0, 1, modality, mime, (Part(mime=mime, data=data),), tokens,
-                          Span(time_start_s=0.0, time_end_s=info.measured_s))
-
-    def _audio(self, obj: SourceObject, data: bytes, mime: str, info: MediaInfo,
-               deadline: float) -> Iterator[Item]:
-        max_s = self.cfg.audio_max_s or self.spec.max_audio_s
-        as_is = mime in self.cfg.audio_formats
-        if not as_is:
-            self._may_convert(mime, self.cfg.audio_policy, self.cfg.audio_convert_from, "audio")
-        too_long = self._too_long("audio", info, max_s)
-        if as_is and not too_long and self._inline_ok(data):
-            yield self._whole(obj, data, mime, Modality.AUDIO, info,
-                              _audio_tokens(info.measured_s))
-            return
-        # Cut a little under the limit: cuts fall on frame boundaries.
-        length = max(1.0, max_s - 1.0) if max_s > 2 else max_s
-        count = max(1, math.ceil(info.measured_s / length - 1e-9))
-        segments = (_spans(info.measured_s, length, "audio/mpeg") if self.dry
-                    else audio_segments(data, length, deadline))
-        yield from self._segments(obj, segments, count, Modality.AUDIO, _audio_tokens, mime)
-
-    def _video(self, obj: SourceObject, data: bytes, mime: str, info: MediaInfo,
-               deadline: float) -> Iterator[Item]:
-        max_s = self.cfg.video_max_s or self.spec.max_video_s
-        native = mime in VIDEO_MIMES and info.video_codec in VIDEO_CODECS
-        if not native:
-            self._may_convert(mime, self.cfg.video_policy, self.cfg.video_convert_from, "video")
-        too_long = self._too_long("video", info, max_s)
-        if native and not too_long and self._inline_ok(data):
-            yield self._whole(obj, data, mime, Modality.VIDEO, info,
-                              _video_tokens(info.measured_s))
-            return
-        if native:
-            # Shorter segments when the bytes, not the seconds, are over the limit.
-            per_s = len(data) / max(info.measured_s, 1e-3)
-            by_size = 0.8 * self.cfg.max_inline_bytes * 3 / 4 / per_s
-            # A second of slack: containers report a little more than the packets span.
-            length = min(max(1.0, max_s - 1.0) if max_s > 2 else max_s, by_size)
-            cuts = cut_points(info.keyframes, info.measured_s, length)
-            count = len(cuts) if cuts is not None else 1
-            segments = (_cut_spans(cuts, info.measured_s) if self.dry and cuts is not None
-                        else video_segments(data, info, length, deadline, limit_s=max_s))
-        else:
-            length = max(1.0, max_s - 1.0) if max_s > 2 else max_s
-            count = max(1, math.ceil(info.measured_s / length - 1e-9))
-            segments = (_spans(info.measured_s, length, "video/mp4") if self.dry
-                        else video_transcode(data, info, length, deadline))
-        yield from self._segments(obj, segments, count, Modality.VIDEO, _video_tokens, mime)
-
-    def _segments(self, obj: SourceObject, segments: Iterator[Segment], count: int,
-                  modality: Modality, tokens: Callable[[float], int],
-                  source_mime: str) -> Iterator[Item]:
-        """One item per time segment of a media file."""
-        for index, seg in enumerate(segments):
-            if not self._inline_ok(seg.data):
-                raise self._too_large(f"{modality} {seg.start_s:.0f}-{seg.end_s:.0f} s",
-                                      len(seg.data))
-            yield self._item(obj, index, count, modality, seg.mime,
-                             (Part(mime=seg.mime, data=seg.data),),
-                             tokens(seg.end_s - seg.start_s),
-                             Span(time_start_s=seg.start_s, time_end_s=seg.end_s),
-                             source_mime=source_mime)
-
     def _text(self, obj: SourceObject, data: bytes, mime: str) -> Iterator[Item]:
         title = None
         if mime in MARKUP_MIMES:
@@ -322,23 +233,3 @@ def _audio_mime(mime: str) -> str:
     return {"video/mp4": "audio/mp4", "video/quicktime": "audio/mp4",
             "video/x-ms-asf": "audio/x-ms-wma", "video/webm": "audio/webm",
             "video/x-matroska": "audio/x-matroska"}.get(mime, mime)
-
-
-def _spans(total_s: float, length_s: float, mime: str) -> Iterator[Segment]:
-    """Plan mode: consecutive time ranges of at most ``length_s``, without cutting anything."""
-    count = max(1, math.ceil(total_s / length_s - 1e-9))
-    for k in range(count):
-        yield Segment(k * length_s, min((k + 1) * length_s, total_s), b"", mime)
-
-
-def _cut_spans(cuts: list[float], total_s: float) -> Iterator[Segment]:
-    for start, end in zip(cuts, [*cuts[1:], total_s], strict=True):
-        yield Segment(start, end, b"", "video/mp4")
-
-
-def _audio_tokens(seconds: float) -> int:
-    return max(1, math.ceil(seconds * TOKENS_PER_AUDIO_SECOND))
-
-
-def _video_tokens(seconds: float) -> int:
-    return min(VIDEO_MAX_FRAMES, max(1, math.ceil(seconds))) * TOKENS_PER_VIDEO_FRAME

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import SinkError
 from pipeline.records import Reject, Vector
-from pipeline.sink import REJECTS_SCHEMA, rejects_table, vector_table, vectors_schema
+from pipeline.sinks.lance import REJECTS_SCHEMA, rejects_table, vector_table, vectors_schema
 
 VECTORS = "."  # the vectors are the folder itself
 REJECTS = "_rejects"

@@ -2,17 +2,15 @@
 
 A batch closes when one more item would break a bound (request count, payload bytes, tokens) or
 when no item has arrived for ``linger_s`` while some wait, so a slow validator never holds
-finished items back. Only the open batch is held here; the bounded streams on either side keep
-the whole window of items in memory bounded.
+finished items back (the engine does the waiting: :attr:`BatchLimits.linger_s`). Only the open
+batch is held here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
-
+from pipeline.config import EmulatorEmbedConfig, GeminiEmbedConfig
 from pipeline.models import MAX_BATCH_REQUESTS
 from pipeline.records import Batch, Item
 
@@ -26,7 +24,7 @@ class BatchLimits:
 
 
 class Packer:
-    """The pure packing rule, separate from the streams so it can be tested on its own."""
+    """The packing rule: items in, full batches out (:meth:`fits`, :meth:`take`)."""
 
     def __init__(self, limits: BatchLimits) -> None:
         self.limits = limits
@@ -57,28 +55,14 @@ class Packer:
         return batch
 
 
-async def pack(items: ObjectReceiveStream[list[Item]], batches: ObjectSendStream[Batch],
-               limits: BatchLimits) -> None:
-    packer = Packer(limits)
-    async with items, batches:
-        while True:
-            chunk: list[Item] | None = None
-            try:
-                if packer.items:
-                    with anyio.move_on_after(limits.linger_s):
-                        chunk = await items.receive()
-                else:
-                    chunk = await items.receive()
-            except anyio.EndOfStream:
-                break
-            if chunk is None:  # lingered long enough
-                await batches.send(packer.take())
-                continue
-            for item in chunk:
-                if not packer.fits(item):
-                    await batches.send(packer.take())
-                packer.add(item)
-                if packer.full:
-                    await batches.send(packer.take())
-        if packer.items:
-            await batches.send(packer.take())
+def limits_for(embed: EmulatorEmbedConfig | GeminiEmbedConfig) -> BatchLimits:
+    """The job's bounds; a call also takes at most 1/20 of a per-minute quota, so when a
+    minute's budget is nearly spent the next call still fits what is left (a minute is used to
+    95 % or more)."""
+    return BatchLimits(max_requests=min(embed.batch_size, _share(embed.quota.rpm)),
+                       max_bytes=embed.max_batch_bytes,
+                       max_tokens=min(embed.max_batch_tokens, _share(embed.quota.tpm)))
+
+
+def _share(per_minute: int | None) -> int:
+    return max(1, per_minute // 20) if per_minute else 10**12

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.config import JobConfig
-from pipeline.gemini import EmbedRequest
+from pipeline.gemini.client import EmbedRequest
 from pipeline.models import model_spec
 from pipeline.records import Item, Part
 

@@ -14,7 +14,7 @@ import anyio
 
 from pipeline.config import EmulatorEmbedConfig, JobConfig
 from pipeline.emulator.server import Emulator, EmulatorOptions
-from pipeline.gemini import GeminiClient
+from pipeline.gemini.client import GeminiClient
 
 
 @asynccontextmanager

@@ -12,7 +12,7 @@ failure once, here, into :mod:`pipeline.errors`:
     other 4xx ........................... TerminalEmbedError
 
 The key travels in a header, never in the URL, and is scrubbed from any text that could reach
-an exception message. Retrying is the caller's decision (see :mod:`pipeline.embed`).
+an exception message. Retrying is the caller's decision (see :mod:`pipeline.stages.embedding`).
 """
 
 from __future__ import annotations

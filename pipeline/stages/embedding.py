@@ -9,7 +9,9 @@
 - A terminal 4xx on a batch is bisected, so only the items the API refuses become
   ``api_rejected`` rejects and the rest are embedded.
 - Vectors are L2-normalised where the model does not do it (gemini-embedding-001 below 3072).
-- A per-day quota error is not retried: it propagates so the run can stop cleanly.
+- A per-day quota error is not retried: it propagates so the run can stop cleanly; so does an
+  :class:`~pipeline.errors.AccessError` (the key, the model): no item is blamed for it.
+- Items a killed run already wrote are split off before the call (:func:`split_paid`).
 """
 
 from __future__ import annotations
@@ -24,14 +26,25 @@ import anyio
 import numpy as np
 
 from pipeline.errors import QuotaExhausted, RejectReason, TerminalEmbedError, TransientEmbedError
-from pipeline.gemini import EmbedRequest, EmbedResponse, GeminiClient
+from pipeline.gemini.client import EmbedRequest, EmbedResponse, GeminiClient
+from pipeline.gemini.limiter import AdaptiveConcurrency, Permit, QuotaExceeded, RateLimiter
+from pipeline.gemini.tasks import TaskStyle
 from pipeline.models import ModelSpec
-from pipeline.ratelimit import AdaptiveConcurrency, Permit, QuotaExceeded, RateLimiter
-from pipeline.records import Batch, Item, Reject, Vector
+from pipeline.records import Batch, Committed, Item, Reject, Vector
 from pipeline.stats import RunStats
-from pipeline.tasks import TaskStyle
 
 log = logging.getLogger("embedpipe.embed")
+
+
+def split_paid(batch: Batch, committed: frozenset[str]) -> tuple[list[Committed], Batch]:
+    """The items whose rows a killed run already committed (counted toward their files, never
+    sent again: never paid twice), and the batch of the rest."""
+    if not committed:
+        return [], batch
+    paid = [Committed(i) for i in batch.items if i.id in committed]
+    if not paid:
+        return [], batch
+    return paid, Batch(tuple(i for i in batch.items if i.id not in committed))
 
 
 class Embedder:

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from pipeline.errors import SinkError
 from pipeline.records import SourceObject
-from pipeline.sink import open_table, sql_str
+from pipeline.sinks.lance import open_table, sql_str
 
 MANIFEST_SCHEMA = pa.schema([
     pa.field("uri", pa.string(), nullable=False),
@@ -144,74 +144,3 @@ def mass_delete_refusal(gone: int, known: int, listed: int, max_fraction: float,
             f"({gone / max(known, 1):.0%}, over run.max_delete_fraction {max_fraction:g}): the "
             f"source listed {listed:,} files{hint}; nothing was deleted. If they were removed "
             "on purpose, run again with --allow-mass-delete")
-
-
-RUNS_SCHEMA = pa.schema([
-    pa.field("run_id", pa.string(), nullable=False),
-    pa.field("job", pa.string()),
-    pa.field("started", pa.timestamp("us", tz="UTC")),
-    pa.field("finished", pa.timestamp("us", tz="UTC")),
-    pa.field("status", pa.string()),
-    pa.field("exit_code", pa.int32()),
-    pa.field("files_seen", pa.int64()),
-    pa.field("files_new", pa.int64()),
-    pa.field("files_changed", pa.int64()),
-    pa.field("files_deleted", pa.int64()),
-    pa.field("files_unchanged", pa.int64()),
-    pa.field("files_done", pa.int64()),
-    pa.field("items_embedded", pa.int64()),
-    pa.field("items_resumed", pa.int64()),
-    pa.field("rejects", pa.int64()),
-    pa.field("tokens", pa.int64()),
-    pa.field("api_calls", pa.int64()),
-    pa.field("http_429", pa.int64()),
-    pa.field("retries", pa.int64()),
-    pa.field("table_version", pa.int64()),
-])
-
-RUNNING = "running"
-INTERRUPTED = "interrupted"  # a run that never finished (killed); found by the next run
-
-
-class RunLog:
-    """The ``runs`` table: one row per run, written at its start (``running``) and its end."""
-
-    def __init__(self, db: Any, table: str) -> None:
-        self.table = open_table(db, table, RUNS_SCHEMA)
-
-    def unfinished(self) -> tuple[list[str], list[str]]:
-        """(runs since the last finished one, the ones among them still marked running).
-        Such runs may have committed rows of files they never completed: killed (still
-        "running"), failed, stopped or out of quota. A finished run completed every file
-        before it, so older runs need no look."""
-        try:
-            rows = self.table.to_arrow().select(["run_id", "status", "started"]).to_pylist()
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise SinkError(f"cannot read the run history: {exc}") from exc
-        rows.sort(key=lambda r: r["started"] or datetime.min.replace(tzinfo=UTC))
-        since: list[dict[str, Any]] = []
-        for row in rows:
-            since = [] if row["status"] == "finished" else [*since, row]
-        return ([str(r["run_id"]) for r in since],
-                [str(r["run_id"]) for r in since if r["status"] == RUNNING])
-
-    def record(self, row: dict[str, Any]) -> None:
-        data = {f.name: [row.get(f.name)] for f in RUNS_SCHEMA}
-        try:
-            (self.table.merge_insert("run_id").when_matched_update_all()
-             .when_not_matched_insert_all().execute(pa.table(data, schema=RUNS_SCHEMA)))
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise SinkError(f"cannot write the run history: {exc}") from exc
-
-    def mark_interrupted(self, run_ids: list[str]) -> None:
-        if run_ids:
-            cond = f"run_id IN ({', '.join(sql_str(r) for r in run_ids)})"
-            try:
-                self.table.update(where=cond, values={"status": INTERRUPTED})
-            except (OSError, ValueError, RuntimeError) as exc:
-                raise SinkError(f"cannot write the run history: {exc}") from exc
-
-    def last(self, n: int) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = self.table.to_arrow().to_pylist()
-        rows.sort(key=lambda r: r["started"] or datetime.min.replace(tzinfo=UTC))
-        return rows[-n:]

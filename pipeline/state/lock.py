@@ -4,7 +4,7 @@ The lock is a small JSON document (``.embedpipe.lock``) created only if absent: 
 file for a local sink, a create-if-absent ``put`` for an ``s3://`` sink. The holder rewrites it
 every ``heartbeat_s``. A lock whose heartbeat is older than ``stale_s`` (the holder was killed), or
 whose holder is a process on this host that no longer exists, is stale and is taken over.
-A second run finds a live lock and stops at once with :data:`EXIT_LOCKED`.
+A second run finds a live lock and stops at once (exit code 5).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from typing import Any, Protocol
 
 from pipeline.errors import PipelineError
 
-EXIT_LOCKED = 5
 LOCK_NAME = ".embedpipe.lock"
 
 

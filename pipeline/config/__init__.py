@@ -1,0 +1,37 @@
+"""Job files: YAML -> typed, frozen pydantic models.
+
+- :mod:`pipeline.config.sources`: the ``source`` section (local folder, S3 bucket, companions);
+- :mod:`pipeline.config.job`: ``embed``, ``validate``, ``sink``, ``run`` and :class:`JobConfig`;
+- :mod:`pipeline.config.loading`: :func:`load_job`, the only entry point (``${VAR}``
+  expansion, one :class:`~pipeline.errors.ConfigError` naming the file and key path).
+"""
+
+from pipeline.config.job import (
+    ArrowSinkConfig,
+    EmbedConfig,
+    EmulatorEmbedConfig,
+    EmulatorSettings,
+    GeminiEmbedConfig,
+    JobConfig,
+    LanceSinkConfig,
+    QuotaConfig,
+    RunConfig,
+    SinkConfig,
+    ValidateConfig,
+)
+from pipeline.config.loading import load_job
+from pipeline.config.sources import (
+    GOOGLE_BASE_URL,
+    LocalSourceConfig,
+    MetadataConfig,
+    S3Options,
+    S3SourceConfig,
+    SourceConfig,
+)
+
+__all__ = [
+    "GOOGLE_BASE_URL", "ArrowSinkConfig", "EmbedConfig", "EmulatorEmbedConfig",
+    "EmulatorSettings", "GeminiEmbedConfig", "JobConfig", "LanceSinkConfig", "LocalSourceConfig",
+    "MetadataConfig", "QuotaConfig", "RunConfig", "S3Options", "S3SourceConfig", "SinkConfig",
+    "SourceConfig", "ValidateConfig", "load_job",
+]

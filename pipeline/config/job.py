@@ -1,0 +1,273 @@
+"""The job's ``embed``, ``validate``, ``sink`` and ``run`` sections, and :class:`JobConfig`."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+)
+
+from pipeline.config.sources import (
+    GOOGLE_BASE_URL,
+    S3Options,
+    SourceConfig,
+    _resolve_path,
+    _Strict,
+)
+from pipeline.errors import ConfigError
+from pipeline.models import MAX_BATCH_REQUESTS, MAX_DIMENSIONS, MIN_DIMENSIONS, TASK_TYPES
+
+# --- embedder ---------------------------------------------------------------------------------
+
+
+class EmulatorSettings(_Strict):
+    """The in-process emulator started for ``provider: emulator``: latency, quotas (counted the
+    way Google counts them) and fault rates per call (0..1)."""
+
+    api_key: SecretStr | None = None
+    latency_ms: float = Field(0.0, ge=0)
+    per_item_ms: float = Field(0.0, ge=0)
+    jitter_ms: float = Field(0.0, ge=0)
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+    rpd: int | None = Field(None, ge=1)
+    window_s: float = Field(60.0, gt=0)
+    day_s: float = Field(86_400.0, gt=0)
+    error_429: float = Field(0.0, ge=0, le=1)
+    error_500: float = Field(0.0, ge=0, le=1)
+    error_503: float = Field(0.0, ge=0, le=1)
+    reset: float = Field(0.0, ge=0, le=1)
+    stall: float = Field(0.0, ge=0, le=1)
+    stall_s: float = Field(30.0, gt=0)
+    truncate: float = Field(0.0, ge=0, le=1)
+    seed: int | None = None
+
+
+class QuotaConfig(_Strict):
+    """The project's quotas, when known: the run paces itself to stay under them. Unset
+    budgets are unknown: the run then adapts to 429s (halving calls in flight, growing back)."""
+
+    rpm: int | None = Field(None, ge=1, description="requests per minute; each item counts")
+    tpm: int | None = Field(None, ge=1, description="input tokens per minute")
+    rpd: int | None = Field(None, ge=1, description="requests per day; each item counts")
+
+
+class _EmbedCommon(_Strict):
+    model: str = "gemini-embedding-2"
+    output_dimensionality: int = Field(768, ge=MIN_DIMENSIONS, le=MAX_DIMENSIONS)
+    task_type: str | None = "RETRIEVAL_DOCUMENT"
+    query_task_type: str | None = "RETRIEVAL_QUERY"
+    # None: the model's default (prefixes for gemini-embedding-2, none for taskType models).
+    document_template: str | None = None
+    query_template: str | None = None
+    batch_size: int = Field(MAX_BATCH_REQUESTS, ge=1, le=MAX_BATCH_REQUESTS)
+    max_batch_bytes: int = Field(8_000_000, ge=1024)
+    max_batch_tokens: int = Field(200_000, ge=1)
+    # Calls in flight. Memory for media-heavy runs is about concurrency x max_batch_bytes.
+    concurrency: int = Field(32, ge=1, le=256)
+    max_attempts: int = Field(6, ge=1, le=50)
+    timeout_s: float = Field(120.0, gt=0)
+    quota: QuotaConfig = Field(default_factory=lambda: QuotaConfig())
+    # USD per 1M input tokens by modality (text, image, document, audio, video);
+    # default: the model's list price from ../shared/GEMINI_API.md.
+    prices: dict[str, float] | None = None
+
+    @field_validator("task_type", "query_task_type")
+    @classmethod
+    def _task_type(cls, value: str | None) -> str | None:
+        if value is not None and value not in TASK_TYPES:
+            hint = difflib.get_close_matches(value.upper(), TASK_TYPES, n=1, cutoff=0.5)
+            raise ValueError(f"{value!r} is not a Gemini task type"
+                             + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                             + f"; one of {', '.join(TASK_TYPES)}")
+        return value
+
+    def price_table(self) -> dict[str, float]:
+        from pipeline.models import PRICES
+
+        return self.prices if self.prices is not None else PRICES.get(self.model, {"text": 0.0})
+
+
+class EmulatorEmbedConfig(_EmbedCommon):
+    provider: Literal["emulator"]
+    emulator: EmulatorSettings = Field(default_factory=lambda: EmulatorSettings())
+
+
+class GeminiEmbedConfig(_EmbedCommon):
+    provider: Literal["gemini"]
+    base_url: str = GOOGLE_BASE_URL
+    api_version: Literal["v1beta", "v1"] = "v1beta"
+    auth: Literal["google", "bearer", "raw"] = "google"
+    api_key: SecretStr | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"base_url must start with http:// or https://, got {value!r}")
+        return value.rstrip("/")
+
+
+EmbedConfig = Annotated[EmulatorEmbedConfig | GeminiEmbedConfig, Field(discriminator="provider")]
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+Policy = Literal["convert", "reject"]
+
+
+class ValidateConfig(_Strict):
+    """How files are fitted to the model's limits. ``None`` means: the model's own limit, or,
+    for the ``*_convert_from`` lists, every format a decoder opens."""
+
+    pdf_max_pages: int | None = Field(None, ge=1)
+    audio_max_s: float | None = Field(None, gt=0)
+    video_max_s: float | None = Field(None, gt=0)
+    too_long: Literal["split", "reject"] = "split"
+    image_policy: Policy = "convert"
+    audio_policy: Policy = "convert"
+    video_policy: Policy = "convert"
+    audio_formats: list[str] = Field(default_factory=lambda: ["audio/mpeg", "audio/wav"])
+    image_convert_from: list[str] | None = None
+    audio_convert_from: list[str] | None = None
+    video_convert_from: list[str] | None = None
+    text_max_tokens: int | None = Field(None, ge=16)
+    text_overlap_tokens: int = Field(64, ge=0)
+    max_inline_bytes: int = Field(20_000_000, ge=1024)
+    max_image_pixels: int = Field(89_478_485, ge=1)
+    file_timeout_s: float = Field(120.0, gt=0)
+
+
+# --- sink -------------------------------------------------------------------------------------
+
+
+class LanceSinkConfig(_Strict):
+    kind: Literal["lance"]
+    uri: str  # a folder, or s3://bucket/path
+    s3: S3Options | None = None  # for an s3:// uri; default: the source's, if it is on S3
+    table: str = Field("vectors", pattern=r"^[A-Za-z0-9_\-.]+$")
+    rejects_table: str = Field("rejects", pattern=r"^[A-Za-z0-9_\-.]+$")
+    manifest_table: str = Field("files", pattern=r"^[A-Za-z0-9_\-.]+$")
+    runs_table: str = Field("runs", pattern=r"^[A-Za-z0-9_\-.]+$")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str, info: ValidationInfo) -> str:
+        if "://" in value:
+            return value
+        return str(_resolve_path(Path(value), info))
+
+
+    @property
+    def state_uri(self) -> str:
+        """Where the manifest and run history live: the same Lance database."""
+        return self.uri
+
+
+class ArrowSinkConfig(_Strict):
+    """Parquet or Arrow IPC files that pyarrow, polars and duckdb read with no glue:
+    ``<path>/*.parquet`` (``.arrow`` for IPC), the rejects beside them in ``<path>/_rejects``;
+    the manifest and run history live in a Lance database at ``<path>/_state``."""
+
+    kind: Literal["arrow"]
+    path: str
+    format: Literal["parquet", "ipc"] = "parquet"
+    table: Literal["vectors"] = "vectors"
+    rejects_table: Literal["rejects"] = "rejects"
+    manifest_table: str = "files"
+    runs_table: str = "runs"
+    s3: None = None
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str, info: ValidationInfo) -> str:
+        if "://" in value:
+            raise ValueError("the arrow sink writes to a local folder; use kind: lance for s3://")
+        return str(_resolve_path(Path(value), info))
+
+    @property
+    def uri(self) -> str:
+        return self.path
+
+    @property
+    def state_uri(self) -> str:
+        return str(Path(self.path) / "_state")
+
+
+SinkConfig = Annotated[LanceSinkConfig | ArrowSinkConfig, Field(discriminator="kind")]
+
+
+class RunConfig(_Strict):
+    validate_workers: int = Field(4, ge=1, le=64)
+    queue_size: int = Field(256, ge=1)
+    flush_rows: int = Field(2000, ge=1)
+    flush_interval_s: float = Field(5.0, gt=0)
+    on_delete: Literal["delete", "keep"] = "delete"
+    # A run that would delete more than this share of the files the job knew (or all of
+    # them) deletes nothing and fails (exit 3): an emptied source is not a night's changes.
+    # 1.0 (or `run --allow-mass-delete`) lets such a run delete.
+    max_delete_fraction: float = Field(0.2, ge=0.0, le=1.0)
+    # The run's JSON report: "auto" writes it beside a local sink (reports/<run_id>.json),
+    # a path writes it there, null writes none.
+    report: str | None = "auto"
+    compact: bool = False
+    index_min_rows: int | None = Field(None, ge=256)
+    # A BTREE index on the rows' id once the table is this large: merging a flush on id scans
+    # every id without one (null: never).
+    id_index_min_rows: int | None = Field(50_000, ge=1)
+    index_type: Literal["IVF_PQ", "IVF_HNSW_SQ", "IVF_HNSW_PQ", "IVF_FLAT"] = "IVF_PQ"
+
+
+class JobConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-.]+$")
+    source: SourceConfig
+    embed: EmbedConfig
+    sink: SinkConfig
+    validate_: ValidateConfig = Field(default_factory=lambda: ValidateConfig(), alias="validate")
+    run: RunConfig = Field(default_factory=lambda: RunConfig())
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # The ${VAR} of embed.api_key when it was not set: only commands that call the API need it.
+    _unset_key_variable: str | None = PrivateAttr(None)
+    _path: str | None = PrivateAttr(None)  # the job file, for messages
+
+    def require_api_key(self) -> None:
+        """For commands that call the API (run, search): ``provider: gemini`` needs a key."""
+        embed = self.embed
+        if not isinstance(embed, GeminiEmbedConfig):
+            return
+        if embed.api_key is None or not embed.api_key.get_secret_value().strip():
+            why = (f"environment variable {self._unset_key_variable} is not set"
+                   if self._unset_key_variable else "no key is given (or it is empty)")
+            raise ConfigError(f"{self._path or 'job ' + self.name}: embed.api_key: {why}; "
+                              "provider gemini needs an API key to call the API, e.g. "
+                              "api_key: ${GEMINI_API_KEY}")
+
+    def fingerprint(self) -> str:
+        """What makes two embeddings of the same file comparable: change it and files re-embed."""
+        parts = {
+            "model": self.embed.model,
+            "dims": self.embed.output_dimensionality,
+            "task": self.embed.task_type,
+            "template": self.embed.document_template,
+            "validate": self.validate_.model_dump(
+                include={"pdf_max_pages", "text_max_tokens", "text_overlap_tokens", "audio_max_s",
+                         "video_max_s", "audio_formats"}
+            ),
+        }
+        blob = json.dumps(parts, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+

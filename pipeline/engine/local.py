@@ -1,0 +1,226 @@
+"""The local engine: the stages in one process, joined by bounded anyio streams.
+
+    listing ──[Todo groups]──▶ validation xW ──[Items]──▶ packing ──[Batch]──▶ embedding xC
+       └──────────[listing rejects]──┴──[Reject, FileEnd, FileState]───────┬──[Vector, Reject]
+                                                                            ▼
+                                                                         writing
+
+Every stream is bounded, so a slow stage holds back the ones before it and memory stays bounded
+whatever the corpus size. Blocking work (listing, reading, parsing, Lance commits) runs in worker
+threads; the per-file deadline is enforced by :mod:`pipeline.engine.threads`. The writer runs
+outside the producers' cancel scope: when the run must stop early (a per-day quota, an error
+that is no file's fault, a signal), producers are cancelled and the writer still commits what
+was done. Streams carry lists: a hop through the event loop per record would cost more than
+validating a small file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+
+import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from pipeline.config import JobConfig
+from pipeline.engine.threads import fit_file, fit_group
+from pipeline.errors import EmbedError
+from pipeline.outcome import EXIT_INTERRUPTED, RunOutcome
+from pipeline.records import Batch, Item
+from pipeline.stages import Stages
+from pipeline.stages.embedding import split_paid
+from pipeline.stages.listing import Todo
+from pipeline.stages.packing import Packer
+from pipeline.stages.validation import Sorted, groups
+from pipeline.stages.writing import Outcome
+from pipeline.state.lock import JobLock
+from pipeline.stats import RunStats
+
+log = logging.getLogger("embedpipe.run")
+
+
+class LocalEngine:
+    def __init__(self, job: JobConfig, stages: Stages, stats: RunStats, outcome: RunOutcome, *,
+                 lock: JobLock, on_listed: Callable[[], None],
+                 on_progress: Callable[[RunStats], None] | None = None) -> None:
+        self.job = job
+        self.stages = stages
+        self.stats = stats
+        self.outcome = outcome
+        self.lock = lock
+        self.on_listed = on_listed
+        self.on_progress = on_progress
+        self._producers = anyio.CancelScope()
+
+    def stop(self) -> None:
+        """Stop early and cleanly: producers are cancelled, what is done is still committed."""
+        self.outcome.interrupted = True
+        self._producers.cancel()
+
+    async def run(self) -> None:
+        cfg = self.job.run
+        todo_tx, todo_rx = anyio.create_memory_object_stream[list[Todo]](cfg.validate_workers * 2)
+        items_tx, items_rx = anyio.create_memory_object_stream[list[Item]](cfg.queue_size)
+        # Idle callers take batches straight from the packer: queuing more would only hold
+        # payloads in memory.
+        batches_tx, batches_rx = anyio.create_memory_object_stream[Batch](2)
+        out_tx, out_rx = anyio.create_memory_object_stream[list[Outcome]](cfg.queue_size)
+        writer_done = anyio.Event()
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(self._write, out_rx, writer_done)
+            if threading.current_thread() is threading.main_thread():
+                outer.start_soon(self._watch_signals)
+            if self.on_progress is not None:
+                outer.start_soon(self._tick, self.on_progress)
+            outer.start_soon(self._heartbeat)
+            with self._producers:
+                async with anyio.create_task_group() as tg, out_tx:
+                    tg.start_soon(self._list, todo_tx, out_tx.clone())
+                    async with todo_rx, items_tx:
+                        for _ in range(cfg.validate_workers):
+                            tg.start_soon(self._validate, todo_rx.clone(), items_tx.clone(),
+                                          out_tx.clone())
+                    tg.start_soon(self._pack, items_rx, batches_tx)
+                    async with batches_rx:
+                        for _ in range(self.job.embed.concurrency):
+                            tg.start_soon(self._embed, batches_rx.clone(), out_tx.clone())
+            # out_tx is closed: the writer drains and finishes; then stop the helpers.
+            await writer_done.wait()
+            outer.cancel_scope.cancel()
+
+    async def _list(self, todo: ObjectSendStream[list[Todo]],
+                    out: ObjectSendStream[list[Outcome]]) -> None:
+        listing = self.stages.listing
+        async with todo, out:
+            while chunk := await anyio.to_thread.run_sync(listing.next_chunk):
+                found, rejects = listing.diff(chunk)
+                for group in groups(found):
+                    await todo.send(group)
+                if rejects:
+                    await out.send(list(rejects))
+        self.stats.listing_done = True
+        # What the run has to do is known now: a run killed from here on shows it in `status`.
+        await anyio.to_thread.run_sync(self.on_listed)
+
+    async def _validate(self, todo: ObjectReceiveStream[list[Todo]],
+                        items: ObjectSendStream[list[Item]],
+                        out: ObjectSendStream[list[Outcome]]) -> None:
+        stage = self.stages.validation
+
+        async def send(sorted_: Sorted) -> None:
+            if sorted_.items:
+                await items.send(sorted_.items)
+            if sorted_.outcomes:
+                await out.send(list(sorted_.outcomes))
+
+        async with todo, items, out:
+            async for group in todo:
+                works = [stage.work(entry) for entry in group]
+                if len(works) > 1:
+                    found = Sorted()
+                    works = await fit_group(stage, works, found)
+                    await send(found)
+                for work in works:
+                    deadline = anyio.current_time() + stage.limit_s
+                    done = False
+                    while not done:
+                        found, done = await fit_file(stage, work, deadline)
+                        await send(found)
+
+    async def _pack(self, items: ObjectReceiveStream[list[Item]],
+                    batches: ObjectSendStream[Batch]) -> None:
+        limits = self.stages.limits
+        packer = Packer(limits)
+        async with items, batches:
+            while True:
+                chunk: list[Item] | None = None
+                try:
+                    if packer.items:
+                        with anyio.move_on_after(limits.linger_s):
+                            chunk = await items.receive()
+                    else:
+                        chunk = await items.receive()
+                except anyio.EndOfStream:
+                    break
+                if chunk is None:  # lingered long enough
+                    await batches.send(packer.take())
+                    continue
+                for item in chunk:
+                    if not packer.fits(item):
+                        await batches.send(packer.take())
+                    packer.add(item)
+                    if packer.full:
+                        await batches.send(packer.take())
+            if packer.items:
+                await batches.send(packer.take())
+
+    async def _embed(self, batches: ObjectReceiveStream[Batch],
+                     out: ObjectSendStream[list[Outcome]]) -> None:
+        embedder = self.stages.embedder
+        async with batches, out:
+            async for batch in batches:
+                paid, rest = split_paid(batch, self.stages.committed)
+                if paid:
+                    await out.send(list(paid))
+                if not rest.items:
+                    continue
+                try:
+                    vectors, rejects = await embedder.embed_batch(rest)
+                except EmbedError as exc:  # the call's failure, not the items': stop
+                    self.outcome.stopped_by(exc, len(rest.items), embedder.max_attempts)
+                    self._producers.cancel()
+                    return
+                await out.send([*vectors, *rejects])
+
+    async def _write(self, out: ObjectReceiveStream[list[Outcome]], done: anyio.Event) -> None:
+        writer = self.stages.writer
+        cfg = self.job.run
+        try:
+            async with out:
+                while True:
+                    entries = None
+                    with anyio.move_on_after(cfg.flush_interval_s):
+                        try:
+                            entries = await out.receive()
+                        except anyio.EndOfStream:
+                            break
+                    for entry in entries or ():
+                        writer.add(entry)
+                    if entries is None or writer.rows >= cfg.flush_rows:
+                        await anyio.to_thread.run_sync(writer.flush)
+            await anyio.to_thread.run_sync(writer.flush)
+            if (self.stats.listing_done and cfg.on_delete == "delete"
+                    and self.outcome.fatal is None):
+                listing = self.stages.listing
+                refusal = await anyio.to_thread.run_sync(
+                    writer.delete, listing.gone(), listing.known, self.stats.files_seen)
+                if refusal is not None:
+                    self.outcome.deletion_refused = True
+                    self.outcome.failed(refusal)
+        finally:
+            done.set()
+
+    async def _watch_signals(self) -> None:
+        """The first SIGINT/SIGTERM stops the run cleanly (what is done is committed); a second
+        one ends the process at once: the next run redoes what was not committed."""
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                if self.outcome.interrupted:
+                    log.error("second signal: exiting now; what was not committed is redone "
+                              "by the next run")
+                    os._exit(EXIT_INTERRUPTED)
+                log.warning("stopping: committing what is done (a second signal exits at once)")
+                self.stop()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await anyio.sleep(self.lock.heartbeat_s)
+            await anyio.to_thread.run_sync(self.lock.beat)
+
+    async def _tick(self, on_progress: Callable[[RunStats], None]) -> None:
+        while True:
+            on_progress(self.stats)
+            await anyio.sleep(0.2)

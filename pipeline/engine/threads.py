@@ -1,0 +1,81 @@
+"""Validation in worker threads under the per-file deadline: how the local engine enforces
+:attr:`pipeline.stages.validation.Validation.limit_s`.
+
+A thread cannot be ended from outside. A file that outlives its deadline becomes a ``timeout``
+reject and its thread is abandoned (it finishes on its own, or never). anyio's worker threads
+are not daemons, so the interpreter would wait for such a thread at exit: :func:`threads_left`
+tells the CLI, which ends the process itself once everything is committed and printed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+import anyio
+
+from pipeline.stages.validation import FileWork, GroupWork, Sorted, Validation
+
+_T = TypeVar("_T")
+
+
+class _ThreadCalls:
+    """Counts validation calls still running in worker threads."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, fn: Callable[[], _T]) -> _T:
+        with self._lock:
+            self.running += 1
+        try:
+            return fn()
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+_CALLS = _ThreadCalls()
+
+
+def threads_left() -> int:
+    """Validation calls still running in threads a run gave up on."""
+    return _CALLS.running
+
+
+async def fit_group(stage: Validation, works: list[FileWork],
+                    out: Sorted) -> list[FileWork]:
+    """Validate small files in one thread hop, sorting what they give into ``out``. If the file
+    in progress outlives the limit, it becomes a timeout reject and the files after it are
+    returned, to be done one by one."""
+    group = GroupWork(works)
+    async with anyio.create_task_group() as tg:
+        async def watch() -> None:
+            while not group.overdue(stage.limit_s):
+                await anyio.sleep(0.05)
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        await anyio.to_thread.run_sync(_CALLS, group.run, abandon_on_cancel=True)
+        tg.cancel_scope.cancel()
+    finished, rest = group.stop()
+    for work, entries in finished:
+        stage.sort(work, entries, True, out)
+    if not rest:
+        return []
+    stage.sort(rest[0], [stage.timeout(rest[0], 0)], True, out)
+    return rest[1:]
+
+
+async def fit_file(stage: Validation, work: FileWork, deadline: float) -> tuple[Sorted, bool]:
+    """The next chunk of one file, sorted, and whether the file is done. Past ``deadline``
+    (anyio's clock) the hop is abandoned and the file ends with a timeout reject."""
+    out = Sorted()
+    with anyio.move_on_after(max(0.0, deadline - anyio.current_time())) as scope:
+        chunk, done = await anyio.to_thread.run_sync(_CALLS, work.step, abandon_on_cancel=True)
+    if scope.cancelled_caught:
+        chunk, done = [stage.timeout(work, work.count)], True
+    stage.sort(work, chunk, done, out)
+    return out, done

@@ -1,0 +1,261 @@
+"""A run of a job: its bookkeeping around an engine that drives the stages.
+
+The run takes the job's lock, opens the sink and the state (manifest, run history), finds what
+killed runs already paid for, builds the stages (:mod:`pipeline.stages`) and hands them to the
+local engine (:mod:`pipeline.engine.local`). Afterwards it keeps the books: table upkeep and the
+``run-<id>`` tag, the ``runs`` row, the JSON report and the exit code. It holds no stage logic.
+
+This module is also the Python API: :func:`run_job` and the exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from connectors import connector_for
+from connectors.base import Connector
+from connectors.s3_options import sink_s3_options, sink_storage_options
+from pipeline.config import ArrowSinkConfig, JobConfig
+from pipeline.engine.local import LocalEngine
+from pipeline.errors import PipelineError, QuotaExhausted
+from pipeline.gemini.client import GeminiClient
+from pipeline.gemini.endpoint import embedding_client
+from pipeline.gemini.limiter import AdaptiveConcurrency, Quota, RateLimiter
+from pipeline.gemini.tasks import TaskStyle
+from pipeline.models import cost_usd, model_spec
+from pipeline.outcome import EXIT_FAILED as EXIT_FAILED
+from pipeline.outcome import EXIT_INTERRUPTED as EXIT_INTERRUPTED
+from pipeline.outcome import EXIT_OK as EXIT_OK
+from pipeline.outcome import EXIT_QUOTA as EXIT_QUOTA
+from pipeline.outcome import EXIT_REJECTS as EXIT_REJECTS
+from pipeline.outcome import EXIT_USAGE as EXIT_USAGE
+from pipeline.outcome import RunOutcome, run_status
+from pipeline.sinks.arrow import ArrowSink
+from pipeline.sinks.lance import LanceSink, open_db, preload
+from pipeline.stages import Stages
+from pipeline.stages.companions import Companions
+from pipeline.stages.embedding import Embedder
+from pipeline.stages.listing import Listing
+from pipeline.stages.packing import limits_for
+from pipeline.stages.validation import Validation
+from pipeline.stages.writing import Writer
+from pipeline.state.lock import JobLock
+from pipeline.state.manifest import FileState, Manifest
+from pipeline.state.runs import RunLog
+from pipeline.stats import RunStats
+
+log = logging.getLogger("embedpipe.run")
+
+
+def new_run_id() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+@dataclass
+class RunResult:
+    stats: RunStats
+    exit_code: int
+    problems: list[str] = field(default_factory=list)
+
+
+class Run:
+    def __init__(self, job: JobConfig, *, retry_rejects: bool = False,
+                 allow_mass_delete: bool = False,
+                 on_progress: Callable[[RunStats], None] | None = None,
+                 connector: Connector | None = None) -> None:
+        job.require_api_key()
+        self.job = job
+        self.retry_rejects = retry_rejects
+        self.allow_mass_delete = allow_mass_delete
+        self.on_progress = on_progress
+        self.connector = connector or connector_for(job)
+        preload()
+        self.stats = RunStats(run_id=new_run_id())
+        self.outcome = RunOutcome()
+        self.engine: LocalEngine | None = None
+        self.report_path: Path | None = None
+
+    @property
+    def fatal(self) -> PipelineError | None:
+        return self.outcome.fatal
+
+    @property
+    def failure(self) -> str | None:
+        return self.outcome.failure
+
+    @property
+    def quota_error(self) -> QuotaExhausted | None:
+        return self.outcome.quota_error
+
+    def stop(self) -> None:
+        """Stop early and cleanly: what is done is still committed."""
+        self.outcome.interrupted = True
+        if self.engine is not None:
+            self.engine.stop()
+
+    async def execute(self) -> RunResult:
+        self.lock = JobLock(self.job.sink.uri, self.stats.run_id, self.job.name,
+                            s3_options=sink_s3_options(self.job))
+        await anyio.to_thread.run_sync(self.lock.acquire)
+        try:
+            return await self._locked()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.lock.release)
+
+    async def _locked(self) -> RunResult:
+        if self.lock.took_over is not None:
+            held = self.lock.took_over
+            log.warning("took over a stale lock of run %s (pid %s on %s)", held.run_id,
+                        held.pid, held.host)
+        await anyio.to_thread.run_sync(self._open)
+        previous = await anyio.to_thread.run_sync(self.manifest.load)
+        committed = await anyio.to_thread.run_sync(self._resume)
+        status = "failed"
+        try:
+            async with embedding_client(self.job) as client:
+                stages = self._stages(client, previous, committed)
+                self.engine = LocalEngine(
+                    self.job, stages, self.stats, self.outcome, lock=self.lock,
+                    on_listed=lambda: self.runlog.record(self._run_row("running", None)),
+                    on_progress=self.on_progress)
+                if self.outcome.interrupted:
+                    self.engine.stop()
+                try:
+                    await self.engine.run()
+                except BaseExceptionGroup as group:
+                    raise _first_pipeline_error(group) from None
+            status = "finished"
+        finally:
+            self.stats.finished = datetime.now(UTC).timestamp()
+            code = self.outcome.exit_code(self.stats.rejects) if status == "finished" \
+                else EXIT_FAILED
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._close, code)
+        return RunResult(self.stats, code, self.outcome.problems)
+
+    def _open(self) -> None:
+        job = self.job
+        db = open_db(job.sink.state_uri, sink_storage_options(job))
+        columns: dict[str, str] = (dict(job.source.metadata.columns) if job.source.metadata
+                                   else {})
+        dims, model = job.embed.output_dimensionality, job.embed.model
+        self.sink: LanceSink | ArrowSink = (
+            ArrowSink(job.sink.path, job.sink.format, dims, model, columns)
+            if isinstance(job.sink, ArrowSinkConfig) else
+            LanceSink(db, job.sink.table, job.sink.rejects_table, dims, model, columns))
+        self.manifest = Manifest(db, job.sink.manifest_table)
+        self.runlog = RunLog(db, job.sink.runs_table)
+
+    def _resume(self) -> frozenset[str]:
+        """Runs that never finished (killed) left rows behind: those are paid for already.
+        Their ids are skipped when met again; the runs are marked interrupted."""
+        unfinished, running = self.runlog.unfinished()
+        committed = frozenset(self.sink.committed_ids(unfinished))
+        self.runlog.mark_interrupted(running)
+        self._version_before = self.sink.version()
+        self.runlog.record(self._run_row("running", None))
+        return committed
+
+    def _stages(self, client: GeminiClient, previous: dict[str, FileState],
+                committed: frozenset[str]) -> Stages:
+        job, stats = self.job, self.stats
+        embed = job.embed
+        quota = Quota(rpm=embed.quota.rpm, tpm=embed.quota.tpm, rpd=embed.quota.rpd)
+        companions = Companions(self.connector, job.source.sidecar, job.source.metadata)
+        fingerprint = job.fingerprint()
+        return Stages(
+            listing=Listing(self.connector, companions, previous, fingerprint, stats,
+                            retry_rejects=self.retry_rejects),
+            validation=Validation(job, self.connector, companions, stats,
+                                  retry_rejects=self.retry_rejects),
+            limits=limits_for(embed),
+            embedder=Embedder(client, model_spec(embed.model), style=TaskStyle.for_job(job),
+                              max_attempts=embed.max_attempts, stats=stats,
+                              limiter=RateLimiter(quota) if (quota.rpm or quota.tpm
+                                                             or quota.rpd) else None,
+                              concurrency=AdaptiveConcurrency(embed.concurrency)),
+            writer=Writer(self.sink, self.manifest, stats, fingerprint, stats.run_id,
+                          max_delete_fraction=job.run.max_delete_fraction,
+                          allow_mass_delete=self.allow_mass_delete),
+            committed=committed)
+
+    def _close(self, code: int) -> None:
+        status = run_status(code)
+        if status in ("finished", "quota", "stopped"):
+            run = self.job.run
+            for done in self.sink.upkeep(run.compact, run.index_min_rows, run.index_type,
+                                         run.id_index_min_rows):
+                log.info("table upkeep: %s", done)
+            if self.sink.version() != self._version_before:
+                self.sink.tag(f"run-{self.stats.run_id}")
+        self.runlog.record(self._run_row(status, code))
+        self._write_report(status, code)
+
+    def report(self, status: str, code: int) -> dict[str, Any]:
+        """What the run did, as the JSON report holds it."""
+        stats = self.stats.as_dict()
+        return {"job": self.job.name, "status": status, "exit_code": code, **stats,
+                "cost_usd": round(cost_usd(stats["tokens_by_modality"],
+                                           self.job.embed.price_table()), 6),
+                "model": self.job.embed.model, "sink": self.job.sink.uri,
+                "problems": self.outcome.problems[:100]}
+
+    def _write_report(self, status: str, code: int) -> None:
+        target = self.job.run.report
+        if target is None or (target == "auto" and "://" in self.job.sink.uri):
+            return
+        # Beside an Arrow sink's data files the folder must stay data only: "_" hides it.
+        folder = "_reports" if isinstance(self.job.sink, ArrowSinkConfig) else "reports"
+        path = (Path(self.job.sink.uri) / folder / f"{self.stats.run_id}.json"
+                if target == "auto" else Path(target))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.report(status, code), default=str, indent=1))
+            os.replace(tmp, path)
+            self.report_path = path
+        except OSError as exc:
+            log.warning("could not write the run report to %s: %s", path, exc)
+
+    def _run_row(self, status: str, code: int | None) -> dict[str, Any]:
+        s = self.stats
+        return {
+            "run_id": s.run_id, "job": self.job.name,
+            "started": datetime.fromtimestamp(s.started, UTC),
+            "finished": datetime.fromtimestamp(s.finished, UTC) if s.finished else None,
+            "status": status, "exit_code": code, "files_seen": s.files_seen,
+            "files_new": s.files_new, "files_changed": s.files_changed,
+            "files_deleted": s.files_deleted, "files_unchanged": s.files_unchanged,
+            "files_done": s.files_done,
+            "items_embedded": s.items_embedded, "items_resumed": s.items_resumed,
+            "rejects": s.rejects, "tokens": s.tokens, "api_calls": s.api_calls,
+            "http_429": s.http_429, "retries": s.retries,
+            "table_version": self.sink.version(),
+        }
+
+
+
+def _first_pipeline_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """Task groups wrap what their tasks raised: surface the pipeline's own error, once."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            exc = _first_pipeline_error(exc)
+        if isinstance(exc, PipelineError):
+            return exc
+    return group
+
+
+def run_job(job: JobConfig, **kwargs: Any) -> RunResult:
+    """Run a job to the end (blocking)."""
+    return anyio.run(lambda: Run(job, **kwargs).execute())

@@ -1,0 +1,150 @@
+"""The writing stage: vectors and rejects into the sink, then the manifest rows of the files
+they complete, then (once, at the end) the deletions.
+
+The order is what makes a run killed at any moment safe to run again: a file's manifest row is
+written only after all its rows are committed, so a file is either done (skipped next time) or
+not (redone, and merging on ``id`` keeps its rows single). A changed file's stale rows (of its
+old version, or parts a new split no longer has) go in the same commit as its last new rows.
+
+Deletions are guarded: more than ``run.max_delete_fraction`` of the files the job knew, or all
+of them, is refused (:func:`pipeline.state.manifest.mass_delete_refusal`).
+
+Blocking (Lance commits); in a plain loop::
+
+    writer = Writer(sink, manifest, stats, fingerprint, run_id)
+    for outcome in outcomes:
+        writer.add(outcome)
+    writer.flush()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.errors import RejectReason
+from pipeline.records import Committed, FileEnd, Reject, SourceObject, Vector
+from pipeline.sinks.arrow import ArrowSink
+from pipeline.sinks.lance import LanceSink, reject_id
+from pipeline.state.manifest import (
+    EMBEDDED,
+    REJECTED,
+    UNREADABLE,
+    FileState,
+    Manifest,
+    mass_delete_refusal,
+)
+from pipeline.stats import RunStats
+
+Outcome = Vector | Reject | FileState | FileEnd | Committed
+
+
+@dataclass
+class _Pending:
+    """A file whose items are on their way to the table."""
+
+    obj: SourceObject
+    expected: int | None = None  # known once the validator is done with the file
+    ids: set[str] = field(default_factory=set)  # of its vector rows
+    reject_ids: set[str] = field(default_factory=set)
+    embedded: int = 0
+    rejected: int = 0
+    reason: str | None = None
+    replaces: bool = False
+
+
+class Writer:
+    """Buffers outcomes, tracks which files are complete, and commits them in order."""
+
+    def __init__(self, sink: LanceSink | ArrowSink, manifest: Manifest, stats: RunStats,
+                 fingerprint: str, run_id: str, *, max_delete_fraction: float = 0.2,
+                 allow_mass_delete: bool = False) -> None:
+        self.sink = sink
+        self.max_delete_fraction = max_delete_fraction
+        self.allow_mass_delete = allow_mass_delete
+        self.manifest = manifest
+        self.stats = stats
+        self.fingerprint = fingerprint
+        self.run_id = run_id
+        self.pending: dict[tuple[str, str], _Pending] = {}
+        self.vectors: list[Vector] = []
+        self.rejects: list[Reject] = []
+        self.completed: list[FileState] = []
+        self.replaced: dict[str, tuple[set[str], set[str]]] = {}
+
+    @property
+    def rows(self) -> int:
+        """Rows waiting for the next flush."""
+        return len(self.vectors) + len(self.rejects) + len(self.completed)
+
+    def add(self, entry: Outcome) -> None:
+        if isinstance(entry, FileState):
+            self.completed.append(entry)  # touched, not changed: its row is all there is
+            return
+        if isinstance(entry, FileEnd):
+            p = self._pending(entry.source)
+            p.expected = entry.count
+            p.replaces |= entry.replaces
+        elif isinstance(entry, Committed):
+            self.stats.items_resumed += 1
+            p = self._pending(entry.item.source)
+            p.embedded += 1
+            p.ids.add(entry.item.id)
+        elif isinstance(entry, Vector):
+            self.vectors.append(entry)
+            self.stats.items_embedded += 1
+            self.stats.tokens += entry.tokens
+            self.stats.tokens_by_modality[str(entry.item.modality)] += entry.tokens
+            p = self._pending(entry.item.source)
+            p.embedded += 1
+            p.ids.add(entry.item.id)
+        else:
+            self.rejects.append(entry)
+            self.stats.rejects += 1
+            self.stats.reject_reasons[entry.reason] += 1
+            p = self._pending(entry.source)
+            p.rejected += 1
+            p.reject_ids.add(reject_id(entry.source.uri, entry.version, entry.part))
+            p.reason = p.reason or entry.reason
+            p.replaces |= entry.replaces
+            if entry.part is None:
+                p.expected = 1
+        self._complete(p)
+
+    def _pending(self, obj: SourceObject) -> _Pending:
+        key = (obj.uri, obj.version or "")
+        if key not in self.pending:
+            self.pending[key] = _Pending(obj.with_version(obj.version or ""))
+        return self.pending[key]
+
+    def _complete(self, p: _Pending) -> None:
+        if p.expected is None or p.embedded + p.rejected < p.expected:
+            return
+        del self.pending[(p.obj.uri, p.obj.version or "")]
+        if p.replaces:
+            self.replaced[p.obj.uri] = (p.ids, p.reject_ids)
+        status = (EMBEDDED if p.embedded else
+                  UNREADABLE if p.reason == RejectReason.UNREADABLE else REJECTED)
+        self.completed.append(FileState(
+            p.obj.uri, p.obj.key, p.obj.version or "", p.obj.size, p.obj.mtime,
+            self.fingerprint, status, p.embedded, p.rejected, p.reason, p.obj.companions))
+        self.stats.files_done += 1
+
+    def flush(self) -> None:
+        """Commit the buffered rows, then the manifest rows of the files they complete."""
+        if not (self.vectors or self.rejects or self.completed):
+            return
+        self.sink.write(self.vectors, self.rejects, self.run_id, self.replaced)
+        self.manifest.record(self.completed, self.run_id)
+        self.vectors, self.rejects, self.completed, self.replaced = [], [], [], {}
+
+    def delete(self, gone: list[str], known: int, listed: int) -> str | None:
+        """Delete the rows of the files gone from the source (of the ``known`` the job had;
+        the source listed ``listed``), unless they are too many: then delete nothing and
+        return why."""
+        refusal = mass_delete_refusal(len(gone), known, listed, self.max_delete_fraction,
+                                      self.allow_mass_delete)
+        if refusal is None and gone:
+            self.sink.delete_uris(gone)
+            self.manifest.forget(gone)
+            self.stats.files_deleted += len(gone)
+        return refusal

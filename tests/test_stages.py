@@ -1,0 +1,182 @@
+"""Each stage on its own, driven by a plain loop: no engine, no streams, no task group. Real
+files, a real Lance table, the real emulator over HTTP."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+import anyio
+import lancedb
+
+from connectors.local import LocalConnector
+from pipeline.config import JobConfig, load_job
+from pipeline.emulator.server import Emulator
+from pipeline.gemini.client import GeminiClient
+from pipeline.gemini.tasks import TaskStyle
+from pipeline.models import model_spec
+from pipeline.records import Batch, FileEnd, Item, Vector
+from pipeline.samples import make_quickstart_media, make_text_corpus
+from pipeline.sinks.lance import LanceSink, open_db
+from pipeline.stages.companions import Companions
+from pipeline.stages.embedding import Embedder, split_paid
+from pipeline.stages.listing import Listing, Todo
+from pipeline.stages.packing import Packer, limits_for
+from pipeline.stages.validation import Sorted, Validation, groups
+from pipeline.stages.writing import Writer
+from pipeline.state.manifest import EMBEDDED, FileState, Manifest
+from pipeline.stats import RunStats
+from tests.conftest import write_job
+
+
+def _job(tmp_path: Path, src: Path, **extra: object) -> JobConfig:
+    return load_job(write_job(tmp_path, src, extra=dict(extra)))
+
+
+def _stages(job: JobConfig) -> tuple[LocalConnector, Companions, RunStats]:
+    connector = LocalConnector(job.source)  # type: ignore[arg-type]
+    return connector, Companions(connector, None, None), RunStats(run_id="test")
+
+
+def _validate_all(job: JobConfig, src: Path) -> tuple[list[Item], Sorted]:
+    connector, companions, stats = _stages(job)
+    listing = Listing(connector, companions, {}, job.fingerprint(), stats)
+    validation = Validation(job, connector, companions, stats)
+    out = Sorted()
+    while chunk := listing.next_chunk():
+        todo, _ = listing.diff(chunk)
+        for entry in todo:
+            done = validation.validate(entry)
+            out.items += done.items
+            out.outcomes += done.outcomes
+    return out.items, out
+
+
+def test_listing_sorts_new_changed_unchanged_rejected_and_gone(tmp_path: Path):
+    src = tmp_path / "src"
+    paths = make_text_corpus(src, 4)
+    os.mkfifo(src / "pipe")
+    job = _job(tmp_path, src)
+    connector, companions, stats = _stages(job)
+    first = {e.key: e for e in connector.list() if not hasattr(e, "reason")}
+    fp = job.fingerprint()
+
+    def state(key: str, version: str = "v") -> FileState:
+        o = first[key]
+        return FileState(o.uri, key, version, o.size, o.mtime, fp, EMBEDDED, 1, 0, None)
+
+    keys = sorted(first)
+    paths[1].write_text("changed since the manifest was written")
+    gone = FileState("file:///nowhere/x.txt", "x.txt", "v", 1, datetime.now(UTC), fp,
+                     EMBEDDED, 1, 0, None)
+    previous = {first[k].uri: state(k) for k in keys[:2]} | {gone.uri: gone}
+    listing = Listing(connector, companions, previous, fp, stats)
+    todo, rejects = [], []
+    while chunk := listing.next_chunk():
+        found, bad = listing.diff(chunk)
+        todo += found
+        rejects += bad
+    assert [t.obj.key for t in todo] == keys[1:]  # the touched one is read to check it
+    assert [t.prev is not None for t in todo] == [True, False, False]
+    assert [r.reason for r in rejects] == ["unsupported"]
+    assert (stats.files_seen, stats.files_new, stats.files_changed, stats.files_unchanged,
+            stats.files_rejected_at_listing) == (5, 2, 1, 1, 1)
+    assert listing.known == 3 and listing.gone() == [gone.uri]
+
+
+def test_groups_keep_large_files_alone():
+    def todo(size: int, n: int) -> Todo:
+        from pipeline.records import SourceObject
+        return Todo(SourceObject(f"file:///{n}", str(n), size, datetime.now(UTC)), None)
+
+    entries = [todo(10, 0), todo(2_000_000, 1), todo(10, 2), *(todo(10, 3 + i) for i in range(200))]
+    sizes = [len(g) for g in groups(entries)]
+    assert sizes[0] == 1 and sum(sizes) == 203 and max(sizes) == 128
+
+
+def test_validation_yields_items_then_the_files_end(tmp_path: Path):
+    src = tmp_path / "src"
+    make_quickstart_media(src)  # a 9-page PDF, a PNG, a JPEG
+    job = _job(tmp_path, src)
+    items, out = _validate_all(job, src)
+    by_key: dict[str, list[Item]] = {}
+    for item in items:
+        by_key.setdefault(item.source.key, []).append(item)
+    assert sorted((k, len(v)) for k, v in by_key.items()) == [
+        ("field-guide.pdf", 2), ("rainfall-chart.png", 1), ("sunset.jpg", 1)]
+    ends = {o.source.key: o.count for o in out.outcomes if isinstance(o, FileEnd)}
+    assert ends == {"field-guide.pdf": 2, "rainfall-chart.png": 1, "sunset.jpg": 1}
+
+
+def test_packing_respects_the_bounds_and_the_quota_share(tmp_path: Path):
+    src = tmp_path / "src"
+    make_text_corpus(src, 250)
+    job = _job(tmp_path, src)
+    items, _ = _validate_all(job, src)
+    limits = limits_for(job.embed)
+    packer = Packer(limits)
+    batches: list[Batch] = []
+    for item in items:
+        if not packer.fits(item):
+            batches.append(packer.take())
+        packer.add(item)
+        if packer.full:
+            batches.append(packer.take())
+    batches.append(packer.take())
+    assert [len(b.items) for b in batches] == [100, 100, 50]
+    quota = load_job(write_job(tmp_path, src, embed={
+        "provider": "emulator", "model": "gemini-embedding-2", "quota": {"rpm": 600}}))
+    assert limits_for(quota.embed).max_requests == 30  # 1/20 of a minute's budget
+
+
+def test_embedding_a_batch_and_skipping_what_was_paid(tmp_path: Path, emulator: Emulator):
+    src = tmp_path / "src"
+    make_text_corpus(src, 5)
+    job = _job(tmp_path, src)
+    items, _ = _validate_all(job, src)
+    batch = Batch(tuple(items))
+    paid, rest = split_paid(batch, frozenset({items[0].id}))
+    assert [p.item for p in paid] == [items[0]] and rest.items == tuple(items[1:])
+
+    async def embed() -> tuple[list[Vector], int]:
+        async with GeminiClient(base_url=emulator.base_url, model="gemini-embedding-2",
+                                dims=256) as client:
+            stats = RunStats(run_id="test")
+            embedder = Embedder(client, model_spec("gemini-embedding-2"),
+                                style=TaskStyle.for_job(job), max_attempts=2, stats=stats)
+            vectors, rejects = await embedder.embed_batch(rest)
+            assert not rejects
+            return vectors, stats.api_calls
+
+    vectors, calls = anyio.run(embed)
+    assert calls == 1 and [v.item for v in vectors] == list(rest.items)
+    assert all(v.values.shape == (256,) for v in vectors)
+
+
+def test_writing_commits_rows_then_the_manifest_and_guards_deletions(tmp_path: Path):
+    src = tmp_path / "src"
+    make_text_corpus(src, 3)
+    job = _job(tmp_path, src)
+    items, out = _validate_all(job, src)
+    db = open_db(str(tmp_path / "lance"))
+    sink = LanceSink(db, "vectors", "rejects", 256, job.embed.model)
+    manifest = Manifest(db, "files")
+    stats = RunStats(run_id="r1")
+    writer = Writer(sink, manifest, stats, job.fingerprint(), "r1")
+    import numpy as np
+    for item in items:
+        writer.add(Vector(item, np.ones(256, np.float32) / 16, 4))
+        assert writer.completed == []  # not complete before its FileEnd
+    for outcome in out.outcomes:
+        writer.add(outcome)
+    assert len(writer.completed) == 3 and stats.files_done == 3
+    writer.flush()
+    table = lancedb.connect(str(tmp_path / "lance"))
+    assert table.open_table("vectors").count_rows() == 3
+    assert set(manifest.load()) == {i.source.uri for i in items}
+    refused = writer.delete([i.source.uri for i in items], known=3, listed=0)
+    assert refused is not None and "3 of the 3 files" in refused
+    assert table.open_table("vectors").count_rows() == 3
+    assert writer.delete([items[0].source.uri], known=10, listed=9) is None
+    assert table.open_table("vectors").count_rows() == 2 and stats.files_deleted == 1
