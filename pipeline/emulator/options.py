@@ -35,6 +35,12 @@ class EmulatorOptions:
     stall_s: float = 30.0
     truncate: float = 0.0
     seed: int | None = None
+    # The Batch API and the Files API (pipeline.emulator.batches, .files).
+    batch_delay_s: float = 1.0  # from submission to results (half PENDING, half RUNNING)
+    batch_outcome: Literal["succeed", "fail", "expire"] = "succeed"
+    batch_error_rate: float = 0.0  # requests answered with a transient per-request error
+    max_batch_inline_bytes: int = 20_000_000
+    max_file_bytes: int = 2_000_000_000
 
 
 @dataclass
@@ -49,6 +55,9 @@ class Stats:
     auth_seen: dict[str, int] = field(default_factory=dict)
     faults: dict[str, int] = field(default_factory=dict)
     quota_429: dict[str, int] = field(default_factory=dict)
+    batch_jobs: int = 0
+    batch_items: int = 0  # embedded by the Batch API (not counted in items/tokens)
+    batch_tokens: int = 0
     # (monotonic time, items, tokens) of each call served, for benchmarks; bounded.
     timeline: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=100_000))
 
@@ -59,5 +68,6 @@ class Stats:
             "tokens_by_modality": dict(self.tokens_by_modality),
             "by_status": dict(self.by_status), "http_429": self.by_status.get("429", 0),
             "auth_seen": dict(self.auth_seen), "faults": dict(self.faults),
-            "quota_429": dict(self.quota_429),
+            "quota_429": dict(self.quota_429), "batch_jobs": self.batch_jobs,
+            "batch_items": self.batch_items, "batch_tokens": self.batch_tokens,
         }

@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
@@ -33,7 +33,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from pipeline.emulator.auth import authorise, presented
+from pipeline.emulator.batches import BatchJobs
 from pipeline.emulator.checks import ApiFault, ParsedRequest, invalid, parse_request
+from pipeline.emulator.faults import Faults, truncated
+from pipeline.emulator.files import FileStore
 from pipeline.emulator.options import AuthStyle as AuthStyle
 from pipeline.emulator.options import EmulatorOptions as EmulatorOptions
 from pipeline.emulator.options import Stats
@@ -65,10 +68,22 @@ class EmulatorApp:
         self.stats = Stats()
         self.requests: deque[dict[str, Any]] = deque(maxlen=self.options.keep_requests)
         self._lock = threading.Lock()
-        self._rng = random.Random(self.options.seed)
+        self.faults = Faults(self.options, self.stats, self._lock)
         self.quotas = Quotas(self.options, self.stats, self._lock)
+        self.files = FileStore(self.options.max_file_bytes)
+        self.batches = BatchJobs(self.options, self.files, self.stats, self._lock)
+        api = self._api
         self.app = Starlette(routes=[
             Route("/{version:str}/models/{target:str}", self.embed, methods=["POST"]),
+            Route("/upload/{version:str}/files", api(self.files.upload), methods=["POST"]),
+            Route("/{version:str}/files", api(self.files.list), methods=["GET"]),
+            Route("/{version:str}/files/{target:str}", api(self.files.file),
+                  methods=["GET", "DELETE"]),
+            Route("/download/{version:str}/files/{target:str}", api(self.files.file),
+                  methods=["GET"]),
+            Route("/{version:str}/batches", api(self.batches.route), methods=["GET"]),
+            Route("/{version:str}/batches/{target:str}", api(self.batches.route),
+                  methods=["GET", "POST", "DELETE"]),
             Route("/emulator/stats", self.get_stats, methods=["GET"]),
             Route("/emulator/reset", self.reset, methods=["POST"]),
             Route("/emulator/requests", self.get_requests, methods=["GET"]),
@@ -97,51 +112,40 @@ class EmulatorApp:
 
     # --- faults and quotas -------------------------------------------------------------------
 
-    def _draw_fault(self) -> str | None:
-        o = self.options
-        roll = self._rng.random()
-        for name, rate in (("429", o.error_429), ("500", o.error_500), ("503", o.error_503),
-                           ("reset", o.reset),
-                           ("stall", o.stall), ("truncate", o.truncate)):
-            if roll < rate:
-                return name
-            roll -= rate
-        return None
-
-    def _note_fault(self, name: str) -> None:
-        with self._lock:
-            self.stats.faults[name] = self.stats.faults.get(name, 0) + 1
+    def _api(self, handler: Callable[[Request], Awaitable[Response]],
+             ) -> Callable[[Request], Awaitable[Response]]:
+        """A Files or Batch API route: the key checked as for embedding, Google's error bodies."""
+        async def endpoint(request: Request) -> Response:
+            with self._lock:
+                self.stats.http_requests += 1
+            try:
+                if request.path_params.get("version") not in ("v1beta", "v1"):
+                    raise ApiFault(404, "NOT_FOUND", "API version is not served")
+                authorise(request, self.options)
+                response = await handler(request)
+            except ApiFault as fault:
+                self._count(fault.code)
+                return JSONResponse(fault.body(), status_code=fault.code)
+            self._count(response.status_code)
+            return response
+        return endpoint
 
     # --- embedding ----------------------------------------------------------------------------
 
     async def embed(self, request: Request) -> Response:
         with self._lock:
             self.stats.http_requests += 1
-        fault = self._draw_fault()
+        fault = self.faults.draw()
         if fault is not None:
-            self._note_fault(fault)
-            if fault == "429":
-                quota = self.quotas.fault("EmbedContentRequestsPerMinutePerUserPerProjectPerModel",
-                                          1.0, "requests per minute (shared with other clients)")
-                self._count(429)
-                return JSONResponse(quota.body(), status_code=429)
-            if fault in ("500", "503"):
-                code, status, msg = ((500, "INTERNAL", "Internal error encountered.")
-                                     if fault == "500" else
-                                     (503, "UNAVAILABLE", "The model is overloaded. Please try "
-                                                          "again later."))
-                self._count(code)
-                return JSONResponse(ApiFault(code, status, msg).body(), status_code=code)
-            if fault == "reset":
-                return _ResetResponse()
-            if fault == "stall":
-                await anyio.sleep(self.options.stall_s)
+            early = await self.faults.answer(fault, self.quotas)
+            if early is not None:
+                if fault != "reset":  # a cut connection has no status
+                    self._count(early.status_code)
+                return early
         try:
             response = await self._embed(request)
             if fault == "truncate":
-                body = bytes(response.body)
-                response = Response(body[: max(1, len(body) // 2)],
-                                    media_type="application/json")
+                response = truncated(response)
         except ApiFault as fault:
             self._count(fault.code)
             return JSONResponse(fault.body(), status_code=fault.code)
@@ -158,7 +162,7 @@ class EmulatorApp:
         model, _, method = request.path_params["target"].partition(":")
         if version not in ("v1beta", "v1"):
             raise ApiFault(404, "NOT_FOUND", f"API version {version} is not served")
-        if method not in ("embedContent", "batchEmbedContents"):
+        if method not in ("embedContent", "batchEmbedContents", "asyncBatchEmbedContent"):
             raise ApiFault(404, "NOT_FOUND", f"Method {method or '(none)'} is not found")
         style, _ = presented(request)
         with self._lock:
@@ -169,6 +173,8 @@ class EmulatorApp:
             raise ApiFault(404, "NOT_FOUND", f"models/{model} is not found for API version "
                            f"{version}, or is not supported for {method}.")
         raw = await request.body()
+        if method == "asyncBatchEmbedContent":
+            return await self.batches.create(request, spec, raw)
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -254,17 +260,6 @@ class _Json(JSONResponse):
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-class _ResetResponse(Response):
-    """Start a response and drop the connection: the client sees it cut mid-way."""
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", b"1000")]})
-        await send({"type": "http.response.body", "body": b'{"embeddings": [', "more_body": True})
-        raise ConnectionResetError("emulated connection reset")
 
 
 class Emulator:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -148,17 +148,18 @@ class GeminiClient:
     # --- public calls -------------------------------------------------------------------------
 
     async def embed(self, request: EmbedRequest) -> EmbedResponse:
-        raw = await self._post("embedContent", self._request_json(request))
+        raw = await self._post("embedContent", self.request_json(request))
         return self._decode(raw, "embedding", 1)
 
     async def batch_embed(self, requests: Sequence[EmbedRequest]) -> EmbedResponse:
-        body = {"requests": [self._request_json(r) for r in requests]}
+        body = {"requests": [self.request_json(r) for r in requests]}
         raw = await self._post("batchEmbedContents", body)
         return self._decode(raw, "embeddings", len(requests))
 
     # --- request and response -----------------------------------------------------------------
 
-    def _request_json(self, request: EmbedRequest) -> dict[str, Any]:
+    def request_json(self, request: EmbedRequest) -> dict[str, Any]:
+        """An EmbedContentRequest as JSON (camelCase), as every endpoint takes it."""
         parts: list[dict[str, Any]] = []
         for part in request.parts:
             if part.text is not None:
@@ -218,16 +219,51 @@ class GeminiClient:
     async def _post(self, method: str, body: dict[str, Any]) -> bytes:
         """The body of a 200 answer; any other answer raised as an :mod:`pipeline.errors` error."""
         content = await anyio.to_thread.run_sync(orjson.dumps, body)
+        response = await self.request("POST", f"{self._root}:{method}", content=content)
+        return response.content
+
+    async def request(self, method: str, url: str, *, content: bytes | None = None,
+                      headers: dict[str, str] | None = None,
+                      params: dict[str, str] | None = None) -> httpx.Response:
+        """One call with this client's auth; an answer other than 200 is raised as an
+        :mod:`pipeline.errors` error, a transport failure as a transient one. ``url`` is
+        absolute or relative to the API root (``{base}/v1beta``)."""
+        url = url if "://" in url else f"{self._base}/{url.lstrip('/')}"
         try:
-            response = await self._http.post(f"{self._root}:{method}", content=content)
-            raw = await response.aread()
+            response = await self._http.request(method, url, content=content, headers=headers,
+                                                params=params)
+            await response.aread()
         except httpx.TransportError as exc:
+            what = url.rsplit("/", 1)[-1].split("?")[0]
             raise TransientEmbedError(
-                self._scrub(f"transport error on {method}: {type(exc).__name__}: {exc}"),
+                self._scrub(f"transport error on {what}: {type(exc).__name__}: {exc}"),
                 status="TRANSPORT") from None
         if response.status_code != 200:
-            raise self._error(response.status_code, raw, response.headers.get("retry-after"))
-        return raw
+            raise self._error(response.status_code, response.content,
+                              response.headers.get("retry-after"))
+        return response
+
+    async def stream_lines(self, url: str, *,
+                           params: dict[str, str] | None = None) -> AsyncIterator[str]:
+        """A download's lines, streamed (a large responses file is never held whole)."""
+        url = url if "://" in url else f"{self._base}/{url.lstrip('/')}"
+        try:
+            async with self._http.stream("GET", url, params=params) as response:
+                if response.status_code != 200:
+                    raw = await response.aread()
+                    raise self._error(response.status_code, raw,
+                                      response.headers.get("retry-after"))
+                async for line in response.aiter_lines():
+                    yield line
+        except httpx.TransportError as exc:
+            raise TransientEmbedError(
+                self._scrub(f"transport error on a download: {type(exc).__name__}: {exc}"),
+                status="TRANSPORT") from None
+
+    @property
+    def base(self) -> str:
+        """The API root this client calls (``{base_url}/v1beta``)."""
+        return self._base
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._secret, "[REDACTED]") if self._secret else text
@@ -247,21 +283,23 @@ class GeminiClient:
         if code in TRANSIENT_STATUS:
             return TransientEmbedError(message, **kwargs)
         if code in (401, 403, 404) or (code == 400 and body.about_key):
-            return AccessError(self._access_message(code, body, message), **kwargs)
+            return AccessError(_access_message(self._base, self.model, code, body, message),
+                               **kwargs)
         return TerminalEmbedError(message, **kwargs)
 
-    def _access_message(self, code: int, body: _ErrorBody, message: str) -> str:
-        """One line: what the API said, where, for which model, and what to check."""
-        if code == 404:
-            check = ("embed.model, and embed.base_url / embed.api_version if a gateway serves "
-                     "the API under another path")
-        elif code == 401 or body.about_key:
-            check = ("embed.api_key (is it set, current, and a key of a project with the "
-                     "Generative Language API enabled?) and embed.auth")
-        else:
-            check = ("the key's permissions: its project must have access to the model, the "
-                     "key must not be restricted, suspended or reported as leaked")
-        return f"{message} (endpoint {self._base}, model {self.model}: check {check})"
+
+def _access_message(base: str, model: str, code: int, body: _ErrorBody, message: str) -> str:
+    """One line: what the API said, where, for which model, and what to check."""
+    if code == 404:
+        check = ("embed.model, and embed.base_url / embed.api_version if a gateway serves "
+                 "the API under another path")
+    elif code == 401 or body.about_key:
+        check = ("embed.api_key (is it set, current, and a key of a project with the "
+                 "Generative Language API enabled?) and embed.auth")
+    else:
+        check = ("the key's permissions: its project must have access to the model, the "
+                 "key must not be restricted, suspended or reported as leaked")
+    return f"{message} (endpoint {base}, model {model}: check {check})"
 
 
 def _retry_in(message: str) -> float | None:
@@ -312,3 +350,20 @@ class _ErrorBody:
                        tuple(reasons))
         except (orjson.JSONDecodeError, AttributeError, TypeError, KeyError):
             return cls(message=raw[:300].decode("utf-8", "replace").strip())
+
+
+def vector_from(values: list[Any], dims: int) -> npt.NDArray[np.float32]:
+    """One embedding's values as float32, checked as a batchEmbedContents answer's are."""
+    if len(values) != dims:
+        raise TerminalEmbedError(f"an embedding has {len(values)} dimensions, {dims} "
+                                 "were requested", status="BAD_RESPONSE")
+    try:
+        row = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        row = _special_floats(values, 0)
+    with np.errstate(over="ignore"):
+        out = row.astype(np.float32)
+    if not np.isfinite(out).all():
+        raise TerminalEmbedError("an embedding contains NaN or infinity",
+                                 status="BAD_RESPONSE")
+    return out

@@ -1,0 +1,175 @@
+"""Google's Files API, as the Batch API uses it: resumable uploads, get, list, download, delete.
+
+Routes (``v1beta`` and ``v1``)::
+
+    POST   /upload/{v}/files                 X-Goog-Upload-Protocol: resumable, Command: start
+    POST   /upload/{v}/files?upload_id=ID    Command: upload | upload, finalize (with Offset)
+    GET    /{v}/files/{id}                   the File
+    GET    /{v}/files                        list (pageSize, pageToken)
+    DELETE /{v}/files/{id}
+    GET    /{v}/files/{id}:download?alt=media        (what the google-genai SDK calls)
+    GET    /download/{v}/files/{id}:download?alt=media
+
+Files live in memory for the emulator's life. Uploaded files are ``UPLOADED``; files the Batch
+API writes (its responses) are ``GENERATED`` and carry a ``downloadUri``, as Google's do (the
+SDK downloads only those).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from pipeline.emulator.checks import ApiFault, invalid
+
+
+def rfc3339(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1e6):06d}Z"
+
+
+def not_found(what: str) -> ApiFault:
+    return ApiFault(404, "NOT_FOUND", f"{what} not found.")
+
+
+@dataclass
+class StoredFile:
+    name: str  # "files/abc123"
+    mime_type: str
+    declared_bytes: int
+    display_name: str | None = None
+    source: str = "UPLOADED"
+    data: bytearray = field(default_factory=bytearray)
+    created: float = field(default_factory=time.time)
+    complete: bool = False
+
+    def resource(self, base_url: str) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name, "mimeType": self.mime_type, "sizeBytes": str(len(self.data)),
+            "createTime": rfc3339(self.created), "updateTime": rfc3339(self.created),
+            "expirationTime": rfc3339(self.created + 48 * 3600),
+            "sha256Hash": hashlib.sha256(self.data).hexdigest(),
+            "uri": f"{base_url}/v1beta/{self.name}",
+            "state": "ACTIVE" if self.complete else "PROCESSING", "source": self.source,
+        }
+        if self.display_name:
+            out["displayName"] = self.display_name
+        if self.source == "GENERATED":
+            out["downloadUri"] = f"{base_url}/download/v1beta/{self.name}:download?alt=media"
+        return out
+
+
+class FileStore:
+    def __init__(self, max_file_bytes: int) -> None:
+        self.max_file_bytes = max_file_bytes
+        self.files: dict[str, StoredFile] = {}
+        self._uploads: dict[str, StoredFile] = {}  # upload id -> file being uploaded
+        self._lock = threading.Lock()
+
+    def add_generated(self, data: bytes, mime_type: str, display_name: str) -> StoredFile:
+        stored = StoredFile(f"files/{secrets.token_hex(8)}", mime_type, len(data), display_name,
+                            "GENERATED", bytearray(data), complete=True)
+        with self._lock:
+            self.files[stored.name] = stored
+        return stored
+
+    def get(self, name: str) -> StoredFile:
+        with self._lock:
+            stored = self.files.get(name)
+        if stored is None or not stored.complete:
+            raise not_found(f"File {name}")
+        return stored
+
+    # --- routes -------------------------------------------------------------------------------
+
+    async def upload(self, request: Request) -> Response:
+        command = request.headers.get("x-goog-upload-command", "").lower()
+        upload_id = request.query_params.get("upload_id")
+        if upload_id is None:
+            return await self._start(request, command)
+        with self._lock:
+            stored = self._uploads.get(upload_id)
+        if stored is None:
+            raise not_found(f"Upload {upload_id}")
+        body = await request.body()
+        offset = request.headers.get("x-goog-upload-offset")
+        if offset is None or not offset.isdigit() or int(offset) != len(stored.data):
+            raise invalid(f"X-Goog-Upload-Offset {offset!r} does not match the "
+                          f"{len(stored.data)} bytes received so far")
+        if len(stored.data) + len(body) > self.max_file_bytes:
+            raise invalid(f"The file exceeds the maximum size of {self.max_file_bytes} bytes.")
+        stored.data += body
+        if "finalize" not in command:
+            return Response(b"", headers={"x-goog-upload-status": "active"})
+        stored.complete = True
+        with self._lock:
+            del self._uploads[upload_id]
+            self.files[stored.name] = stored
+        return JSONResponse({"file": stored.resource(_base(request))},
+                            headers={"x-goog-upload-status": "final"})
+
+    async def _start(self, request: Request, command: str) -> Response:
+        if request.headers.get("x-goog-upload-protocol", "").lower() != "resumable" \
+                or command != "start":
+            raise invalid("Uploads take the resumable protocol: X-Goog-Upload-Protocol: "
+                          "resumable with X-Goog-Upload-Command: start")
+        raw = await request.body()
+        meta: dict[str, Any] = {}
+        if raw:
+            try:
+                meta = orjson.loads(raw).get("file") or {}
+            except (orjson.JSONDecodeError, AttributeError) as exc:
+                raise invalid("Invalid JSON payload received.") from exc
+        declared = request.headers.get("x-goog-upload-header-content-length", "0")
+        size = int(declared) if declared.isdigit() else 0
+        if size > self.max_file_bytes:
+            raise invalid(f"The file exceeds the maximum size of {self.max_file_bytes} bytes.")
+        name = str(meta.get("name") or f"files/{secrets.token_hex(8)}")
+        name = name if name.startswith("files/") else f"files/{name}"
+        mime = (request.headers.get("x-goog-upload-header-content-type")
+                or meta.get("mimeType") or "application/octet-stream")
+        upload_id = secrets.token_urlsafe(16)
+        with self._lock:
+            if name in self.files:
+                raise ApiFault(409, "ALREADY_EXISTS", f"File {name} already exists.")
+            self._uploads[upload_id] = StoredFile(name, str(mime), size,
+                                                  meta.get("displayName"))
+        url = f"{_base(request)}/upload/v1beta/files?upload_id={upload_id}"
+        return JSONResponse({}, headers={"x-goog-upload-url": url,
+                                         "x-goog-upload-status": "active"})
+
+    async def file(self, request: Request) -> Response:
+        target = request.path_params["target"]
+        file_id, _, method = target.partition(":")
+        stored = self.get(f"files/{file_id}")
+        if method == "download":
+            return Response(bytes(stored.data), media_type=stored.mime_type)
+        if method:
+            raise not_found(f"Method {method}")
+        if request.method == "DELETE":
+            with self._lock:
+                self.files.pop(stored.name, None)
+            return JSONResponse({})
+        return JSONResponse(stored.resource(_base(request)))
+
+    async def list(self, request: Request) -> Response:
+        size = int(request.query_params.get("pageSize", "10") or 10)
+        start = int(request.query_params.get("pageToken", "0") or 0)
+        with self._lock:
+            names = sorted(self.files)
+        page = names[start:start + size]
+        body: dict[str, Any] = {"files": [self.files[n].resource(_base(request)) for n in page]}
+        if start + size < len(names):
+            body["nextPageToken"] = str(start + size)
+        return JSONResponse(body)
+
+
+def _base(request: Request) -> str:
+    return f"{request.url.scheme}://{request.url.netloc}"

@@ -1,0 +1,114 @@
+"""The Batch API client against the emulator over HTTP: file and inline jobs, results matched
+by key and equal to what embedContent returns, injected failures, cancel, list, delete."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+import numpy as np
+import pytest
+
+from pipeline.emulator.server import Emulator, EmulatorOptions
+from pipeline.errors import AccessError, TerminalEmbedError
+from pipeline.gemini.batches import BatchApi, BatchJob
+from pipeline.gemini.client import EmbedRequest, GeminiClient
+from pipeline.records import Part
+
+T = TypeVar("T")
+TEXTS = [f"note {i} about {'pasta' if i % 2 else 'stars'} and harbours" for i in range(250)]
+
+
+def _with_api(emu: Emulator, fn: Callable[[BatchApi, GeminiClient], Awaitable[T]],
+              key: str | None = "k") -> T:
+    async def main() -> T:
+        async with GeminiClient(base_url=emu.base_url, model="gemini-embedding-2", dims=128,
+                                api_key=key) as client:
+            return await fn(BatchApi(client), client)
+    return anyio.run(main)
+
+
+async def _wait(api: BatchApi, job: BatchJob) -> BatchJob:
+    for _ in range(200):
+        job = await api.get(job.name)
+        if job.done:
+            return job
+        await anyio.sleep(0.05)
+    raise AssertionError(f"{job.name} never finished: {job.state}")
+
+
+def _request(text: str) -> EmbedRequest:
+    return EmbedRequest((Part(text=text),), task_type="RETRIEVAL_DOCUMENT")
+
+
+def test_a_file_job_returns_every_vector_by_key_as_embedcontent_would():
+    async def flow(api: BatchApi, client: GeminiClient) -> dict[str, Any]:
+        data = api.jsonl([api.entry(f"id-{i}", _request(t)) for i, t in enumerate(TEXTS)])
+        name = await api.upload(data, display_name="run-1-0")
+        job = await _wait(api, await api.create(display_name="run-1-0", file_name=name))
+        results = {key: r async for key, r in api.results(job)}
+        direct = await client.embed(_request(TEXTS[7]))
+        return {"job": job, "results": results, "direct": direct.vectors[0]}
+
+    with Emulator(EmulatorOptions(batch_delay_s=0.2)) as emu:
+        out = _with_api(emu, flow)
+        assert emu.state.stats.batch_items == 250 and emu.state.stats.items == 1
+    job, results = out["job"], out["results"]
+    assert job.state == "BATCH_STATE_SUCCEEDED" and job.succeeded == 250
+    assert sorted(results) == sorted(f"id-{i}" for i in range(250))
+    assert all(r.values is not None and r.values.shape == (128,) for r in results.values())
+    assert np.allclose(results["id-7"].values, out["direct"], atol=1e-6)
+
+
+def test_inline_jobs_carry_their_keys_in_metadata_and_failures_come_back_per_request():
+    async def flow(api: BatchApi, client: GeminiClient) -> dict[str, Any]:
+        inline = [api.entry(f"k{i}", _request(t)) for i, t in enumerate(TEXTS[:40])]
+        job = await _wait(api, await api.create(display_name="inline", inline=inline))
+        return {key: r async for key, r in api.results(job)}
+
+    with Emulator(EmulatorOptions(batch_delay_s=0.1, batch_error_rate=0.25, seed=3)) as emu:
+        results = _with_api(emu, flow)
+    assert sorted(results) == sorted(f"k{i}" for i in range(40))
+    failed = [r for r in results.values() if r.error is not None]
+    assert 3 <= len(failed) <= 20 and all(r.error["code"] == 503 for r in failed)  # type: ignore[index]
+    assert all(r.values is not None for r in results.values() if r.error is None)
+
+
+@pytest.mark.parametrize(("outcome", "state"), [("fail", "BATCH_STATE_FAILED"),
+                                                ("expire", "BATCH_STATE_EXPIRED")])
+def test_a_job_that_fails_or_expires_has_no_results(outcome: str, state: str):
+    async def flow(api: BatchApi, client: GeminiClient) -> tuple[BatchJob, int]:
+        job = await _wait(api, await api.create(display_name="x",
+                                                inline=[api.entry("a", _request("a"))]))
+        return job, len([r async for r in api.results(job)])
+
+    with Emulator(EmulatorOptions(batch_delay_s=0.1, batch_outcome=outcome)) as emu:  # type: ignore[arg-type]
+        job, count = _with_api(emu, flow)
+    assert job.state == state and job.done and count == 0
+
+
+def test_cancel_list_and_delete():
+    async def flow(api: BatchApi, client: GeminiClient) -> tuple[BatchJob, list[str], list[str]]:
+        job = await api.create(display_name="slow", inline=[api.entry("a", _request("a"))])
+        await api.cancel(job.name)
+        cancelled = await api.get(job.name)
+        listed = [j.name for j in await api.list()]
+        await api.delete(job.name)
+        return cancelled, listed, [j.name for j in await api.list()]
+
+    with Emulator(EmulatorOptions(batch_delay_s=30)) as emu:
+        cancelled, listed, after = _with_api(emu, flow)
+    assert cancelled.state == "BATCH_STATE_CANCELLED"
+    assert listed == [cancelled.name] and after == []
+
+
+def test_a_wrong_key_and_an_oversized_file_are_refused():
+    async def upload(api: BatchApi, client: GeminiClient) -> str:
+        return await api.upload(b"x" * 5000, display_name="big")
+
+    with Emulator(EmulatorOptions(api_key="right", max_file_bytes=4096)) as emu:
+        with pytest.raises(AccessError):
+            _with_api(emu, upload, key="wrong")
+        with pytest.raises(TerminalEmbedError, match="maximum size"):
+            _with_api(emu, upload, key="right")
