@@ -130,8 +130,8 @@ def test_server_restart_in_the_middle_of_a_run(tmp_path: Path, s3_server: S3Serv
 
     def restart() -> None:
         time.sleep(2.0)
+        restarted_at.append(time.monotonic())  # the server goes down now (a run takes >= 6 s)
         s3_server.restart()
-        restarted_at.append(time.monotonic())
 
     restarter = threading.Thread(target=restart)
     restarter.start()

@@ -127,7 +127,11 @@ def _describe(err: Any, raw: Any) -> str:
     if err["type"] == "extra_forbidden":
         model = _model_at(loc, raw)
         known = [f.alias or n for n, f in model.model_fields.items()] if model else []
-        hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        word = str(loc[-1])
+        # Two letters swapped ("modle") is the commonest typo: an anagram wins over the
+        # closest string ("mode").
+        hint = ([k for k in known if sorted(k) == sorted(word)]
+                or difflib.get_close_matches(word, known, n=1))
         extra = f" (did you mean '{hint[0]}'?)" if hint else f" (known keys: {', '.join(known)})"
         return f"{_loc(loc)}: unknown key{extra if known else ''}"
     if err["type"] == "missing":
