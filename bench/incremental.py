@@ -58,7 +58,7 @@ def main() -> int:
                 jobs[name] = write_job(folder / name, folder / name / "src", {
                     "provider": "gemini", "api_key": "any-key",
                     "base_url": base, "model": "gemini-embedding-2",
-                    "output_dimensionality": 128})
+                    "output_dimensionality": 128, "mode": "interactive"})
             small = run(jobs["small"])
             large = run(jobs["large"])
             calls_before = httpx.get(base + "/emulator/stats").json()["http_requests"]

@@ -8,9 +8,10 @@
 Exit codes: 0 all embedded; 1 finished, with rejects; 2 bad job file or usage; 3 the run failed
 (some items could not be embedded; run again to retry them); 4 a per-day quota is exhausted
 (run again after it resets); 5 another run of the job (or into the same table) is under way;
-130 interrupted.
+6 `run --detach` left Batch API jobs running (the next run collects them); 130 interrupted.
 
-This is the only module that prints or imports rich; the pipeline reports through RunStats.
+This module and pipeline/views.py (what the commands show) are the only ones that print or import
+rich; the pipeline reports through RunStats.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,16 +30,28 @@ from typing import Any
 import anyio
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from pipeline.config import JobConfig, load_job
+from pipeline.config import load_job
 from pipeline.engine.threads import threads_left
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.outcome import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_USAGE, run_status
-from pipeline.run import Run, RunResult
+from pipeline.outcome import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_LOCKED,
+    EXIT_PENDING,
+    EXIT_USAGE,
+    run_status,
+)
+from pipeline.run import Run
 from pipeline.state.lock import JobLocked
-from pipeline.stats import RunStats
+from pipeline.views import (
+    progress_display,
+    show_batches,
+    show_hits,
+    show_plan,
+    show_status,
+    show_summary,
+)
 
 console = Console(stderr=True)
 out = Console()
@@ -62,60 +75,12 @@ def _setup_logging(fmt: str, verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _progress_display(enabled: bool) -> tuple[Progress | None, Callable[[RunStats], None] | None]:
-    if not enabled:
-        return None, None
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                        TextColumn("{task.completed}/{task.total} files"),
-                        TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
-                        console=console, transient=True)
-    task = progress.add_task("embedding", total=None, detail="")
-
-    def update(stats: RunStats) -> None:
-        todo = stats.files_new + stats.files_changed
-        progress.update(task, completed=stats.files_done, total=todo if stats.listing_done else None,
-                        detail=f"{stats.items_embedded} items, {stats.rejects} rejects, "
-                               f"{stats.tokens:,} tokens")
-
-    return progress, update
-
-
-def _summary(job: JobConfig, result: RunResult, run: Run) -> None:
-    s = result.stats
-    console.print(f"[bold]run {s.run_id}[/] of job [bold]{job.name}[/]", highlight=False)
-    table = Table(show_header=False, box=None)
-    table.add_column(style="bold")
-    table.add_column(justify="right")
-    rows = [
-        ("files seen", s.files_seen), ("  new", s.files_new), ("  changed", s.files_changed),
-        ("  unchanged", s.files_unchanged),
-        ("  rejected at listing", s.files_rejected_at_listing),
-        *((("  sidecars", s.files_sidecars),) if s.files_sidecars else ()),
-        ("files deleted", s.files_deleted),
-        ("items embedded", s.items_embedded), ("rejected", s.rejects),
-        ("tokens", f"{s.tokens:,}"), ("API calls", s.api_calls), ("retries", s.retries),
-        ("HTTP 429", s.http_429), ("wall time", f"{s.wall_s:.1f} s"),
-    ]
-    for name, value in rows:
-        table.add_row(name, str(value))
-    for reason, n in sorted(s.reject_reasons.items()):
-        table.add_row(f"  rejected {reason}", str(n))
-    console.print(table)
-    for problem in result.problems[:10]:
-        if problem != run.failure:
-            console.print(f"[yellow]problem:[/] {escape(problem)}", highlight=False,
-                          soft_wrap=True)
-    console.print(f"table: {job.sink.uri} ({job.sink.table}); rejects in {job.sink.rejects_table}")
-    if getattr(run, "report_path", None):
-        console.print(f"report: {run.report_path}")
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     show = not args.quiet and console.is_terminal
-    progress, update = _progress_display(show)
+    progress, update = progress_display(console, show)
     run = Run(job, retry_rejects=args.retry_rejects, allow_mass_delete=args.allow_mass_delete,
-              on_progress=update)
+              detach=args.detach, on_progress=update)
     if progress is not None:
         with progress:
             result = anyio.run(run.execute)
@@ -129,7 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             Path(args.report).write_text(text + "\n", encoding="utf-8")
     if not args.quiet:
-        _summary(job, result, run)
+        show_summary(console, job, result, run)
     if run.failure is not None:
         console.print(f"[red]run failed:[/] {escape(run.failure)}", highlight=False,
                       soft_wrap=True)
@@ -139,6 +104,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         more = "" if s.listing_done else " (and the rest of the listing, which was not finished)"
         console.print(f"[yellow]interrupted:[/] {left:,} files still to do{more}; what was "
                       "done is committed and the next run continues from there",
+                      highlight=False, soft_wrap=True)
+    if result.exit_code == EXIT_PENDING:
+        console.print(f"[yellow]pending:[/] {result.stats.batch_jobs_pending} Batch API jobs are "
+                      "running server-side; run the job again (cron's next run does) to collect "
+                      "them: nothing is submitted twice", highlight=False, soft_wrap=True)
+    elif result.stats.batch_jobs and result.exit_code == EXIT_INTERRUPTED:
+        console.print("[yellow]note:[/] Batch API jobs keep running server-side; the next run "
+                      "collects them (`embedpipe batches JOB --cancel` cancels them)",
                       highlight=False, soft_wrap=True)
     if result.exit_code == 4 and run.quota_error is not None:
         delay = run.quota_error.retry_after_s
@@ -156,13 +129,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     file = Path(args.file) if args.file else None
     hits = anyio.run(lambda: search(job, args.query, k=args.k, where=args.where, file=file))
-    table = Table(show_lines=False)
-    for col in ("#", "score", "source", "where", "modality", "text"):
-        table.add_column(col)
-    for rank, hit in enumerate(hits, 1):
-        table.add_row(str(rank), f"{hit['score']:.3f}", hit["key"] or hit["uri"],
-                      hit["where"], hit["modality"], (hit["text"] or "")[:80].replace("\n", " "))
-    out.print(table)
+    show_hits(out, hits)
     return 0
 
 
@@ -177,30 +144,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(figures))
         return 0
-    out.print(f"[bold]plan for job {job.name}[/] ({job.embed.model}), no API call made",
-              highlight=False)
-    out.print("files: " + ", ".join(f"{k} {v:,}" for k, v in figures["files"].items()))
-    table = Table()
-    for col in ("modality", "items", "est. tokens", "est. cost USD"):
-        table.add_column(col, justify="right" if col != "modality" else "left")
-    prices = figures["prices_usd_per_million_tokens"]
-    for modality, n in sorted(figures["items"].items()):
-        tokens = figures["tokens"].get(modality, 0)
-        price = prices.get(modality, prices.get("text", 0.0))
-        table.add_row(modality, f"{n:,}", f"{tokens:,}", f"{tokens * price / 1e6:.4f}")
-    table.add_row("total", f"{sum(figures['items'].values()):,}",
-                  f"{figures['tokens_total']:,}", f"{figures['cost_usd']:.4f}")
-    out.print(table)
-    out.print(f"PDF pages {figures['pdf_pages']:,}; audio {figures['audio_seconds']:,} s; "
-              f"video {figures['video_seconds']:,} s; rejects "
-              f"{figures['rejects'] or 'none'}; Batch API cost {figures['cost_usd_batch_api']:.4f}")
-    bound = figures["quota_bound_minutes"]
-    out.print(f"wall time under the job's quotas: at least {bound:,} min" if bound is not None
-              else "wall time: no quota set in the job (embed.quota), so none is estimated")
-    if figures["days_by_requests_per_day"]:
-        out.print(f"requests/day quota: {figures['days_by_requests_per_day']} day(s)")
-    if figures["delete_refusal"]:
-        out.print(f"[yellow]a run would fail:[/] {figures['delete_refusal']}", highlight=False)
+    show_plan(out, job, figures)
     return 0
 
 
@@ -212,26 +156,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, default=str))
         return 0
-    out.print(f"[bold]{job.name}[/]: {status['uri']}", highlight=False)
-    out.print("rows: " + ", ".join(f"{k} {v if v is not None else '-'}"
-                                   for k, v in status["rows"].items()), highlight=False)
-    out.print("files: " + (", ".join(f"{k} {v}" for k, v in status["files"].items()) or "none"))
-    table = Table(title="last runs")
-    cols = ("run_id", "status", "exit_code", "started", "files_seen", "files_new",
-            "files_changed", "files_deleted", "items_embedded", "rejects", "tokens", "api_calls",
-            "http_429")
-    for col in cols:
-        table.add_column(col.replace("_", " "))
-    for run in status["runs"]:
-        table.add_row(*(f"{run[c]:%Y-%m-%d %H:%M:%S}" if c == "started" and run[c] else
-                        str(run[c]) for c in cols))
-    out.print(table)
-    pending = status["pending"]
-    if pending is not None:
-        left = ("an unknown number of files (it was killed before its listing finished)"
-                if pending["files"] is None else f"{pending['files']:,} files")
-        out.print(f"[yellow]last run {pending['run_id']} is {pending['status']}:[/] {left} "
-                  "still to do; run the job again to continue", highlight=False, soft_wrap=True)
+    show_status(out, job, status)
+    return 0
+
+
+def cmd_batches(args: argparse.Namespace) -> int:
+    from pipeline.batches import batch_jobs
+
+    job = load_job(args.job)
+    rows = anyio.run(lambda: batch_jobs(job, cancel=args.cancel))
+    if args.json:
+        print(json.dumps(rows, default=str))
+        return 0
+    show_batches(out, job, rows)
     return 0
 
 
@@ -244,7 +181,8 @@ def cmd_emulator(args: argparse.Namespace) -> int:
         rpd=args.rpd, window_s=args.window_s, day_s=args.day_s, error_429=args.error_429,
         error_500=args.error_500,
         error_503=args.error_503, reset=args.reset, stall=args.stall, stall_s=args.stall_s,
-        truncate=args.truncate, seed=args.seed)
+        truncate=args.truncate, seed=args.seed, batch_delay_s=args.batch_delay_s,
+        batch_outcome=args.batch_outcome, batch_error_rate=args.batch_error_rate)
     console.print(f"emulator on http://{args.host}:{args.port} (Ctrl-C to stop)")
     Emulator(options, host=args.host, port=args.port).serve_forever()
     return 0
@@ -272,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--allow-mass-delete", action="store_true",
                      help="delete the rows of removed files even when they are more than "
                           "run.max_delete_fraction of the job's files (or all of them)")
+    run.add_argument("--detach", action="store_true",
+                     help="submit Batch API jobs and exit (code 6) without waiting for them; "
+                          "the next run collects them")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
     run.add_argument("--report", metavar="PATH", default=None,
                      help="write the run's figures as JSON to PATH ('-' for stdout)")
@@ -299,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
 
+    batches = sub.add_parser("batches", help="the job's Batch API jobs (and cancelling them)")
+    batches.add_argument("job")
+    batches.add_argument("--cancel", action="store_true",
+                         help="cancel the open jobs; their items are submitted again next run")
+    batches.add_argument("--json", action="store_true")
+    batches.set_defaults(func=cmd_batches)
+
     emu = sub.add_parser("emulator", help="serve the Gemini-compatible emulator")
     emu.add_argument("--host", default="127.0.0.1")
     emu.add_argument("--port", type=int, default=8765)
@@ -317,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"share of calls answered with: {fault}")
     emu.add_argument("--stall-s", type=float, default=30.0)
     emu.add_argument("--seed", type=int, default=None)
+    emu.add_argument("--batch-delay-s", type=float, default=1.0,
+                     help="Batch API: seconds from submission to results")
+    emu.add_argument("--batch-outcome", choices=("succeed", "fail", "expire"),
+                     default="succeed", help="Batch API: how every job ends")
+    emu.add_argument("--batch-error-rate", type=float, default=0.0, metavar="RATE",
+                     help="Batch API: share of requests answered with a transient error")
     emu.set_defaults(func=cmd_emulator)
     samples = sub.add_parser("samples", help="write generated sample files (images, a PDF)")
     samples.add_argument("folder")

@@ -17,13 +17,14 @@ EXIT_USAGE = 2
 EXIT_FAILED = 3
 EXIT_QUOTA = 4
 EXIT_LOCKED = 5
+EXIT_PENDING = 6  # `run --detach`: Batch API jobs are running; the next run collects them
 EXIT_INTERRUPTED = 130
 
 
 def run_status(code: int) -> str:
     """The ``runs`` table's status for a run that ended with this exit code."""
     return {EXIT_OK: "finished", EXIT_REJECTS: "finished", EXIT_QUOTA: "quota",
-            EXIT_INTERRUPTED: "stopped"}.get(code, "failed")
+            EXIT_INTERRUPTED: "stopped", EXIT_PENDING: "pending"}.get(code, "failed")
 
 
 @dataclass
@@ -60,13 +61,15 @@ class RunOutcome:
         self.failure = why  # the CLI prints it once; the report lists it among the problems
         self.problems.append(why)
 
-    def exit_code(self, rejects: int) -> int:
+    def exit_code(self, rejects: int, pending_jobs: int = 0) -> int:
         if self.fatal is not None:
             return EXIT_FAILED
         if self.interrupted:
             return EXIT_INTERRUPTED
         if self.quota_error is not None:
             return EXIT_QUOTA
+        if pending_jobs:
+            return EXIT_PENDING
         if self.failed_items or self.deletion_refused:
             return EXIT_FAILED
         return EXIT_REJECTS if rejects else EXIT_OK

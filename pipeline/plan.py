@@ -68,6 +68,7 @@ class Plan:
             "video_seconds": round(self.video_s, 1), "rejects": dict(self.rejects),
             "cost_usd": round(cost_usd(dict(self.tokens), prices), 6),
             "cost_usd_batch_api": round(cost_usd(dict(self.tokens), prices) / 2, 6),
+            "mode": _mode(job, requests),
             "prices_usd_per_million_tokens": prices,
             "quota_bound_minutes": round(max(minutes), 2) if any(minutes) else None,
             "days_by_requests_per_day": (math.ceil(requests / quota.rpd) if quota.rpd
@@ -266,3 +267,11 @@ def _add(plan: Plan, result: list[Planned] | None) -> None:
             plan.audio_s += seconds
         elif name == "video":
             plan.video_s += seconds
+
+
+def _mode(job: JobConfig, items: int) -> str:
+    """What a run would use: ``embed.mode``, with ``auto`` decided by the item count."""
+    mode = job.embed.mode
+    if mode == "auto":
+        return "batch" if items > job.embed.batch_min_items else "interactive"
+    return mode

@@ -26,8 +26,10 @@ from connectors import connector_for
 from connectors.base import Connector
 from connectors.s3_options import sink_s3_options, sink_storage_options
 from pipeline.config import ArrowSinkConfig, JobConfig
+from pipeline.engine.batch import BatchDriver, BatchRouter, open_jobs
 from pipeline.engine.local import LocalEngine
 from pipeline.errors import PipelineError, QuotaExhausted
+from pipeline.gemini.batches import BatchApi
 from pipeline.gemini.client import GeminiClient
 from pipeline.gemini.endpoint import embedding_client
 from pipeline.gemini.limiter import AdaptiveConcurrency, Quota, RateLimiter
@@ -43,12 +45,14 @@ from pipeline.outcome import RunOutcome, run_status
 from pipeline.sinks.arrow import ArrowSink
 from pipeline.sinks.lance import LanceSink, open_db, preload
 from pipeline.stages import Stages
+from pipeline.stages.batching import Batching
 from pipeline.stages.companions import Companions
 from pipeline.stages.embedding import Embedder
 from pipeline.stages.listing import Listing
 from pipeline.stages.packing import limits_for
 from pipeline.stages.validation import Validation
 from pipeline.stages.writing import Writer
+from pipeline.state.batches import BatchLog
 from pipeline.state.lock import JobLock
 from pipeline.state.manifest import FileState, Manifest
 from pipeline.state.runs import RunLog
@@ -70,13 +74,14 @@ class RunResult:
 
 class Run:
     def __init__(self, job: JobConfig, *, retry_rejects: bool = False,
-                 allow_mass_delete: bool = False,
+                 allow_mass_delete: bool = False, detach: bool = False,
                  on_progress: Callable[[RunStats], None] | None = None,
                  connector: Connector | None = None) -> None:
         job.require_api_key()
         self.job = job
         self.retry_rejects = retry_rejects
         self.allow_mass_delete = allow_mass_delete
+        self.detach = detach
         self.on_progress = on_progress
         self.connector = connector or connector_for(job)
         preload()
@@ -128,7 +133,7 @@ class Run:
                 self.engine = LocalEngine(
                     self.job, stages, self.stats, self.outcome, lock=self.lock,
                     on_listed=lambda: self.runlog.record(self._run_row("running", None)),
-                    on_progress=self.on_progress)
+                    on_progress=self.on_progress, batch=await self._batch(client, stages))
                 if self.outcome.interrupted:
                     self.engine.stop()
                 try:
@@ -138,8 +143,8 @@ class Run:
             status = "finished"
         finally:
             self.stats.finished = datetime.now(UTC).timestamp()
-            code = self.outcome.exit_code(self.stats.rejects) if status == "finished" \
-                else EXIT_FAILED
+            code = (self.outcome.exit_code(self.stats.rejects, self.stats.batch_jobs_pending)
+                    if status == "finished" else EXIT_FAILED)
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._close, code)
         return RunResult(self.stats, code, self.outcome.problems)
@@ -156,6 +161,7 @@ class Run:
             LanceSink(db, job.sink.table, job.sink.rejects_table, dims, model, columns))
         self.manifest = Manifest(db, job.sink.manifest_table)
         self.runlog = RunLog(db, job.sink.runs_table)
+        self.batch_log = BatchLog(db, job.sink.batches_table)
 
     def _resume(self) -> frozenset[str]:
         """Runs that never finished (killed) left rows behind: those are paid for already.
@@ -166,6 +172,20 @@ class Run:
         self._version_before = self.sink.version()
         self.runlog.record(self._run_row("running", None))
         return committed
+
+    async def _batch(self, client: GeminiClient, stages: Stages) -> BatchRouter | None:
+        """The Batch API path (embed.mode batch or auto), with earlier runs' open jobs."""
+        embed = self.job.embed
+        if embed.mode == "interactive":
+            return None
+        api = BatchApi(client)
+        batching = Batching(embed.batch, api.entry, stages.embedder.request_for,
+                            normalise=stages.embedder.normalise,
+                            prefix=f"{self.job.name}-{self.stats.run_id}")
+        driver = BatchDriver(api, self.batch_log, batching, embed.batch, self.stats,
+                             self.outcome, self.stats.run_id)
+        return BatchRouter(driver, mode=embed.mode, min_items=embed.batch_min_items,
+                           awaited=await open_jobs(api, self.batch_log), detach=self.detach)
 
     def _stages(self, client: GeminiClient, previous: dict[str, FileState],
                 committed: frozenset[str]) -> Stages:
@@ -205,9 +225,12 @@ class Run:
     def report(self, status: str, code: int) -> dict[str, Any]:
         """What the run did, as the JSON report holds it."""
         stats = self.stats.as_dict()
+        prices = self.job.embed.price_table()
+        batch_cost = cost_usd(stats["tokens_batch_by_modality"], prices)
         return {"job": self.job.name, "status": status, "exit_code": code, **stats,
-                "cost_usd": round(cost_usd(stats["tokens_by_modality"],
-                                           self.job.embed.price_table()), 6),
+                # the Batch API's tokens at half the list price
+                "cost_usd": round(cost_usd(stats["tokens_by_modality"], prices)
+                                  - batch_cost / 2, 6),
                 "model": self.job.embed.model, "sink": self.job.sink.uri,
                 "problems": self.outcome.problems[:100]}
 

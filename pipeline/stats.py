@@ -31,6 +31,15 @@ class RunStats:
     http_429: int = 0
     retries: int = 0
     listing_done: bool = False
+    # The Batch API (embed.mode batch or auto)
+    batch_jobs: int = 0  # submitted by this run
+    batch_jobs_pending: int = 0  # left running by `run --detach`
+    items_batch: int = 0  # embedded through the Batch API (half price)
+    items_batch_submitted: int = 0
+    items_batch_awaited: int = 0  # in jobs earlier runs submitted: collected, not paid again
+    items_batch_failed: int = 0  # in jobs that ended FAILED/EXPIRED/CANCELLED
+    items_fallback: int = 0  # in batch mode, sent interactively (modality, size, transient)
+    tokens_batch_by_modality: Counter[str] = field(default_factory=Counter)
     tokens_by_modality: Counter[str] = field(default_factory=Counter)
     call_latencies: list[float] = field(default_factory=list)  # successful calls, capped
 
@@ -55,6 +64,7 @@ class RunStats:
         del out["call_latencies"]
         out["reject_reasons"] = dict(self.reject_reasons)
         out["tokens_by_modality"] = dict(self.tokens_by_modality)
+        out["tokens_batch_by_modality"] = dict(self.tokens_batch_by_modality)
         out["wall_s"] = round(self.wall_s, 3)
         for name, q in (("latency_p50_s", 0.5), ("latency_p95_s", 0.95)):
             value = self.latency_percentile(q)

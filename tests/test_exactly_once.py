@@ -51,7 +51,8 @@ def test_ten_sigkills_then_finish_leaves_exactly_one_row_per_item(tmp_path: Path
         job = write_job(tmp_path, src, embed={
             "provider": "gemini", "api_key": "any-key",
             "base_url": emu.base_url, "model": "gemini-embedding-2",
-            "output_dimensionality": 128, "batch_size": BATCH, "concurrency": CONCURRENCY},
+            "output_dimensionality": 128, "batch_size": BATCH, "concurrency": CONCURRENCY,
+            "mode": "interactive"},  # this harness kills interactive runs; batch mode has its own
             extra={"run": {"flush_rows": FLUSH_ROWS, "flush_interval_s": 0.5}})
         killed_mid_run = 0
         for kill in range(KILLS):

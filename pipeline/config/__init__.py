@@ -8,6 +8,7 @@
 
 from pipeline.config.job import (
     ArrowSinkConfig,
+    BatchSettings,
     EmbedConfig,
     EmulatorEmbedConfig,
     EmulatorSettings,
@@ -30,7 +31,7 @@ from pipeline.config.sources import (
 )
 
 __all__ = [
-    "GOOGLE_BASE_URL", "ArrowSinkConfig", "EmbedConfig", "EmulatorEmbedConfig",
+    "GOOGLE_BASE_URL", "ArrowSinkConfig", "BatchSettings", "EmbedConfig", "EmulatorEmbedConfig",
     "EmulatorSettings", "GeminiEmbedConfig", "JobConfig", "LanceSinkConfig", "LocalSourceConfig",
     "MetadataConfig", "QuotaConfig", "RunConfig", "S3Options", "S3SourceConfig", "SinkConfig",
     "SourceConfig", "ValidateConfig", "load_job",

@@ -52,6 +52,12 @@ class EmulatorSettings(_Strict):
     stall_s: float = Field(30.0, gt=0)
     truncate: float = Field(0.0, ge=0, le=1)
     seed: int | None = None
+    # The Batch API (asyncBatchEmbedContent) and Files API.
+    batch_delay_s: float = Field(1.0, ge=0)
+    batch_outcome: Literal["succeed", "fail", "expire"] = "succeed"
+    batch_error_rate: float = Field(0.0, ge=0, le=1)
+    max_batch_inline_bytes: int = Field(20_000_000, ge=1024)
+    max_file_bytes: int = Field(2_000_000_000, ge=1024)
 
 
 class QuotaConfig(_Strict):
@@ -61,6 +67,24 @@ class QuotaConfig(_Strict):
     rpm: int | None = Field(None, ge=1, description="requests per minute; each item counts")
     tpm: int | None = Field(None, ge=1, description="input tokens per minute")
     rpd: int | None = Field(None, ge=1, description="requests per day; each item counts")
+
+
+BatchModality = Literal["text", "image", "document", "audio", "video"]
+BATCH_MODALITIES: tuple[BatchModality, ...] = ("text", "image", "document", "audio", "video")
+
+
+class BatchSettings(_Strict):
+    """Google's asynchronous Batch API: half the price, no per-minute quota, results within
+    24 h. Limits are Google's documented ones; keep them configurable."""
+
+    max_requests: int = Field(10_000, ge=1)  # per job
+    max_file_bytes: int = Field(2_000_000_000, ge=1024)  # a job's JSONL input file
+    max_inline_bytes: int = Field(20_000_000, ge=1024)  # a job this small goes inline
+    # An item whose request is larger, or of a modality not listed, is embedded interactively.
+    max_request_bytes: int = Field(20_000_000, ge=1024)
+    modalities: list[BatchModality] = Field(default_factory=lambda: list(BATCH_MODALITIES))
+    poll_initial_s: float = Field(5.0, gt=0)
+    poll_max_s: float = Field(60.0, gt=0)
 
 
 class _EmbedCommon(_Strict):
@@ -82,6 +106,11 @@ class _EmbedCommon(_Strict):
     # USD per 1M input tokens by modality (text, image, document, audio, video);
     # default: the model's list price from ../shared/GEMINI_API.md.
     prices: dict[str, float] | None = None
+    # interactive: batchEmbedContents calls; batch: the Batch API; auto: the Batch API once a
+    # run has more than batch_min_items items to embed (a backfill), else interactive.
+    mode: Literal["interactive", "batch", "auto"] = "auto"
+    batch_min_items: int = Field(5000, ge=0)
+    batch: BatchSettings = Field(default_factory=lambda: BatchSettings())
 
     @field_validator("task_type", "query_task_type")
     @classmethod
@@ -161,6 +190,7 @@ class LanceSinkConfig(_Strict):
     rejects_table: str = Field("rejects", pattern=r"^[A-Za-z0-9_\-.]+$")
     manifest_table: str = Field("files", pattern=r"^[A-Za-z0-9_\-.]+$")
     runs_table: str = Field("runs", pattern=r"^[A-Za-z0-9_\-.]+$")
+    batches_table: str = Field("batches", pattern=r"^[A-Za-z0-9_\-.]+$")
 
     @field_validator("uri")
     @classmethod
@@ -188,6 +218,7 @@ class ArrowSinkConfig(_Strict):
     rejects_table: Literal["rejects"] = "rejects"
     manifest_table: str = "files"
     runs_table: str = "runs"
+    batches_table: str = "batches"
     s3: None = None
 
     @field_validator("path")

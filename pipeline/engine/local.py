@@ -26,6 +26,7 @@ import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from pipeline.config import JobConfig
+from pipeline.engine.batch import BatchRouter
 from pipeline.engine.threads import fit_file, fit_group
 from pipeline.errors import EmbedError
 from pipeline.outcome import EXIT_INTERRUPTED, RunOutcome
@@ -45,7 +46,8 @@ log = logging.getLogger("embedpipe.run")
 class LocalEngine:
     def __init__(self, job: JobConfig, stages: Stages, stats: RunStats, outcome: RunOutcome, *,
                  lock: JobLock, on_listed: Callable[[], None],
-                 on_progress: Callable[[RunStats], None] | None = None) -> None:
+                 on_progress: Callable[[RunStats], None] | None = None,
+                 batch: BatchRouter | None = None) -> None:
         self.job = job
         self.stages = stages
         self.stats = stats
@@ -53,6 +55,7 @@ class LocalEngine:
         self.lock = lock
         self.on_listed = on_listed
         self.on_progress = on_progress
+        self.batch = batch
         self._producers = anyio.CancelScope()
 
     def stop(self) -> None:
@@ -83,7 +86,13 @@ class LocalEngine:
                         for _ in range(cfg.validate_workers):
                             tg.start_soon(self._validate, todo_rx.clone(), items_tx.clone(),
                                           out_tx.clone())
-                    tg.start_soon(self._pack, items_rx, batches_tx)
+                    if self.batch is None:
+                        tg.start_soon(self._pack, items_rx, batches_tx)
+                    else:  # validation -> the batch router -> packing (what stays interactive)
+                        pack_tx, pack_rx = anyio.create_memory_object_stream[list[Item]](
+                            cfg.queue_size)
+                        tg.start_soon(self.batch.run, items_rx, pack_tx, out_tx.clone())
+                        tg.start_soon(self._pack, pack_rx, batches_tx)
                     async with batches_rx:
                         for _ in range(self.job.embed.concurrency):
                             tg.start_soon(self._embed, batches_rx.clone(), out_tx.clone())

@@ -24,6 +24,7 @@ from dataclasses import replace
 
 import anyio
 import numpy as np
+import numpy.typing as npt
 
 from pipeline.errors import QuotaExhausted, RejectReason, TerminalEmbedError, TransientEmbedError
 from pipeline.gemini.client import EmbedRequest, EmbedResponse, GeminiClient
@@ -136,16 +137,21 @@ class Embedder:
     def _vectors(self, items: Sequence[Item], response: EmbedResponse) -> list[Vector]:
         estimated = sum(i.est_tokens for i in items) or 1
         reported = response.prompt_tokens
-        out = []
-        for item, values in zip(items, response.vectors, strict=True):
-            if self.normalise:
-                norm = float(np.linalg.norm(values))
-                if norm == 0.0:
-                    raise TerminalEmbedError("the API returned a zero vector", status="BAD_RESPONSE")
-                values = (values / norm).astype(np.float32)
-            tokens = (item.est_tokens if reported is None
-                      else round(item.est_tokens * reported / estimated))
-            if any(p.data is not None for p in item.parts):
-                item = replace(item, parts=())  # the bytes are sent: do not hold them to the write
-            out.append(Vector(item, values, tokens))
-        return out
+        return [make_vector(item, values, item.est_tokens if reported is None
+                            else round(item.est_tokens * reported / estimated), self.normalise)
+                for item, values in zip(items, response.vectors, strict=True)]
+
+
+def make_vector(item: Item, values: npt.NDArray[np.float32], tokens: int,
+                normalise: bool) -> Vector:
+    """An item's row: its vector L2-normalised where the model does not do it, and without the
+    payload bytes (they are sent: not held to the write). Raises TerminalEmbedError for a zero
+    vector, which cannot be normalised."""
+    if normalise:
+        norm = float(np.linalg.norm(values))
+        if norm == 0.0:
+            raise TerminalEmbedError("the API returned a zero vector", status="BAD_RESPONSE")
+        values = (values / norm).astype(np.float32)
+    if any(p.data is not None for p in item.parts):
+        item = replace(item, parts=())
+    return Vector(item, values, tokens)

@@ -1,0 +1,238 @@
+"""How the local engine drives Batch API jobs: submit (recorded before anything is paid),
+poll with backoff, collect. The rules (what goes in a job, what a result becomes) are the
+batching stage's (:mod:`pipeline.stages.batching`); the exactly-once log is
+:mod:`pipeline.state.batches`.
+
+- :meth:`BatchDriver.submit` records the job (``submitting``, with its item ids) before creating
+  it, uploads a JSONL file (or sends it inline when small), then records its name (``pending``).
+- :meth:`BatchDriver.adopt` takes over a job an earlier run submitted, with the items this run
+  validated again for it: they are awaited, never submitted (paid) twice.
+- :meth:`BatchDriver.collect` polls every open job, backing off from ``poll_initial_s`` to
+  ``poll_max_s`` and riding out transient errors and 429s, and hands each finished job's rows
+  to the writer. A job that ends FAILED, EXPIRED or CANCELLED leaves its items to the next run.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import anyio
+import anyio.abc
+
+from pipeline.config import BatchSettings
+from pipeline.errors import EmbedError, TransientEmbedError
+from pipeline.gemini.batches import BatchApi, BatchJob, BatchResult
+from pipeline.outcome import RunOutcome
+from pipeline.records import Item
+from pipeline.stages.batching import Batching, JobDraft, JobOutcome
+from pipeline.stages.writing import Outcome
+from pipeline.state.batches import COLLECTED, FAILED, PENDING, BatchLog
+from pipeline.stats import RunStats
+
+log = logging.getLogger("embedpipe.batch")
+RESULTS_CHUNK = 1000
+
+
+@dataclass
+class _Open:
+    display_name: str
+    name: str
+    items: dict[str, Item]  # by id: what this run writes when the results come
+
+
+class BatchDriver:
+    def __init__(self, api: BatchApi, batch_log: BatchLog, batching: Batching,
+                 settings: BatchSettings, stats: RunStats, outcome: RunOutcome,
+                 run_id: str) -> None:
+        self.api = api
+        self.log = batch_log
+        self.batching = batching
+        self.settings = settings
+        self.stats = stats
+        self.outcome = outcome
+        self.run_id = run_id
+        self.open: list[_Open] = []
+
+    async def submit(self, draft: JobDraft) -> None:
+        await anyio.to_thread.run_sync(self.log.submitting, draft.display_name, self.run_id,
+                                       list(draft.items))
+        file_name = None
+        if draft.bytes <= self.settings.max_inline_bytes:
+            job = await self.api.create(display_name=draft.display_name, inline=draft.entries)
+        else:
+            data = await anyio.to_thread.run_sync(self.api.jsonl, draft.entries)
+            draft.entries.clear()  # the payloads are in the file now
+            file_name = await self.api.upload(data, display_name=draft.display_name)
+            del data
+            job = await self.api.create(display_name=draft.display_name, file_name=file_name)
+        await anyio.to_thread.run_sync(lambda: self.log.set(
+            draft.display_name, status=PENDING, name=job.name, input_file=file_name))
+        self.stats.batch_jobs += 1
+        self.stats.items_batch_submitted += len(draft.items)
+        self.open.append(_Open(draft.display_name, job.name, draft.items))
+        log.info("submitted %s (%s): %d items", job.name, draft.display_name, len(draft.items))
+
+    def adopt(self, display_name: str, name: str, items: dict[str, Item]) -> None:
+        self.stats.items_batch_awaited += len(items)
+        self.open.append(_Open(display_name, name, items))
+
+    async def collect(self, send: Callable[[JobOutcome], Awaitable[None]], *,
+                      wait: bool = True) -> None:
+        """Until every open job is finished and written (``wait=False``: one look, writing
+        the jobs already finished and leaving the others running)."""
+        delay = self.settings.poll_initial_s
+        while self.open:
+            for job in list(self.open):
+                try:
+                    info = await self.api.get(job.name)
+                except TransientEmbedError as exc:
+                    log.warning("polling %s: %s; trying again", job.name, exc)
+                    continue
+                except EmbedError as exc:
+                    if exc.http_status != 404:
+                        raise
+                    # deleted, or a server that did not keep it (an emulator restarted)
+                    info = BatchJob(job.name, "BATCH_STATE_NOT_FOUND")
+                if info.done or info.state == "BATCH_STATE_NOT_FOUND":
+                    await self._finish(job, info, send)
+                    self.open.remove(job)
+            if not wait:
+                return
+            if self.open:
+                await anyio.sleep(delay)
+                delay = min(delay * 1.5, self.settings.poll_max_s)
+
+    async def _finish(self, job: _Open, info: BatchJob,
+                      send: Callable[[JobOutcome], Awaitable[None]]) -> None:
+        if info.state != "BATCH_STATE_SUCCEEDED":
+            self.stats.items_batch_failed += len(job.items)
+            self.outcome.failed_items += len(job.items)
+            self.outcome.problems.append(
+                f"batch {info.name} ({job.display_name}) ended {info.state}: its "
+                f"{len(job.items):,} items are submitted again by the next run")
+            await anyio.to_thread.run_sync(lambda: self.log.set(job.display_name,
+                                                                status=FAILED))
+            return
+        chunk: list[tuple[str, BatchResult]] = []
+        try:
+            async for result in self.api.results(info):
+                chunk.append(result)
+                if len(chunk) >= RESULTS_CHUNK:
+                    await send(self.batching.outcomes(job.items, chunk))
+                    chunk = []
+        except EmbedError as exc:
+            # Not written: the job stays pending and the next run collects it again.
+            self.outcome.problems.append(f"could not read the results of {info.name}: {exc}")
+            self.outcome.failed_items += len(job.items)
+            return
+        await send(self.batching.outcomes(job.items, chunk))
+        await send(self.batching.missing(job.items))
+        await anyio.to_thread.run_sync(lambda: self.log.set(job.display_name,
+                                                            status=COLLECTED))
+
+
+class BatchRouter:
+    """Between validation and packing when the job may use the Batch API: items awaited from
+    an earlier run's job are held for it; in batch mode (``auto``: once more than
+    ``batch_min_items`` items came, holding them until then) items go into jobs, except those
+    the Batch API does not take, which go on to packing; results come back to the writer, and
+    transient per-request errors go on to packing too."""
+
+    def __init__(self, driver: BatchDriver, *, mode: str, min_items: int,
+                 awaited: dict[str, tuple[str, str]], detach: bool) -> None:
+        self.driver = driver
+        self.mode = mode  # "batch" or "auto"; decided to "batch" or "interactive"
+        self.min_items = min_items
+        self.awaited = awaited  # item id -> (display name, job name) of an earlier run's job
+        self.detach = detach
+        self._adopted: dict[str, dict[str, Item]] = {}
+        self._held: list[Item] = []
+
+    async def run(self, items: anyio.abc.ObjectReceiveStream[list[Item]],
+                  pack: anyio.abc.ObjectSendStream[list[Item]],
+                  out: anyio.abc.ObjectSendStream[list[Outcome]]) -> None:
+        stats = self.driver.stats
+
+        async def send(result: JobOutcome) -> None:
+            for vector in result.vectors:
+                stats.items_batch += 1
+                stats.tokens_batch_by_modality[str(vector.item.modality)] += vector.tokens
+            if result.vectors or result.rejects:
+                await out.send([*result.vectors, *result.rejects])
+            if result.retry:
+                stats.items_fallback += len(result.retry)
+                await pack.send(result.retry)
+            if result.lost:
+                self.driver.outcome.failed_items += len(result.lost)
+                self.driver.outcome.problems.append(
+                    f"{len(result.lost)} items failed transiently in a Batch API job and their "
+                    "payload was not kept to retry now: the next run embeds them")
+
+        async with items, pack, out:
+            async for chunk in items:
+                rest = [i for i in chunk if not self._await(i)]
+                await self._route(rest, pack)
+            if self.mode == "auto":  # the run stayed small: interactive it is
+                self.mode = "interactive"
+                if self._held:
+                    await pack.send(self._held)
+            if (draft := self.driver.batching.take()) is not None:
+                await self.driver.submit(draft)
+            for display_name, found in self._adopted.items():
+                name = next(job for dn, job in self.awaited.values() if dn == display_name)
+                self.driver.adopt(display_name, name, found)
+            await self.driver.collect(send, wait=not self.detach)
+            stats.batch_jobs_pending = len(self.driver.open)
+
+    def _await(self, item: Item) -> bool:
+        job = self.awaited.get(item.id)
+        if job is None:
+            return False
+        self._adopted.setdefault(job[0], {})[item.id] = item
+        return True
+
+    async def _route(self, chunk: list[Item], pack: anyio.abc.ObjectSendStream[list[Item]]
+                     ) -> None:
+        if self.mode == "auto":
+            self._held += chunk
+            if len(self._held) <= self.min_items:
+                return
+            self.mode, chunk, self._held = "batch", self._held, []
+        if self.mode == "interactive":
+            if chunk:
+                await pack.send(chunk)
+            return
+        direct = [i for i in chunk if not self.driver.batching.accepts(i)]
+        for item in chunk:
+            if self.driver.batching.accepts(item) and \
+                    (draft := self.driver.batching.add(item)) is not None:
+                await self.driver.submit(draft)
+        if direct:
+            self.driver.stats.items_fallback += len(direct)
+            await pack.send(direct)
+
+
+async def open_jobs(api: BatchApi, batch_log: BatchLog) -> dict[str, tuple[str, str]]:
+    """The items earlier runs' open jobs hold (id -> (display name, job name)). A job recorded
+    as ``submitting`` (the run was killed before it heard back) is looked up by its display
+    name: found, it is awaited like the others; not found, it was never created."""
+    records = await anyio.to_thread.run_sync(batch_log.open)
+    awaited: dict[str, tuple[str, str]] = {}
+    listed: dict[str | None, str] | None = None
+    for record in records:
+        name = record.name
+        if name is None:
+            if listed is None:
+                listed = {job.display_name: job.name for job in await api.list()}
+            name = listed.get(record.display_name)
+            found = {"status": FAILED} if name is None else {"status": PENDING, "name": name}
+            await anyio.to_thread.run_sync(
+                functools.partial(batch_log.set, record.display_name, **found))
+            if name is None:
+                continue
+        for item_id in record.item_ids:
+            awaited[item_id] = (record.display_name, name)
+    return awaited

@@ -1,0 +1,92 @@
+"""The ``batches`` table: every Batch API job a job submitted, so no item is paid for twice.
+
+A row is written *before* the job is created (``submitting``, with its deterministic display
+name and the ids of its items), then updated with the job's name once the service answers
+(``pending``), and closed once its results are written (``collected``) or it ended without them
+(``failed``: its items are submitted again). A run killed at any moment leaves rows the next run
+reads: a ``pending`` job's items are awaited, not submitted again; a ``submitting`` one is
+looked up by its display name (the kill may have landed after the service created it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.errors import SinkError
+from pipeline.sinks.lance import open_table, sql_str
+
+SUBMITTING = "submitting"
+PENDING = "pending"
+COLLECTED = "collected"
+FAILED = "failed"
+OPEN = (SUBMITTING, PENDING)
+
+BATCHES_SCHEMA = pa.schema([
+    pa.field("display_name", pa.string(), nullable=False),
+    pa.field("name", pa.string()),
+    pa.field("run_id", pa.string()),
+    pa.field("status", pa.string()),
+    pa.field("input_file", pa.string()),
+    pa.field("items", pa.int64()),
+    pa.field("item_ids", pa.list_(pa.string())),
+    pa.field("created", pa.timestamp("us", tz="UTC")),
+])
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRecord:
+    display_name: str
+    name: str | None
+    run_id: str
+    status: str
+    input_file: str | None
+    item_ids: tuple[str, ...]
+    created: datetime
+
+
+class BatchLog:
+    def __init__(self, db: Any, table: str = "batches") -> None:
+        self.table = open_table(db, table, BATCHES_SCHEMA)
+
+    def open(self) -> list[BatchRecord]:
+        """Jobs submitted (or being submitted) whose results are not written yet."""
+        cond = f"status IN ({', '.join(sql_str(s) for s in OPEN)})"
+        try:
+            rows = self.table.search().where(cond).to_arrow().to_pylist()
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise SinkError(f"cannot read the batch log: {exc}") from exc
+        return [BatchRecord(r["display_name"], r["name"], r["run_id"], r["status"],
+                            r["input_file"], tuple(r["item_ids"] or ()), r["created"])
+                for r in sorted(rows, key=lambda r: r["created"])]
+
+    def all(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = self.table.to_arrow().drop_columns(
+            ["item_ids"]).to_pylist()
+        return sorted(rows, key=lambda r: r["created"])
+
+    def submitting(self, display_name: str, run_id: str, item_ids: list[str]) -> None:
+        now = datetime.now(UTC)
+        self._merge({"display_name": display_name, "name": None, "run_id": run_id,
+                     "status": SUBMITTING, "input_file": None, "items": len(item_ids),
+                     "item_ids": item_ids, "created": now})
+
+    def set(self, display_name: str, **values: str | None) -> None:
+        """Update a row's ``status``, ``name`` or ``input_file``."""
+        assigned = {k: ("NULL" if v is None else sql_str(v)) for k, v in values.items()}
+        try:
+            self.table.update(where=f"display_name = {sql_str(display_name)}",
+                              values_sql=assigned)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise SinkError(f"cannot write the batch log: {exc}") from exc
+
+    def _merge(self, row: dict[str, Any]) -> None:
+        data = pa.table({f.name: [row[f.name]] for f in BATCHES_SCHEMA}, schema=BATCHES_SCHEMA)
+        try:
+            (self.table.merge_insert("display_name").when_matched_update_all()
+             .when_not_matched_insert_all().execute(data))
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise SinkError(f"cannot write the batch log: {exc}") from exc

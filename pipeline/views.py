@@ -1,0 +1,142 @@
+"""What the commands show a person: progress, the run summary, plan, status, search hits and
+batch jobs as rich tables. The only module besides the CLI that imports rich."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pipeline.config import JobConfig
+from pipeline.run import Run, RunResult
+from pipeline.stats import RunStats
+
+
+def progress_display(console: Console, enabled: bool,
+                     ) -> tuple[Progress | None, Callable[[RunStats], None] | None]:
+    if not enabled:
+        return None, None
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                        TextColumn("{task.completed}/{task.total} files"),
+                        TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
+                        console=console, transient=True)
+    task = progress.add_task("embedding", total=None, detail="")
+
+    def update(stats: RunStats) -> None:
+        todo = stats.files_new + stats.files_changed
+        progress.update(task, completed=stats.files_done, total=todo if stats.listing_done else None,
+                        detail=f"{stats.items_embedded} items, {stats.rejects} rejects, "
+                               f"{stats.tokens:,} tokens")
+
+    return progress, update
+
+
+def show_summary(console: Console, job: JobConfig, result: RunResult, run: Run) -> None:
+    s = result.stats
+    console.print(f"[bold]run {s.run_id}[/] of job [bold]{job.name}[/]", highlight=False)
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    rows = [
+        ("files seen", s.files_seen), ("  new", s.files_new), ("  changed", s.files_changed),
+        ("  unchanged", s.files_unchanged),
+        ("  rejected at listing", s.files_rejected_at_listing),
+        *((("  sidecars", s.files_sidecars),) if s.files_sidecars else ()),
+        ("files deleted", s.files_deleted),
+        ("items embedded", s.items_embedded), ("rejected", s.rejects),
+        ("tokens", f"{s.tokens:,}"), ("API calls", s.api_calls), ("retries", s.retries),
+        ("HTTP 429", s.http_429), ("wall time", f"{s.wall_s:.1f} s"),
+    ]
+    if s.batch_jobs or s.items_batch or s.items_batch_awaited:
+        rows += [("Batch API jobs", s.batch_jobs), ("  items (half price)", s.items_batch),
+                 ("  collected from earlier jobs", s.items_batch_awaited),
+                 ("  sent interactively", s.items_fallback)]
+    for name, value in rows:
+        table.add_row(name, str(value))
+    for reason, n in sorted(s.reject_reasons.items()):
+        table.add_row(f"  rejected {reason}", str(n))
+    console.print(table)
+    for problem in result.problems[:10]:
+        if problem != run.failure:
+            console.print(f"[yellow]problem:[/] {escape(problem)}", highlight=False,
+                          soft_wrap=True)
+    console.print(f"table: {job.sink.uri} ({job.sink.table}); rejects in {job.sink.rejects_table}")
+    if getattr(run, "report_path", None):
+        console.print(f"report: {run.report_path}")
+
+
+def show_plan(out: Console, job: JobConfig, figures: dict[str, Any]) -> None:
+    out.print(f"[bold]plan for job {job.name}[/] ({job.embed.model}), no API call made",
+              highlight=False)
+    out.print("files: " + ", ".join(f"{k} {v:,}" for k, v in figures["files"].items()))
+    table = Table()
+    for col in ("modality", "items", "est. tokens", "est. cost USD"):
+        table.add_column(col, justify="right" if col != "modality" else "left")
+    prices = figures["prices_usd_per_million_tokens"]
+    for modality, n in sorted(figures["items"].items()):
+        tokens = figures["tokens"].get(modality, 0)
+        price = prices.get(modality, prices.get("text", 0.0))
+        table.add_row(modality, f"{n:,}", f"{tokens:,}", f"{tokens * price / 1e6:.4f}")
+    table.add_row("total", f"{sum(figures['items'].values()):,}",
+                  f"{figures['tokens_total']:,}", f"{figures['cost_usd']:.4f}")
+    out.print(table)
+    out.print(f"PDF pages {figures['pdf_pages']:,}; audio {figures['audio_seconds']:,} s; "
+              f"video {figures['video_seconds']:,} s; rejects "
+              f"{figures['rejects'] or 'none'}; Batch API cost {figures['cost_usd_batch_api']:.4f}")
+    out.print(f"a run would use the {figures['mode']} API (embed.mode: {job.embed.mode})",
+              highlight=False)
+    bound = figures["quota_bound_minutes"]
+    out.print(f"wall time under the job's quotas: at least {bound:,} min" if bound is not None
+              else "wall time: no quota set in the job (embed.quota), so none is estimated")
+    if figures["days_by_requests_per_day"]:
+        out.print(f"requests/day quota: {figures['days_by_requests_per_day']} day(s)")
+    if figures["delete_refusal"]:
+        out.print(f"[yellow]a run would fail:[/] {figures['delete_refusal']}", highlight=False)
+
+
+def show_status(out: Console, job: JobConfig, status: dict[str, Any]) -> None:
+    out.print(f"[bold]{job.name}[/]: {status['uri']}", highlight=False)
+    out.print("rows: " + ", ".join(f"{k} {v if v is not None else '-'}"
+                                   for k, v in status["rows"].items()), highlight=False)
+    out.print("files: " + (", ".join(f"{k} {v}" for k, v in status["files"].items()) or "none"))
+    table = Table(title="last runs")
+    cols = ("run_id", "status", "exit_code", "started", "files_seen", "files_new",
+            "files_changed", "files_deleted", "items_embedded", "rejects", "tokens", "api_calls",
+            "http_429")
+    for col in cols:
+        table.add_column(col.replace("_", " "))
+    for run in status["runs"]:
+        table.add_row(*(f"{run[c]:%Y-%m-%d %H:%M:%S}" if c == "started" and run[c] else
+                        str(run[c]) for c in cols))
+    out.print(table)
+    pending = status["pending"]
+    if pending is not None:
+        left = ("an unknown number of files (it was killed before its listing finished)"
+                if pending["files"] is None else f"{pending['files']:,} files")
+        out.print(f"[yellow]last run {pending['run_id']} is {pending['status']}:[/] {left} "
+                  "still to do; run the job again to continue", highlight=False, soft_wrap=True)
+
+
+def show_batches(out: Console, job: JobConfig, rows: list[dict[str, Any]]) -> None:
+    table = Table(title=f"Batch API jobs of {job.name}")
+    for col in ("display name", "job", "status", "service", "items", "created"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row["display_name"], row["name"] or "-", row["status"],
+                      row.get("service_state", "-"), str(row["items"]),
+                      f"{row['created']:%Y-%m-%d %H:%M}")
+    out.print(table)
+
+
+def show_hits(out: Console, hits: list[dict[str, Any]]) -> None:
+    table = Table(show_lines=False)
+    for col in ("#", "score", "source", "where", "modality", "text"):
+        table.add_column(col)
+    for rank, hit in enumerate(hits, 1):
+        table.add_row(str(rank), f"{hit['score']:.3f}", hit["key"] or hit["uri"],
+                      hit["where"], hit["modality"], (hit["text"] or "")[:80].replace("\n", " "))
+    out.print(table)

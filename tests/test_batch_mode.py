@@ -1,0 +1,139 @@
+"""Batch API mode end to end: real runs (in process and as CLI processes killed with SIGKILL)
+against the emulator's Batch and Files APIs, real Lance tables."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lancedb
+import pytest
+
+from pipeline.config import load_job
+from pipeline.emulator.server import Emulator, EmulatorOptions
+from pipeline.outcome import EXIT_FAILED, EXIT_OK, EXIT_PENDING
+from pipeline.run import run_job
+from pipeline.samples import make_quickstart_media, make_text_corpus
+from tests.conftest import write_job
+
+FAST_POLL = {"poll_initial_s": 0.1, "poll_max_s": 0.5}
+
+
+def _embed(emu: Emulator, **extra: Any) -> dict[str, Any]:
+    return {"provider": "gemini", "api_key": "k", "base_url": emu.base_url,
+            "model": "gemini-embedding-2", "output_dimensionality": 128,
+            "mode": "batch", "batch": FAST_POLL, **extra}
+
+
+def _ids(tmp_path: Path) -> list[str]:
+    table = lancedb.connect(str(tmp_path / "lance")).open_table("vectors")
+    return table.to_arrow()["id"].to_pylist()
+
+
+def _cli(job: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "-q", *args, str(job)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_batch_mode_embeds_every_item_once_at_half_the_interactive_cost(tmp_path: Path):
+    src = tmp_path / "src"
+    make_text_corpus(src, 300)
+    make_quickstart_media(src / "media")  # a 9-page PDF (2 parts) and two images
+    with Emulator(EmulatorOptions(batch_delay_s=0.2)) as emu:
+        batch = run_job(load_job(write_job(tmp_path, src, embed=_embed(
+            emu, batch={**FAST_POLL, "max_requests": 120}))))
+        assert emu.state.stats.items == 0  # nothing through the interactive endpoint
+        assert emu.state.stats.batch_items == 304 and emu.state.stats.batch_jobs == 3
+        interactive = run_job(load_job(write_job(tmp_path / "i", src, embed=_embed(
+            emu, mode="interactive"))))
+    assert batch.exit_code == EXIT_OK and batch.stats.items_batch == 304
+    assert interactive.stats.items_embedded == 304 and interactive.stats.items_batch == 0
+    ids = _ids(tmp_path)
+    assert len(ids) == len(set(ids)) == 304
+    reports = [json.loads(next((root / "lance" / "reports").glob("*.json")).read_text())
+               for root in (tmp_path, tmp_path / "i")]
+    # Batch results carry no usageMetadata: their tokens are the validator's estimates, which
+    # are within 10 % of what the service counts (tests/test_operations.py).
+    assert reports[0]["cost_usd"] == pytest.approx(reports[1]["cost_usd"] / 2, rel=0.1)
+
+
+def test_auto_mode_uses_the_batch_api_only_for_a_large_run(tmp_path: Path):
+    make_text_corpus(tmp_path / "src", 30)
+    with Emulator(EmulatorOptions(batch_delay_s=0.1)) as emu:
+        small = run_job(load_job(write_job(tmp_path / "a", tmp_path / "src", embed=_embed(
+            emu, mode="auto", batch_min_items=100))))
+        assert emu.state.stats.batch_jobs == 0 and small.stats.items_embedded == 30
+        large = run_job(load_job(write_job(tmp_path / "b", tmp_path / "src", embed=_embed(
+            emu, mode="auto", batch_min_items=10))))
+        assert emu.state.stats.batch_jobs == 1 and large.stats.items_batch == 30
+
+
+def test_a_run_killed_after_submitting_pays_nothing_twice(tmp_path: Path):
+    make_text_corpus(tmp_path / "src", 250)
+    with Emulator(EmulatorOptions(batch_delay_s=4.0)) as emu:
+        job = write_job(tmp_path, tmp_path / "src", embed=_embed(
+            emu, batch={**FAST_POLL, "max_requests": 100}))
+        proc = _cli(job)
+        deadline = time.monotonic() + 60
+        while emu.state.stats.batch_jobs < 3:  # every job submitted, none finished
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        again = _cli(job)
+        _, err = again.communicate(timeout=120)
+        assert again.returncode == EXIT_OK, err
+        assert emu.state.stats.batch_jobs == 3  # the next run submitted nothing new
+        assert emu.state.stats.batch_items == 250 and emu.state.stats.items == 0
+    ids = _ids(tmp_path)
+    assert len(ids) == len(set(ids)) == 250
+
+
+def test_detach_exits_pending_and_the_next_run_collects(tmp_path: Path):
+    make_text_corpus(tmp_path / "src", 40)
+    with Emulator(EmulatorOptions(batch_delay_s=1.0)) as emu:
+        job = write_job(tmp_path, tmp_path / "src", embed=_embed(emu))
+        detached = _cli(job, "--detach")
+        _, err = detached.communicate(timeout=60)
+        assert detached.returncode == EXIT_PENDING, err
+        listing = subprocess.run([sys.executable, "-m", "pipeline.cli", "batches", "--json",
+                                  str(job)], capture_output=True, text=True, timeout=60)
+        (row,) = json.loads(listing.stdout)
+        assert row["status"] == "pending" and row["items"] == 40
+        time.sleep(1.2)
+        collected = _cli(job)
+        _, err = collected.communicate(timeout=60)
+        assert collected.returncode == EXIT_OK, err
+        assert emu.state.stats.batch_jobs == 1 and len(_ids(tmp_path)) == 40
+
+
+def test_a_failed_job_is_submitted_again_by_the_next_run(tmp_path: Path):
+    make_text_corpus(tmp_path / "src", 20)
+    with Emulator(EmulatorOptions(batch_delay_s=0.1, batch_outcome="fail")) as emu:
+        failed = run_job(load_job(write_job(tmp_path, tmp_path / "src", embed=_embed(emu))))
+    assert failed.exit_code == EXIT_FAILED and failed.stats.items_batch_failed == 20
+    assert any("ended BATCH_STATE_FAILED" in p for p in failed.problems)
+    with Emulator(EmulatorOptions(batch_delay_s=0.1)) as emu:
+        again = run_job(load_job(write_job(tmp_path, tmp_path / "src", embed=_embed(emu))))
+        assert emu.state.stats.batch_items == 20
+    assert again.exit_code == EXIT_OK and len(_ids(tmp_path)) == 20
+
+
+def test_transient_request_errors_and_excluded_modalities_go_interactive(tmp_path: Path):
+    src = tmp_path / "src"
+    make_text_corpus(src, 60)
+    make_quickstart_media(src / "media")
+    with Emulator(EmulatorOptions(batch_delay_s=0.1, batch_error_rate=0.2, seed=5)) as emu:
+        result = run_job(load_job(write_job(tmp_path, src, embed=_embed(
+            emu, batch={**FAST_POLL, "modalities": ["text"]}))))
+        interactive_items = emu.state.stats.items
+    assert result.exit_code == EXIT_OK
+    assert len(set(_ids(tmp_path))) == len(_ids(tmp_path)) == 64
+    # 4 media items by modality, about 12 texts by injected 503s, all embedded interactively
+    assert result.stats.items_fallback == interactive_items >= 4 + 5
+    assert result.stats.items_batch == 64 - interactive_items
