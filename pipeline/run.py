@@ -202,6 +202,7 @@ class Run:
             limits=limits_for(embed),
             embedder=Embedder(client, model_spec(embed.model), style=TaskStyle.for_job(job),
                               max_attempts=embed.max_attempts, stats=stats,
+                              max_quota_wait_s=embed.max_quota_wait_s,
                               limiter=RateLimiter(quota) if (quota.rpm or quota.tpm
                                                              or quota.rpd) else None,
                               concurrency=AdaptiveConcurrency(embed.concurrency)),

@@ -19,7 +19,7 @@ from pipeline.gemini.limiter import AdaptiveConcurrency, Quota, RateLimiter, Sli
 from pipeline.gemini.tasks import TaskStyle
 from pipeline.models import model_spec
 from pipeline.records import Batch, Item, Modality, Part, SourceObject, item_id
-from pipeline.run import EXIT_OK, EXIT_QUOTA, run_job
+from pipeline.run import EXIT_FAILED, EXIT_OK, EXIT_QUOTA, run_job
 from pipeline.samples import make_text_corpus
 from pipeline.stages.embedding import Embedder
 from pipeline.stats import RunStats
@@ -120,6 +120,20 @@ def test_unknown_quota_is_found_by_backing_off_on_429(tmp_path: Path):
     assert result.stats.http_429 > 0 and result.stats.retries >= result.stats.http_429
     ids = _table_ids(job)
     assert len(ids) == len(set(ids)) == 120
+
+
+def test_a_per_minute_quota_is_waited_out_not_counted_as_attempts(tmp_path: Path):
+    """Many 429s in a row for one call: the run waits for the minute instead of failing."""
+    job = _job(tmp_path / "a", 120, {"rpm": 20, "window_s": 0.5}, batch_size=10,
+               concurrency=8, max_attempts=2)
+    result = run_job(load_job(job))
+    assert result.exit_code == EXIT_OK and result.stats.http_429 > 16  # > 8 callers x 2
+    assert len(set(_table_ids(job))) == 120
+    impatient = _job(tmp_path / "b", 120, {"rpm": 20, "window_s": 5.0}, batch_size=10,
+                     concurrency=8, max_quota_wait_s=0.5)
+    failed = run_job(load_job(impatient))
+    assert failed.exit_code == EXIT_FAILED and failed.stats.rejects == 0
+    assert failed.stats.files_done < 120
 
 
 def test_known_quota_makes_no_429(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -101,6 +101,8 @@ class _EmbedCommon(_Strict):
     # Calls in flight. Memory for media-heavy runs is about concurrency x max_batch_bytes.
     concurrency: int = Field(32, ge=1, le=256)
     max_attempts: int = Field(6, ge=1, le=50)
+    # Waiting on per-minute 429s costs no attempt; a call gives up after this much of it.
+    max_quota_wait_s: float = Field(600.0, gt=0)
     timeout_s: float = Field(120.0, gt=0)
     quota: QuotaConfig = Field(default_factory=lambda: QuotaConfig())
     # USD per 1M input tokens by modality (text, image, document, audio, video);

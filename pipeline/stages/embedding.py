@@ -3,9 +3,10 @@
 - Requests carry what the model wants (taskType and title where the model uses them).
 - Every attempt first takes a permit from the shared rate limiter (requests/min, tokens/min,
   requests/day, when the job knows its quotas) and a slot from the adaptive concurrency limit.
-- Transient failures (429, 5xx, transport) are retried with bounded attempts, waiting what the
-  server's RetryInfo says, else exponential backoff with full jitter. A 429 also halves the
-  calls in flight; successes grow them back (AIMD).
+- Transient failures (5xx, transport) are retried with bounded attempts, waiting what the
+  server's RetryInfo says, else exponential backoff with full jitter. A per-minute 429 costs no
+  attempt (the minute ends): its waits are bounded by ``max_quota_wait_s`` instead; it also
+  halves the calls in flight, and successes grow them back (AIMD).
 - A terminal 4xx on a batch is bisected, so only the items the API refuses become
   ``api_rejected`` rejects and the rest are embedded.
 - Vectors are L2-normalised where the model does not do it (gemini-embedding-001 below 3072).
@@ -52,7 +53,7 @@ class Embedder:
     def __init__(self, client: GeminiClient, spec: ModelSpec, *, style: TaskStyle,
                  max_attempts: int, stats: RunStats, limiter: RateLimiter | None = None,
                  concurrency: AdaptiveConcurrency | None = None, backoff_base_s: float = 1.0,
-                 backoff_cap_s: float = 60.0) -> None:
+                 backoff_cap_s: float = 60.0, max_quota_wait_s: float = 600.0) -> None:
         self.client = client
         self.limiter = limiter
         self.concurrency = concurrency or AdaptiveConcurrency(64)
@@ -62,6 +63,7 @@ class Embedder:
         self.stats = stats
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
+        self.max_quota_wait_s = max_quota_wait_s
         self.normalise = not spec.is_normalised(client.dims)
 
     def request_for(self, item: Item) -> EmbedRequest:
@@ -90,6 +92,7 @@ class Embedder:
         requests = [self.request_for(i) for i in items]
         tokens = sum(i.est_tokens for i in items)
         attempt = 0
+        throttled_s = 0.0  # waited on per-minute 429s: they cost no attempt, only time
         while True:
             attempt += 1
             try:
@@ -110,12 +113,20 @@ class Embedder:
                 self.stats.http_429 += 1
                 raise
             except TransientEmbedError as exc:
-                if exc.http_status == 429:
+                throttled = exc.http_status == 429
+                if throttled:
+                    # A per-minute quota means wait, not fail: the minute ends. Bounded by
+                    # time (max_quota_wait_s), not by attempts.
                     self.stats.http_429 += 1
                     self.concurrency.on_throttle()
-                if attempt >= self.max_attempts:
+                    attempt -= 1
+                elif attempt >= self.max_attempts:
                     raise
-                delay = self._delay(attempt, exc.retry_after_s)
+                delay = self._delay(max(attempt, 1), exc.retry_after_s)
+                if throttled:
+                    throttled_s += delay
+                    if throttled_s > self.max_quota_wait_s:
+                        raise
                 self.stats.retries += 1
                 log.warning("transient error (%s); retry %d/%d in %.1fs", exc, attempt,
                             self.max_attempts - 1, delay)
