@@ -35,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from pipeline.emulator.checks import ApiFault, invalid, parse_request
-from pipeline.emulator.files import FileStore, not_found, rfc3339
+from pipeline.emulator.files import FileStore, not_found, page, rfc3339
 from pipeline.emulator.options import EmulatorOptions, Stats
 from pipeline.emulator.vectors import content_vector
 from pipeline.models import ModelSpec
@@ -241,12 +241,11 @@ class BatchJobs:
         return job
 
     def _list(self, request: Request) -> Response:
-        size = int(request.query_params.get("pageSize", "50") or 50)
-        start = int(request.query_params.get("pageToken", "0") or 0)
         with self._lock:
             jobs = sorted(self.jobs.values(), key=lambda j: j.created)
-        body: dict[str, Any] = {"operations": [j.operation() for j in jobs[start:start + size]]}
-        if start + size < len(jobs):
-            body["nextPageToken"] = str(start + size)
+        found, token = page(request, jobs, 50)
+        body: dict[str, Any] = {"operations": [j.operation() for j in found]}
+        if token:
+            body["nextPageToken"] = token
         return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
                         media_type="application/json")

@@ -22,13 +22,15 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from pipeline.emulator.checks import ApiFault, invalid
+
+T = TypeVar("T")
 
 
 def rfc3339(ts: float) -> str:
@@ -160,15 +162,20 @@ class FileStore:
         return JSONResponse(stored.resource(_base(request)))
 
     async def list(self, request: Request) -> Response:
-        size = int(request.query_params.get("pageSize", "10") or 10)
-        start = int(request.query_params.get("pageToken", "0") or 0)
         with self._lock:
-            names = sorted(self.files)
-        page = names[start:start + size]
-        body: dict[str, Any] = {"files": [self.files[n].resource(_base(request)) for n in page]}
-        if start + size < len(names):
-            body["nextPageToken"] = str(start + size)
+            files = [self.files[n] for n in sorted(self.files)]
+        found, token = page(request, files, 10)
+        body: dict[str, Any] = {"files": [f.resource(_base(request)) for f in found]}
+        if token:
+            body["nextPageToken"] = token
         return JSONResponse(body)
+
+
+def page(request: Request, items: list[T], default_size: int) -> tuple[list[T], str | None]:
+    """One page of a list call (``pageSize``, ``pageToken``) and the next page's token."""
+    size = int(request.query_params.get("pageSize") or default_size)
+    start = int(request.query_params.get("pageToken") or 0)
+    return items[start:start + size], str(start + size) if start + size < len(items) else None
 
 
 def _base(request: Request) -> str:
