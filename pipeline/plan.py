@@ -33,10 +33,12 @@ from connectors.s3_options import sink_storage_options
 from pipeline.config import JobConfig
 from pipeline.errors import ConnectorError, SinkError
 from pipeline.models import cost_usd
-from pipeline.records import Reject, SourceObject
+from pipeline.records import Reject
 from pipeline.sinks.lance import open_db
 from pipeline.stages.companions import Companions
-from pipeline.state.manifest import REJECTED, UNREADABLE, FileState, Manifest, mass_delete_refusal
+from pipeline.stages.listing import Listing, Todo
+from pipeline.state.manifest import FileState, Manifest, mass_delete_refusal
+from pipeline.stats import RunStats
 from pipeline.validate import Validator
 
 
@@ -49,7 +51,6 @@ class Plan:
     audio_s: float = 0.0
     video_s: float = 0.0
     rejects: Counter[str] = field(default_factory=Counter)
-    listing_rejects: int = 0
     delete_refusal: str | None = None  # why the run would refuse its deletions
     wall_s: float = 0.0
 
@@ -121,11 +122,10 @@ def _file_limit_s(job: JobConfig) -> float:
 
 
 Planned = tuple[str, str, int, int, float]  # (kind, modality or reason, tokens, pages, seconds)
-_Todo = tuple[SourceObject, FileState | None]
 _TIMEOUT: list[Planned] = [("reject", "timeout", 0, 0, 0.0)]
 
 
-def _plan_group(group: list[_Todo]) -> list[list[Planned] | None]:
+def _plan_group(group: list[Todo]) -> list[list[Planned] | None]:
     """Each file of a group planned under its own deadline (a timer signal: it interrupts
     Python code and blocking system calls alike)."""
     out: list[list[Planned] | None] = []
@@ -140,10 +140,10 @@ def _plan_group(group: list[_Todo]) -> list[list[Planned] | None]:
     return out
 
 
-def _plan_one(entry: _Todo) -> list[Planned] | None:
+def _plan_one(entry: Todo) -> list[Planned] | None:
     """A file's planned items as small tuples, or None when it is only touched."""
     w = _worker
-    obj, prev = entry
+    obj, prev = entry.obj, entry.prev
     try:
         data = w["connector"].read(obj)
     except ConnectorError:
@@ -152,8 +152,8 @@ def _plan_one(entry: _Todo) -> list[Planned] | None:
     extras = None
     if w["companions"].active:
         version, extras = w["companions"].read(obj, version)
-    if (prev is not None and prev.version == version and prev.status != UNREADABLE
-            and prev.fingerprint == w["fingerprint"] and not w["retry_rejects"]):
+    if (prev is not None and not w["retry_rejects"]
+            and prev.same_content(version, w["fingerprint"])):
         return None
     out: list[Planned] = []
     for item in w["validator"].plan(obj.with_version(version), data, extras):
@@ -175,36 +175,28 @@ def make_plan(job: JobConfig, retry_rejects: bool = False, workers: int | None =
     connector = connector_for(job)
     companions = Companions(connector, job.source.sidecar, job.source.metadata)
     fingerprint = job.fingerprint()
-    previous = _previous(job)
-    known = len(previous)
     plan = Plan()
-    todo: list[tuple[SourceObject, FileState | None]] = []
-    for entry in connector.list():
-        if isinstance(entry, Reject):
-            plan.rejects[entry.reason] += 1
-            plan.listing_rejects += 1
-            previous.pop(entry.source.uri, None)
-            continue
-        if companions.active:
-            attached = companions.attach(entry)
-            if attached is None:
-                continue
-            entry = attached
-        prev = previous.pop(entry.uri, None)
-        if prev is not None and prev.unchanged(entry, fingerprint) and not (
-                retry_rejects and prev.status == REJECTED):
-            plan.files["unchanged"] += 1
-            continue
-        plan.files["changed" if prev else "new"] += 1
-        todo.append((entry, prev))
+    seen = RunStats(run_id="plan")
+    listing = Listing(connector, companions, _previous(job), fingerprint, seen,
+                      retry_rejects=retry_rejects)
+    todo: list[Todo] = []
+    while chunk := listing.next_chunk():
+        found, rejects = listing.diff(chunk)
+        todo += found
+        plan.rejects.update(r.reason for r in rejects)
+    for name, count in (("new", seen.files_new), ("changed", seen.files_changed),
+                        ("unchanged", seen.files_unchanged)):
+        if count:
+            plan.files[name] = count
     if job.run.on_delete == "delete":
-        plan.files["deleted"] = len(previous)
+        gone = listing.gone()
+        plan.files["deleted"] = len(gone)
         plan.delete_refusal = mass_delete_refusal(
-            len(previous), known, sum(plan.files.values()) - len(previous) + plan.listing_rejects,
-            job.run.max_delete_fraction, allow_mass_delete)
+            len(gone), listing.known, seen.files_seen, job.run.max_delete_fraction,
+            allow_mass_delete)
     if todo:
         # Large files first, so the slowest work starts early and the pool ends together.
-        todo.sort(key=lambda e: -e[0].size)
+        todo.sort(key=lambda e: -e.obj.size)
         for result in _validate_all(job, retry_rejects, todo, workers or os.cpu_count() or 1):
             _add(plan, result)
     plan.wall_s = time.monotonic() - started
@@ -215,14 +207,14 @@ SMALL_FILE_BYTES = 1_000_000
 GROUP_FILES = 32
 
 
-def _groups(todo: list[_Todo]) -> list[list[_Todo]]:
+def _groups(todo: list[Todo]) -> list[list[Todo]]:
     """Large files alone (the slow, risky parsers), small ones in groups (fewer hops)."""
-    large = [[e] for e in todo if e[0].size > SMALL_FILE_BYTES]
-    small = [e for e in todo if e[0].size <= SMALL_FILE_BYTES]
+    large = [[e] for e in todo if e.obj.size > SMALL_FILE_BYTES]
+    small = [e for e in todo if e.obj.size <= SMALL_FILE_BYTES]
     return large + [small[i:i + GROUP_FILES] for i in range(0, len(small), GROUP_FILES)]
 
 
-def _validate_all(job: JobConfig, retry_rejects: bool, todo: list[_Todo],
+def _validate_all(job: JobConfig, retry_rejects: bool, todo: list[Todo],
                   workers: int) -> Iterator[list[Planned] | None]:
     """Every file's planned items, in worker processes, with at most ``2 x workers`` groups
     in flight. The oldest group in flight has had every chance to start: if it is not done
@@ -234,7 +226,7 @@ def _validate_all(job: JobConfig, retry_rejects: bool, todo: list[_Todo],
     limit_s = _file_limit_s(job)
     while queue:
         with context.Pool(workers, initializer=_init, initargs=(job, retry_rejects)) as pool:
-            flight: deque[tuple[list[_Todo], multiprocessing.pool.AsyncResult[Any]]] = deque()
+            flight: deque[tuple[list[Todo], multiprocessing.pool.AsyncResult[Any]]] = deque()
             while queue or flight:
                 while queue and len(flight) < 2 * workers:
                     group = queue.popleft()

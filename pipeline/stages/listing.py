@@ -21,7 +21,6 @@ from dataclasses import dataclass, replace
 from itertools import islice
 
 from connectors.base import Connector
-from pipeline.errors import RejectReason
 from pipeline.records import Reject, SourceObject
 from pipeline.stages.companions import Companions
 from pipeline.state.manifest import REJECTED, FileState
@@ -67,10 +66,7 @@ class Listing:
             if isinstance(entry, Reject):
                 prev = self._previous.pop(entry.source.uri, None)
                 stats.files_rejected_at_listing += 1
-                # A file that became a FIFO loses its old rows; one that could not be stat'ed
-                # keeps them (nothing is known of its content).
-                gone_bad = prev is not None and entry.reason != RejectReason.UNREADABLE
-                rejects.append(replace(entry, replaces=True) if gone_bad else entry)
+                rejects.append(entry if prev is None else replace(entry, replaces=True))
                 continue
             if self.companions.active:
                 attached = self.companions.attach(entry)

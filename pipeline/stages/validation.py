@@ -29,7 +29,7 @@ from pipeline.errors import ConnectorError, RejectReason
 from pipeline.records import FileEnd, Item, Reject, SourceObject
 from pipeline.stages.companions import Companions
 from pipeline.stages.listing import Todo
-from pipeline.state.manifest import UNREADABLE, FileState
+from pipeline.state.manifest import FileState
 from pipeline.stats import RunStats
 from pipeline.validate import Validator
 
@@ -106,10 +106,8 @@ class Validation:
                 finished = False
                 break
             if isinstance(entry, Reject) and entry.part is None:
-                # completes the file by itself, removing its old rows if it had any (not when
-                # it could not be read: nothing is known of its content)
-                into.outcomes.append(replace(
-                    entry, replaces=work.replaces and entry.reason != RejectReason.UNREADABLE))
+                # completes the file by itself, with its old rows if it had any
+                into.outcomes.append(replace(entry, replaces=work.replaces))
                 finished = False
                 break
             work.count += 1
@@ -167,9 +165,8 @@ class FileWork:
                 version, extras = stage.companions.read(self.obj, version)
             self.obj = self.obj.with_version(version)
             prev = self.prev
-            if (prev is not None and prev.version == self.obj.version
-                    and prev.status != UNREADABLE and prev.fingerprint == stage.fingerprint
-                    and not stage.retry_rejects):
+            if (prev is not None and not stage.retry_rejects
+                    and prev.same_content(version, stage.fingerprint)):
                 return [_touched(prev, self.obj)], True
             self.items = stage.validator.fit(self.obj, data, extras)
         chunk: list[Entry] = []

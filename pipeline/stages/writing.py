@@ -105,7 +105,9 @@ class Writer:
             p.rejected += 1
             p.reject_ids.add(reject_id(entry.source.uri, entry.version, entry.part))
             p.reason = p.reason or entry.reason
-            p.replaces |= entry.replaces
+            # A reject removes the file's old rows, unless the file could not be read:
+            # nothing is known of its content then (it is tried again next run).
+            p.replaces |= entry.replaces and entry.reason != RejectReason.UNREADABLE
             if entry.part is None:
                 p.expected = 1
         self._complete(p)

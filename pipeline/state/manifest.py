@@ -56,6 +56,11 @@ class FileState:
     reason: str | None
     companions: str | None = None
 
+    def same_content(self, version: str, fingerprint: str) -> bool:
+        """Read again, the file turned out as it was (only touched): nothing to embed."""
+        return (self.version == version and self.status != UNREADABLE
+                and self.fingerprint == fingerprint)
+
     def unchanged(self, obj: SourceObject, fingerprint: str) -> bool:
         """True when the listing alone proves the file is as it was: no read needed."""
         if (self.status == UNREADABLE or self.fingerprint != fingerprint
