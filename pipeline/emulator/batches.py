@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import numpy as np
 import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -37,7 +36,7 @@ from starlette.responses import JSONResponse, Response
 from pipeline.emulator.checks import ApiFault, invalid, parse_request
 from pipeline.emulator.files import FileStore, not_found, page, rfc3339
 from pipeline.emulator.options import EmulatorOptions, Stats
-from pipeline.emulator.vectors import content_vector
+from pipeline.emulator.vectors import request_vector
 from pipeline.models import ModelSpec
 
 BATCH_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1beta.EmbedContentBatch"
@@ -199,9 +198,7 @@ class BatchJobs:
                                           "message": fault.message}})
                 job.failed += 1
                 continue
-            vector = content_vector(parsed.parts, parsed.dims,
-                                    spec.is_normalised(parsed.dims)).astype(np.float32)
-            results.append({"response": {"embedding": {"values": vector}}})
+            results.append({"response": {"embedding": {"values": request_vector(parsed, spec)}}})
             job.succeeded += 1
             with self._lock:
                 self.stats.batch_items += 1

@@ -24,7 +24,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
-import numpy as np
 import orjson
 import uvicorn
 from starlette.applications import Starlette
@@ -41,7 +40,7 @@ from pipeline.emulator.options import AuthStyle as AuthStyle
 from pipeline.emulator.options import EmulatorOptions as EmulatorOptions
 from pipeline.emulator.options import Stats
 from pipeline.emulator.quota import Quotas
-from pipeline.emulator.vectors import content_vector
+from pipeline.emulator.vectors import request_vector
 from pipeline.models import MAX_BATCH_REQUESTS, MODELS, ModelSpec
 
 log = logging.getLogger("embedpipe.emulator")
@@ -221,9 +220,7 @@ class EmulatorApp:
         o = self.options
         delay = o.latency_ms + o.per_item_ms * len(parsed) + random.uniform(0, o.jitter_ms)
         started = time.monotonic()
-        # float32 like the service's values; serialised natively by orjson
-        vectors = [content_vector(p.parts, p.dims, spec.is_normalised(p.dims)).astype(np.float32)
-                   for p in parsed]
+        vectors = [request_vector(p, spec) for p in parsed]  # orjson writes numpy natively
         remaining = delay / 1000 - (time.monotonic() - started)
         if remaining > 0:
             await anyio.sleep(remaining)

@@ -16,6 +16,9 @@ from functools import lru_cache
 import numpy as np
 import numpy.typing as npt
 
+from pipeline.emulator.checks import ParsedRequest
+from pipeline.models import ModelSpec
+
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
@@ -51,6 +54,13 @@ def bytes_vector(data: bytes, dims: int) -> npt.NDArray[np.float64]:
     seed = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
     vec = np.random.default_rng(seed).standard_normal(dims)
     return vec / np.linalg.norm(vec)
+
+
+def request_vector(parsed: ParsedRequest, spec: ModelSpec) -> npt.NDArray[np.float32]:
+    """The vector the service answers a parsed EmbedContentRequest with (float32, as its values
+    are), normalised or not as the model is at that dimensionality."""
+    return content_vector(parsed.parts, parsed.dims,
+                          spec.is_normalised(parsed.dims)).astype(np.float32)
 
 
 def content_vector(

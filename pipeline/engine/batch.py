@@ -148,7 +148,8 @@ class BatchRouter:
         self.min_items = min_items
         self.awaited = awaited  # item id -> (display name, job name) of an earlier run's job
         self.detach = detach
-        self._adopted: dict[str, dict[str, Item]] = {}
+        # (display name, job name) of an earlier run's job -> the items validated for it
+        self._adopted: dict[tuple[str, str], dict[str, Item]] = {}
         self._held: list[Item] = []
 
     async def run(self, items: anyio.abc.ObjectReceiveStream[list[Item]],
@@ -181,8 +182,7 @@ class BatchRouter:
                     await pack.send(self._held)
             if (draft := self.driver.batching.take()) is not None:
                 await self.driver.submit(draft)
-            for display_name, found in self._adopted.items():
-                name = next(job for dn, job in self.awaited.values() if dn == display_name)
+            for (display_name, name), found in self._adopted.items():
                 self.driver.adopt(display_name, name, found)
             await self.driver.collect(send, wait=not self.detach)
             stats.batch_jobs_pending = len(self.driver.open)
@@ -191,7 +191,7 @@ class BatchRouter:
         job = self.awaited.get(item.id)
         if job is None:
             return False
-        self._adopted.setdefault(job[0], {})[item.id] = item
+        self._adopted.setdefault(job, {})[item.id] = item
         return True
 
     async def _route(self, chunk: list[Item], pack: anyio.abc.ObjectSendStream[list[Item]]
@@ -205,10 +205,12 @@ class BatchRouter:
             if chunk:
                 await pack.send(chunk)
             return
-        direct = [i for i in chunk if not self.driver.batching.accepts(i)]
+        batching = self.driver.batching
+        direct = []
         for item in chunk:
-            if self.driver.batching.accepts(item) and \
-                    (draft := self.driver.batching.add(item)) is not None:
+            if not batching.accepts(item):
+                direct.append(item)
+            elif (draft := batching.add(item)) is not None:
                 await self.driver.submit(draft)
         if direct:
             self.driver.stats.items_fallback += len(direct)

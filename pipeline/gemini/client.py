@@ -228,7 +228,7 @@ class GeminiClient:
         """One call with this client's auth; an answer other than 200 is raised as an
         :mod:`pipeline.errors` error, a transport failure as a transient one. ``url`` is
         absolute or relative to the API root (``{base}/v1beta``)."""
-        url = url if "://" in url else f"{self._base}/{url.lstrip('/')}"
+        url = self._url(url)
         try:
             response = await self._http.request(method, url, content=content, headers=headers,
                                                 params=params)
@@ -246,7 +246,7 @@ class GeminiClient:
     async def stream_lines(self, url: str, *,
                            params: dict[str, str] | None = None) -> AsyncIterator[str]:
         """A download's lines, streamed (a large responses file is never held whole)."""
-        url = url if "://" in url else f"{self._base}/{url.lstrip('/')}"
+        url = self._url(url)
         try:
             async with self._http.stream("GET", url, params=params) as response:
                 if response.status_code != 200:
@@ -259,6 +259,10 @@ class GeminiClient:
             raise TransientEmbedError(
                 self._scrub(f"transport error on a download: {type(exc).__name__}: {exc}"),
                 status="TRANSPORT") from None
+
+    def _url(self, url: str) -> str:
+        """``url`` absolute, or relative to the API root."""
+        return url if "://" in url else f"{self._base}/{url.lstrip('/')}"
 
     @property
     def base(self) -> str:
