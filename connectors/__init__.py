@@ -11,12 +11,16 @@ if TYPE_CHECKING:
 
 def connector_for(job: JobConfig) -> Connector:
     """The connector of the job's source (S3 loads the object-store client only when used)."""
-    from pipeline.config import LocalSourceConfig
+    from pipeline.config import LocalSourceConfig, SyntheticSourceConfig
 
     if isinstance(job.source, LocalSourceConfig):
         from connectors.local import LocalConnector
 
         return LocalConnector(job.source)
+    if isinstance(job.source, SyntheticSourceConfig):
+        from connectors.synthetic import SyntheticConnector
+
+        return SyntheticConnector(job.source)
     from connectors.s3 import S3Connector
 
     return S3Connector(job.source)

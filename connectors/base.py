@@ -2,25 +2,46 @@
 
 A connector lists objects with the metadata needed to tell what changed (size, mtime and, where
 the store knows it without a read, a version such as an ETag), and reads one object's bytes.
-Listing is lazy: an iterator, never the whole listing in memory. A listed entry that cannot be
-used (a broken link, a link out of the root) comes out as a :class:`Reject`, never dropped.
-Blocking I/O is fine here: the runner calls connectors from worker threads.
+Listing is lazy and in ``uri`` order: Arrow batches of :data:`LISTING_SCHEMA`, never the whole
+listing in memory (the listing stage diffs them against the manifest as two sorted streams). A
+listed entry that cannot be used (a broken link, a link out of the root) is a row with a
+``reject_reason``, never dropped. Blocking I/O is fine here: the runner calls connectors from
+worker threads.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 from functools import lru_cache
+from itertools import islice
 from typing import Protocol
 
+import pyarrow as pa
+
 from pipeline.records import Reject, SourceObject
+
+LISTING_SCHEMA = pa.schema([
+    pa.field("uri", pa.string(), nullable=False),
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("version", pa.string()),  # where the listing knows it (an S3 ETag)
+    pa.field("size", pa.int64()),
+    pa.field("mtime", pa.timestamp("us", tz="UTC")),
+    pa.field("reject_reason", pa.string()),  # set: the entry cannot be used (a FIFO, ...)
+    pa.field("reject_message", pa.string()),
+])
+LISTING_BATCH = 4096
 
 
 class Connector(Protocol):
     def list(self) -> Iterator[SourceObject | Reject]:
-        """Every object under the source, sorted by key."""
+        """Every object under the source, one at a time, in ``uri`` order."""
+        ...
+
+    def list_batches(self) -> Iterator[pa.RecordBatch]:
+        """The same listing as Arrow batches of :data:`LISTING_SCHEMA` (what the run uses)."""
         ...
 
     def read(self, obj: SourceObject) -> bytes:
@@ -80,3 +101,30 @@ def key_selected(key: str, include: list[str], exclude: list[str]) -> bool:
     return any(glob_regex(p).match(key) for p in include) and not any(
         glob_regex(p).match(key) for p in exclude
     )
+
+
+def listing_batches(entries: Iterable[SourceObject | Reject],
+                    size: int = LISTING_BATCH) -> Iterator[pa.RecordBatch]:
+    """A connector's per-object listing as :data:`LISTING_SCHEMA` batches."""
+    it = iter(entries)
+    while chunk := list(islice(it, size)):
+        objs = [e.source if isinstance(e, Reject) else e for e in chunk]
+        rejects = [e if isinstance(e, Reject) else None for e in chunk]
+        yield pa.RecordBatch.from_arrays([
+            pa.array([o.uri for o in objs], pa.string()),
+            pa.array([o.key for o in objs], pa.string()),
+            pa.array([o.version for o in objs], pa.string()),
+            pa.array([o.size for o in objs], pa.int64()),
+            pa.array([o.mtime for o in objs], pa.timestamp("us", tz="UTC")),
+            pa.array([r.reason if r else None for r in rejects], pa.string()),
+            pa.array([r.message if r else None for r in rejects], pa.string()),
+        ], schema=LISTING_SCHEMA)
+
+
+def listed_objects(batch: pa.RecordBatch | pa.Table) -> Iterator[SourceObject | Reject]:
+    """Rows of a listing batch as records (for the few that need Python: files to read)."""
+    epoch = datetime.fromtimestamp(0, tz=UTC)
+    cols = [batch.column(n).to_pylist() for n in LISTING_SCHEMA.names]
+    for uri, key, version, size, mtime, reason, message in zip(*cols, strict=True):
+        obj = SourceObject(uri, key, size or 0, mtime or epoch, version)
+        yield obj if reason is None else Reject(obj, None, reason, message or reason)

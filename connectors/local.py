@@ -1,4 +1,8 @@
-"""Local disk: a recursive, sorted, lazy walk under a root folder.
+"""Local disk: a recursive, lazy walk under a root folder, in ``uri`` order.
+
+Each folder's entries are sorted by their quoted name, a folder's with a '/' after it, so the
+whole walk comes out in the byte order of the uris (``a b`` is ``a%20b``; ``x/`` sorts after
+``x-y``): the order the listing stage merges against the manifest in.
 
 Symbolic links to files are followed only while they stay inside the root; a link that leads out
 of it (or is broken) is listed as a reject so the user sees it. Links to folders are not followed,
@@ -19,7 +23,9 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import quote_from_bytes
 
-from connectors.base import key_selected
+import pyarrow as pa
+
+from connectors.base import key_selected, listing_batches
 from pipeline.config import LocalSourceConfig
 from pipeline.errors import ConnectorError, RejectReason
 from pipeline.records import Reject, SourceObject
@@ -47,10 +53,13 @@ class LocalConnector:
                                  f"{exc.strerror}") from exc
         yield from self._walk(self.root, "")
 
+    def list_batches(self) -> Iterator[pa.RecordBatch]:
+        return listing_batches(self.list())
+
     def _walk(self, folder: Path, prefix: str) -> Iterator[SourceObject | Reject]:
         try:
             with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                entries = sorted(it, key=_uri_order)
         except OSError as exc:
             yield self._reject(folder, prefix.rstrip("/") or ".", f"cannot list folder: {exc.strerror}")
             return
@@ -89,7 +98,7 @@ class LocalConnector:
 
     def _reject(self, path: Path, key: str, message: str,
                 reason: str = RejectReason.UNREADABLE) -> Reject:
-        obj = SourceObject(uri=path.absolute().as_uri(), key=key, size=0,
+        obj = SourceObject(uri=file_uri(str(path.absolute())), key=key, size=0,
                            mtime=datetime.fromtimestamp(0, tz=UTC))
         return Reject(obj, None, reason, f"{key}: {message}")
 
@@ -134,6 +143,15 @@ class LocalConnector:
                 return f.read()
         except OSError as exc:
             raise ConnectorError(f"{obj.key}: cannot read: {exc.strerror}", uri=obj.uri) from exc
+
+
+def _uri_order(entry: os.DirEntry[str]) -> str:
+    """Where the entry's uri (and those of everything under it) sorts among its siblings'."""
+    name = quote_from_bytes(os.fsencode(entry.name))
+    try:
+        return name + "/" if entry.is_dir(follow_symlinks=False) else name
+    except OSError:
+        return name
 
 
 # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer (it changes nothing

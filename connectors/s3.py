@@ -1,7 +1,8 @@
 """S3-compatible object stores (AWS S3, MinIO, SeaweedFS, R2, GCS interoperability) via obstore.
 
 - Listing is paginated and lazy (pages of 1,000 keys): a bucket of any size never sits in memory.
-  S3 lists in key order, which is what the manifest diff expects.
+  S3 lists in key order, which is the ``uri`` order the manifest diff merges in (a store that
+  does not is still diffed right, holding what it skipped in memory).
 - The version of an object is its ETag (or version id where the bucket keeps versions): an
   unchanged object is recognised from the listing alone, without reading its body.
 - Reads are retried by obstore on 5xx, resets and timeouts (``max_retries``, ``timeout_s``).
@@ -18,10 +19,11 @@ from functools import lru_cache
 from typing import Any
 
 import obstore
+import pyarrow as pa
 from obstore.exceptions import BaseError, NotFoundError
 from obstore.store import S3Store
 
-from connectors.base import key_selected
+from connectors.base import key_selected, listing_batches
 from connectors.s3_options import S3_HINTS, TRANSIENT_CODES, resolved, s3_error_code
 from pipeline.config import S3Options, S3SourceConfig
 from pipeline.errors import ConnectorError, TransientConnectorError
@@ -90,6 +92,9 @@ class S3Connector:
                         yield self._object(meta)
         except BaseError as exc:
             raise self._error("cannot list", exc) from None
+
+    def list_batches(self) -> Iterator[pa.RecordBatch]:
+        return listing_batches(self.list())
 
     def read(self, obj: SourceObject) -> bytes:
         try:

@@ -22,10 +22,13 @@ import signal
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+import pyarrow as pa
 
 from connectors import connector_for
 from connectors.base import content_version
@@ -37,7 +40,7 @@ from pipeline.records import Reject
 from pipeline.sinks.lance import open_db
 from pipeline.stages.companions import Companions
 from pipeline.stages.listing import Listing, Todo
-from pipeline.state.manifest import FileState, Manifest, mass_delete_refusal
+from pipeline.state.manifest import Manifest, mass_delete_refusal
 from pipeline.stats import RunStats
 from pipeline.validate import Validator
 
@@ -79,18 +82,27 @@ class Plan:
         }
 
 
-def _previous(job: JobConfig) -> dict[str, FileState]:
-    """The manifest if the job has run before; never creates anything."""
+@contextmanager
+def _manifest(job: JobConfig) -> Iterator[tuple[Iterator[pa.RecordBatch] | None, int]]:
+    """The manifest's rows in uri order and their count, if the job has run before; never
+    creates anything."""
     uri = job.sink.state_uri
     if "://" not in uri and not (Path(uri) / f"{job.sink.manifest_table}.lance").exists():
-        return {}  # never ran: no need to load Lance at all
+        yield None, 0  # never ran: no need to load Lance at all
+        return
     try:
         db = open_db(uri, sink_storage_options(job))
         if job.sink.manifest_table not in db.list_tables().tables:
-            return {}
-        return Manifest(db, job.sink.manifest_table, read_only=True).load()
+            manifest = None
+        else:
+            manifest = Manifest(db, job.sink.manifest_table, read_only=True)
     except SinkError:
-        return {}
+        manifest = None
+    if manifest is None:
+        yield None, 0
+        return
+    with manifest.sorted_rows() as rows:
+        yield rows, manifest.count()
 
 
 # One validator per worker process (parsing PDFs and measuring media is CPU work: processes
@@ -177,13 +189,14 @@ def make_plan(job: JobConfig, retry_rejects: bool = False, workers: int | None =
     fingerprint = job.fingerprint()
     plan = Plan()
     seen = RunStats(run_id="plan")
-    listing = Listing(connector, companions, _previous(job), fingerprint, seen,
-                      retry_rejects=retry_rejects)
-    todo: list[Todo] = []
-    while chunk := listing.next_chunk():
-        found, rejects = listing.diff(chunk)
-        todo += found
-        plan.rejects.update(r.reason for r in rejects)
+    with _manifest(job) as (rows, known):
+        listing = Listing(connector, companions, rows, known, fingerprint, seen,
+                          retry_rejects=retry_rejects)
+        todo: list[Todo] = []
+        while (chunk := listing.next_chunk()) is not None:
+            found, rejects = listing.diff(chunk)
+            todo += found
+            plan.rejects.update(r.reason for r in rejects)
     for name, count in (("new", seen.files_new), ("changed", seen.files_changed),
                         ("unchanged", seen.files_unchanged)):
         if count:

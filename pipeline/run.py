@@ -14,13 +14,15 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
+import pyarrow as pa
 
 from connectors import connector_for
 from connectors.base import Connector
@@ -54,7 +56,7 @@ from pipeline.stages.validation import Validation
 from pipeline.stages.writing import Writer
 from pipeline.state.batches import BatchLog
 from pipeline.state.lock import JobLock
-from pipeline.state.manifest import FileState, Manifest
+from pipeline.state.manifest import Manifest
 from pipeline.state.runs import RunLog
 from pipeline.stats import RunStats
 
@@ -124,22 +126,25 @@ class Run:
             log.warning("took over a stale lock of run %s (pid %s on %s)", held.run_id,
                         held.pid, held.host)
         await anyio.to_thread.run_sync(self._open)
-        previous = await anyio.to_thread.run_sync(self.manifest.load)
         committed = await anyio.to_thread.run_sync(self._resume)
         status = "failed"
         try:
-            async with embedding_client(self.job) as client:
-                stages = self._stages(client, previous, committed)
-                self.engine = LocalEngine(
-                    self.job, stages, self.stats, self.outcome, lock=self.lock,
-                    on_listed=lambda: self.runlog.record(self._run_row("running", None)),
-                    on_progress=self.on_progress, batch=await self._batch(client, stages))
-                if self.outcome.interrupted:
-                    self.engine.stop()
-                try:
-                    await self.engine.run()
-                except BaseExceptionGroup as group:
-                    raise _first_pipeline_error(group) from None
+            with ExitStack() as stack:  # the manifest's sort and its temporary files
+                known = await anyio.to_thread.run_sync(self.manifest.count)
+                rows = await anyio.to_thread.run_sync(stack.enter_context,
+                                                      self.manifest.sorted_rows())
+                async with embedding_client(self.job) as client:
+                    stages = self._stages(client, rows, known, committed)
+                    self.engine = LocalEngine(
+                        self.job, stages, self.stats, self.outcome, lock=self.lock,
+                        on_listed=lambda: self.runlog.record(self._run_row("running", None)),
+                        on_progress=self.on_progress, batch=await self._batch(client, stages))
+                    if self.outcome.interrupted:
+                        self.engine.stop()
+                    try:
+                        await self.engine.run()
+                    except BaseExceptionGroup as group:
+                        raise _first_pipeline_error(group) from None
             status = "finished"
         finally:
             self.stats.finished = datetime.now(UTC).timestamp()
@@ -187,7 +192,7 @@ class Run:
         return BatchRouter(driver, mode=embed.mode, min_items=embed.batch_min_items,
                            awaited=await open_jobs(api, self.batch_log), detach=self.detach)
 
-    def _stages(self, client: GeminiClient, previous: dict[str, FileState],
+    def _stages(self, client: GeminiClient, manifest_rows: Iterator[pa.RecordBatch], known: int,
                 committed: frozenset[str]) -> Stages:
         job, stats = self.job, self.stats
         embed = job.embed
@@ -195,7 +200,7 @@ class Run:
         companions = Companions(self.connector, job.source.sidecar, job.source.metadata)
         fingerprint = job.fingerprint()
         return Stages(
-            listing=Listing(self.connector, companions, previous, fingerprint, stats,
+            listing=Listing(self.connector, companions, manifest_rows, known, fingerprint, stats,
                             retry_rejects=self.retry_rejects),
             validation=Validation(job, self.connector, companions, stats,
                                   retry_rejects=self.retry_rejects),
@@ -215,8 +220,8 @@ class Run:
         status = run_status(code)
         if status in ("finished", "quota", "stopped"):
             run = self.job.run
-            for done in self.sink.upkeep(run.compact, run.index_min_rows, run.index_type,
-                                         run.id_index_min_rows):
+            for done in [*self.sink.upkeep(run.compact, run.index_min_rows, run.index_type,
+                                           run.id_index_min_rows), *self.manifest.upkeep()]:
                 log.info("table upkeep: %s", done)
             if self.sink.version() != self._version_before:
                 self.sink.tag(f"run-{self.stats.run_id}")

@@ -6,15 +6,17 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pytest
 import yaml
 
 from pipeline.emulator.server import Emulator, EmulatorOptions
+from pipeline.state.manifest import DIFF_COLUMNS, DIFF_SCHEMA, FileState
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = Path(os.environ.get("EMBEDPIPE_CORPUS", REPO.parent / "shared" / "corpus"))
@@ -86,6 +88,14 @@ def copy_corpus_files(corpus_dir: Path, names: list[str], dest: Path) -> list[Pa
         shutil.copyfile(corpus_dir / name, target)
         out.append(target)
     return out
+
+
+def manifest_rows(states: Iterable[FileState], batch_rows: int = 2) -> Iterator[pa.RecordBatch]:
+    """Manifest rows in uri order, as ``Manifest.sorted_rows`` streams them, in small batches
+    (so windows and batch edges are exercised)."""
+    rows = sorted(states, key=lambda s: s.uri)
+    table = pa.table({c: [getattr(s, c) for s in rows] for c in DIFF_COLUMNS}, schema=DIFF_SCHEMA)
+    return iter(table.to_batches(max_chunksize=batch_rows))
 
 
 def write_job(folder: Path, root: Path, *, name: str = "t", embed: dict | None = None,

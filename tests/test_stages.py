@@ -27,7 +27,7 @@ from pipeline.stages.validation import Sorted, Validation, groups
 from pipeline.stages.writing import Writer
 from pipeline.state.manifest import EMBEDDED, FileState, Manifest
 from pipeline.stats import RunStats
-from tests.conftest import write_job
+from tests.conftest import manifest_rows, write_job
 
 
 def _job(tmp_path: Path, src: Path, **extra: object) -> JobConfig:
@@ -41,10 +41,10 @@ def _stages(job: JobConfig) -> tuple[LocalConnector, Companions, RunStats]:
 
 def _validate_all(job: JobConfig, src: Path) -> tuple[list[Item], Sorted]:
     connector, companions, stats = _stages(job)
-    listing = Listing(connector, companions, {}, job.fingerprint(), stats)
+    listing = Listing(connector, companions, None, 0, job.fingerprint(), stats)
     validation = Validation(job, connector, companions, stats)
     out = Sorted()
-    while chunk := listing.next_chunk():
+    while (chunk := listing.next_chunk()) is not None:
         todo, _ = listing.diff(chunk)
         for entry in todo:
             done = validation.validate(entry)
@@ -71,9 +71,10 @@ def test_listing_sorts_new_changed_unchanged_rejected_and_gone(tmp_path: Path):
     gone = FileState("file:///nowhere/x.txt", "x.txt", "v", 1, datetime.now(UTC), fp,
                      EMBEDDED, 1, 0, None)
     previous = {first[k].uri: state(k) for k in keys[:2]} | {gone.uri: gone}
-    listing = Listing(connector, companions, previous, fp, stats)
+    listing = Listing(connector, companions, manifest_rows(previous.values()), len(previous), fp,
+                      stats)
     todo, rejects = [], []
-    while chunk := listing.next_chunk():
+    while (chunk := listing.next_chunk()) is not None:
         found, bad = listing.diff(chunk)
         todo += found
         rejects += bad
@@ -82,7 +83,7 @@ def test_listing_sorts_new_changed_unchanged_rejected_and_gone(tmp_path: Path):
     assert [r.reason for r in rejects] == ["unsupported"]
     assert (stats.files_seen, stats.files_new, stats.files_changed, stats.files_unchanged,
             stats.files_rejected_at_listing) == (5, 2, 1, 1, 1)
-    assert listing.known == 3 and listing.gone() == [gone.uri]
+    assert listing.known == 3 and listing.gone().to_pylist() == [gone.uri]
 
 
 def test_groups_keep_large_files_alone():

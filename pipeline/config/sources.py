@@ -139,6 +139,28 @@ class S3SourceConfig(_SourceCommon, S3Options):
         return f"{value}/" if value else ""
 
 
-SourceConfig = Annotated[LocalSourceConfig | S3SourceConfig, Field(discriminator="kind")]
+class SyntheticSourceConfig(_SourceCommon):
+    """Generated objects for load tests (no files): ``count`` small texts with deterministic
+    names (``obj/0000000000.txt``...), sizes and versions. At each ``generation`` after 0, a
+    ``changed`` share of the objects, picked by a hash of ``seed``, gets a new version: running
+    a job at generation g after one at g-1 finds about count x changed objects changed."""
+
+    kind: Literal["synthetic"]
+    count: int = Field(ge=0, le=10_000_000_000)
+    generation: int = Field(0, ge=0, le=10_000)
+    changed: float = Field(0.01, ge=0, le=1)
+    words: int = Field(12, ge=1, le=2_000)
+    seed: int = Field(0, ge=0, lt=2**32)
+
+    @field_validator("sidecar", "metadata")
+    @classmethod
+    def _none(cls, value: object) -> None:
+        if value is not None:
+            raise ValueError("a synthetic source has no sidecars or metadata file")
+        return None
+
+
+SourceConfig = Annotated[LocalSourceConfig | S3SourceConfig | SyntheticSourceConfig,
+                         Field(discriminator="kind")]
 
 

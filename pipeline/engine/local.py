@@ -104,7 +104,7 @@ class LocalEngine:
                     out: ObjectSendStream[list[Outcome]]) -> None:
         listing = self.stages.listing
         async with todo, out:
-            while chunk := await anyio.to_thread.run_sync(listing.next_chunk):
+            while (chunk := await anyio.to_thread.run_sync(listing.next_chunk)) is not None:
                 found, rejects = listing.diff(chunk)
                 for group in groups(found):
                     await todo.send(group)

@@ -1,32 +1,49 @@
-"""The listing stage: the source's objects, diffed against the manifest.
+"""The listing stage: the source's listing and the manifest, merged as two sorted streams.
 
-A chunk of the connector's (sorted, lazy) listing at a time, each object is sorted into what
-must be done (new, changed, or an unreadable file tried again) and what need not be (unchanged:
-neither read nor sent). Entries the connector could not use (not regular files, broken links)
-come out as listing rejects. When the listing is done, what the manifest knew and the listing
-did not find is :meth:`Listing.gone`: the deletions, which the writing stage guards.
+The connector lists in ``uri`` order, in Arrow batches; the manifest comes sorted the same way
+(:meth:`pipeline.state.manifest.Manifest.sorted_rows`). Each listing batch is matched, column by
+column, against the manifest rows up to its last uri (the window): a listed object is new (no
+row), unchanged (the listing alone proves it: neither read nor sent), or to be done (changed, or
+an unreadable file tried again). Manifest rows of the window the listing did not have are gone:
+the deletions come out of the same pass, and memory holds one batch and one window, whatever
+the number of files. Only the files to be done become Python objects.
 
-Blocking (the connector lists over the network or the disk); the engine calls it from a
-worker thread and decides how chunks travel on::
+A listing that is not in order is still diffed right: a batch is sorted on arrival, and an entry
+that comes after the merge has passed its place is looked up among the rows held as gone so far
+(which then grow with the disorder; the stage logs that the source lists out of order).
 
-    listing = Listing(connector, companions, previous, fingerprint, stats)
-    while chunk := listing.next_chunk():
+Entries the connector could not use (not regular files, broken links) come out as listing
+rejects. Blocking (the connector lists over the network or the disk; the manifest is sorted on
+disk); the engine calls it from a worker thread::
+
+    listing = Listing(connector, companions, manifest_rows, known, fingerprint, stats)
+    while (chunk := listing.next_chunk()) is not None:
         todo, rejects = listing.diff(chunk)
+    listing.gone()  # the uris to delete, once next_chunk() returned None
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
-from itertools import islice
+from dataclasses import dataclass
 
-from connectors.base import Connector
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from connectors.base import LISTING_SCHEMA, Connector, listed_objects
+from pipeline.errors import SinkError
 from pipeline.records import Reject, SourceObject
 from pipeline.stages.companions import Companions
-from pipeline.state.manifest import REJECTED, FileState
+from pipeline.state.manifest import DIFF_SCHEMA, REJECTED, UNREADABLE, FileState, states_of
 from pipeline.stats import RunStats
 
-CHUNK_ENTRIES = 512
+log = logging.getLogger("embedpipe.listing")
+
+# The listing's columns plus what the companions stage notes of each object.
+CHUNK_SCHEMA = LISTING_SCHEMA.append(pa.field("sidecar", pa.string())).append(
+    pa.field("companions", pa.string()))
+MTIME_TOLERANCE_US = 10  # a local file's mtime is its modification time to the microsecond
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,53 +56,201 @@ class Todo:
 
 class Listing:
     def __init__(self, connector: Connector, companions: Companions,
-                 previous: dict[str, FileState], fingerprint: str, stats: RunStats, *,
-                 retry_rejects: bool = False) -> None:
+                 manifest_rows: Iterator[pa.RecordBatch] | None, known: int, fingerprint: str,
+                 stats: RunStats, *, retry_rejects: bool = False) -> None:
         self.connector = connector
         self.companions = companions
-        self._previous = previous
-        self.known = len(previous)  # files the job knew before this run
+        self.known = known  # files the job knew before this run
         self.fingerprint = fingerprint
         self.stats = stats
         self.retry_rejects = retry_rejects
-        self._entries: Iterator[SourceObject | Reject] | None = None
+        self._batches: Iterator[pa.RecordBatch] | None = None
+        self._rows = manifest_rows if manifest_rows is not None else iter(())
+        self._held = _empty_manifest()  # manifest rows read ahead of the listing
+        self._manifest_last: str | None = None
+        self._last: str | None = None  # the listing's greatest uri merged so far
+        self._gone: list[pa.Table] = []  # manifest rows the listing has passed without
+        self._out_of_order = False
+        self.done = False
 
-    def next_chunk(self) -> list[SourceObject | Reject]:
-        """The next entries of the listing ([] at its end). Blocking."""
-        if self._entries is None:
-            self._entries = self.connector.list()
-        return list(islice(self._entries, CHUNK_ENTRIES))
+    def next_chunk(self) -> pa.Table | None:
+        """The next batch of the listing (None at its end, when the gone files are known)."""
+        if self._batches is None:
+            self._batches = self.connector.list_batches()
+        for batch in self._batches:
+            if batch.num_rows:
+                return pa.Table.from_batches([batch])
+        if not self.done:  # what the manifest has beyond the listing's last uri is gone too
+            self._gone.append(self._held)
+            self._gone.extend(_diff_rows(b) for b in self._manifest_batches())
+            self._held = _empty_manifest()
+            self.done = True
+        return None
 
-    def diff(self, chunk: list[SourceObject | Reject]) -> tuple[list[Todo], list[Reject]]:
+    def diff(self, chunk: pa.Table) -> tuple[list[Todo], list[Reject]]:
         """What of ``chunk`` must be done, and the listing's rejects; counts every file."""
-        todo: list[Todo] = []
-        rejects: list[Reject] = []
         stats = self.stats
-        for entry in chunk:
-            stats.files_seen += 1
-            if isinstance(entry, Reject):
-                prev = self._previous.pop(entry.source.uri, None)
-                stats.files_rejected_at_listing += 1
-                rejects.append(entry if prev is None else replace(entry, replaces=True))
+        stats.files_seen += chunk.num_rows
+        chunk = self._attach(chunk)
+        uris = chunk.column("uri")
+        if len(uris) > 1 and not pc.all(pc.less(uris[:-1], uris[1:])).as_py():
+            self._disorder("a batch")
+            chunk = chunk.sort_by("uri")
+        late = None
+        if self._last is not None and chunk.num_rows:
+            early = pc.less_equal(chunk.column("uri"), self._last)
+            if pc.any(early).as_py():
+                self._disorder("an entry after its place")
+                late, chunk = chunk.filter(early), chunk.filter(pc.invert(early))
+        prev = self._match(chunk)
+        if late is not None:
+            chunk = pa.concat_tables([chunk, late])
+            prev = pa.concat_tables([prev, self._match_late(late)])
+        return self._sort(chunk, prev)
+
+    def gone(self) -> pa.Array:
+        """The uris the manifest had that the listing did not find (once it is done)."""
+        return pa.concat_arrays([t.column("uri").combine_chunks() for t in self._gone]
+                                or [pa.array([], pa.string())])
+
+    # --- merging -------------------------------------------------------------------------------
+
+    def _match(self, chunk: pa.Table) -> pa.Table:
+        """The manifest row of each entry of the (sorted, not late) chunk, or a null row."""
+        if not chunk.num_rows:
+            return _empty_manifest()
+        self._last = chunk.column("uri")[-1].as_py()
+        window = self._through(self._last)
+        listed = chunk.column("uri").combine_chunks()
+        found = pc.is_in(window.column("uri"), value_set=listed)
+        if not pc.all(found).as_py():
+            self._gone.append(window.filter(pc.invert(found)))
+        return window.take(pc.index_in(listed, value_set=window.column("uri").combine_chunks()))
+
+    def _match_late(self, late: pa.Table) -> pa.Table:
+        """Late entries' rows are among those held as gone: take them back from there."""
+        held = pa.concat_tables(self._gone) if self._gone else _empty_manifest()
+        idx = pc.index_in(late.column("uri"), value_set=held.column("uri").combine_chunks())
+        taken = pc.is_in(held.column("uri"), value_set=late.column("uri").combine_chunks())
+        self._gone = [held.filter(pc.invert(taken))]
+        return held.take(idx)
+
+    def _through(self, last: str) -> pa.Table:
+        """The manifest rows up to ``last`` (inclusive), read ahead as far as needed."""
+        held = self._held
+        while self._manifest_last is None or self._manifest_last <= last:
+            batch = next(self._manifest_batches(), None)
+            if batch is None:
+                break
+            held = pa.concat_tables([held, _diff_rows(batch)])
+        upto = pc.less_equal(held.column("uri"), last)
+        self._held = held.filter(pc.invert(upto))
+        return held.filter(upto)
+
+    def _manifest_batches(self) -> Iterator[pa.RecordBatch]:
+        """The manifest's next batches, checked to come in order (the merge relies on it)."""
+        for batch in self._rows:
+            if not batch.num_rows:
                 continue
-            if self.companions.active:
-                attached = self.companions.attach(entry)
-                if attached is None:
-                    stats.files_sidecars += 1
-                    continue  # a sidecar: embedded with its media file
-                entry = attached
-            prev = self._previous.pop(entry.uri, None)
-            if prev is not None and prev.unchanged(entry, self.fingerprint) and not (
-                    self.retry_rejects and prev.status == REJECTED):
-                stats.files_unchanged += 1
-                continue
-            if prev is None:
-                stats.files_new += 1
-            else:
-                stats.files_changed += 1
-            todo.append(Todo(entry, prev))
+            uris = batch.column("uri")
+            first = uris[0].as_py()
+            if (self._manifest_last is not None and first <= self._manifest_last) or (
+                    len(uris) > 1 and not pc.all(pc.less(uris[:-1], uris[1:])).as_py()):
+                raise SinkError("the manifest did not come sorted by uri; nothing was changed")
+            self._manifest_last = uris[-1].as_py()
+            yield batch
+
+    def _disorder(self, what: str) -> None:
+        if not self._out_of_order:
+            log.info("the source lists %s out of uri order: the diff sorts it and holds the "
+                     "rows it passed in memory", what)
+            self._out_of_order = True
+
+    # --- sorting into todo, unchanged and rejects ----------------------------------------------
+
+    def _sort(self, chunk: pa.Table, prev: pa.Table) -> tuple[list[Todo], list[Reject]]:
+        stats = self.stats
+        matched = pc.is_valid(prev.column("uri"))
+        rejected = pc.is_valid(chunk.column("reject_reason"))
+        status = prev.column("status")
+        same = pc.fill_null(pc.and_(pc.not_equal(status, UNREADABLE),
+                                    pc.equal(prev.column("fingerprint"), self.fingerprint)), False)
+        same = pc.and_(same, _equal_or_both_null(chunk.column("companions"),
+                                                 prev.column("companions")))
+        version = chunk.column("version")
+        by_version = pc.equal(version, prev.column("version"))
+        by_stat = pc.and_(
+            pc.equal(chunk.column("size"), prev.column("size")),
+            pc.less(pc.abs(pc.subtract(chunk.column("mtime").cast(pa.int64()),
+                                       prev.column("mtime").cast(pa.int64()))),
+                    MTIME_TOLERANCE_US))
+        same = pc.and_(same, pc.fill_null(pc.if_else(pc.is_valid(version), by_version, by_stat),
+                                          False))
+        if self.retry_rejects:
+            same = pc.and_(same, pc.invert(pc.fill_null(pc.equal(status, REJECTED), False)))
+        unchanged = pc.and_(pc.and_(matched, same), pc.invert(rejected))
+        todo_mask = pc.invert(pc.or_(unchanged, rejected))
+        n_unchanged = pc.sum(unchanged).as_py() or 0
+        n_rejected = pc.sum(rejected).as_py() or 0
+        n_changed = pc.sum(pc.and_(todo_mask, matched)).as_py() or 0
+        stats.files_unchanged += n_unchanged
+        stats.files_rejected_at_listing += n_rejected
+        stats.files_changed += n_changed
+        stats.files_new += chunk.num_rows - n_unchanged - n_rejected - n_changed
+        todo = [Todo(obj, state if had else None) for obj, state, had in zip(
+            _objects(chunk.filter(todo_mask)), states_of(prev.filter(todo_mask)),
+            matched.filter(todo_mask).to_pylist(), strict=True)]
+        rejects: list[Reject] = []
+        if n_rejected:
+            for entry, had in zip(listed_objects(chunk.filter(rejected)),
+                                  matched.filter(rejected).to_pylist(), strict=True):
+                assert isinstance(entry, Reject)
+                rejects.append(entry if not had else Reject(
+                    entry.source, entry.version, entry.reason, entry.message, replaces=True))
         return todo, rejects
 
-    def gone(self) -> list[str]:
-        """The uris the manifest had that the listing did not find (ask once it is done)."""
-        return list(self._previous)
+    def _attach(self, chunk: pa.Table) -> pa.Table:
+        """The chunk with each object's sidecar and companions noted, sidecars held back."""
+        n = chunk.num_rows
+        if not self.companions.active:
+            return chunk.append_column("sidecar", pa.nulls(n, pa.string())).append_column(
+                "companions", pa.nulls(n, pa.string()))
+        keep: list[bool] = []
+        sidecars: list[str | None] = []
+        companions: list[str | None] = []
+        for entry in listed_objects(chunk):
+            if isinstance(entry, Reject):
+                keep.append(True)
+                sidecars.append(None)
+                companions.append(None)
+                continue
+            attached = self.companions.attach(entry)
+            keep.append(attached is not None)
+            if attached is None:
+                self.stats.files_sidecars += 1
+            sidecars.append(attached.sidecar if attached else None)
+            companions.append(attached.companions if attached else None)
+        chunk = chunk.append_column("sidecar", pa.array(sidecars, pa.string())).append_column(
+            "companions", pa.array(companions, pa.string()))
+        return chunk.filter(pa.array(keep))
+
+
+def _equal_or_both_null(a: pa.ChunkedArray | pa.Array, b: pa.ChunkedArray | pa.Array) -> pa.Array:
+    return pc.or_(pc.fill_null(pc.equal(a, b), False), pc.and_(pc.is_null(a), pc.is_null(b)))
+
+
+def _objects(rows: pa.Table) -> Iterator[SourceObject]:
+    for entry, sidecar, companions in zip(listed_objects(rows), rows.column("sidecar").to_pylist(),
+                                          rows.column("companions").to_pylist(), strict=True):
+        assert isinstance(entry, SourceObject)
+        yield SourceObject(entry.uri, entry.key, entry.size, entry.mtime, entry.version, sidecar,
+                           companions)
+
+
+def _empty_manifest() -> pa.Table:
+    return DIFF_SCHEMA.empty_table()
+
+
+def _diff_rows(batch: pa.RecordBatch) -> pa.Table:
+    """A batch of the sorted manifest in the diff's own types (whatever the sort returned)."""
+    return pa.Table.from_batches([batch]).cast(DIFF_SCHEMA)

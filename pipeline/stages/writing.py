@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+
 from pipeline.errors import RejectReason
 from pipeline.records import Committed, FileEnd, Reject, SourceObject, Vector
 from pipeline.sinks.arrow import ArrowSink
@@ -36,6 +38,7 @@ from pipeline.state.manifest import (
 from pipeline.stats import RunStats
 
 Outcome = Vector | Reject | FileState | FileEnd | Committed
+DELETE_CHUNK = 10_000  # gone uris turned into Python strings at a time
 
 
 @dataclass
@@ -139,14 +142,18 @@ class Writer:
         self.manifest.record(self.completed, self.run_id)
         self.vectors, self.rejects, self.completed, self.replaced = [], [], [], {}
 
-    def delete(self, gone: list[str], known: int, listed: int) -> str | None:
+    def delete(self, gone: pa.Array | list[str], known: int, listed: int) -> str | None:
         """Delete the rows of the files gone from the source (of the ``known`` the job had;
         the source listed ``listed``), unless they are too many: then delete nothing and
         return why."""
         refusal = mass_delete_refusal(len(gone), known, listed, self.max_delete_fraction,
                                       self.allow_mass_delete)
-        if refusal is None and gone:
-            self.sink.delete_uris(gone)
-            self.manifest.forget(gone)
-            self.stats.files_deleted += len(gone)
-        return refusal
+        if refusal is not None:
+            return refusal
+        for start in range(0, len(gone), DELETE_CHUNK):
+            uris = gone[start : start + DELETE_CHUNK]
+            uris = uris.to_pylist() if isinstance(uris, pa.Array) else uris
+            self.sink.delete_uris(uris)
+            self.manifest.forget(uris)
+            self.stats.files_deleted += len(uris)
+        return None

@@ -10,7 +10,9 @@ redone rows single).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -19,7 +21,7 @@ import pyarrow as pa
 
 from pipeline.errors import SinkError
 from pipeline.records import SourceObject
-from pipeline.sinks.lance import open_table, sql_str
+from pipeline.sinks.lance import keep_btree, open_table, sql_str
 
 MANIFEST_SCHEMA = pa.schema([
     pa.field("uri", pa.string(), nullable=False),
@@ -71,35 +73,73 @@ class FileState:
         return obj.size == self.size and abs((obj.mtime - self.mtime).total_seconds()) < 1e-5
 
 
+# What the diff reads of each manifest row, in this order (a FileState's fields).
+DIFF_COLUMNS = ["uri", "key", "version", "size", "mtime", "fingerprint", "status", "parts",
+                "rejected_parts", "reason", "companions"]
+DIFF_SCHEMA = pa.schema([MANIFEST_SCHEMA.field(c).with_nullable(True) for c in DIFF_COLUMNS])
+SORT_MEMORY = "160MB"  # DuckDB's share for sorting the manifest; beyond it the sort spills
+URI_INDEX_MIN_ROWS = 50_000
+
+
 class Manifest:
     def __init__(self, db: Any, table: str, read_only: bool = False) -> None:
         self.table = db.open_table(table) if read_only else open_table(db, table, MANIFEST_SCHEMA)
 
-    def load(self) -> dict[str, FileState]:
-        """uri -> state, for diffing the listing. Read column by column, with the few distinct
-        fingerprints, statuses and reasons shared, so a large manifest stays small in memory."""
-        names = ["uri", "key", "version", "size", "mtime", "fingerprint", "status", "parts",
-                 "rejected_parts", "reason", "companions"]
+    def count(self) -> int:
         try:
-            table = self.table.to_arrow()
-            for name in names:  # a manifest older than a column reads it as empty
-                if name not in table.schema.names:
-                    table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
-            table = table.select(names)
+            return int(self.table.count_rows())
         except (OSError, ValueError, RuntimeError) as exc:
             raise SinkError(f"cannot read the manifest: {exc}") from exc
-        shared: dict[Any, Any] = {}
+
+    @contextmanager
+    def sorted_rows(self, batch_rows: int = 16_384) -> Iterator[Iterator[pa.RecordBatch]]:
+        """Every row's :data:`DIFF_COLUMNS`, in ``uri`` order (UTF-8 byte order, the order
+        S3 and the local connector list in), as Arrow batches.
+
+        Lance keeps rows in the order they were written, so DuckDB sorts them: in bounded memory
+        (``SORT_MEMORY``), spilling to a temporary folder beyond it. Ten million rows sort in
+        about five seconds here; memory does not grow with the manifest."""
+        import duckdb  # only runs that diff need it
+
+        try:
+            present = set(self.table.schema.names)
+            scan = (self.table.search().select([c for c in DIFF_COLUMNS if c in present])
+                    .limit(None).to_batches(65_536))
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise SinkError(f"cannot read the manifest: {exc}") from exc
+        # A manifest older than a column reads it as empty.
+        columns = ", ".join(c if c in present else f"NULL::VARCHAR AS {c}" for c in DIFF_COLUMNS)
+        with tempfile.TemporaryDirectory(prefix="embedpipe-sort-") as spill:
+            con = duckdb.connect(config={"memory_limit": SORT_MEMORY, "threads": 2,
+                                         "temp_directory": spill,
+                                         "preserve_insertion_order": False})
+            try:
+                con.register("manifest", scan)
+                reader = con.sql(f"SELECT {columns} FROM manifest ORDER BY uri").to_arrow_reader(
+                    batch_rows)
+                yield iter(reader)
+            except duckdb.Error as exc:
+                raise SinkError(f"cannot sort the manifest: {exc}") from exc
+            finally:
+                con.close()
+
+    def load(self) -> dict[str, FileState]:
+        """uri -> state of every row (for small manifests and tests: runs diff a sorted
+        stream instead, see :meth:`sorted_rows`)."""
         out: dict[str, FileState] = {}
-        for batch in table.to_batches(max_chunksize=65_536):
-            cols = [batch.column(n).to_pylist() for n in names]
-            for uri, key, version, size, mtime, fp, status, parts, rejected, reason, comp in zip(
-                    *cols, strict=True):
-                fp = shared.setdefault(fp, fp)
-                status = shared.setdefault(status, status)
-                reason = shared.setdefault(reason, reason)
-                out[uri] = FileState(uri, key, version, size, mtime, fp, status, parts, rejected,
-                                     reason, comp)
+        with self.sorted_rows() as batches:
+            for batch in batches:
+                for state in states_of(batch):
+                    out[state.uri] = state
         return out
+
+    def upkeep(self, min_rows: int = URI_INDEX_MIN_ROWS) -> list[str]:
+        """Keep a BTREE index on ``uri`` once the manifest is large: every flush merges on it
+        (1,000 rows into 10M: 1.3-2.2 s and 1.9 GB without the index, 0.02 s with it)."""
+        try:
+            return keep_btree(self.table, "uri", min_rows)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise SinkError(f"manifest upkeep failed: {exc}") from exc
 
     def record(self, states: Iterable[FileState], run_id: str) -> None:
         rows = list(states)
@@ -129,6 +169,13 @@ class Manifest:
                 self.table.delete(f"uri IN ({', '.join(sql_str(u) for u in chunk)})")
             except (OSError, ValueError, RuntimeError) as exc:
                 raise SinkError(f"cannot update the manifest: {exc}") from exc
+
+
+def states_of(rows: pa.RecordBatch | pa.Table) -> Iterator[FileState]:
+    """Rows of :data:`DIFF_COLUMNS` as FileStates (only for the files a run must look at)."""
+    cols = [rows.column(name).to_pylist() for name in DIFF_COLUMNS]
+    for values in zip(*cols, strict=True):
+        yield FileState(*values)
 
 
 def mass_delete_refusal(gone: int, known: int, listed: int, max_fraction: float,
