@@ -6,8 +6,9 @@ Each contender runs as a whole process, timed from interpreter start to exit, on
 against a fresh emulator in a process of its own (no quota; latency = fixed + per item, like a
 real batch call; fresh, so that none profits from the caches another warmed):
 
-- embedpipe: ``embedpipe run`` on a job with default settings over the texts as files on disk
-  (the time includes listing, validation and writing the Lance table);
+- embedpipe: ``embedpipe run`` on a job with default settings but ``mode: interactive`` (the
+  calls the SDK makes; ``auto`` would send 20,000 texts to the Batch API) over the texts as
+  files on disk (the time includes listing, validation and writing the Lance table);
 - sdk-async: the SDK's async client, batches of 100 with 8 calls in flight (asyncio.Semaphore),
   as a careful user would write it (reads the same files; nothing is stored);
 - sequential: one ``embed_content`` call per file with the google-genai SDK, as in Google's and
@@ -155,7 +156,10 @@ def main() -> int:
         with emulator(args) as base:
             job = write_job(job_root, src, {"provider": "gemini", "api_key": "any-key",
                                             "base_url": base, "model": "gemini-embedding-2",
-                                            "output_dimensionality": 768})
+                                            "output_dimensionality": 768,
+                                            # the SDK's calls are interactive: so are these
+                                            # (auto would take 20,000 texts to the Batch API)
+                                            "mode": "interactive"})
             ep = whole([sys.executable, "-m", "pipeline.cli", "run", "-q", "--report",
                         str(report), str(job)])
         ep_report = json.loads(report.read_text())

@@ -220,8 +220,10 @@ class Run:
         status = run_status(code)
         if status in ("finished", "quota", "stopped"):
             run = self.job.run
+            manifest_index = ([] if run.id_index_min_rows is None
+                              else self.manifest.upkeep(run.id_index_min_rows))
             for done in [*self.sink.upkeep(run.compact, run.index_min_rows, run.index_type,
-                                           run.id_index_min_rows), *self.manifest.upkeep()]:
+                                           run.id_index_min_rows), *manifest_index]:
                 log.info("table upkeep: %s", done)
             if self.sink.version() != self._version_before:
                 self.sink.tag(f"run-{self.stats.run_id}")

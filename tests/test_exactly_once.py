@@ -172,8 +172,9 @@ def test_keep_on_delete_and_upkeep(tmp_path: Path):
 
 
 def test_id_index_is_built_kept_and_rebuilt_when_stale(tmp_path: Path):
-    """Flushes merge on id: past run.id_index_min_rows the table gets a BTREE index on it, and
-    merges stay exact with it (a changed file replaces its row, no duplicate)."""
+    """Flushes merge on id and look up changed files' rows by uri, and the manifest merges on
+    uri: past run.id_index_min_rows those columns get BTREE indexes, and merges stay exact with
+    them (a changed file replaces its row, no duplicate)."""
     src = tmp_path / "src"
     make_text_corpus(src, 100)
     job = write_job(tmp_path, src, extra={"run": {"id_index_min_rows": 50}})
@@ -181,6 +182,9 @@ def test_id_index_is_built_kept_and_rebuilt_when_stale(tmp_path: Path):
     table = lancedb.connect(str(tmp_path / "lance")).open_table("vectors")
     (index,) = [i for i in table.list_indices() if i.columns == ["id"]]
     assert table.index_stats(index.name).num_unindexed_rows == 0
+    assert [i.columns for i in table.list_indices() if i.columns == ["uri"]] == [["uri"]]
+    manifest = lancedb.connect(str(tmp_path / "lance")).open_table("files")
+    assert [i.columns for i in manifest.list_indices()] == [["uri"]]
     files = sorted(src.rglob("*.txt"))
     files[0].write_text("A changed note about lighthouses.")
     for i in range(30):  # 30 new rows: more than a fifth of the table is not in the index
@@ -190,6 +194,8 @@ def test_id_index_is_built_kept_and_rebuilt_when_stale(tmp_path: Path):
     table = lancedb.connect(str(tmp_path / "lance")).open_table("vectors")
     ids = table.to_arrow()["id"].to_pylist()
     assert len(ids) == len(set(ids)) == 130
+    manifest = lancedb.connect(str(tmp_path / "lance")).open_table("files")
+    assert manifest.count_rows() == 130 and manifest.count_rows("uri LIKE '%new-7.txt'") == 1
     (index,) = [i for i in table.list_indices() if i.columns == ["id"]]
     assert table.index_stats(index.name).num_unindexed_rows == 0  # rebuilt
 

@@ -192,3 +192,36 @@ def test_the_synthetic_source_changes_the_share_asked_for():
     conn = SyntheticConnector(SyntheticSourceConfig(kind="synthetic", count=5, generation=1))
     obj = next(o for o in conn.list() if isinstance(o, SourceObject))
     assert len(conn.read(obj)) == obj.size and conn.stat(obj.key) == obj
+
+
+def test_nights_over_a_synthetic_source_embed_only_what_changed(tmp_path: Path):
+    """A whole run: the first night embeds everything, a night with nothing changed calls no
+    API, a later generation re-embeds exactly the changed objects and replaces their rows."""
+    import yaml
+
+    from pipeline.config import load_job
+    from pipeline.run import run_job
+
+    def night(generation: int) -> RunStats:
+        path = tmp_path / f"job-{generation}.yaml"
+        path.write_text(yaml.safe_dump({
+            "name": "synthetic",
+            "source": {"kind": "synthetic", "count": 3000, "generation": generation,
+                       "changed": 0.02},
+            "embed": {"provider": "emulator", "model": "gemini-embedding-2",
+                      "output_dimensionality": 128, "mode": "interactive"},
+            "sink": {"kind": "lance", "uri": str(tmp_path / "lance")}}))
+        result = run_job(load_job(path))
+        assert result.exit_code == 0
+        return result.stats
+
+    first, same, later = night(0), night(0), night(1)
+    assert first.items_embedded == 3000 and same.api_calls == 0 and same.files_unchanged == 3000
+    changed = SyntheticConnector(SyntheticSourceConfig(kind="synthetic", count=3000, generation=1,
+                                                       changed=0.02))
+    expected = sum(1 for o in changed.list() if isinstance(o, SourceObject) and o.version == "g1")
+    assert later.files_changed == later.items_embedded == expected > 0
+    table = lancedb.connect(str(tmp_path / "lance")).open_table("vectors")
+    ids = table.to_arrow().column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 3000
+    assert table.count_rows("version = 'g1'") == expected

@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 import anyio
 
 from pipeline.config import EmulatorEmbedConfig, JobConfig
-from pipeline.emulator.server import Emulator, EmulatorOptions
 from pipeline.gemini.client import GeminiClient
 
 
@@ -24,6 +23,9 @@ async def embedding_client(job: JobConfig) -> AsyncIterator[GeminiClient]:
     common = {"model": embed.model, "dims": embed.output_dimensionality,
               "timeout_s": embed.timeout_s, "max_connections": embed.concurrency * 2}
     if isinstance(embed, EmulatorEmbedConfig):
+        # The emulator's web stack is imported only by the jobs that start it.
+        from pipeline.emulator.server import Emulator, EmulatorOptions
+
         key = embed.emulator.api_key.get_secret_value() if embed.emulator.api_key else None
         settings = embed.emulator.model_dump(exclude={"api_key"})
         emulator = Emulator(EmulatorOptions(api_key=key, auth="google", **settings))

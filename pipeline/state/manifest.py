@@ -77,7 +77,7 @@ class FileState:
 DIFF_COLUMNS = ["uri", "key", "version", "size", "mtime", "fingerprint", "status", "parts",
                 "rejected_parts", "reason", "companions"]
 DIFF_SCHEMA = pa.schema([MANIFEST_SCHEMA.field(c).with_nullable(True) for c in DIFF_COLUMNS])
-SORT_MEMORY = "160MB"  # DuckDB's share for sorting the manifest; beyond it the sort spills
+SORT_MEMORY = "100MB"  # DuckDB's share for sorting the manifest; beyond it the sort spills
 URI_INDEX_MIN_ROWS = 50_000
 
 
@@ -110,7 +110,7 @@ class Manifest:
         # A manifest older than a column reads it as empty.
         columns = ", ".join(c if c in present else f"NULL::VARCHAR AS {c}" for c in DIFF_COLUMNS)
         with tempfile.TemporaryDirectory(prefix="embedpipe-sort-") as spill:
-            con = duckdb.connect(config={"memory_limit": SORT_MEMORY, "threads": 2,
+            con = duckdb.connect(config={"memory_limit": SORT_MEMORY, "threads": 1,
                                          "temp_directory": spill,
                                          "preserve_insertion_order": False})
             try:
