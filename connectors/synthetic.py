@@ -32,7 +32,6 @@ _WORDS = (
     "raven", "saffron", "timber", "umber", "valley", "walnut", "yonder", "zephyr", "anchor",
     "bramble", "cedar", "dune", "bell",
 )
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 def _mix(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:

@@ -65,7 +65,7 @@ class Listing:
         self.stats = stats
         self.retry_rejects = retry_rejects
         self._batches: Iterator[pa.RecordBatch] | None = None
-        self._rows = manifest_rows if manifest_rows is not None else iter(())
+        self._manifest = self._in_order(manifest_rows if manifest_rows is not None else iter(()))
         self._held = _empty_manifest()  # manifest rows read ahead of the listing
         self._manifest_last: str | None = None
         self._last: str | None = None  # the listing's greatest uri merged so far
@@ -82,7 +82,7 @@ class Listing:
                 return pa.Table.from_batches([batch])
         if not self.done:  # what the manifest has beyond the listing's last uri is gone too
             self._gone.append(self._held)
-            self._gone.extend(_diff_rows(b) for b in self._manifest_batches())
+            self._gone.extend(_diff_rows(b) for b in self._manifest)
             self._held = _empty_manifest()
             self.done = True
         return None
@@ -93,7 +93,7 @@ class Listing:
         stats.files_seen += chunk.num_rows
         chunk = self._attach(chunk)
         uris = chunk.column("uri")
-        if len(uris) > 1 and not pc.all(pc.less(uris[:-1], uris[1:])).as_py():
+        if not _ascending(uris):
             self._disorder("a batch")
             chunk = chunk.sort_by("uri")
         late = None
@@ -139,7 +139,7 @@ class Listing:
         """The manifest rows up to ``last`` (inclusive), read ahead as far as needed."""
         held = self._held
         while self._manifest_last is None or self._manifest_last <= last:
-            batch = next(self._manifest_batches(), None)
+            batch = next(self._manifest, None)
             if batch is None:
                 break
             held = pa.concat_tables([held, _diff_rows(batch)])
@@ -147,15 +147,15 @@ class Listing:
         self._held = held.filter(pc.invert(upto))
         return held.filter(upto)
 
-    def _manifest_batches(self) -> Iterator[pa.RecordBatch]:
-        """The manifest's next batches, checked to come in order (the merge relies on it)."""
-        for batch in self._rows:
+    def _in_order(self, rows: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        """The manifest's batches, checked to come in order (the merge relies on it)."""
+        for batch in rows:
             if not batch.num_rows:
                 continue
             uris = batch.column("uri")
             first = uris[0].as_py()
             if (self._manifest_last is not None and first <= self._manifest_last) or (
-                    len(uris) > 1 and not pc.all(pc.less(uris[:-1], uris[1:])).as_py()):
+                    not _ascending(uris)):
                 raise SinkError("the manifest did not come sorted by uri; nothing was changed")
             self._manifest_last = uris[-1].as_py()
             yield batch
@@ -197,9 +197,10 @@ class Listing:
         stats.files_rejected_at_listing += n_rejected
         stats.files_changed += n_changed
         stats.files_new += chunk.num_rows - n_unchanged - n_rejected - n_changed
-        todo = [Todo(obj, state if had else None) for obj, state, had in zip(
-            _objects(chunk.filter(todo_mask)), states_of(prev.filter(todo_mask)),
-            matched.filter(todo_mask).to_pylist(), strict=True)]
+        # FileStates only for the changed files: a first run's new files have none to build.
+        states = states_of(prev.filter(pc.and_(todo_mask, matched)))
+        todo = [Todo(obj, next(states) if had else None) for obj, had in zip(
+            _objects(chunk.filter(todo_mask)), matched.filter(todo_mask).to_pylist(), strict=True)]
         rejects: list[Reject] = []
         if n_rejected:
             for entry, had in zip(listed_objects(chunk.filter(rejected)),
@@ -233,6 +234,11 @@ class Listing:
         chunk = chunk.append_column("sidecar", pa.array(sidecars, pa.string())).append_column(
             "companions", pa.array(companions, pa.string()))
         return chunk.filter(pa.array(keep))
+
+
+def _ascending(uris: pa.ChunkedArray | pa.Array) -> bool:
+    """Each uri greater than the one before it."""
+    return len(uris) < 2 or bool(pc.all(pc.less(uris[:-1], uris[1:])).as_py())
 
 
 def _equal_or_both_null(a: pa.ChunkedArray | pa.Array, b: pa.ChunkedArray | pa.Array) -> pa.Array:
