@@ -11,7 +11,8 @@ emulator (interactive calls, as nights under the Batch API threshold make them):
 - no change: the source as the manifest knows it (0 API calls expected);
 - changed: the source one generation later, with ``--changed`` of the objects changed.
 
-Peak RSS is the run process's own (``wait4``), wall time from its start to its exit. With --json
+Peak RSS is the run process's own (``wait4`` in a small launcher: see ``LAUNCHER``), wall time
+from its start to its exit. With --json
 the last line is one JSON object: ``{"runs": [...], "rss_10m_over_1m": ...}``.
 """
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -80,19 +80,31 @@ def seed_manifest(job_path: Path) -> float:
     return time.perf_counter() - started
 
 
+# Linux keeps a process's peak RSS across exec, starting from the RSS of the process that forked
+# it: measured from here (hundreds of MB after seeding 10M rows) it would count this process.
+# A small launcher forks the run instead, and reports its wall time, exit code and peak RSS.
+LAUNCHER = """
+import json, os, subprocess, sys, time
+started = time.perf_counter()
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(proc.pid, 0)
+print(json.dumps({"code": os.waitstatus_to_exitcode(status), "maxrss_kb": usage.ru_maxrss,
+                  "wall_s": time.perf_counter() - started}))
+"""
+
+
 def night(job_path: Path, report: Path) -> dict[str, Any]:
     """``embedpipe run`` as a whole process: wall s, peak RSS MB, and what its report says."""
-    started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "-q", "--report",
-                             str(report), str(job_path)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - started
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise SystemExit(f"run failed ({code}): {proc.stderr.read().decode()[-3000:] if proc.stderr else ''}")
+    proc = subprocess.run([sys.executable, "-c", LAUNCHER, sys.executable, "-m", "pipeline.cli",
+                           "run", "-q", "--report", str(report), str(job_path)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise SystemExit(f"launcher failed: {proc.stderr[-3000:]}")
+    ran = json.loads(proc.stdout.strip().splitlines()[-1])
+    if ran["code"] != 0:
+        raise SystemExit(f"run failed ({ran['code']}): {proc.stderr[-3000:]}")
     out = json.loads(report.read_text())
-    return {"wall_s": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024),
+    return {"wall_s": round(ran["wall_s"], 1), "peak_rss_mb": round(ran["maxrss_kb"] / 1024),
             "api_calls": out["api_calls"], "files_changed": out["files_changed"],
             "files_unchanged": out["files_unchanged"], "items_embedded": out["items_embedded"]}
 

@@ -129,15 +129,15 @@ class Run:
         committed = await anyio.to_thread.run_sync(self._resume)
         status = "failed"
         try:
-            with ExitStack() as stack:  # the manifest's sort and its temporary files
+            with ExitStack() as sort:  # the manifest's sort: closed once the listing is done
                 known = await anyio.to_thread.run_sync(self.manifest.count)
-                rows = await anyio.to_thread.run_sync(stack.enter_context,
+                rows = await anyio.to_thread.run_sync(sort.enter_context,
                                                       self.manifest.sorted_rows())
                 async with embedding_client(self.job) as client:
                     stages = self._stages(client, rows, known, committed)
                     self.engine = LocalEngine(
                         self.job, stages, self.stats, self.outcome, lock=self.lock,
-                        on_listed=lambda: self.runlog.record(self._run_row("running", None)),
+                        on_listed=lambda: self._listed(sort),
                         on_progress=self.on_progress, batch=await self._batch(client, stages))
                     if self.outcome.interrupted:
                         self.engine.stop()
@@ -153,6 +153,12 @@ class Run:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._close, code)
         return RunResult(self.stats, code, self.outcome.problems)
+
+    def _listed(self, sort: ExitStack) -> None:
+        """The listing is done: free the manifest's sort (its memory and temporary files) for
+        the rest of the run, and record what the run has to do."""
+        sort.close()
+        self.runlog.record(self._run_row("running", None))
 
     def _open(self) -> None:
         job = self.job
