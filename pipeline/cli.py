@@ -34,6 +34,7 @@ from rich.markup import escape
 from pipeline.config import load_job
 from pipeline.engine.threads import threads_left
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.memory import tune_for_long_run
 from pipeline.outcome import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -77,6 +78,7 @@ def _setup_logging(fmt: str, verbose: bool) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     job = load_job(args.job)
+    tune_for_long_run()  # this process is the run's: before any worker thread starts
     show = not args.quiet and console.is_terminal
     progress, update = progress_display(console, show)
     run = Run(job, retry_rejects=args.retry_rejects, allow_mass_delete=args.allow_mass_delete,

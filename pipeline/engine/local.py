@@ -29,6 +29,7 @@ from pipeline.config import JobConfig
 from pipeline.engine.batch import BatchRouter
 from pipeline.engine.threads import fit_file, fit_group
 from pipeline.errors import EmbedError
+from pipeline.memory import release_free_memory
 from pipeline.outcome import EXIT_INTERRUPTED, RunOutcome
 from pipeline.records import Batch, Item
 from pipeline.stages import Stages
@@ -199,8 +200,8 @@ class LocalEngine:
                     for entry in entries or ():
                         writer.add(entry)
                     if entries is None or writer.rows >= cfg.flush_rows:
-                        await anyio.to_thread.run_sync(writer.flush)
-            await anyio.to_thread.run_sync(writer.flush)
+                        await anyio.to_thread.run_sync(self._flush)
+            await anyio.to_thread.run_sync(self._flush)
             if (self.stats.listing_done and cfg.on_delete == "delete"
                     and self.outcome.fatal is None):
                 listing = self.stages.listing
@@ -211,6 +212,10 @@ class LocalEngine:
                     self.outcome.failed(refusal)
         finally:
             done.set()
+
+    def _flush(self) -> None:
+        self.stages.writer.flush()
+        release_free_memory()  # what the flush and the calls since the last one freed
 
     async def _watch_signals(self) -> None:
         """The first SIGINT/SIGTERM stops the run cleanly (what is done is committed); a second

@@ -1,0 +1,60 @@
+"""Process-wide memory settings for long runs: what a night over millions of files needs so that
+its resident memory follows what it holds, not how much it has done.
+
+A run allocates and frees large transient blocks all night (response bodies, the float lists
+they decode to, Arrow batches for each flush) from many threads (the event loop's workers,
+Lance's and DuckDB's own). With the allocators' defaults that freed memory mostly stays resident:
+glibc gives each thread an arena of its own (up to 8 per core) and keeps what is freed inside
+them, and Arrow's mimalloc pool keeps its pages. Measured with ``embedpipe run`` as a process over a
+1M-file manifest with 100,000 files changed: 875 MB peak with the defaults, growing all run
+long; 626 MB with Arrow on the system allocator, two glibc arenas and the free memory handed
+back after each flush. A 10M-file night with 1 % changed: 961 -> 694 MB, 46.6 -> 50.6 s.
+
+Each setting yields to the user's own (``ARROW_DEFAULT_MEMORY_POOL``, ``MALLOC_ARENA_MAX``) and
+is skipped where the C library is not glibc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import sys
+from functools import cache
+
+log = logging.getLogger("embedpipe.memory")
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
+ARENAS = 2
+
+
+@cache
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 - present only in glibc
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def tune_for_long_run() -> None:
+    """Call once, early in a process that will run a job (before its worker threads start)."""
+    if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
+        import pyarrow as pa
+
+        pa.set_memory_pool(pa.system_memory_pool())
+    libc = _glibc()
+    if (libc is not None and "MALLOC_ARENA_MAX" not in os.environ
+            and not libc.mallopt(M_ARENA_MAX, ARENAS)):
+        log.debug("mallopt(M_ARENA_MAX) refused")
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (after a flush: a few ms)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
