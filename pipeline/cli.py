@@ -78,6 +78,10 @@ def _setup_logging(fmt: str, verbose: bool) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     job = load_job(args.job)
+    engine = {k: v for k, v in (("engine", args.engine or ("ray" if args.address else None)),
+                                ("ray_address", args.address)) if v is not None}
+    if engine:
+        job = job.model_copy(update={"run": job.run.model_copy(update=engine)})
     tune_for_long_run()  # this process is the run's: before any worker thread starts
     show = not args.quiet and console.is_terminal
     progress, update = progress_display(console, show)
@@ -215,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--detach", action="store_true",
                      help="submit Batch API jobs and exit (code 6) without waiting for them; "
                           "the next run collects them")
+    run.add_argument("--engine", choices=("local", "ray", "auto"), default=None,
+                     help="where validation and the calls run (default: the job's run.engine): "
+                          "ray sends them to a Ray cluster, auto uses Ray when RAY_ADDRESS is set")
+    run.add_argument("--address", default=None, metavar="ADDR",
+                     help="the Ray cluster to join (default: run.ray_address, RAY_ADDRESS, "
+                          "else one started on this machine for the run)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
     run.add_argument("--report", metavar="PATH", default=None,
                      help="write the run's figures as JSON to PATH ('-' for stdout)")

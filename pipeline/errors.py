@@ -140,3 +140,8 @@ class TerminalEmbedError(EmbedError):
 
 class SinkError(PipelineError):
     """The output table could not be opened or written."""
+
+
+class ClusterError(PipelineError):
+    """The Ray cluster cannot do the run's work (workers keep dying, no node is left): no
+    file's fault, so the run fails and nothing is recorded against a file."""

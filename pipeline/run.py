@@ -28,6 +28,7 @@ from connectors import connector_for
 from connectors.base import Connector
 from connectors.s3_options import sink_s3_options, sink_storage_options
 from pipeline.config import ArrowSinkConfig, JobConfig
+from pipeline.engine import ray as ray_engine
 from pipeline.engine.batch import BatchDriver, BatchRouter, open_jobs
 from pipeline.engine.local import LocalEngine
 from pipeline.errors import PipelineError, QuotaExhausted
@@ -129,16 +130,27 @@ class Run:
         committed = await anyio.to_thread.run_sync(self._resume)
         status = "failed"
         try:
-            with ExitStack() as sort:  # the manifest's sort: closed once the listing is done
+            with ExitStack() as sort, ExitStack() as cluster:
+                # the manifest's sort is closed once the listing is done
                 known = await anyio.to_thread.run_sync(self.manifest.count)
                 rows = await anyio.to_thread.run_sync(sort.enter_context,
                                                       self.manifest.sorted_rows())
                 async with embedding_client(self.job) as client:
                     stages = self._stages(client, rows, known, committed)
-                    self.engine = LocalEngine(
-                        self.job, stages, self.stats, self.outcome, lock=self.lock,
-                        on_listed=lambda: self._listed(sort),
-                        on_progress=self.on_progress, batch=await self._batch(client, stages))
+                    common: dict[str, Any] = {
+                        "lock": self.lock, "on_listed": lambda: self._listed(sort),
+                        "on_progress": self.on_progress,
+                        "batch": await self._batch(client, stages)}
+                    if ray_engine.wanted(self.job.run.engine):
+                        # Joined from this thread: Ray sets its signal handlers in the main one.
+                        ray = cluster.enter_context(ray_engine.cluster(
+                            self.job, client.options, self.job.run.ray_address))
+                        self.engine = ray_engine.RayEngine(
+                            self.job, stages, self.stats, self.outcome, cluster=ray,
+                            retry_rejects=self.retry_rejects, **common)
+                    else:
+                        self.engine = LocalEngine(self.job, stages, self.stats, self.outcome,
+                                                  **common)
                     if self.outcome.interrupted:
                         self.engine.stop()
                     try:
@@ -246,6 +258,7 @@ class Run:
                 "cost_usd": round(cost_usd(stats["tokens_by_modality"], prices)
                                   - batch_cost / 2, 6),
                 "model": self.job.embed.model, "sink": self.job.sink.uri,
+                "engine": self.engine.name if self.engine is not None else None,
                 "problems": self.outcome.problems[:100]}
 
     def _write_report(self, status: str, code: int) -> None:

@@ -261,6 +261,11 @@ class RunConfig(_Strict):
     # every id without one (null: never).
     id_index_min_rows: int | None = Field(50_000, ge=1)
     index_type: Literal["IVF_PQ", "IVF_HNSW_SQ", "IVF_HNSW_PQ", "IVF_FLAT"] = "IVF_PQ"
+    # Where validation and the embedding calls run: "local" (this process), "ray" (a Ray
+    # cluster: ray_address, else RAY_ADDRESS, else one started on this machine for the run),
+    # "auto" (ray when RAY_ADDRESS is set). Listing and writing stay in this process.
+    engine: Literal["local", "ray", "auto"] = "local"
+    ray_address: str | None = None
 
 
 class JobConfig(_Strict):

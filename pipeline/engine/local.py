@@ -31,7 +31,7 @@ from pipeline.engine.threads import fit_file, fit_group
 from pipeline.errors import EmbedError
 from pipeline.memory import release_free_memory
 from pipeline.outcome import EXIT_INTERRUPTED, RunOutcome
-from pipeline.records import Batch, Item
+from pipeline.records import Batch, Item, Reject, Vector
 from pipeline.stages import Stages
 from pipeline.stages.embedding import split_paid
 from pipeline.stages.listing import Todo
@@ -45,6 +45,7 @@ log = logging.getLogger("embedpipe.run")
 
 
 class LocalEngine:
+    name = "local"
     def __init__(self, job: JobConfig, stages: Stages, stats: RunStats, outcome: RunOutcome, *,
                  lock: JobLock, on_listed: Callable[[], None],
                  on_progress: Callable[[RunStats], None] | None = None,
@@ -84,7 +85,7 @@ class LocalEngine:
                 async with anyio.create_task_group() as tg, out_tx:
                     tg.start_soon(self._list, todo_tx, out_tx.clone())
                     async with todo_rx, items_tx:
-                        for _ in range(cfg.validate_workers):
+                        for _ in range(self.validate_slots()):
                             tg.start_soon(self._validate, todo_rx.clone(), items_tx.clone(),
                                           out_tx.clone())
                     if self.batch is None:
@@ -178,12 +179,20 @@ class LocalEngine:
                 if not rest.items:
                     continue
                 try:
-                    vectors, rejects = await embedder.embed_batch(rest)
+                    vectors, rejects = await self._embed_call(rest)
                 except EmbedError as exc:  # the call's failure, not the items': stop
                     self.outcome.stopped_by(exc, len(rest.items), embedder.max_attempts)
                     self._producers.cancel()
                     return
                 await out.send([*vectors, *rejects])
+
+    def validate_slots(self) -> int:
+        """How many groups of files are validated at once."""
+        return self.job.run.validate_workers
+
+    async def _embed_call(self, batch: Batch) -> tuple[list[Vector], list[Reject]]:
+        """One batch's call (with its retries), in this process."""
+        return await self.stages.embedder.embed_batch(batch)
 
     async def _write(self, out: ObjectReceiveStream[list[Outcome]], done: anyio.Event) -> None:
         writer = self.stages.writer

@@ -122,6 +122,11 @@ class GeminiClient:
     ) -> None:
         self.model = model.removeprefix("models/")
         self.dims = dims
+        # What makes the same client in another process (a Ray actor). Holds the key: never
+        # logged or shown.
+        self.options = {"base_url": base_url, "model": model, "dims": dims, "api_key": api_key,
+                        "auth": auth, "api_version": api_version, "timeout_s": timeout_s,
+                        "max_connections": max_connections}
         self._secret = api_key or None
         base = base_url.rstrip("/")
         if not re.search(r"/v1(beta)?$", base):

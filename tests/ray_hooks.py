@@ -1,0 +1,21 @@
+"""Set up in each worker process of the Ray tests' cluster (``worker_process_setup_hook``):
+a validator that never returns on files named ``*hang-forever*``, standing in for a parser
+stuck in C code, which only killing its process can stop."""
+
+from __future__ import annotations
+
+import time
+
+
+def setup() -> None:
+    from pipeline.validate import Validator
+
+    real_fit = Validator.fit
+
+    def fit(self, obj, data, extras=None):  # type: ignore[no-untyped-def]
+        if "hang-forever" in obj.key:
+            while True:
+                time.sleep(1)
+        yield from real_fit(self, obj, data, extras)
+
+    Validator.fit = fit  # type: ignore[method-assign]
