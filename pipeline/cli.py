@@ -135,6 +135,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     file = Path(args.file) if args.file else None
     hits = anyio.run(lambda: search(job, args.query, k=args.k, where=args.where, file=file))
+    if args.json:
+        print(json.dumps(hits, default=str))
+        return 0
     show_hits(out, hits)
     return 0
 
@@ -198,19 +201,92 @@ def cmd_samples(args: argparse.Namespace) -> int:
     from pipeline.samples import make_quickstart_media, make_text_corpus
 
     folder = Path(args.folder)
-    made = make_text_corpus(folder, args.texts) if args.texts else make_quickstart_media(folder)
+    try:
+        made = (make_text_corpus(folder, args.texts) if args.texts is not None
+                else make_quickstart_media(folder))
+    except OSError as exc:
+        console.print(f"[red]error:[/] cannot write samples under {escape(str(folder))}: "
+                      f"{escape(exc.strerror or str(exc))}", highlight=False, soft_wrap=True)
+        return EXIT_USAGE
     console.print(f"wrote {len(made)} files under {folder}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="embedpipe", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--log-format", choices=("text", "json"), default="text")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+DESCRIPTION = """\
+Turn a corpus of files (text, PDFs, images, audio, video) into Gemini embeddings stored in
+Lance tables. A job file (YAML) names the source, the model and the table; each `run` embeds
+only what is new or changed since the last one, deletes the rows of files that are gone, and
+can be killed at any moment and run again without a duplicate or a lost row."""
 
-    run = sub.add_parser("run", help="run a job: embed what is new or changed")
-    run.add_argument("job")
+EPILOG = """\
+exit codes:
+  0    done, every file embedded
+  1    done, some files rejected (see `embedpipe status JOB` and the rejects table)
+  2    bad job file or usage (nothing was done)
+  3    the run failed (auth, quota, network, the sink): nothing stored against any file,
+       nothing deleted; run again to continue
+  4    a per-day quota is exhausted: run again after it resets
+  5    another run of the job (or into the same table) is under way
+  6    `run --detach` left Batch API jobs running (the next run collects them)
+  130  interrupted (what was committed stays; the next run continues)
+
+examples:
+  embedpipe plan jobs/nightly.yaml           what a run would do and cost, no API call
+  embedpipe run jobs/nightly.yaml -v         embed what changed, with per-stage logs
+  embedpipe search jobs/nightly.yaml "harbour at night" -k 3 --json
+  embedpipe status jobs/nightly.yaml         the last runs and what the tables hold"""
+
+JOB_HELP = "the job file (YAML)"
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more (got {value})")
+    return value
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("embedpipe")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # -v and --log-format work before or after the subcommand: each subcommand takes them too,
+    # with no default of its own (SUPPRESS), so one given after it wins and none does no harm.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-format", choices=("text", "json"), default=argparse.SUPPRESS,
+                        help="text (default) or json: one JSON object per line on stderr")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log each stage's progress (info level)")
+    parser = argparse.ArgumentParser(
+        prog="embedpipe", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    # The same options with their defaults (argparse shares action objects between a parser
+    # and its parents: set_defaults here would change the subcommands' too).
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="text (default) or json: one JSON object per line on stderr")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log each stage's progress (info level)")
+    parser.add_argument("--version", action="version", version=f"embedpipe {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str, example: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text[0].upper() +
+                              help_text[1:] + ".", epilog=f"example:\n  {example}",
+                              parents=[common],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    run = command("run", "run a job: embed what is new or changed",
+                  "embedpipe run jobs/nightly.yaml --report run.json")
+    run.add_argument("job", help=JOB_HELP)
     run.add_argument("--retry-rejects", action="store_true",
                      help="try files rejected by earlier runs again even if unchanged")
     run.add_argument("--allow-mass-delete", action="store_true",
@@ -230,43 +306,55 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write the run's figures as JSON to PATH ('-' for stdout)")
     run.set_defaults(func=cmd_run)
 
-    plan = sub.add_parser("plan", help="what a run would do and cost, without calling the API")
-    plan.add_argument("job")
-    plan.add_argument("--json", action="store_true")
-    plan.add_argument("--retry-rejects", action="store_true")
+    plan = command("plan", "what a run would do and cost, without calling the API",
+                   "embedpipe plan jobs/nightly.yaml --json")
+    plan.add_argument("job", help=JOB_HELP)
+    plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    plan.add_argument("--retry-rejects", action="store_true",
+                      help="plan as `run --retry-rejects` would run")
     plan.add_argument("--allow-mass-delete", action="store_true",
                       help="plan as `run --allow-mass-delete` would run")
     plan.set_defaults(func=cmd_plan)
 
-    search = sub.add_parser("search", help="nearest rows to a text query")
-    search.add_argument("job")
+    search = command("search", "the rows nearest to a text query (or a query file)",
+                     "embedpipe search jobs/nightly.yaml \"harbour at night\" -k 3 "
+                     "--where \"modality = 'image'\"")
+    search.add_argument("job", help=JOB_HELP)
     search.add_argument("query", nargs="?", default=None, help="the query text")
     search.add_argument("--file", default=None,
                         help="a query file (image, audio, video, PDF), alone or with the text")
-    search.add_argument("-k", type=int, default=5)
+    search.add_argument("-k", type=_positive, default=5, help="how many rows (default 5)")
+    search.add_argument("--json", action="store_true",
+                        help="print the rows as a JSON array (every column, full text)")
     search.add_argument("--where", default=None, help="a Lance filter, e.g. \"modality = 'text'\"")
     search.set_defaults(func=cmd_search)
 
-    status = sub.add_parser("status", help="the last runs and what the job's tables hold")
-    status.add_argument("job")
-    status.add_argument("--json", action="store_true")
+    status = command("status", "the last runs and what the job's tables hold",
+                     "embedpipe status jobs/nightly.yaml --json")
+    status.add_argument("job", help=JOB_HELP)
+    status.add_argument("--json", action="store_true", help="print it as one JSON object")
     status.set_defaults(func=cmd_status)
 
-    batches = sub.add_parser("batches", help="the job's Batch API jobs (and cancelling them)")
-    batches.add_argument("job")
+    batches = command("batches", "the job's Batch API jobs (and cancelling them)",
+                      "embedpipe batches jobs/backfill.yaml --json")
+    batches.add_argument("job", help=JOB_HELP)
     batches.add_argument("--cancel", action="store_true",
                          help="cancel the open jobs; their items are submitted again next run")
-    batches.add_argument("--json", action="store_true")
+    batches.add_argument("--json", action="store_true", help="print them as a JSON array")
     batches.set_defaults(func=cmd_batches)
 
-    emu = sub.add_parser("emulator", help="serve the Gemini-compatible emulator")
-    emu.add_argument("--host", default="127.0.0.1")
-    emu.add_argument("--port", type=int, default=8765)
+    emu = command("emulator", "serve the Gemini-compatible emulator (for offline runs and tests)",
+                  "embedpipe emulator --port 8765 --latency-ms 100 --rpm 3000")
+    emu.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    emu.add_argument("--port", type=int, default=8765, help="port to listen on")
     emu.add_argument("--api-key", default=None, help="require this key (default: none)")
-    emu.add_argument("--auth", choices=("google", "bearer", "raw", "any"), default="any")
-    emu.add_argument("--latency-ms", type=float, default=0.0)
-    emu.add_argument("--per-item-ms", type=float, default=0.0)
-    emu.add_argument("--jitter-ms", type=float, default=0.0)
+    emu.add_argument("--auth", choices=("google", "bearer", "raw", "any"), default="any",
+                     help="how the key must be sent: x-goog-api-key, Authorization: Bearer, "
+                          "a raw Authorization header, or any of them")
+    emu.add_argument("--latency-ms", type=float, default=0.0, help="added to every call")
+    emu.add_argument("--per-item-ms", type=float, default=0.0,
+                     help="added per item of a batch call")
+    emu.add_argument("--jitter-ms", type=float, default=0.0, help="random extra latency, up to")
     emu.add_argument("--rpm", type=int, default=None, help="requests/min quota (items count)")
     emu.add_argument("--tpm", type=int, default=None, help="input tokens/min quota")
     emu.add_argument("--rpd", type=int, default=None, help="requests/day quota (items count)")
@@ -275,8 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     for fault in ("error-429", "error-500", "error-503", "reset", "stall", "truncate"):
         emu.add_argument(f"--{fault}", type=float, default=0.0, metavar="RATE",
                          help=f"share of calls answered with: {fault}")
-    emu.add_argument("--stall-s", type=float, default=30.0)
-    emu.add_argument("--seed", type=int, default=None)
+    emu.add_argument("--stall-s", type=float, default=30.0,
+                     help="how long a stalled call hangs before its answer")
+    emu.add_argument("--seed", type=int, default=None, help="seed of the fault draws")
     emu.add_argument("--batch-delay-s", type=float, default=1.0,
                      help="Batch API: seconds from submission to results")
     emu.add_argument("--batch-outcome", choices=("succeed", "fail", "expire"),
@@ -284,10 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     emu.add_argument("--batch-error-rate", type=float, default=0.0, metavar="RATE",
                      help="Batch API: share of requests answered with a transient error")
     emu.set_defaults(func=cmd_emulator)
-    samples = sub.add_parser("samples", help="write generated sample files (images, a PDF)")
-    samples.add_argument("folder")
-    samples.add_argument("--texts", type=int, default=0,
-                         help="write this many small text files instead")
+    samples = command("samples", "write generated sample files (texts, images, a PDF)",
+                      "embedpipe samples jobs/samples/quickstart/generated")
+    samples.add_argument("folder", help="where to write them (made if missing)")
+    samples.add_argument("--texts", type=_positive, default=None, metavar="N",
+                         help="write N small text files instead of the images and PDF")
     samples.set_defaults(func=cmd_samples)
     return parser
 

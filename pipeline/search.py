@@ -53,7 +53,8 @@ def _query_part(job: JobConfig, path: Path) -> Part:
 def _open_vectors(job: JobConfig) -> Any:
     db = open_db(job.sink.uri, sink_storage_options(job))
     if job.sink.table not in db.list_tables().tables:
-        raise SinkError(f"no table {job.sink.table!r} in {job.sink.uri}: run the job first")
+        raise ConfigError(f"no table {job.sink.table!r} in {job.sink.uri}: the job has not run "
+                          "yet (embedpipe run JOB first)")
     return db.open_table(job.sink.table)
 
 
@@ -66,6 +67,16 @@ async def search(job: JobConfig, query: str | None, *, k: int = 5, where: str | 
         parts.append(_query_part(job, file))
     if not parts:
         raise ConfigError("search needs a query text or --file")
+    if k < 1:
+        raise ConfigError(f"-k must be 1 or more (got {k})")
+    # The table first: a search before any run must not pay for the query's embedding.
+    table: Any = None
+    if isinstance(job.sink, ArrowSinkConfig):
+        if not Path(job.sink.path).is_dir():
+            raise ConfigError(f"no vectors in {job.sink.path}: the job has not run yet "
+                              "(embedpipe run JOB first)")
+    else:
+        table = await anyio.to_thread.run_sync(_open_vectors, job)
     async with embedding_client(job) as client:
         response = await client.embed(TaskStyle.for_job(job).query(tuple(parts)))
     vector = response.vectors[0]
@@ -75,7 +86,6 @@ async def search(job: JobConfig, query: str | None, *, k: int = 5, where: str | 
     def nearest() -> list[dict[str, Any]]:
         if isinstance(job.sink, ArrowSinkConfig):
             return _arrow_nearest(job.sink, vector, k, where)
-        table = _open_vectors(job)
         q = table.search(vector.tolist()).distance_type("cosine").limit(k)
         if where:
             q = q.where(where, prefilter=True)
@@ -84,6 +94,9 @@ async def search(job: JobConfig, query: str | None, *, k: int = 5, where: str | 
                 ["uri", "key", "part", "modality", "mime", "text", "page_start", "page_end",
                  "char_start", "char_end", "time_start_s", "time_end_s", "_distance"]).to_list()
         except (ValueError, RuntimeError, OSError) as exc:
+            if where:  # most likely the filter: a column that is not there, a typo
+                first = str(exc).strip().splitlines()[0][:300]
+                raise ConfigError(f"--where {where!r} cannot be used: {first}") from None
             raise SinkError(f"search failed: {exc}") from exc
         for row in rows:
             row["score"] = 1.0 - float(row.pop("_distance"))
@@ -109,7 +122,8 @@ def _arrow_nearest(sink: ArrowSinkConfig, vector: Any, k: int,
 
     folder = Path(sink.path)
     if not folder.is_dir():
-        raise SinkError(f"no vectors in {sink.path}: run the job first")
+        raise ConfigError(f"no vectors in {sink.path}: the job has not run yet "
+                          "(embedpipe run JOB first)")
     dataset = ds.dataset(folder, format="parquet" if sink.format == "parquet" else "ipc")
     query = np.asarray(vector, dtype=np.float32)
     best: list[tuple[float, int, dict[str, Any]]] = []
@@ -122,7 +136,8 @@ def _arrow_nearest(sink: ArrowSinkConfig, vector: Any, k: int,
                 frame = pl.SQLContext(t=frame).execute(f"SELECT * FROM t WHERE {where}",
                                                         eager=True)
             except pl.exceptions.PolarsError as exc:
-                raise SinkError(f"--where {where!r} is not a valid filter: {exc}") from None
+                first = str(exc).strip().splitlines()[0][:300]
+                raise ConfigError(f"--where {where!r} cannot be used: {first}") from None
         if frame.height == 0:
             continue
         matrix = np.stack(frame["vector"].to_list()).astype(np.float32)

@@ -1,0 +1,135 @@
+"""The command line as a new user meets it: help that teaches, a version, options where the
+user puts them, machine-readable output, and usage errors that exit 2 with one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import build_parser, main
+from pipeline.emulator.server import Emulator
+from pipeline.outcome import EXIT_OK, EXIT_USAGE
+from pipeline.samples import make_text_corpus
+from tests.conftest import write_job
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def test_help_describes_the_tool_and_lists_every_exit_code(capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(SystemExit) as ended:
+        main(["--help"])
+    assert ended.value.code == 0
+    text = capsys.readouterr().out
+    assert "The ``embedpipe`` command." not in text
+    assert "Gemini embeddings stored in" in text
+    for code in ("0", "1", "2", "3", "4", "5", "6", "130"):
+        assert f"\n  {code} " in text, code
+
+
+def test_every_argument_of_every_command_has_help_and_each_command_an_example():
+    parser = build_parser()
+    for name, sub in _subparsers(parser).items():
+        assert sub.epilog and "embedpipe " + name in sub.epilog, name
+        for action in sub._actions:
+            if action.dest != "help":
+                assert action.help, f"{name} {action.option_strings or action.dest}"
+
+
+def test_version(capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(SystemExit) as ended:
+        main(["--version"])
+    assert ended.value.code == 0
+    assert capsys.readouterr().out.startswith("embedpipe 0.")
+
+
+@pytest.mark.parametrize("line", [
+    ["run", "job.yaml", "-v", "--log-format", "json"],
+    ["-v", "--log-format", "json", "run", "job.yaml"],
+    ["--log-format", "json", "run", "-v", "job.yaml"],
+])
+def test_global_options_work_before_or_after_the_command(line: list[str]):
+    args = build_parser().parse_args(line)
+    assert (args.verbose, args.log_format, args.job) == (True, "json", "job.yaml")
+
+
+def test_defaults_without_global_options():
+    args = build_parser().parse_args(["status", "job.yaml"])
+    assert (args.verbose, args.log_format) == (False, "text")
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory: pytest.TempPathFactory, emulator: Emulator) -> Path:
+    folder = tmp_path_factory.mktemp("cli")
+    make_text_corpus(folder / "src", 12)
+    job = write_job(folder, folder / "src", embed={
+        "provider": "gemini", "api_key": "any-key", "base_url": emulator.base_url,
+        "model": "gemini-embedding-2", "output_dimensionality": 128, "mode": "interactive"})
+    assert main(["run", "-q", str(job)]) == EXIT_OK
+    return job
+
+
+@pytest.mark.parametrize("k", ["0", "-3", "many"])
+def test_a_bad_k_is_a_usage_error_in_one_line(ran: Path, k: str):
+    done = _cli("search", str(ran), "harbour", "-k", k)
+    assert done.returncode == EXIT_USAGE
+    assert "Traceback" not in done.stderr and "argument -k" in done.stderr
+
+
+def test_search_json_is_one_json_array(ran: Path):
+    done = _cli("search", str(ran), "harbour", "-k", "3", "--json")
+    assert done.returncode == EXIT_OK, done.stderr
+    hits = json.loads(done.stdout)
+    assert len(hits) == 3 and {"uri", "score", "text", "where"} <= set(hits[0])
+
+
+def test_a_where_on_a_missing_column_is_a_usage_error(ran: Path):
+    done = _cli("search", str(ran), "harbour", "--where", "yeer > 2000")
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert "--where" in done.stderr and "run failed" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 3 and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("sink", ["lance", "parquet"])
+def test_a_search_before_any_run_is_a_usage_error_and_costs_no_call(tmp_path: Path,
+                                                                  emulator: Emulator, sink: str):
+    make_text_corpus(tmp_path / "src", 2)
+    job = write_job(tmp_path, tmp_path / "src", embed={
+        "provider": "gemini", "api_key": "any-key", "base_url": emulator.base_url,
+        "model": "gemini-embedding-2", "output_dimensionality": 128})
+    if sink == "parquet":
+        job.write_text(job.read_text().replace(
+            "kind: lance", "kind: arrow\n  format: parquet").replace("uri:", "path:"))
+    calls = emulator.state.stats.http_requests
+    done = _cli("search", str(job), "harbour")
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert "has not run yet" in done.stderr and "run failed" not in done.stderr
+    assert emulator.state.stats.http_requests == calls
+
+
+@pytest.mark.parametrize("texts", ["0", "-5"])
+def test_samples_refuses_a_count_that_is_not_positive(tmp_path: Path, texts: str):
+    done = _cli("samples", str(tmp_path / "out"), "--texts", texts)
+    assert done.returncode == EXIT_USAGE
+    assert not (tmp_path / "out").exists()
+
+
+def test_samples_into_an_unwritable_place_is_one_line_not_a_traceback(tmp_path: Path):
+    (tmp_path / "a-file").write_text("x", encoding="utf-8")
+    done = _cli("samples", str(tmp_path / "a-file" / "sub"), "--texts", "3")
+    assert done.returncode == EXIT_USAGE
+    assert "Traceback" not in done.stderr and "cannot write samples" in done.stderr
