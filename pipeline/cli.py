@@ -58,13 +58,36 @@ console = Console(stderr=True)
 out = Console()
 
 
+# What every JSON log line says it is about (set as soon as it is known).
+CONTEXT: dict[str, str | None] = {"job": None, "run_id": None}
+_JSON = {"on": False}  # --log-format json: stderr holds JSON lines only
+
+
+def _json_line(level: str, event: str, **fields: Any) -> str:
+    return json.dumps({"ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                       "level": level, "event": event, **CONTEXT, **fields}, default=str)
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"ts": record.created, "level": record.levelname.lower(),
-                           "logger": record.name, "msg": record.getMessage()})
+        extra = {"error": self.formatException(record.exc_info)} if record.exc_info else {}
+        return _json_line(record.levelname.lower(), record.getMessage(), logger=record.name,
+                          **extra)
+
+
+def notice(kind: str, text: str, **fields: Any) -> None:
+    """A message for the operator on stderr: ``kind: text`` in colour, or one JSON line
+    (``event`` is the kind, ``message`` the text) with ``--log-format json``."""
+    if _JSON["on"]:
+        level = "error" if kind in ("error", "run failed", "locked", "stopped") else "warning"
+        print(_json_line(level, kind, message=text, **fields), file=sys.stderr, flush=True)
+        return
+    colour = "red" if kind in ("error", "run failed", "locked", "stopped") else "yellow"
+    console.print(f"[{colour}]{kind}:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def _setup_logging(fmt: str, verbose: bool) -> None:
+    _JSON["on"] = fmt == "json"
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
@@ -78,15 +101,17 @@ def _setup_logging(fmt: str, verbose: bool) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     job = load_job(args.job)
+    CONTEXT["job"] = job.name
     engine = {k: v for k, v in (("engine", args.engine or ("ray" if args.address else None)),
                                 ("ray_address", args.address)) if v is not None}
     if engine:
         job = job.model_copy(update={"run": job.run.model_copy(update=engine)})
     tune_for_long_run()  # this process is the run's: before any worker thread starts
-    show = not args.quiet and console.is_terminal
+    show = not args.quiet and console.is_terminal and not _JSON["on"]
     progress, update = progress_display(console, show)
     run = Run(job, retry_rejects=args.retry_rejects, allow_mass_delete=args.allow_mass_delete,
               detach=args.detach, on_progress=update)
+    CONTEXT["run_id"] = run.stats.run_id
     if progress is not None:
         with progress:
             result = anyio.run(run.execute)
@@ -99,33 +124,35 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(text)
         else:
             Path(args.report).write_text(text + "\n", encoding="utf-8")
-    if not args.quiet:
+    if _JSON["on"]:  # the summary as one line a log pipeline can read
+        level = "info" if result.exit_code in (0, 1) else "error"
+        print(_json_line(level, "run ended", **run.report(run_status(result.exit_code),
+                                                          result.exit_code)),
+              file=sys.stderr, flush=True)
+    elif not args.quiet:
         show_summary(console, job, result, run)
     if run.failure is not None:
-        console.print(f"[red]run failed:[/] {escape(run.failure)}", highlight=False,
-                      soft_wrap=True)
+        notice("run failed", run.failure)
     if result.exit_code == EXIT_INTERRUPTED:
         s = result.stats
         left = s.files_new + s.files_changed - s.files_done
         more = "" if s.listing_done else " (and the rest of the listing, which was not finished)"
-        console.print(f"[yellow]interrupted:[/] {left:,} files still to do{more}; what was "
-                      "done is committed and the next run continues from there",
-                      highlight=False, soft_wrap=True)
+        notice("interrupted", f"{left:,} files still to do{more}; what was done is committed "
+                              "and the next run continues from there")
     if result.exit_code == EXIT_PENDING:
-        console.print(f"[yellow]pending:[/] {result.stats.batch_jobs_pending} Batch API jobs are "
-                      "running server-side; run the job again (cron's next run does) to collect "
-                      "them: nothing is submitted twice", highlight=False, soft_wrap=True)
+        notice("pending", f"{result.stats.batch_jobs_pending} Batch API jobs are running "
+                          "server-side; run the job again (cron's next run does) to collect "
+                          "them: nothing is submitted twice")
     elif result.stats.batch_jobs and result.exit_code == EXIT_INTERRUPTED:
-        console.print("[yellow]note:[/] Batch API jobs keep running server-side; the next run "
-                      "collects them (`embedpipe batches JOB --cancel` cancels them)",
-                      highlight=False, soft_wrap=True)
+        notice("note", "Batch API jobs keep running server-side; the next run collects them "
+                       "(`embedpipe batches JOB --cancel` cancels them)")
     if result.exit_code == 4 and run.quota_error is not None:
         delay = run.quota_error.retry_after_s
         when = (f"at {datetime.now(UTC) + timedelta(seconds=delay):%Y-%m-%d %H:%M:%S} UTC"
                 if delay else "at midnight Pacific time (Google's daily reset)")
-        console.print(f"[red]stopped:[/] per-day quota exhausted ({run.quota_error}); "
-                      f"everything done so far is saved; the quota resets {when}: run the job "
-                      "again then and it continues where it stopped", highlight=False)
+        notice("stopped", f"per-day quota exhausted ({run.quota_error}); everything done so "
+                          f"far is saved; the quota resets {when}: run the job again then and "
+                          "it continues where it stopped")
     return result.exit_code
 
 
@@ -192,8 +219,13 @@ def cmd_emulator(args: argparse.Namespace) -> int:
         error_503=args.error_503, reset=args.reset, stall=args.stall, stall_s=args.stall_s,
         truncate=args.truncate, seed=args.seed, batch_delay_s=args.batch_delay_s,
         batch_outcome=args.batch_outcome, batch_error_rate=args.batch_error_rate)
-    console.print(f"emulator on http://{args.host}:{args.port} (Ctrl-C to stop)")
-    Emulator(options, host=args.host, port=args.port).serve_forever()
+    try:
+        Emulator(options, host=args.host, port=args.port).serve_forever(
+            lambda url: console.print(f"emulator on {url} (Ctrl-C to stop)"))
+    except OSError as exc:
+        notice("error", f"cannot listen on {args.host}:{args.port}: "
+                        f"{exc.strerror or exc} (another process has the port? try --port)")
+        return EXIT_USAGE
     return 0
 
 
@@ -205,8 +237,7 @@ def cmd_samples(args: argparse.Namespace) -> int:
         made = (make_text_corpus(folder, args.texts) if args.texts is not None
                 else make_quickstart_media(folder))
     except OSError as exc:
-        console.print(f"[red]error:[/] cannot write samples under {escape(str(folder))}: "
-                      f"{escape(exc.strerror or str(exc))}", highlight=False, soft_wrap=True)
+        notice("error", f"cannot write samples under {folder}: {exc.strerror or exc}")
         return EXIT_USAGE
     console.print(f"wrote {len(made)} files under {folder}")
     return 0
@@ -396,16 +427,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
         return code
     except ConfigError as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        notice("error", str(exc))
         return EXIT_USAGE
     except JobLocked as exc:
-        console.print(f"[red]locked:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        notice("locked", str(exc))
         return EXIT_LOCKED
     except PipelineError as exc:
-        console.print(f"[red]run failed:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        notice("run failed", str(exc))
         return EXIT_FAILED
     except KeyboardInterrupt:
-        console.print("interrupted")
+        notice("interrupted", "stopped by the user")
         return EXIT_INTERRUPTED
 
 

@@ -21,16 +21,21 @@ def progress_display(console: Console, enabled: bool,
     if not enabled:
         return None, None
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                        TextColumn("{task.completed}/{task.total} files"),
+                        TextColumn("{task.fields[files]}"),
                         TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
                         console=console, transient=True)
-    task = progress.add_task("embedding", total=None, detail="")
+    task = progress.add_task("listing", total=None, files="", detail="")
 
     def update(stats: RunStats) -> None:
         todo = stats.files_new + stats.files_changed
+        # Until the listing is done the total is not known: say what is, not "4/None".
+        files = (f"{stats.files_done:,}/{todo:,} files" if stats.listing_done else
+                 f"{stats.files_done:,} done of {todo:,} found so far "
+                 f"({stats.files_seen:,} listed)")
         progress.update(task, completed=stats.files_done, total=todo if stats.listing_done else None,
-                        detail=f"{stats.items_embedded} items, {stats.rejects} rejects, "
-                               f"{stats.tokens:,} tokens")
+                        description="embedding" if stats.listing_done else "listing",
+                        files=files, detail=f"{stats.items_embedded:,} items, "
+                                            f"{stats.rejects:,} rejects, {stats.tokens:,} tokens")
 
     return progress, update
 

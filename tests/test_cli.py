@@ -133,3 +133,46 @@ def test_samples_into_an_unwritable_place_is_one_line_not_a_traceback(tmp_path: 
     done = _cli("samples", str(tmp_path / "a-file" / "sub"), "--texts", "3")
     assert done.returncode == EXIT_USAGE
     assert "Traceback" not in done.stderr and "cannot write samples" in done.stderr
+
+
+def test_json_logs_are_json_only_and_name_the_job_and_run(tmp_path: Path):
+    make_text_corpus(tmp_path / "src", 30)
+    job = write_job(tmp_path, tmp_path / "src", name="nightly",
+                    extra={"run": {"flush_rows": 10}})
+    done = _cli("run", str(job), "-v", "--log-format", "json")
+    assert done.returncode == EXIT_OK, done.stderr[-2000:]
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert lines and all({"ts", "level", "event", "job", "run_id"} <= set(x) for x in lines)
+    assert {x["job"] for x in lines} == {"nightly"}
+    run_ids = {x["run_id"] for x in lines}
+    assert len(run_ids) == 1 and None not in run_ids
+    events = [x["event"] for x in lines]
+    for stage in ("listing done", "validation done", "first embedding call", "committed"):
+        assert any(e.startswith(stage) for e in events), (stage, events)
+    assert events[-1] == "run ended" and lines[-1]["items_embedded"] == 30
+    assert "files seen" not in done.stderr  # the human summary is for text mode only
+
+
+def test_progress_while_listing_shows_no_none():
+    from rich.console import Console
+
+    from pipeline.stats import RunStats
+    from pipeline.views import progress_display
+
+    progress, update = progress_display(Console(record=True, width=120), True)
+    assert progress is not None and update is not None
+    stats = RunStats(run_id="r", files_seen=7, files_new=4, files_done=1)
+    update(stats)
+    task = progress.tasks[0]
+    assert "None" not in task.fields["files"] and "7 listed" in task.fields["files"]
+    stats.listing_done = True
+    update(stats)
+    assert progress.tasks[0].fields["files"] == "1/4 files"
+
+
+def test_the_emulator_on_a_busy_port_says_so_without_claiming_to_serve(emulator: Emulator):
+    port = emulator.base_url.rsplit(":", 1)[1]
+    done = _cli("emulator", "--port", port)
+    assert done.returncode == EXIT_USAGE
+    assert "emulator on" not in done.stdout + done.stderr
+    assert "cannot listen" in done.stderr and "Traceback" not in done.stderr

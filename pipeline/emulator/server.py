@@ -312,8 +312,19 @@ class Emulator:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def serve_forever(self) -> None:
-        """Run in the foreground (the ``embedpipe emulator`` command) until interrupted."""
-        config = uvicorn.Config(self.state.app, host=self.host, port=self.port,
-                                log_level="info", access_log=False, lifespan="off")
-        uvicorn.Server(config).run()
+    def serve_forever(self, on_ready: Callable[[str], None] | None = None) -> None:
+        """Run in the foreground (the ``embedpipe emulator`` command) until interrupted.
+        The port is bound first (OSError if it cannot be), then ``on_ready(base_url)``."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError:
+            sock.close()
+            raise
+        self.port = sock.getsockname()[1]
+        if on_ready is not None:
+            on_ready(self.base_url)
+        config = uvicorn.Config(self.state.app, log_level="info", access_log=False,
+                                lifespan="off")
+        uvicorn.Server(config).run(sockets=[sock])

@@ -59,6 +59,8 @@ class LocalEngine:
         self.on_progress = on_progress
         self.batch = batch
         self._producers = anyio.CancelScope()
+        self._first_call = False
+        self._validating = 0
 
     def stop(self) -> None:
         """Stop early and cleanly: producers are cancelled, what is done is still committed."""
@@ -85,9 +87,10 @@ class LocalEngine:
                 async with anyio.create_task_group() as tg, out_tx:
                     tg.start_soon(self._list, todo_tx, out_tx.clone())
                     async with todo_rx, items_tx:
-                        for _ in range(self.validate_slots()):
-                            tg.start_soon(self._validate, todo_rx.clone(), items_tx.clone(),
-                                          out_tx.clone())
+                        self._validating = self.validate_slots()
+                        for _ in range(self._validating):
+                            tg.start_soon(self._validating_one, todo_rx.clone(),
+                                          items_tx.clone(), out_tx.clone())
                     if self.batch is None:
                         tg.start_soon(self._pack, items_rx, batches_tx)
                     else:  # validation -> the batch router -> packing (what stays interactive)
@@ -113,8 +116,20 @@ class LocalEngine:
                 if rejects:
                     await out.send(list(rejects))
         self.stats.listing_done = True
+        s = self.stats
+        log.info("listing done: %d files listed, %d new, %d changed, %d unchanged", s.files_seen,
+                 s.files_new, s.files_changed, s.files_unchanged)
         # What the run has to do is known now: a run killed from here on shows it in `status`.
         await anyio.to_thread.run_sync(self.on_listed)
+
+    async def _validating_one(self, todo: ObjectReceiveStream[list[Todo]],
+                              items: ObjectSendStream[list[Item]],
+                              out: ObjectSendStream[list[Outcome]]) -> None:
+        await self._validate(todo, items, out)
+        self._validating -= 1
+        if not self._validating:
+            log.info("validation done: %d items from %d files", self.stats.items_validated,
+                     self.stats.files_new + self.stats.files_changed)
 
     async def _validate(self, todo: ObjectReceiveStream[list[Todo]],
                         items: ObjectSendStream[list[Item]],
@@ -178,6 +193,9 @@ class LocalEngine:
                     await out.send(list(paid))
                 if not rest.items:
                     continue
+                if not self._first_call:
+                    self._first_call = True
+                    log.info("first embedding call: %d items", len(rest.items))
                 try:
                     vectors, rejects = await self._embed_call(rest)
                 except EmbedError as exc:  # the call's failure, not the items': stop
@@ -223,8 +241,13 @@ class LocalEngine:
             done.set()
 
     def _flush(self) -> None:
-        self.stages.writer.flush()
+        writer = self.stages.writer
+        rows, files = len(writer.vectors) + len(writer.rejects), len(writer.completed)
+        writer.flush()
         release_free_memory()  # what the flush and the calls since the last one freed
+        if rows or files:
+            log.info("committed %d rows and %d files' manifest rows (%d files done)", rows,
+                     files, self.stats.files_done)
 
     async def _watch_signals(self) -> None:
         """The first SIGINT/SIGTERM stops the run cleanly (what is done is committed); a second
