@@ -1,12 +1,24 @@
-"""What each embedding model accepts: the limits the validator fits items to and the emulator enforces.
+"""What each embedding model accepts: the limits the validator fits items to and the emulator enforces,
+and the list prices ``plan`` and the run report use.
 
-Numbers come from ../shared/GEMINI_API.md. Where Google's docs are unclear the number is a default
-the job can override (``validate`` section), never a constant baked into the code paths.
+The facts are Google's public documentation as the project recorded them (:data:`FACTS_AS_OF`);
+:data:`SOURCES` are the pages to check them against. Where Google's docs are unclear the number
+is a default the job can override (the ``validate`` section, ``embed.prices``), never a constant
+baked into the code paths.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+FACTS_AS_OF = "2026-11"  # when the limits and prices below were last recorded
+SOURCES = {
+    "models and limits": "https://ai.google.dev/gemini-api/docs/embeddings",
+    "prices": "https://ai.google.dev/gemini-api/docs/pricing",
+    "quotas": "https://ai.google.dev/gemini-api/docs/rate-limits",
+    "Batch API": "https://ai.google.dev/gemini-api/docs/batch-mode",
+    "errors": "https://ai.google.dev/gemini-api/docs/troubleshooting",
+}
 
 IMAGE_MIMES = frozenset({"image/png", "image/jpeg"})
 AUDIO_MIMES = frozenset({"audio/mpeg", "audio/wav"})
@@ -112,7 +124,8 @@ def conservative_text_tokens(text: str) -> int:
     return max(1, -(-n // 3))
 
 
-# USD per 1M input tokens (../shared/GEMINI_API.md; unverified: jobs override ``embed.prices``).
+# USD per 1M input tokens, list prices as of FACTS_AS_OF (SOURCES["prices"]; jobs override them
+# with ``embed.prices``). The Batch API is half of these.
 # PDF pages are billed as images here: no price for documents is published.
 PRICES: dict[str, dict[str, float]] = {
     "gemini-embedding-001": {"text": 0.15},

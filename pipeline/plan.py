@@ -35,7 +35,7 @@ from connectors.base import content_version
 from connectors.s3_options import sink_storage_options
 from pipeline.config import JobConfig
 from pipeline.errors import ConnectorError, SinkError
-from pipeline.models import cost_usd
+from pipeline.models import FACTS_AS_OF, SOURCES, cost_usd
 from pipeline.records import Reject
 from pipeline.sinks.lance import open_db
 from pipeline.stages.companions import Companions
@@ -74,6 +74,10 @@ class Plan:
             "cost_usd_batch_api": round(cost_usd(dict(self.tokens), prices) / 2, 6),
             "mode": _mode(job, requests),
             "prices_usd_per_million_tokens": prices,
+            # where the prices come from: the job's embed.prices, or the list prices recorded
+            # in pipeline/models.py (when, and the page to check them on)
+            "prices_source": ("embed.prices" if job.embed.prices is not None else
+                              f"list prices as of {FACTS_AS_OF} ({SOURCES['prices']})"),
             "quota_bound_minutes": round(max(minutes), 2) if any(minutes) else None,
             "days_by_requests_per_day": (math.ceil(requests / quota.rpd) if quota.rpd
                                          else None),

@@ -89,6 +89,7 @@ def show_plan(out: Console, job: JobConfig, figures: dict[str, Any]) -> None:
     table.add_row("total", f"{sum(figures['items'].values()):,}",
                   f"{figures['tokens_total']:,}", f"{figures['cost_usd']:.4f}")
     out.print(table)
+    out.print(f"prices: {figures['prices_source']}", highlight=False)
     out.print(f"PDF pages {figures['pdf_pages']:,}; audio {figures['audio_seconds']:,} s; "
               f"video {figures['video_seconds']:,} s; rejects "
               f"{figures['rejects'] or 'none'}; Batch API cost {figures['cost_usd_batch_api']:.4f}")

@@ -176,3 +176,23 @@ def test_the_emulator_on_a_busy_port_says_so_without_claiming_to_serve(emulator:
     assert done.returncode == EXIT_USAGE
     assert "emulator on" not in done.stdout + done.stderr
     assert "cannot listen" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_package_and_readme_cite_no_file_a_user_does_not_have():
+    """Facts (limits, prices) live in the package and cite Google's pages; only the tests use
+    the shared corpus beside the repo."""
+    from tests.conftest import REPO
+
+    code = [*(REPO / "pipeline").rglob("*.py"), *(REPO / "connectors").rglob("*.py"),
+            *(REPO / "jobs").rglob("*.yaml")]
+    for path in [REPO / "README.md", *code]:
+        assert "GEMINI_API.md" not in path.read_text(encoding="utf-8"), path
+    for path in code:
+        assert "../shared" not in path.read_text(encoding="utf-8"), path
+
+
+def test_plan_says_where_its_prices_come_from(ran: Path):
+    done = _cli("plan", str(ran), "--json")
+    assert done.returncode == EXIT_OK, done.stderr
+    source = json.loads(done.stdout)["prices_source"]
+    assert "list prices as of 20" in source and "https://ai.google.dev/" in source

@@ -1,7 +1,7 @@
 """The official google-genai SDK, pointed at the emulator: a client we did not write must work.
 
 Each SDK call runs in a subprocess: the SDK's async client is known to hang on a second event
-loop in one process (see ../shared/GEMINI_API.md), and a subprocess also proves the emulator
+loop in one process (seen with SDK 3.4), and a subprocess also proves the emulator
 is reached over real HTTP.
 """
 

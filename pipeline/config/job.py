@@ -106,7 +106,7 @@ class _EmbedCommon(_Strict):
     timeout_s: float = Field(120.0, gt=0)
     quota: QuotaConfig = Field(default_factory=lambda: QuotaConfig())
     # USD per 1M input tokens by modality (text, image, document, audio, video);
-    # default: the model's list price from ../shared/GEMINI_API.md.
+    # default: the model's list price (pipeline/models.py, PRICES and its SOURCES).
     prices: dict[str, float] | None = None
     # interactive: batchEmbedContents calls; batch: the Batch API; auto: the Batch API once a
     # run has more than batch_min_items items to embed (a backfill), else interactive.

@@ -8,7 +8,8 @@ Routes (``v1beta`` and ``v1`` both, as Google serves them)::
     POST /emulator/reset       zero the stats
     GET  /emulator/requests    the last request bodies (inline data replaced by its size)
 
-Authentication follows one of the three styles of GEMINI_API.md (or ``any``) when a key is set.
+Authentication follows one of Google's three styles (``x-goog-api-key``, ``Authorization: Bearer``,
+or the raw key; or ``any``) when a key is set.
 Use :class:`Emulator` to run it in a background thread of the current process.
 """
 
