@@ -165,7 +165,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(hits, default=str))
         return 0
-    show_hits(out, hits)
+    show_hits(out, hits, wide=args.wide)
     return 0
 
 
@@ -192,7 +192,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, default=str))
         return 0
-    show_status(out, job, status)
+    show_status(out, job, status, wide=args.wide)
     return 0
 
 
@@ -357,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=_positive, default=5, help="how many rows (default 5)")
     search.add_argument("--json", action="store_true",
                         help="print the rows as a JSON array (every column, full text)")
+    search.add_argument("--wide", action="store_true",
+                        help="wrap long sources and texts instead of cutting them")
     search.add_argument("--where", default=None, help="a Lance filter, e.g. \"modality = 'text'\"")
     search.set_defaults(func=cmd_search)
 
@@ -364,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "embedpipe status jobs/nightly.yaml --json")
     status.add_argument("job", help=JOB_HELP)
     status.add_argument("--json", action="store_true", help="print it as one JSON object")
+    status.add_argument("--wide", action="store_true",
+                        help="every column of the runs table, however wide")
     status.set_defaults(func=cmd_status)
 
     batches = command("batches", "the job's Batch API jobs (and cancelling them)",

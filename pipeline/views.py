@@ -104,21 +104,49 @@ def show_plan(out: Console, job: JobConfig, figures: dict[str, Any]) -> None:
         out.print(f"[yellow]a run would fail:[/] {figures['delete_refusal']}", highlight=False)
 
 
-def show_status(out: Console, job: JobConfig, status: dict[str, Any]) -> None:
-    out.print(f"[bold]{job.name}[/]: {status['uri']}", highlight=False)
+# The runs table's columns, most wanted first: at a narrow width the last ones are dropped
+# (``--wide`` keeps them all; ``--json`` has everything).
+RUN_COLUMNS = [("run_id", "run"), ("status", "status"), ("exit_code", "exit"),
+               ("started", "started (UTC)"), ("items_embedded", "items"), ("rejects", "rejects"),
+               ("files_seen", "files"), ("files_new", "new"), ("files_changed", "changed"),
+               ("files_deleted", "deleted"), ("api_calls", "calls"), ("tokens", "tokens"),
+               ("http_429", "429s")]
+
+
+def _cell(run: dict[str, Any], column: str) -> str:
+    value = run[column]
+    if value is None:
+        return "-"
+    if column == "started":
+        return f"{value:%m-%d %H:%M}"
+    return f"{value:,}" if isinstance(value, int) and column != "exit_code" else str(value)
+
+
+def fitted(out: Console, columns: list[tuple[str, str]], rows: list[dict[str, Any]],
+           wide: bool = False, **table_args: Any) -> tuple[Table, int]:
+    """A table of as many of ``columns`` (in priority order) as fit the console's width,
+    and how many were left out."""
+    for n in range(len(columns), 0, -1):
+        table = Table(**table_args)
+        for _, header in columns[:n]:
+            table.add_column(header, no_wrap=True)
+        for row in rows:
+            table.add_row(*(_cell(row, c) for c, _ in columns[:n]))
+        natural = out.measure(table, options=out.options.update_width(100_000)).maximum
+        if wide or n == 1 or natural <= out.width:
+            return table, len(columns) - n
+    raise AssertionError("unreachable")
+
+
+def show_status(out: Console, job: JobConfig, status: dict[str, Any], wide: bool = False) -> None:
+    out.print(f"[bold]{job.name}[/]: {status['uri']}", highlight=False, soft_wrap=True)
     out.print("rows: " + ", ".join(f"{k} {v if v is not None else '-'}"
                                    for k, v in status["rows"].items()), highlight=False)
     out.print("files: " + (", ".join(f"{k} {v}" for k, v in status["files"].items()) or "none"))
-    table = Table(title="last runs")
-    cols = ("run_id", "status", "exit_code", "started", "files_seen", "files_new",
-            "files_changed", "files_deleted", "items_embedded", "rejects", "tokens", "api_calls",
-            "http_429")
-    for col in cols:
-        table.add_column(col.replace("_", " "))
-    for run in status["runs"]:
-        table.add_row(*(f"{run[c]:%Y-%m-%d %H:%M:%S}" if c == "started" and run[c] else
-                        str(run[c]) for c in cols))
-    out.print(table)
+    table, dropped = fitted(out, RUN_COLUMNS, status["runs"], wide, title="last runs")
+    _print_wide(out, table, wide)
+    if dropped:
+        out.print(f"({dropped} more columns: --wide, or --json for everything)")
     pending = status["pending"]
     if pending is not None:
         left = ("an unknown number of files (it was killed before its listing finished)"
@@ -138,11 +166,45 @@ def show_batches(out: Console, job: JobConfig, rows: list[dict[str, Any]]) -> No
     out.print(table)
 
 
-def show_hits(out: Console, hits: list[dict[str, Any]]) -> None:
-    table = Table(show_lines=False)
-    for col in ("#", "score", "source", "where", "modality", "text"):
-        table.add_column(col)
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def show_hits(out: Console, hits: list[dict[str, Any]], wide: bool = False) -> None:
+    """One line per hit that fits the console: source and text cut with an ellipsis, the
+    where and modality columns only where there is room (``--wide``: everything, wrapped;
+    ``--json``: every column in full)."""
+    source_w, where_w, modality_w = 28, 18, 8
+    width = out.width
+    columns = ["#", "score", "source"]
+    used = 1 + (2 + 3) + (5 + 3) + (source_w + 3)
+    for name, w in (("where", where_w), ("modality", modality_w)):
+        if wide or width - used - (w + 3) >= 30 + 3:  # the text keeps 30 columns at least
+            columns.append(name)
+            used += w + 3
+    columns.append("text")
+    text_w = max(10, width - used - 3)
+    table = Table(show_lines=wide)
+    for col in columns:
+        table.add_column(col, no_wrap=not wide, overflow="fold")
     for rank, hit in enumerate(hits, 1):
-        table.add_row(str(rank), f"{hit['score']:.3f}", hit["key"] or hit["uri"],
-                      hit["where"], hit["modality"], (hit["text"] or "")[:80].replace("\n", " "))
-    out.print(table)
+        cells = {"#": str(rank), "score": f"{hit['score']:.3f}",
+                 "source": hit["key"] or hit["uri"], "where": hit["where"],
+                 "modality": hit["modality"], "text": (hit["text"] or "").replace("\n", " ")}
+        if not wide:
+            cells.update(source=_cut(cells["source"], source_w),
+                         where=_cut(cells["where"], where_w), text=_cut(cells["text"], text_w))
+        else:
+            cells["text"] = cells["text"][:400]
+        table.add_row(*(cells[c] for c in columns))
+    _print_wide(out, table, wide)
+
+
+def _print_wide(out: Console, table: Table, wide: bool) -> None:
+    """``--wide`` tables at their natural width, however wide the console."""
+    if not wide:
+        out.print(table)
+        return
+    natural = out.measure(table, options=out.options.update_width(100_000)).maximum
+    Console(file=out.file, width=max(natural, out.width), force_terminal=out.is_terminal,
+            no_color=out.no_color).print(table)

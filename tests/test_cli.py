@@ -18,9 +18,12 @@ from pipeline.samples import make_text_corpus
 from tests.conftest import write_job
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, columns: int | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    env = {**os.environ, **({"COLUMNS": str(columns)} if columns else {})}
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, env=env)
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -196,3 +199,18 @@ def test_plan_says_where_its_prices_come_from(ran: Path):
     assert done.returncode == EXIT_OK, done.stderr
     source = json.loads(done.stdout)["prices_source"]
     assert "list prices as of 20" in source and "https://ai.google.dev/" in source
+
+
+@pytest.mark.parametrize("command", [["status"], ["search", "{job}", "harbour", "-k", "3"]])
+def test_status_and_search_fit_80_columns_with_whole_headers(ran: Path, command: list[str]):
+    args = [a.replace("{job}", str(ran)) for a in command]
+    if args == ["status"]:
+        args = ["status", str(ran)]
+    done = _cli(*args, columns=80)
+    assert done.returncode == EXIT_OK, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines and max(len(line) for line in lines) <= 80, done.stdout
+    header = next(line for line in lines if line.startswith("┃"))
+    assert "…" not in header, header
+    wide = _cli(*args, "--wide", columns=80)
+    assert max(len(line) for line in wide.stdout.splitlines()) > 80  # everything, unsqueezed
