@@ -37,6 +37,7 @@ from pipeline.gemini.client import GeminiClient
 from pipeline.gemini.endpoint import embedding_client
 from pipeline.gemini.limiter import AdaptiveConcurrency, Quota, RateLimiter
 from pipeline.gemini.tasks import TaskStyle
+from pipeline.metrics import prometheus_text, write_textfile
 from pipeline.models import cost_usd, model_spec
 from pipeline.outcome import EXIT_FAILED as EXIT_FAILED
 from pipeline.outcome import EXIT_INTERRUPTED as EXIT_INTERRUPTED
@@ -247,6 +248,16 @@ class Run:
                 self.sink.tag(f"run-{self.stats.run_id}")
         self.runlog.record(self._run_row(status, code))
         self._write_report(status, code)
+        self._write_metrics(status, code)
+
+    def _write_metrics(self, status: str, code: int) -> None:
+        target = self.job.run.metrics_textfile
+        if target is None:
+            return
+        try:
+            write_textfile(target, prometheus_text(self.report(status, code)))
+        except OSError as exc:
+            log.warning("could not write the metrics textfile %s: %s", target, exc)
 
     def report(self, status: str, code: int) -> dict[str, Any]:
         """What the run did, as the JSON report holds it."""

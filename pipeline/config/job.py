@@ -266,6 +266,9 @@ class RunConfig(_Strict):
     # "auto" (ray when RAY_ADDRESS is set). Listing and writing stay in this process.
     engine: Literal["local", "ray", "auto"] = "local"
     ray_address: str | None = None
+    # The run's figures in Prometheus text format, written atomically at the end of each run
+    # (for node_exporter's textfile collector: a path ending in .prom in its folder).
+    metrics_textfile: str | None = None
 
 
 class JobConfig(_Strict):
