@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from pipeline.config import load_job
+from pipeline.config.loading import parse_overrides
 from pipeline.engine.threads import threads_left
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.memory import tune_for_long_run
@@ -100,7 +101,7 @@ def _setup_logging(fmt: str, verbose: bool) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    job = load_job(args.job)
+    job = load_job(args.job, overrides=parse_overrides(args.set))
     CONTEXT["job"] = job.name
     engine = {k: v for k, v in (("engine", args.engine or ("ray" if args.address else None)),
                                 ("ray_address", args.address)) if v is not None}
@@ -172,7 +173,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from pipeline.plan import make_plan
 
-    job = load_job(args.job)
+    job = load_job(args.job, overrides=parse_overrides(args.set))
     # SIGTERM ends a plan as Ctrl-C does: its worker processes are ended on the way out.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     figures = make_plan(job, retry_rejects=args.retry_rejects,
@@ -332,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", default=None, metavar="ADDR",
                      help="the Ray cluster to join (default: run.ray_address, RAY_ADDRESS, "
                           "else one started on this machine for the run)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a job key for this run, checked like the file's own "
+                          "(repeatable): --set embed.concurrency=8 --set run.flush_rows=500")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
     run.add_argument("--report", metavar="PATH", default=None,
                      help="write the run's figures as JSON to PATH ('-' for stdout)")
@@ -343,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     plan.add_argument("--retry-rejects", action="store_true",
                       help="plan as `run --retry-rejects` would run")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="plan with a job key overridden, as `run --set` would (repeatable)")
     plan.add_argument("--allow-mass-delete", action="store_true",
                       help="plan as `run --allow-mass-delete` would run")
     plan.set_defaults(func=cmd_plan)

@@ -214,3 +214,23 @@ def test_status_and_search_fit_80_columns_with_whole_headers(ran: Path, command:
     assert "…" not in header, header
     wide = _cli(*args, "--wide", columns=80)
     assert max(len(line) for line in wide.stdout.splitlines()) > 80  # everything, unsqueezed
+
+
+def test_set_overrides_a_job_key_checked_like_the_file(tmp_path: Path):
+    from pipeline.config import load_job
+    from pipeline.config.loading import parse_overrides
+
+    make_text_corpus(tmp_path / "src", 2)
+    job = write_job(tmp_path, tmp_path / "src")
+    loaded = load_job(job, overrides=parse_overrides(
+        ["embed.concurrency=8", "run.flush_rows=500", "run.engine=local"]))
+    assert (loaded.embed.concurrency, loaded.run.flush_rows) == (8, 500)
+    bad = _cli("run", str(job), "--set", "embed.concurrency=0")
+    assert bad.returncode == EXIT_USAGE and "embed.concurrency" in bad.stderr
+    typo = _cli("run", str(job), "--set", "embed.concurency=8")
+    assert typo.returncode == EXIT_USAGE and "did you mean 'concurrency'" in typo.stderr
+    shape = _cli("plan", str(job), "--set", "concurrency")
+    assert shape.returncode == EXIT_USAGE and "KEY.PATH=VALUE" in shape.stderr
+    plan = _cli("plan", str(job), "--json", "--set", "embed.model=gemini-embedding-001")
+    assert plan.returncode == EXIT_OK, plan.stderr
+    assert json.loads(plan.stdout)["model"] == "gemini-embedding-001"

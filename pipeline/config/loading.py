@@ -142,8 +142,40 @@ def _describe(err: Any, raw: Any) -> str:
     return f"{_loc(loc)}: {msg}"
 
 
-def load_job(path: str | Path, env: dict[str, str] | None = None) -> JobConfig:
-    """Load and validate a job file. Raises :class:`ConfigError` with a one-line-per-problem text."""
+def parse_overrides(items: list[str]) -> dict[tuple[str, ...], Any]:
+    """``KEY.PATH=VALUE`` strings (``embed.concurrency=8``, ``run.engine=ray``) as key paths and
+    values; each value is read as YAML (``8`` a number, ``[a, b]`` a list, ``null``)."""
+    out: dict[tuple[str, ...], Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        parts = tuple(p for p in key.strip().split("."))
+        if not sep or not all(parts):
+            raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. "
+                              "embed.concurrency=8")
+        try:
+            out[parts] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            out[parts] = value
+    return out
+
+
+def _apply(raw: dict[str, Any], overrides: dict[tuple[str, ...], Any], path: Path) -> None:
+    for keys, value in overrides.items():
+        node = raw
+        for depth, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                where = ".".join(keys[: depth + 1])
+                raise ConfigError(f"{path}: --set {'.'.join(keys)}: {where} is not a section")
+            node = child
+        node[keys[-1]] = value
+
+
+def load_job(path: str | Path, env: dict[str, str] | None = None,
+             overrides: dict[tuple[str, ...], Any] | None = None) -> JobConfig:
+    """Load and validate a job file, with ``overrides`` (from ``--set``) applied before it is
+    validated, so an override is checked exactly as the file's own keys are. Raises
+    :class:`ConfigError` with a one-line-per-problem text."""
     path = Path(path)
     env = dict(os.environ) if env is None else env
     try:
@@ -161,6 +193,8 @@ def load_job(path: str | Path, env: dict[str, str] | None = None) -> JobConfig:
         raise ConfigError(f"{path}: {where}invalid YAML: {problem}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a job file must be a mapping of keys, got {type(raw).__name__}")
+    if overrides:
+        _apply(raw, overrides, path)
     unset: list[str] = []
     try:
         data = _expand(raw, (), env, unset)
