@@ -51,6 +51,7 @@ from pipeline.views import (
     show_batches,
     show_hits,
     show_plan,
+    show_rejects,
     show_status,
     show_summary,
 )
@@ -194,6 +195,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, default=str))
         return 0
     show_status(out, job, status, wide=args.wide)
+    return 0
+
+
+def cmd_rejects(args: argparse.Namespace) -> int:
+    from pipeline.rejects import list_rejects
+
+    rows = list_rejects(load_job(args.job), args.reason)
+    if args.json:
+        print(json.dumps(rows, default=str))
+        return 0
+    show_rejects(out, rows, wide=args.wide)
     return 0
 
 
@@ -375,6 +387,18 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--wide", action="store_true",
                         help="every column of the runs table, however wide")
     status.set_defaults(func=cmd_status)
+
+    rejects = command("rejects", "the job's rejected files and parts, why, and what to do",
+                      "embedpipe rejects jobs/nightly.yaml --reason encrypted")
+    rejects.add_argument("job", help=JOB_HELP)
+    rejects.add_argument("--reason", default=None,
+                         help="only this reason (corrupt, encrypted, unsupported, too_long, "
+                              "too_large, unreadable, empty, timeout, api_rejected)")
+    rejects.add_argument("--json", action="store_true",
+                         help="print them as a JSON array, each with its fix")
+    rejects.add_argument("--wide", action="store_true",
+                         help="wrap long names and messages instead of cutting them")
+    rejects.set_defaults(func=cmd_rejects)
 
     batches = command("batches", "the job's Batch API jobs (and cancelling them)",
                       "embedpipe batches jobs/backfill.yaml --json")

@@ -166,6 +166,33 @@ def show_batches(out: Console, job: JobConfig, rows: list[dict[str, Any]]) -> No
     out.print(table)
 
 
+def show_rejects(out: Console, rows: list[dict[str, Any]], wide: bool = False) -> None:
+    """The rejects, one line each at the console's width, then what to do per reason."""
+    if not rows:
+        out.print("no rejects")
+        return
+    key_w = 32
+    message_w = max(20, out.width - (1 + (key_w + 3) + (12 + 3) + 3))
+    table = Table(show_lines=wide)
+    for col in ("file", "reason", "message"):
+        table.add_column(col, no_wrap=not wide, overflow="fold")
+    for row in rows:
+        name = row["key"] or row["uri"]
+        if row["part"] is not None:
+            name = f"{name} #{row['part'] + 1}"
+        message = (row["message"] or "").replace("\n", " ")
+        if not wide:
+            name, message = _cut(name, key_w), _cut(message, message_w)
+        table.add_row(name, row["reason"], message)
+    _print_wide(out, table, wide)
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["reason"]] = counts.get(row["reason"], 0) + 1
+    for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+        fix = next(r["fix"] for r in rows if r["reason"] == reason)
+        out.print(f"[bold]{reason}[/] ({n}): {escape(fix)}", highlight=False)
+
+
 def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
 

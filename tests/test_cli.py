@@ -234,3 +234,31 @@ def test_set_overrides_a_job_key_checked_like_the_file(tmp_path: Path):
     plan = _cli("plan", str(job), "--json", "--set", "embed.model=gemini-embedding-001")
     assert plan.returncode == EXIT_OK, plan.stderr
     assert json.loads(plan.stdout)["model"] == "gemini-embedding-001"
+
+
+@pytest.mark.parametrize("sink", ["lance", "parquet"])
+def test_rejects_lists_each_with_its_message_and_fix(tmp_path: Path, sink: str):
+    src = tmp_path / "src"
+    make_text_corpus(src, 3)
+    (src / "empty.txt").write_bytes(b"")
+    (src / "blob.bin").write_bytes(bytes(range(256)) * 8)
+    job = write_job(tmp_path, src)
+    if sink == "parquet":
+        job.write_text(job.read_text().replace(
+            "kind: lance", "kind: arrow\n  format: parquet").replace("uri:", "path:"))
+    before = _cli("rejects", str(job))
+    assert before.returncode == EXIT_USAGE and "has not run yet" in before.stderr
+    assert main(["run", "-q", str(job)]) == 1
+    done = _cli("rejects", str(job), "--json")
+    assert done.returncode == EXIT_OK, done.stderr
+    rows = json.loads(done.stdout)
+    assert sorted((r["key"], r["reason"]) for r in rows) == [
+        ("blob.bin", "unsupported"), ("empty.txt", "empty")]
+    assert all(r["message"] and r["fix"] for r in rows)
+    only = json.loads(_cli("rejects", str(job), "--json", "--reason", "empty").stdout)
+    assert [r["key"] for r in only] == ["empty.txt"]
+    text = _cli("rejects", str(job), columns=80)
+    assert max(len(line) for line in text.stdout.splitlines()) <= 80, text.stdout
+    assert "unsupported (1): a type the model does not take" in text.stdout
+    bad = _cli("rejects", str(job), "--reason", "broken")
+    assert bad.returncode == EXIT_USAGE and "not a reject reason" in bad.stderr
