@@ -71,9 +71,13 @@ def new_run_id() -> str:
 
 @dataclass
 class RunResult:
+    """What a run did: its counters, its exit code (the CLI's), the problems it met, and
+    ``report``, the figures of its JSON report (``run --report``) as a dict."""
+
     stats: RunStats
     exit_code: int
     problems: list[str] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
 
 
 class Run:
@@ -165,7 +169,8 @@ class Run:
                     if status == "finished" else EXIT_FAILED)
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._close, code)
-        return RunResult(self.stats, code, self.outcome.problems)
+        return RunResult(self.stats, code, self.outcome.problems,
+                         self.report(run_status(code), code))
 
     def _listed(self, sort: ExitStack) -> None:
         """The listing is done: free the manifest's sort (its memory and temporary files) for
@@ -318,5 +323,12 @@ def _first_pipeline_error(group: BaseExceptionGroup[BaseException]) -> BaseExcep
 
 
 def run_job(job: JobConfig, **kwargs: Any) -> RunResult:
-    """Run a job to the end (blocking)."""
+    """Run a job to the end (blocking): the Python API of ``embedpipe run``.
+
+    ``kwargs`` are :class:`Run`'s (``retry_rejects``, ``allow_mass_delete``, ``detach``).
+    Returns a :class:`RunResult` whatever the run's outcome (its ``exit_code`` says it);
+    raises :class:`~pipeline.errors.ConfigError` for a job that cannot run (no API key, a Ray
+    engine without Ray), :class:`~pipeline.state.lock.JobLocked` when another run holds the
+    lock, :class:`~pipeline.errors.PipelineError` when the sink cannot be opened. Never
+    ``SystemExit``."""
     return anyio.run(lambda: Run(job, **kwargs).execute())
