@@ -198,6 +198,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from pipeline.scaffold import write_job_file
+
+    path, found = write_job_file(args.source, Path(args.out) if args.out else None, args.name,
+                                 args.force)
+    console.print(f"wrote {path}: {found}", highlight=False, soft_wrap=True)
+    console.print(f"next: embedpipe plan {path}   (then: embedpipe run {path})", highlight=False)
+    return 0
+
+
 def cmd_rejects(args: argparse.Namespace) -> int:
     from pipeline.rejects import list_rejects
 
@@ -387,6 +397,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--wide", action="store_true",
                         help="every column of the runs table, however wide")
     status.set_defaults(func=cmd_status)
+
+    init = command("init", "write a commented job file for a folder or a bucket",
+                   "embedpipe init ~/archive/scans --name scans --out jobs/scans.yaml")
+    init.add_argument("source", help="a folder, or s3://bucket/prefix (credentials from the "
+                                     "AWS_* environment, AWS_ENDPOINT_URL for other stores)")
+    init.add_argument("--name", default=None, help="the job's name (default: the folder's)")
+    init.add_argument("--out", default=None, metavar="PATH",
+                      help="where to write it (default: NAME.yaml here)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    init.set_defaults(func=cmd_init)
 
     rejects = command("rejects", "the job's rejected files and parts, why, and what to do",
                       "embedpipe rejects jobs/nightly.yaml --reason encrypted")

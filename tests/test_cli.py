@@ -262,3 +262,39 @@ def test_rejects_lists_each_with_its_message_and_fix(tmp_path: Path, sink: str):
     assert "unsupported (1): a type the model does not take" in text.stdout
     bad = _cli("rejects", str(job), "--reason", "broken")
     assert bad.returncode == EXIT_USAGE and "not a reject reason" in bad.stderr
+
+
+def test_init_writes_a_commented_job_that_loads_and_plans(tmp_path: Path):
+    from pipeline.samples import make_quickstart_media
+
+    src = tmp_path / "archive"
+    make_text_corpus(src / "notes", 5)
+    make_quickstart_media(src / "media")
+    (src / "blob.bin").write_bytes(b"\x00" * 10)
+    out = tmp_path / "jobs" / "archive.yaml"
+    done = _cli("init", str(src), "--out", str(out))
+    assert done.returncode == EXIT_OK, done.stderr
+    text = out.read_text(encoding="utf-8")
+    assert 'name: "archive"' in text and "${GEMINI_API_KEY}" in text
+    assert "# Found" in text and "5 text" in text and "pdf" in text and "image" in text
+    assert "1 files of other types" in text
+    plan = _cli("plan", str(out), "--json")
+    assert plan.returncode == EXIT_OK, plan.stderr
+    assert json.loads(plan.stdout)["files"]["new"] >= 7
+    again = _cli("init", str(src), "--out", str(out))
+    assert again.returncode == EXIT_USAGE and "--force" in again.stderr
+    assert _cli("init", str(tmp_path / "nowhere")).returncode == EXIT_USAGE
+
+
+def test_init_for_a_bucket_it_cannot_reach_still_writes_a_valid_job(tmp_path: Path):
+    import os
+
+    out = tmp_path / "b.yaml"
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "init", "s3://photos/2026/",
+                           "--out", str(out)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+                               "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
+    assert done.returncode == EXIT_OK, done.stderr
+    text = out.read_text(encoding="utf-8")
+    assert "kind: s3" in text and "bucket: photos" in text and "The listing failed" in text
+    assert "AWS_SECRET" not in text and "\ns\n" not in text
