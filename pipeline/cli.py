@@ -42,7 +42,6 @@ from pipeline.outcome import (
     EXIT_LOCKED,
     EXIT_PENDING,
     EXIT_USAGE,
-    run_status,
 )
 from pipeline.run import Run
 from pipeline.state.lock import JobLocked
@@ -102,12 +101,13 @@ def _setup_logging(fmt: str, verbose: bool) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    job = load_job(args.job, overrides=parse_overrides(args.set))
+    overrides = parse_overrides(args.set)
+    if args.engine or args.address:  # shorthands for --set run.engine=... run.ray_address=...
+        overrides[("run", "engine")] = args.engine or "ray"
+    if args.address:
+        overrides[("run", "ray_address")] = args.address
+    job = load_job(args.job, overrides=overrides)
     CONTEXT["job"] = job.name
-    engine = {k: v for k, v in (("engine", args.engine or ("ray" if args.address else None)),
-                                ("ray_address", args.address)) if v is not None}
-    if engine:
-        job = job.model_copy(update={"run": job.run.model_copy(update=engine)})
     tune_for_long_run()  # this process is the run's: before any worker thread starts
     show = not args.quiet and console.is_terminal and not _JSON["on"]
     progress, update = progress_display(console, show)
@@ -120,17 +120,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         result = anyio.run(run.execute)
     if args.report:
-        text = json.dumps(run.report(run_status(result.exit_code), result.exit_code),
-                          default=str)
+        text = json.dumps(result.report, default=str)
         if args.report == "-":
             print(text)
         else:
             Path(args.report).write_text(text + "\n", encoding="utf-8")
     if _JSON["on"]:  # the summary as one line a log pipeline can read
         level = "info" if result.exit_code in (0, 1) else "error"
-        print(_json_line(level, "run ended", **run.report(run_status(result.exit_code),
-                                                          result.exit_code)),
-              file=sys.stderr, flush=True)
+        print(_json_line(level, "run ended", **result.report), file=sys.stderr, flush=True)
     elif not args.quiet:
         show_summary(console, job, result, run)
     if run.failure is not None:

@@ -76,6 +76,13 @@ class RejectReason:
     )
 
 
+class NotRunYet(ConfigError):
+    """A command that reads the job's tables, before the job's first run."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what}: the job has not run yet (embedpipe run JOB first)")
+
+
 class ItemRejected(PipelineError):
     """A file or part that will not be embedded; ``reason`` is one of :class:`RejectReason`."""
 

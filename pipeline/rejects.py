@@ -8,7 +8,7 @@ from typing import Any
 
 from connectors.s3_options import sink_storage_options
 from pipeline.config import ArrowSinkConfig, JobConfig
-from pipeline.errors import ConfigError, RejectReason, SinkError
+from pipeline.errors import ConfigError, NotRunYet, RejectReason, SinkError
 from pipeline.sinks.lance import open_db, sql_str
 
 # What an operator can do about each reason (a changed file is always tried again; an unchanged
@@ -47,7 +47,7 @@ def list_rejects(job: JobConfig, reason: str | None = None) -> list[dict[str, An
 
             folder = Path(sink.path) / "_rejects"
             if not Path(sink.path).is_dir():
-                raise ConfigError(f"nothing at {sink.path}: the job has not run yet")
+                raise NotRunYet(f"nothing at {sink.path}")
             if not folder.is_dir():
                 return []
             data = ds.dataset(folder, format="parquet" if sink.format == "parquet" else "ipc")
@@ -56,8 +56,7 @@ def list_rejects(job: JobConfig, reason: str | None = None) -> list[dict[str, An
         else:
             db = open_db(sink.uri, sink_storage_options(job))
             if sink.rejects_table not in db.list_tables().tables:
-                raise ConfigError(f"no table {sink.rejects_table!r} in {sink.uri}: the job has "
-                                  "not run yet (embedpipe run JOB first)")
+                raise NotRunYet(f"no table {sink.rejects_table!r} in {sink.uri}")
             query = db.open_table(sink.rejects_table).search().select(columns).limit(None)
             if reason is not None:
                 query = query.where(f"reason = {sql_str(reason)}")

@@ -97,6 +97,7 @@ class Run:
         self.outcome = RunOutcome()
         self.engine: LocalEngine | None = None
         self.report_path: Path | None = None
+        self.final_report: dict[str, Any] = {}  # what report() says at the run's end
 
     @property
     def fatal(self) -> PipelineError | None:
@@ -169,8 +170,7 @@ class Run:
                     if status == "finished" else EXIT_FAILED)
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._close, code)
-        return RunResult(self.stats, code, self.outcome.problems,
-                         self.report(run_status(code), code))
+        return RunResult(self.stats, code, self.outcome.problems, self.final_report)
 
     def _listed(self, sort: ExitStack) -> None:
         """The listing is done: free the manifest's sort (its memory and temporary files) for
@@ -252,15 +252,16 @@ class Run:
             if self.sink.version() != self._version_before:
                 self.sink.tag(f"run-{self.stats.run_id}")
         self.runlog.record(self._run_row(status, code))
-        self._write_report(status, code)
-        self._write_metrics(status, code)
+        self.final_report = self.report(status, code)  # the run's figures, final: made once
+        self._write_report(self.final_report)
+        self._write_metrics(self.final_report)
 
-    def _write_metrics(self, status: str, code: int) -> None:
+    def _write_metrics(self, report: dict[str, Any]) -> None:
         target = self.job.run.metrics_textfile
         if target is None:
             return
         try:
-            write_textfile(target, prometheus_text(self.report(status, code)))
+            write_textfile(target, prometheus_text(report))
         except OSError as exc:
             log.warning("could not write the metrics textfile %s: %s", target, exc)
 
@@ -277,7 +278,7 @@ class Run:
                 "engine": self.engine.name if self.engine is not None else None,
                 "problems": self.outcome.problems[:100]}
 
-    def _write_report(self, status: str, code: int) -> None:
+    def _write_report(self, report: dict[str, Any]) -> None:
         target = self.job.run.report
         if target is None or (target == "auto" and "://" in self.job.sink.uri):
             return
@@ -288,7 +289,7 @@ class Run:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.report(status, code), default=str, indent=1))
+            tmp.write_text(json.dumps(report, default=str, indent=1))
             os.replace(tmp, path)
             self.report_path = path
         except OSError as exc:

@@ -9,7 +9,7 @@ import anyio
 
 from connectors.s3_options import sink_s3_options, sink_storage_options
 from pipeline.config import ArrowSinkConfig, JobConfig
-from pipeline.errors import ConfigError, SinkError
+from pipeline.errors import ConfigError, NotRunYet, SinkError
 from pipeline.gemini.endpoint import embedding_client
 from pipeline.gemini.tasks import TaskStyle
 from pipeline.models import model_spec
@@ -50,11 +50,15 @@ def _query_part(job: JobConfig, path: Path) -> Part:
     raise ConfigError(f"{path}: nothing to embed in the query file")
 
 
+def _bad_where(where: str, exc: Exception) -> ConfigError:
+    first = str(exc).strip().splitlines()[0][:300]
+    return ConfigError(f"--where {where!r} cannot be used: {first}")
+
+
 def _open_vectors(job: JobConfig) -> Any:
     db = open_db(job.sink.uri, sink_storage_options(job))
     if job.sink.table not in db.list_tables().tables:
-        raise ConfigError(f"no table {job.sink.table!r} in {job.sink.uri}: the job has not run "
-                          "yet (embedpipe run JOB first)")
+        raise NotRunYet(f"no table {job.sink.table!r} in {job.sink.uri}")
     return db.open_table(job.sink.table)
 
 
@@ -73,8 +77,7 @@ async def search(job: JobConfig, query: str | None, *, k: int = 5, where: str | 
     table: Any = None
     if isinstance(job.sink, ArrowSinkConfig):
         if not Path(job.sink.path).is_dir():
-            raise ConfigError(f"no vectors in {job.sink.path}: the job has not run yet "
-                              "(embedpipe run JOB first)")
+            raise NotRunYet(f"no vectors in {job.sink.path}")
     else:
         table = await anyio.to_thread.run_sync(_open_vectors, job)
     async with embedding_client(job) as client:
@@ -95,8 +98,7 @@ async def search(job: JobConfig, query: str | None, *, k: int = 5, where: str | 
                  "char_start", "char_end", "time_start_s", "time_end_s", "_distance"]).to_list()
         except (ValueError, RuntimeError, OSError) as exc:
             if where:  # most likely the filter: a column that is not there, a typo
-                first = str(exc).strip().splitlines()[0][:300]
-                raise ConfigError(f"--where {where!r} cannot be used: {first}") from None
+                raise _bad_where(where, exc) from None
             raise SinkError(f"search failed: {exc}") from exc
         for row in rows:
             row["score"] = 1.0 - float(row.pop("_distance"))
@@ -122,8 +124,7 @@ def _arrow_nearest(sink: ArrowSinkConfig, vector: Any, k: int,
 
     folder = Path(sink.path)
     if not folder.is_dir():
-        raise ConfigError(f"no vectors in {sink.path}: the job has not run yet "
-                          "(embedpipe run JOB first)")
+        raise NotRunYet(f"no vectors in {sink.path}")
     dataset = ds.dataset(folder, format="parquet" if sink.format == "parquet" else "ipc")
     query = np.asarray(vector, dtype=np.float32)
     best: list[tuple[float, int, dict[str, Any]]] = []
@@ -136,8 +137,7 @@ def _arrow_nearest(sink: ArrowSinkConfig, vector: Any, k: int,
                 frame = pl.SQLContext(t=frame).execute(f"SELECT * FROM t WHERE {where}",
                                                         eager=True)
             except pl.exceptions.PolarsError as exc:
-                first = str(exc).strip().splitlines()[0][:300]
-                raise ConfigError(f"--where {where!r} cannot be used: {first}") from None
+                raise _bad_where(where, exc) from None
         if frame.height == 0:
             continue
         matrix = np.stack(frame["vector"].to_list()).astype(np.float32)

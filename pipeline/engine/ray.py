@@ -52,7 +52,7 @@ from pipeline.outcome import RunOutcome
 from pipeline.records import Batch, Item, Reject, Vector
 from pipeline.stages import Stages
 from pipeline.stages.listing import Todo
-from pipeline.stages.validation import Entry, Sorted
+from pipeline.stages.validation import Sorted
 from pipeline.stages.writing import Outcome
 from pipeline.state.lock import JobLock
 from pipeline.stats import RunStats
@@ -303,8 +303,7 @@ _WORKER_STAGE: dict[str, Any] = {}
 
 def _worker_stage(run_id: str, job: JobConfig, retry_rejects: bool) -> Any:
     """This worker process's validation stage for the run (made once per process and run)."""
-    key = run_id
-    if key not in _WORKER_STAGE:
+    if run_id not in _WORKER_STAGE:
         from connectors import connector_for
         from pipeline.stages.companions import Companions
         from pipeline.stages.validation import Validation
@@ -312,9 +311,9 @@ def _worker_stage(run_id: str, job: JobConfig, retry_rejects: bool) -> Any:
         connector = connector_for(job)
         companions = Companions(connector, job.source.sidecar, job.source.metadata)
         _WORKER_STAGE.clear()
-        _WORKER_STAGE[key] = Validation(job, connector, companions, RunStats(run_id="worker"),
+        _WORKER_STAGE[run_id] = Validation(job, connector, companions, RunStats(run_id="worker"),
                                         retry_rejects=retry_rejects)
-    return _WORKER_STAGE[key]
+    return _WORKER_STAGE[run_id]
 
 
 def validate_files(run_id: str, job: JobConfig, retry_rejects: bool,
@@ -325,11 +324,7 @@ def validate_files(run_id: str, job: JobConfig, retry_rejects: bool,
     for i, todo in enumerate(todos):
         yield ("start", i)
         work = stage.work(todo)
-        entries: list[Entry] = []
-        done = False
-        while not done:
-            chunk, done = work.step()
-            entries.extend(chunk)
+        entries = work.finish()
         yield ("done", i, work.obj, entries)
 
 
@@ -451,7 +446,6 @@ class RayEngine(LocalEngine):
                 except ray.exceptions.RayTaskError as exc:  # our code raised in the task
                     raise exc.as_instanceof_cause() from None
                 except ray.exceptions.RayError as exc:  # the worker or its node is gone
-                    crashed = None
                     if current is not None:
                         uri = todos[current].obj.uri
                         self._crashes[uri] = self._crashes.get(uri, 0) + 1

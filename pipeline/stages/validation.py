@@ -150,6 +150,15 @@ class FileWork:
         return Reject(self.obj, self.obj.version or "", reason, f"{self.obj.key}: {message}",
                       part=part if part else None)
 
+    def finish(self) -> list[Entry]:
+        """Every entry left, in one go (a worker that hands back whole files)."""
+        entries: list[Entry] = []
+        done = False
+        while not done:
+            chunk, done = self.step()
+            entries.extend(chunk)
+        return entries
+
     def step(self) -> tuple[list[Entry], bool]:
         """The next entries, and whether the file is done."""
         stage = self.stage
@@ -209,11 +218,7 @@ class GroupWork:
                     return
                 self.current = work
                 self.started = time.monotonic()
-            entries: list[Entry] = []
-            done = False
-            while not done:
-                chunk, done = work.step()
-                entries.extend(chunk)
+            entries = work.finish()
             with self._lock:
                 if self._stopped:
                     return
