@@ -35,7 +35,7 @@ from pipeline.errors import PipelineError, QuotaExhausted
 from pipeline.gemini.batches import BatchApi
 from pipeline.gemini.client import GeminiClient
 from pipeline.gemini.endpoint import embedding_client
-from pipeline.gemini.limiter import AdaptiveConcurrency, Quota, RateLimiter
+from pipeline.gemini.limiter import AdaptiveConcurrency, Quota, rate_limiter
 from pipeline.gemini.tasks import TaskStyle
 from pipeline.metrics import prometheus_text, write_textfile
 from pipeline.models import cost_usd, model_spec
@@ -232,8 +232,7 @@ class Run:
             embedder=Embedder(client, model_spec(embed.model), style=TaskStyle.for_job(job),
                               max_attempts=embed.max_attempts, stats=stats,
                               max_quota_wait_s=embed.max_quota_wait_s,
-                              limiter=RateLimiter(quota) if (quota.rpm or quota.tpm
-                                                             or quota.rpd) else None,
+                              limiter=rate_limiter(quota),
                               concurrency=AdaptiveConcurrency(embed.concurrency)),
             writer=Writer(self.sink, self.manifest, stats, fingerprint, stats.run_id,
                           max_delete_fraction=job.run.max_delete_fraction,

@@ -68,6 +68,11 @@ class QuotaConfig(_Strict):
     tpm: int | None = Field(None, ge=1, description="input tokens per minute")
     rpd: int | None = Field(None, ge=1, description="requests per day; each item counts")
 
+    @property
+    def is_set(self) -> bool:
+        """Whether any budget is known (else calls only adapt to 429s)."""
+        return bool(self.rpm or self.tpm or self.rpd)
+
 
 BatchModality = Literal["text", "image", "document", "audio", "video"]
 BATCH_MODALITIES: tuple[BatchModality, ...] = ("text", "image", "document", "audio", "video")

@@ -100,10 +100,10 @@ class Limiter:
     def _ensure(self) -> None:
         """anyio's primitives are made in the actor's event loop, on first use."""
         if self.slots is None:
-            from pipeline.gemini.limiter import AdaptiveConcurrency, Quota, RateLimiter
+            from pipeline.gemini.limiter import AdaptiveConcurrency, Quota, rate_limiter
 
             rpm, tpm, rpd = self.quota
-            self.rate = RateLimiter(Quota(rpm=rpm, tpm=tpm, rpd=rpd)) if any(self.quota) else None
+            self.rate = rate_limiter(Quota(rpm=rpm, tpm=tpm, rpd=rpd))
             self.slots = AdaptiveConcurrency(self.concurrency)
 
     async def take_slot(self, owner: int = 0) -> None:
@@ -266,7 +266,7 @@ class EmbedWorker:
         from pipeline.stages.embedding import Embedder
 
         embed = self.job.embed
-        has_quota = bool(embed.quota.rpm or embed.quota.tpm or embed.quota.rpd)
+        has_quota = embed.quota.is_set
         self.limiter = ray.get_actor(self.limiter_name)
         freed = await self.limiter.restarted.remote(self.index)
         if freed:

@@ -113,6 +113,11 @@ class RateLimiter:
             return Permit(self.minute, self.minute.add(anyio.current_time(), requests, tokens))
 
 
+def rate_limiter(quota: Quota) -> RateLimiter | None:
+    """The limiter a quota needs, or None when it sets no budget (calls then adapt to 429s)."""
+    return RateLimiter(quota) if (quota.rpm or quota.tpm or quota.rpd) else None
+
+
 class AdaptiveConcurrency:
     """AIMD over an anyio CapacityLimiter: halve on 429, +1 after ``limit`` successes."""
 
