@@ -127,6 +127,7 @@ def test_every_actor_shares_one_quota(cluster: Cluster):
     from pipeline.engine.ray import Limiter
 
     limiter = ray.remote(num_cpus=0)(Limiter).options(max_concurrency=100).remote(5, None, None, 3)
+    ray.get(limiter.granted.remote(), timeout=120)  # started: the waits below time only blocking
     slots = [limiter.take_slot.remote() for _ in range(5)]
     ready, waiting = ray.wait(slots, num_returns=5, timeout=2)
     assert (len(ready), len(waiting)) == (3, 2)  # a fourth call waits for a slot
@@ -140,6 +141,7 @@ def test_every_actor_shares_one_quota(cluster: Cluster):
     # An embed actor that died holding slots: its restart gives them back.
     limiter = ray.remote(num_cpus=0)(Limiter).options(max_concurrency=100).remote(
         None, None, None, 3)
+    ray.get(limiter.granted.remote(), timeout=120)
     held = [limiter.take_slot.remote(7) for _ in range(3)]
     assert len(ray.wait(held, num_returns=3, timeout=2)[0]) == 3
     blocked = limiter.take_slot.remote(8)
