@@ -3,6 +3,7 @@
     embedpipe run JOB.yaml            embed what is new or changed; exit codes below
     embedpipe search JOB.yaml QUERY   nearest rows to a text query
     embedpipe status JOB.yaml         what the job's tables hold
+    embedpipe report JOB.yaml --html  the run history as one self-contained HTML page
     embedpipe emulator                serve the Gemini-compatible emulator in the foreground
 
 Exit codes: 0 all embedded; 1 finished, with rejects; 2 bad job file or usage; 3 the run failed
@@ -48,6 +49,7 @@ from pipeline.state.lock import JobLocked
 from pipeline.views import (
     progress_display,
     show_batches,
+    show_history,
     show_hits,
     show_plan,
     show_rejects,
@@ -195,6 +197,32 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.history import run_history
+
+    history = run_history(load_job(args.job), last=args.last)
+    if args.html:
+        from pipeline.report_page import render_html
+
+        path = Path(args.html)
+        page = render_html(history, datetime.now(UTC))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(page, encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise ConfigError(f"--html {path}: cannot write it: {exc.strerror or exc}") from exc
+        console.print(f"wrote {escape(str(path))}: {len(history.runs)} runs, "
+                      f"{history.rejects_total:,} rejects", highlight=False, soft_wrap=True)
+        return 0
+    if args.json:
+        print(json.dumps(history.as_dict(), default=str))
+        return 0
+    show_history(out, history, wide=args.wide)
+    return 0
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from pipeline.scaffold import write_job_file
 
@@ -285,7 +313,8 @@ examples:
   embedpipe plan jobs/nightly.yaml           what a run would do and cost, no API call
   embedpipe run jobs/nightly.yaml -v         embed what changed, with per-stage logs
   embedpipe search jobs/nightly.yaml "harbour at night" -k 3 --json
-  embedpipe status jobs/nightly.yaml         the last runs and what the tables hold"""
+  embedpipe status jobs/nightly.yaml         the last runs and what the tables hold
+  embedpipe report jobs/nightly.yaml --html history.html   charts of the last runs"""
 
 JOB_HELP = "the job file (YAML)"
 
@@ -394,6 +423,20 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--wide", action="store_true",
                         help="every column of the runs table, however wide")
     status.set_defaults(func=cmd_status)
+
+    report = command("report", "the job's run history: figures per run as a table, JSON or "
+                     "one self-contained HTML page with charts",
+                     "embedpipe report jobs/nightly.yaml --html history.html --last 60")
+    report.add_argument("job", help=JOB_HELP)
+    report.add_argument("--html", metavar="PATH", default=None,
+                        help="write the page to PATH (opens offline: nothing is fetched)")
+    report.add_argument("--last", type=_positive, default=30, metavar="N",
+                        help="how many of the latest runs (default 30)")
+    report.add_argument("--json", action="store_true",
+                        help="print the runs and latest rejects as one JSON object")
+    report.add_argument("--wide", action="store_true",
+                        help="every column of the runs table, however wide")
+    report.set_defaults(func=cmd_report)
 
     init = command("init", "write a commented job file for a folder or a bucket",
                    "embedpipe init ~/archive/scans --name scans --out jobs/scans.yaml")

@@ -266,16 +266,17 @@ class Run:
 
     def report(self, status: str, code: int) -> dict[str, Any]:
         """What the run did, as the JSON report holds it."""
-        stats = self.stats.as_dict()
-        prices = self.job.embed.price_table()
-        batch_cost = cost_usd(stats["tokens_batch_by_modality"], prices)
-        return {"job": self.job.name, "status": status, "exit_code": code, **stats,
-                # the Batch API's tokens at half the list price
-                "cost_usd": round(cost_usd(stats["tokens_by_modality"], prices)
-                                  - batch_cost / 2, 6),
+        return {"job": self.job.name, "status": status, "exit_code": code,
+                **self.stats.as_dict(), "cost_usd": self._cost_usd(),
                 "model": self.job.embed.model, "sink": self.job.sink.uri,
                 "engine": self.engine.name if self.engine is not None else None,
                 "problems": self.outcome.problems[:100]}
+
+    def _cost_usd(self) -> float:
+        """What the run's tokens cost at list prices, the Batch API's at half price."""
+        prices = self.job.embed.price_table()
+        batch_cost = cost_usd(self.stats.tokens_batch_by_modality, prices)
+        return round(cost_usd(self.stats.tokens_by_modality, prices) - batch_cost / 2, 6)
 
     def _write_report(self, report: dict[str, Any]) -> None:
         target = self.job.run.report
@@ -308,6 +309,12 @@ class Run:
             "rejects": s.rejects, "tokens": s.tokens, "api_calls": s.api_calls,
             "http_429": s.http_429, "retries": s.retries,
             "table_version": self.sink.version(),
+            "wall_s": round(s.wall_s, 3), "cost_usd": self._cost_usd(),
+            "latency_p50_s": s.latency_percentile(0.5),
+            "latency_p95_s": s.latency_percentile(0.95),
+            "reject_reasons": json.dumps(dict(s.reject_reasons), sort_keys=True),
+            "engine": self.engine.name if self.engine is not None else None,
+            "model": self.job.embed.model,
         }
 
 

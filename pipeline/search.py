@@ -16,7 +16,7 @@ from pipeline.models import model_spec
 from pipeline.records import Part
 from pipeline.sinks.lance import open_db, sql_str
 from pipeline.state.lock import JobLock
-from pipeline.state.runs import RUNNING, RunLog
+from pipeline.state.runs import RUNNING, last_runs
 
 
 def _where(row: dict[str, Any]) -> str:
@@ -179,7 +179,7 @@ def table_status(job: JobConfig, last: int = 10) -> dict[str, Any]:
             files[st] = files.get(st, 0) + 1
     runs: list[dict[str, Any]] = []
     if sink.runs_table in names:
-        runs = RunLog(db, sink.runs_table).last(last)
+        runs = last_runs(db, sink.runs_table, last)
     pending = None
     if runs and runs[-1]["status"] not in ("finished", None):
         latest = runs[-1]

@@ -3,6 +3,7 @@ batch jobs as rich tables. The only module besides the CLI that imports rich."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from pipeline.config import JobConfig
+from pipeline.history import History
+from pipeline.report_page import dollars, seconds
 from pipeline.run import Run, RunResult
 from pipeline.stats import RunStats
 
@@ -155,6 +158,32 @@ def show_status(out: Console, job: JobConfig, status: dict[str, Any], wide: bool
                   "still to do; run the job again to continue", highlight=False, soft_wrap=True)
 
 
+# The report's columns, most wanted first (the HTML page and --json have them all).
+HISTORY_COLUMNS = [("run_id", "run"), ("status", "status"), ("started", "started (UTC)"),
+                   ("items_embedded", "items"), ("files_done", "files"), ("cost_usd", "cost"),
+                   ("rejects", "rejects"), ("wall_s", "wall"), ("latency_p50_s", "p50"),
+                   ("latency_p95_s", "p95"), ("http_429", "429s"), ("retries", "retries")]
+
+
+def show_history(out: Console, history: History, wide: bool = False) -> None:
+    out.print(f"[bold]{escape(history.job)}[/]: the last {len(history.runs)} runs",
+              highlight=False)
+    shown = {"cost_usd": dollars, "wall_s": seconds, "latency_p50_s": seconds,
+             "latency_p95_s": seconds}
+    rows = [{**run, **{c: None if run[c] is None else f(run[c]) for c, f in shown.items()}}
+            for run in history.runs]
+    table, dropped = fitted(out, HISTORY_COLUMNS, rows, wide)
+    _print_wide(out, table, wide)
+    if dropped:
+        out.print(f"({dropped} more columns: --wide, --json, or --html for charts)")
+    reasons: Counter[str] = Counter()
+    for run in history.runs:
+        reasons.update(run["reject_reasons"] or {})
+    if reasons:
+        out.print("rejected in these runs: " + ", ".join(f"{r} {n:,}"
+                                                         for r, n in reasons.most_common()))
+
+
 def show_batches(out: Console, job: JobConfig, rows: list[dict[str, Any]]) -> None:
     table = Table(title=f"Batch API jobs of {job.name}")
     for col in ("display name", "job", "status", "service", "items", "created"):
@@ -185,10 +214,7 @@ def show_rejects(out: Console, rows: list[dict[str, Any]], wide: bool = False) -
             name, message = _cut(name, key_w), _cut(message, message_w)
         table.add_row(name, row["reason"], message)
     _print_wide(out, table, wide)
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["reason"]] = counts.get(row["reason"], 0) + 1
-    for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+    for reason, n in Counter(row["reason"] for row in rows).most_common():
         fix = next(r["fix"] for r in rows if r["reason"] == reason)
         out.print(f"[bold]{reason}[/] ({n}): {escape(fix)}", highlight=False)
 

@@ -37,6 +37,14 @@ RUNS_SCHEMA = pa.schema([
     pa.field("http_429", pa.int64()),
     pa.field("retries", pa.int64()),
     pa.field("table_version", pa.int64()),
+    # Added for the run history page (``embedpipe report``); empty in rows of older runs.
+    pa.field("wall_s", pa.float64()),
+    pa.field("cost_usd", pa.float64()),
+    pa.field("latency_p50_s", pa.float64()),
+    pa.field("latency_p95_s", pa.float64()),
+    pa.field("reject_reasons", pa.string()),  # a JSON object: reason -> rejects
+    pa.field("engine", pa.string()),
+    pa.field("model", pa.string()),
 ])
 
 RUNNING = "running"
@@ -81,7 +89,16 @@ class RunLog:
             except (OSError, ValueError, RuntimeError) as exc:
                 raise SinkError(f"cannot write the run history: {exc}") from exc
 
-    def last(self, n: int) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = self.table.to_arrow().to_pylist()
-        rows.sort(key=lambda r: r["started"] or datetime.min.replace(tzinfo=UTC))
-        return rows[-n:]
+
+
+def last_runs(db: Any, table: str, n: int) -> list[dict[str, Any]]:
+    """The last ``n`` runs' rows, oldest first, read without changing the table: a column an
+    older version did not write is None in every row."""
+    try:
+        data = db.open_table(table).to_arrow()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise SinkError(f"cannot read the run history: {exc}") from exc
+    rows: list[dict[str, Any]] = data.to_pylist()
+    rows.sort(key=lambda r: r["started"] or datetime.min.replace(tzinfo=UTC))
+    blank = dict.fromkeys(RUNS_SCHEMA.names)
+    return [blank | row for row in rows[-n:]]
