@@ -18,6 +18,7 @@ rich; the pipeline reports through RunStats.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 from rich.console import Console
@@ -87,6 +88,24 @@ def notice(kind: str, text: str, **fields: Any) -> None:
         return
     colour = "red" if kind in ("error", "run failed", "locked", "stopped") else "yellow"
     console.print(f"[{colour}]{kind}:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors are one JSON line (exit 2) under ``--log-format json``:
+    a log shipper must never meet a line it cannot parse."""
+
+    def error(self, message: str) -> NoReturn:
+        if _JSON["on"]:
+            notice("error", message, usage=" ".join(self.format_usage().split()))
+            self.exit(EXIT_USAGE)
+        super().error(message)
+
+
+def _wants_json(argv: Sequence[str]) -> bool:
+    """``--log-format json`` on the line, read before argparse (which may fail first)."""
+    args = list(argv)
+    return "--log-format=json" in args or any(
+        a == "--log-format" and b == "json" for a, b in itertools.pairwise(args))
 
 
 def _setup_logging(fmt: str, verbose: bool) -> None:
@@ -341,12 +360,12 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     # -v and --log-format work before or after the subcommand: each subcommand takes them too,
     # with no default of its own (SUPPRESS), so one given after it wins and none does no harm.
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--log-format", choices=("text", "json"), default=argparse.SUPPRESS,
                         help="text (default) or json: one JSON object per line on stderr")
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="log each stage's progress (info level)")
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="embedpipe", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     # The same options with their defaults (argparse shares action objects between a parser
@@ -509,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    _JSON["on"] = _wants_json(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
     # argparse leaves an optional positional that follows options unparsed: the query text.
     if args.command == "search" and args.query is None and len(extra) == 1 \

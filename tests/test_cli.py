@@ -156,6 +156,40 @@ def test_json_logs_are_json_only_and_name_the_job_and_run(tmp_path: Path):
     assert "files seen" not in done.stderr  # the human summary is for text mode only
 
 
+@pytest.mark.parametrize("line", [
+    ["--log-format", "json", "status"],  # a missing argument
+    ["status", "job.yaml", "--log-format=json", "--bogus"],  # an unknown option
+    ["--log-format", "json", "search", "job.yaml", "q", "-k", "0"],  # a bad value
+])
+def test_usage_errors_are_one_json_line_in_json_mode(line: list[str]):
+    done = _cli(*line)
+    assert done.returncode == EXIT_USAGE
+    (record,) = [json.loads(x) for x in done.stderr.splitlines()]
+    assert record["level"] == "error" and record["usage"].startswith("usage: embedpipe")
+
+
+def test_rays_own_warnings_go_through_the_json_log(capsys: pytest.CaptureFixture[str]):
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    import logging
+
+    from pipeline.cli import _JSON, _setup_logging
+    from pipeline.engine.ray import import_ray
+
+    ray_log = logging.getLogger("ray")
+    before = (list(ray_log.handlers), ray_log.propagate, ray_log.level)
+    _setup_logging("json", verbose=False)
+    try:
+        import_ray()
+        logging.getLogger("ray._private.authentication").warning("token auth is disabled")
+        logging.getLogger("ray._private.worker").info("not shown below warning level")
+    finally:
+        _JSON["on"] = False
+        logging.basicConfig(force=True)
+        ray_log.handlers[:], ray_log.propagate, ray_log.level = before
+    (record,) = [json.loads(x) for x in capsys.readouterr().err.splitlines()]
+    assert record["event"] == "token auth is disabled" and record["level"] == "warning"
+
+
 def test_progress_while_listing_shows_no_none():
     from rich.console import Console
 

@@ -86,14 +86,18 @@ def test_listing_sorts_new_changed_unchanged_rejected_and_gone(tmp_path: Path):
     assert listing.known == 3 and listing.gone().to_pylist() == [gone.uri]
 
 
-def test_groups_keep_large_files_alone():
+def test_groups_keep_large_files_alone_and_send_the_largest_first():
     def todo(size: int, n: int) -> Todo:
         from pipeline.records import SourceObject
         return Todo(SourceObject(f"file:///{n}", str(n), size, datetime.now(UTC)), None)
 
-    entries = [todo(10, 0), todo(2_000_000, 1), todo(10, 2), *(todo(10, 3 + i) for i in range(200))]
-    sizes = [len(g) for g in groups(entries)]
-    assert sizes[0] == 1 and sum(sizes) == 203 and max(sizes) == 128
+    entries = [todo(10, 0), todo(2_000_000, 1), todo(10, 2),
+               *(todo(10, 3 + i) for i in range(200)), todo(5_000_000, 203)]
+    found = list(groups(entries))
+    sizes = [len(g) for g in found]
+    assert sizes[:2] == [1, 1] and sum(sizes) == 204 and max(sizes) == 128
+    # the longest validations start first (no long file begun last), small ones in order
+    assert [g[0].obj.key for g in found[:3]] == ["203", "1", "0"]
 
 
 def test_validation_yields_items_then_the_files_end(tmp_path: Path):

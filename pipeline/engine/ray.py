@@ -69,6 +69,13 @@ def import_ray() -> Any:
         import ray
     except ImportError:
         raise ConfigError("engine: ray needs Ray: pip install 'embedpipe[ray]'") from None
+    if logging.getLogger().handlers:
+        # The application set up logging (the CLI's text or JSON lines): Ray's own warnings on
+        # the driver go through it too, rather than Ray's handler writing its own format.
+        ray_log = logging.getLogger("ray")
+        ray_log.handlers.clear()
+        ray_log.propagate = True
+        ray_log.setLevel(max(ray_log.level, logging.WARNING))
     return ray
 
 

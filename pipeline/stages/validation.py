@@ -45,12 +45,17 @@ Outcome = Reject | FileState | FileEnd
 
 
 def groups(todo: list[Todo]) -> Iterator[list[Todo]]:
-    """Large files alone, in listing order; small ones in groups of bounded count and size."""
+    """Large files alone, the largest first; then small ones in groups of bounded count and
+    size, in listing order. Largest first is the classic cure for a long tail
+    (longest-processing-time-first): a 1,000-page PDF begun last would keep the run waiting on
+    one worker while the others sit idle."""
+    large = sorted((t for t in todo if t.obj.size > SMALL_FILE_BYTES), key=lambda t: -t.obj.size)
+    for entry in large:
+        yield [entry]
     group: list[Todo] = []
     size = 0
     for entry in todo:
         if entry.obj.size > SMALL_FILE_BYTES:
-            yield [entry]
             continue
         group.append(entry)
         size += entry.obj.size
