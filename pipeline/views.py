@@ -125,6 +125,11 @@ def _cell(run: dict[str, Any], column: str) -> str:
     return f"{value:,}" if isinstance(value, int) and column != "exit_code" else str(value)
 
 
+def natural_width(out: Console, table: Table) -> int:
+    """How wide ``table`` is with no column cut or wrapped."""
+    return out.measure(table, options=out.options.update_width(100_000)).maximum
+
+
 def fitted(out: Console, columns: list[tuple[str, str]], rows: list[dict[str, Any]],
            wide: bool = False, **table_args: Any) -> tuple[Table, int]:
     """A table of as many of ``columns`` (in priority order) as fit the console's width,
@@ -135,8 +140,7 @@ def fitted(out: Console, columns: list[tuple[str, str]], rows: list[dict[str, An
             table.add_column(header, no_wrap=True)
         for row in rows:
             table.add_row(*(_cell(row, c) for c, _ in columns[:n]))
-        natural = out.measure(table, options=out.options.update_width(100_000)).maximum
-        if wide or n == 1 or natural <= out.width:
+        if wide or n == 1 or natural_width(out, table) <= out.width:
             return table, len(columns) - n
     raise AssertionError("unreachable")
 
@@ -258,6 +262,5 @@ def _print_wide(out: Console, table: Table, wide: bool) -> None:
     if not wide:
         out.print(table)
         return
-    natural = out.measure(table, options=out.options.update_width(100_000)).maximum
-    Console(file=out.file, width=max(natural, out.width), force_terminal=out.is_terminal,
+    Console(file=out.file, width=max(natural_width(out, table), out.width), force_terminal=out.is_terminal,
             no_color=out.no_color).print(table)
