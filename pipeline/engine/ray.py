@@ -16,8 +16,9 @@ stages on a Ray cluster.
 - **Embedding calls** go from a pool of async actors. The quota (requests/min, tokens/min,
   requests/day) and the AIMD limit on calls in flight live in **one** :class:`Limiter` actor
   that every call asks first: however many actors and nodes, the cluster sends what one machine
-  would. An actor that dies mid-call is restarted by Ray; its batch is sent again (the calls in
-  flight when it died are the only ones that can be paid twice).
+  would. An actor that dies mid-call is restarted by Ray; its batch is sent again, to the next
+  actor, after a growing pause while actors are unreachable (the calls in flight when it died
+  are the only ones that can be paid twice).
 - **Writing stays on the driver**, in the local engine's :class:`~pipeline.stages.writing.Writer`:
   deterministic ids merged, a file's manifest row only after all its rows are committed, stale
   rows removed with a file's last rows, the deletions, the run history and tags. Workers return
@@ -61,7 +62,7 @@ log = logging.getLogger("embedpipe.ray")
 
 CRASHES_TO_REJECT = 3  # workers that died while on the same file: then it is the file
 LOST_IN_A_ROW = 8  # tasks lost with no file started or done in between: the cluster is broken
-ACTOR_RETRIES = 5  # a batch is sent again this often when its actor dies
+ACTOR_WAIT_S = 180.0  # how long a batch waits for a live embed actor (a node lost: restarts)
 
 
 def import_ray() -> Any:
@@ -501,21 +502,29 @@ class RayEngine(LocalEngine):
             await out.send(list(found.outcomes))
 
     async def _embed_call(self, batch: Batch) -> tuple[list[Vector], list[Reject]]:
+        """One batch through an embed actor. An actor that died, or is unreachable while Ray
+        restarts it (its node lost: detecting that and rescheduling takes seconds), is not
+        the batch's fault: the batch goes to the next actor, after a growing pause, for up to
+        :data:`ACTOR_WAIT_S`; then the run fails (exit 3), blaming no file."""
         ray = self.cluster.ray
-        for attempt in range(ACTOR_RETRIES + 1):
+        give_up = anyio.current_time() + ACTOR_WAIT_S
+        pause = 0.25
+        while True:
             actor = self.cluster.actors[self._next_actor % len(self.cluster.actors)]
             self._next_actor += 1
             try:
                 vectors, rejects, counts, failure = await actor.embed.remote(batch)
-            except ray.exceptions.RayActorError:
-                if attempt == ACTOR_RETRIES:
-                    raise
+            except ray.exceptions.RayActorError as exc:
+                if anyio.current_time() + pause > give_up:
+                    raise ClusterError(f"no embed actor answered for {ACTOR_WAIT_S:.0f} s; "
+                                       f"the last error: {type(exc).__name__}") from None
                 self.resent_batches += 1
-                log.warning("an embed actor died mid-call; sending its batch of %d again",
-                            len(batch.items))
+                log.warning("an embed actor died or is restarting (%s); sending its batch of "
+                            "%d again in %.1f s", type(exc).__name__, len(batch.items), pause)
+                await anyio.sleep(pause)
+                pause = min(pause * 2, 5.0)
                 continue
             counts.add_to(self.stats)
             if failure is not None:
                 raise failure
             return vectors, rejects
-        raise AssertionError("unreachable")
