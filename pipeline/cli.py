@@ -221,15 +221,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     history = run_history(load_job(args.job), last=args.last)
     if args.html:
+        from pipeline.atomic import write_text_atomic
         from pipeline.report_page import render_html
 
         path = Path(args.html)
-        page = render_html(history, datetime.now(UTC))
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(page, encoding="utf-8")
-            os.replace(tmp, path)
+            write_text_atomic(path, render_html(history, datetime.now(UTC)))
         except OSError as exc:
             raise ConfigError(f"--html {path}: cannot write it: {exc.strerror or exc}") from exc
         console.print(f"wrote {escape(str(path))}: {len(history.runs)} runs, "

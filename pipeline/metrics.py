@@ -8,8 +8,6 @@ collector never reads half a file. Every series carries the job's name; alert on
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 # name, help, report key (None: computed below)
@@ -62,12 +60,3 @@ def prometheus_text(report: dict[str, Any]) -> str:
           [(',quantile="0.5"', report.get("latency_p50_s")),
            (',quantile="0.95"', report.get("latency_p95_s"))])
     return "\n".join(lines) + "\n"
-
-
-def write_textfile(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (the collector reads whole files or none)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, target)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -27,6 +26,7 @@ import pyarrow as pa
 from connectors import connector_for
 from connectors.base import Connector
 from connectors.s3_options import sink_s3_options, sink_storage_options
+from pipeline.atomic import write_text_atomic
 from pipeline.config import ArrowSinkConfig, JobConfig
 from pipeline.engine import ray as ray_engine
 from pipeline.engine.batch import BatchDriver, BatchRouter, open_jobs
@@ -37,7 +37,7 @@ from pipeline.gemini.client import GeminiClient
 from pipeline.gemini.endpoint import embedding_client
 from pipeline.gemini.limiter import AdaptiveConcurrency, Quota, rate_limiter
 from pipeline.gemini.tasks import TaskStyle
-from pipeline.metrics import prometheus_text, write_textfile
+from pipeline.metrics import prometheus_text
 from pipeline.models import cost_usd, model_spec
 from pipeline.outcome import EXIT_FAILED as EXIT_FAILED
 from pipeline.outcome import EXIT_INTERRUPTED as EXIT_INTERRUPTED
@@ -260,7 +260,7 @@ class Run:
         if target is None:
             return
         try:
-            write_textfile(target, prometheus_text(report))
+            write_text_atomic(target, prometheus_text(report))
         except OSError as exc:
             log.warning("could not write the metrics textfile %s: %s", target, exc)
 
@@ -287,10 +287,7 @@ class Run:
         path = (Path(self.job.sink.uri) / folder / f"{self.stats.run_id}.json"
                 if target == "auto" else Path(target))
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(report, default=str, indent=1))
-            os.replace(tmp, path)
+            write_text_atomic(path, json.dumps(report, default=str, indent=1))
             self.report_path = path
         except OSError as exc:
             log.warning("could not write the run report to %s: %s", path, exc)
