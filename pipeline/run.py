@@ -176,7 +176,7 @@ class Run:
         """The listing is done: free the manifest's sort (its memory and temporary files) for
         the rest of the run, and record what the run has to do."""
         sort.close()
-        self.runlog.record(self._run_row("running", None))
+        self.runlog.record(self._run_row(self.report("running", None)))
 
     def _open(self) -> None:
         job = self.job
@@ -199,7 +199,7 @@ class Run:
         committed = frozenset(self.sink.committed_ids(unfinished))
         self.runlog.mark_interrupted(running)
         self._version_before = self.sink.version()
-        self.runlog.record(self._run_row("running", None))
+        self.runlog.record(self._run_row(self.report("running", None)))
         return committed
 
     async def _batch(self, client: GeminiClient, stages: Stages) -> BatchRouter | None:
@@ -250,8 +250,8 @@ class Run:
                 log.info("table upkeep: %s", done)
             if self.sink.version() != self._version_before:
                 self.sink.tag(f"run-{self.stats.run_id}")
-        self.runlog.record(self._run_row(status, code))
         self.final_report = self.report(status, code)  # the run's figures, final: made once
+        self.runlog.record(self._run_row(self.final_report))
         self._write_report(self.final_report)
         self._write_metrics(self.final_report)
 
@@ -264,8 +264,9 @@ class Run:
         except OSError as exc:
             log.warning("could not write the metrics textfile %s: %s", target, exc)
 
-    def report(self, status: str, code: int) -> dict[str, Any]:
-        """What the run did, as the JSON report holds it."""
+    def report(self, status: str, code: int | None) -> dict[str, Any]:
+        """What the run did, as the JSON report holds it (``code`` None while it is under way:
+        the ``runs`` row written at its start and after its listing)."""
         return {"job": self.job.name, "status": status, "exit_code": code,
                 **self.stats.as_dict(), "cost_usd": self._cost_usd(),
                 "model": self.job.embed.model, "sink": self.job.sink.uri,
@@ -292,28 +293,13 @@ class Run:
         except OSError as exc:
             log.warning("could not write the run report to %s: %s", path, exc)
 
-    def _run_row(self, status: str, code: int | None) -> dict[str, Any]:
-        s = self.stats
-        return {
-            "run_id": s.run_id, "job": self.job.name,
-            "started": datetime.fromtimestamp(s.started, UTC),
-            "finished": datetime.fromtimestamp(s.finished, UTC) if s.finished else None,
-            "status": status, "exit_code": code, "files_seen": s.files_seen,
-            "files_new": s.files_new, "files_changed": s.files_changed,
-            "files_deleted": s.files_deleted, "files_unchanged": s.files_unchanged,
-            "files_done": s.files_done,
-            "items_embedded": s.items_embedded, "items_resumed": s.items_resumed,
-            "rejects": s.rejects, "tokens": s.tokens, "api_calls": s.api_calls,
-            "http_429": s.http_429, "retries": s.retries,
-            "table_version": self.sink.version(),
-            "wall_s": round(s.wall_s, 3), "cost_usd": self._cost_usd(),
-            "latency_p50_s": s.latency_percentile(0.5),
-            "latency_p95_s": s.latency_percentile(0.95),
-            "reject_reasons": json.dumps(dict(s.reject_reasons), sort_keys=True),
-            "engine": self.engine.name if self.engine is not None else None,
-            "model": self.job.embed.model,
-        }
-
+    def _run_row(self, report: dict[str, Any]) -> dict[str, Any]:
+        """The run's ``runs`` row: its report's figures in the table's columns."""
+        finished = report["finished"]
+        return {**report, "started": datetime.fromtimestamp(report["started"], UTC),
+                "finished": datetime.fromtimestamp(finished, UTC) if finished else None,
+                "reject_reasons": json.dumps(report["reject_reasons"], sort_keys=True),
+                "table_version": self.sink.version()}
 
 
 def _first_pipeline_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -51,6 +51,10 @@ RUNNING = "running"
 INTERRUPTED = "interrupted"  # a run that never finished (killed); found by the next run
 
 
+def _by_start(row: dict[str, Any]) -> datetime:
+    return row["started"] or datetime.min.replace(tzinfo=UTC)
+
+
 class RunLog:
     """The ``runs`` table: one row per run, written at its start (``running``) and its end."""
 
@@ -66,7 +70,7 @@ class RunLog:
             rows = self.table.to_arrow().select(["run_id", "status", "started"]).to_pylist()
         except (OSError, ValueError, RuntimeError) as exc:
             raise SinkError(f"cannot read the run history: {exc}") from exc
-        rows.sort(key=lambda r: r["started"] or datetime.min.replace(tzinfo=UTC))
+        rows.sort(key=_by_start)
         since: list[dict[str, Any]] = []
         for row in rows:
             since = [] if row["status"] == "finished" else [*since, row]
@@ -99,6 +103,6 @@ def last_runs(db: Any, table: str, n: int) -> list[dict[str, Any]]:
     except (OSError, ValueError, RuntimeError) as exc:
         raise SinkError(f"cannot read the run history: {exc}") from exc
     rows: list[dict[str, Any]] = data.to_pylist()
-    rows.sort(key=lambda r: r["started"] or datetime.min.replace(tzinfo=UTC))
+    rows.sort(key=_by_start)
     blank = dict.fromkeys(RUNS_SCHEMA.names)
     return [blank | row for row in rows[-n:]]
