@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -90,6 +93,29 @@ def test_every_corpus_file_gets_its_expected_outcome(corpus: list[CorpusFile]):
 def test_default_policy_converts_what_decodes(corpus_dir: Path, name: str, mime: str):
     (item,) = fit(corpus_dir / name)
     assert isinstance(item, Item) and item.mime == mime and item.source_mime != mime
+
+
+_CONVERT_PINNED = """
+import hashlib, os, sys
+sys.path.insert(0, sys.argv[2])
+from pathlib import Path
+from tests.test_validate import fit
+if sys.argv[3] == "one-cpu":
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+print(hashlib.sha256(b"".join(i.parts[0].data for i in fit(Path(sys.argv[1])))).hexdigest())
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux's CPU affinity")
+def test_a_converted_video_is_the_same_bytes_whatever_cpus_the_process_sees(corpus_dir: Path):
+    """The same file must give the same item on any worker (else another vector: a Ray worker,
+    a smaller node, a pinned process). x264 picked its thread count from the CPUs it saw."""
+    repo = str(Path(__file__).resolve().parents[1])
+    digests = {cpus: subprocess.run(
+        [sys.executable, "-c", _CONVERT_PINNED, str(corpus_dir / "bad/earth.avi"), repo, cpus],
+        capture_output=True, text=True, check=True, timeout=120).stdout.strip()
+        for cpus in ("all", "one-cpu")}
+    assert len(digests["all"]) == 64 and digests["all"] == digests["one-cpu"]
 
 
 def test_reject_policies_and_too_long_reject(corpus_dir: Path):

@@ -360,6 +360,10 @@ class _H264Writer(_Encoder):
         self.stream.width, self.stream.height = self.width, self.height
         self.stream.pix_fmt = "yuv420p"
         self.stream.options = {"preset": "veryfast", "crf": "28"}
+        # x264's output depends on its thread count, by default one from the CPUs this process
+        # may use: the same file would give other bytes (and so another vector) on a Ray
+        # worker, a smaller node or a pinned process. One thread: the same bytes everywhere.
+        self.stream.codec_context.thread_count = 1
         self.count = 0
 
     def write(self, frame: Any) -> None:
