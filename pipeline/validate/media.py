@@ -359,10 +359,15 @@ class _H264Writer(_Encoder):
         self.stream.codec_context.time_base = 1 / Fraction(rate)
         self.stream.width, self.stream.height = self.width, self.height
         self.stream.pix_fmt = "yuv420p"
-        self.stream.options = {"preset": "veryfast", "crf": "28"}
-        # x264's output depends on its thread count, by default one from the CPUs this process
-        # may use: the same file would give other bytes (and so another vector) on a Ray
-        # worker, a smaller node or a pinned process. One thread: the same bytes everywhere.
+        # The same file must give the same bytes (and so the same vector and no re-embedding)
+        # on any machine, run or engine. x264's output depends on its thread count, by default
+        # one from the CPUs this process may use: one thread. And its lookahead (macroblock
+        # tree rate control) made different bytes from identical frames in about one encode in
+        # four of bad/Megamind_bugy.avi, in one process with one thread (not with asm=0: an
+        # assembly path reads memory it did not write); rc-lookahead=0 turns it off, at the
+        # same speed, for a file a little larger at the same quality setting.
+        self.stream.options = {"preset": "veryfast", "crf": "28",
+                               "x264-params": "rc-lookahead=0"}
         self.stream.codec_context.thread_count = 1
         self.count = 0
 
