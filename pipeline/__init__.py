@@ -5,8 +5,10 @@
     job = load_job("jobs/nightly.yaml", overrides={("embed", "concurrency"): 8})
     figures = plan_job(job)            # dict: what `embedpipe plan --json` prints
     result = run_job(job)              # RunResult: .exit_code, .stats, .report (the JSON report)
+    history = run_history(job)         # History: .runs (the last 30, oldest first), .rejects
 
-Errors are typed (:mod:`pipeline.errors`: ``ConfigError``, ``PipelineError``; ``JobLocked``),
+Errors are typed (:mod:`pipeline.errors`: ``ConfigError``, ``PipelineError``; ``JobLocked``;
+``NotRunYet``, a ``ConfigError``, from ``run_history`` before the job's first run),
 never ``SystemExit``. Names are imported on first use, so ``import pipeline`` stays cheap.
 """
 
@@ -14,8 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ConfigError", "JobLocked", "PipelineError", "RunResult", "load_job", "plan_job",
-           "run_job"]
+__all__ = ["ConfigError", "History", "JobLocked", "NotRunYet", "PipelineError", "RunResult",
+           "load_job", "plan_job", "run_history", "run_job"]
 
 
 def plan_job(job: Any, *, retry_rejects: bool = False,
@@ -37,7 +39,11 @@ def __getattr__(name: str) -> Any:
         from pipeline import run
 
         return getattr(run, name)
-    if name in ("ConfigError", "PipelineError"):
+    if name in ("run_history", "History"):
+        from pipeline import history
+
+        return getattr(history, name)
+    if name in ("ConfigError", "PipelineError", "NotRunYet"):
         from pipeline import errors
 
         return getattr(errors, name)

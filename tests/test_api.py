@@ -27,6 +27,11 @@ def test_plan_then_run_through_the_api(tmp_path: Path):
     for key in ("items_embedded", "files_new", "tokens", "api_calls", "exit_code", "status"):
         assert result.report[key] == on_disk[key], key
     assert result.report["items_embedded"] == result.stats.items_embedded == 15
+    history = pipeline.run_history(job)
+    assert isinstance(history, pipeline.History) and len(history.runs) == 1
+    (row,) = history.runs
+    assert row["run_id"] == result.report["run_id"] and row["items_embedded"] == 15
+    assert history.rejects == [] and history.rejects_total == 0
 
 
 def test_the_api_raises_typed_errors_not_system_exit(tmp_path: Path):
@@ -38,6 +43,8 @@ def test_the_api_raises_typed_errors_not_system_exit(tmp_path: Path):
     job = pipeline.load_job(path, env={})
     with pytest.raises(pipeline.ConfigError, match="API key"):
         pipeline.run_job(job)
+    with pytest.raises(pipeline.NotRunYet, match="no run history"):
+        pipeline.run_history(job)
     with pytest.raises(AttributeError):
         pipeline.no_such_name  # noqa: B018
 
