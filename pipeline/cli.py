@@ -24,7 +24,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
@@ -121,6 +121,15 @@ def _setup_logging(fmt: str, verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _answer(args: argparse.Namespace, data: Any, table: Callable[[], None]) -> int:
+    """What a reading command found: one JSON document with ``--json``, else ``table()``."""
+    if args.json:
+        print(json.dumps(data, default=str))
+    else:
+        table()
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.set)
     if args.engine or args.address:  # shorthands for --set run.engine=... run.ray_address=...
@@ -182,11 +191,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     file = Path(args.file) if args.file else None
     hits = anyio.run(lambda: search(job, args.query, k=args.k, where=args.where, file=file))
-    if args.json:
-        print(json.dumps(hits, default=str))
-        return 0
-    show_hits(out, hits, wide=args.wide)
-    return 0
+    return _answer(args, hits, lambda: show_hits(out, hits, wide=args.wide))
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -197,11 +202,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     figures = make_plan(job, retry_rejects=args.retry_rejects,
                         allow_mass_delete=args.allow_mass_delete).as_dict(job)
-    if args.json:
-        print(json.dumps(figures))
-        return 0
-    show_plan(out, job, figures)
-    return 0
+    return _answer(args, figures, lambda: show_plan(out, job, figures))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -209,11 +210,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     job = load_job(args.job)
     status = table_status(job)
-    if args.json:
-        print(json.dumps(status, default=str))
-        return 0
-    show_status(out, job, status, wide=args.wide)
-    return 0
+    return _answer(args, status, lambda: show_status(out, job, status, wide=args.wide))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -232,11 +229,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         console.print(f"wrote {escape(str(path))}: {len(history.runs)} runs, "
                       f"{history.rejects_total:,} rejects", highlight=False, soft_wrap=True)
         return 0
-    if args.json:
-        print(json.dumps(history.as_dict(), default=str))
-        return 0
-    show_history(out, history, wide=args.wide)
-    return 0
+    return _answer(args, history.as_dict(), lambda: show_history(out, history, wide=args.wide))
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -253,11 +246,7 @@ def cmd_rejects(args: argparse.Namespace) -> int:
     from pipeline.rejects import list_rejects
 
     rows = list_rejects(load_job(args.job), args.reason)
-    if args.json:
-        print(json.dumps(rows, default=str))
-        return 0
-    show_rejects(out, rows, wide=args.wide)
-    return 0
+    return _answer(args, rows, lambda: show_rejects(out, rows, wide=args.wide))
 
 
 def cmd_batches(args: argparse.Namespace) -> int:
@@ -265,11 +254,7 @@ def cmd_batches(args: argparse.Namespace) -> int:
 
     job = load_job(args.job)
     rows = anyio.run(lambda: batch_jobs(job, cancel=args.cancel))
-    if args.json:
-        print(json.dumps(rows, default=str))
-        return 0
-    show_batches(out, job, rows)
-    return 0
+    return _answer(args, rows, lambda: show_batches(out, job, rows))
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:
