@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -150,9 +152,6 @@ def main() -> int:
                 ray.shutdown()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    import os
-    import statistics
-
     local_rate = statistics.median(r["pages_per_s"] for r in locals_)
     ray_rate = statistics.median(r["pages_per_s"] for r in rays)
     runs = [*locals_, *rays]
