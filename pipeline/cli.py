@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
@@ -50,6 +51,7 @@ from pipeline.state.lock import JobLocked
 from pipeline.views import (
     progress_display,
     show_batches,
+    show_check,
     show_history,
     show_hits,
     show_plan,
@@ -179,9 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         delay = run.quota_error.retry_after_s
         when = (f"at {datetime.now(UTC) + timedelta(seconds=delay):%Y-%m-%d %H:%M:%S} UTC"
                 if delay else "at midnight Pacific time (Google's daily reset)")
-        notice("stopped", f"per-day quota exhausted ({run.quota_error}); everything done so "
-                          f"far is saved; the quota resets {when}: run the job again then and "
-                          "it continues where it stopped")
+        notice("stopped", run.quota_error.advice(when))
     return result.exit_code
 
 
@@ -203,6 +203,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     figures = make_plan(job, retry_rejects=args.retry_rejects,
                         allow_mass_delete=args.allow_mass_delete).as_dict(job)
     return _answer(args, figures, lambda: show_plan(out, job, figures))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from pipeline.check import check_job, passed
+
+    job = load_job(args.job, overrides=parse_overrides(args.set))
+    findings = anyio.run(check_job, job)
+    code = 0 if passed(findings) else EXIT_FAILED
+    if args.json:
+        print(json.dumps({"ok": code == 0, "findings": [f.as_dict() for f in findings]}))
+    else:
+        show_check(out, job, findings)
+    return code
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -268,8 +281,18 @@ def cmd_emulator(args: argparse.Namespace) -> int:
         error_503=args.error_503, reset=args.reset, stall=args.stall, stall_s=args.stall_s,
         truncate=args.truncate, seed=args.seed, batch_delay_s=args.batch_delay_s,
         batch_outcome=args.batch_outcome, batch_error_rate=args.batch_error_rate)
+    gateway = None
+    if args.gateway:
+        from pipeline.emulator.gateway import GatewayOptions
+
+        # The key and auth style are the gateway's token then; the emulator behind it is open.
+        gateway = GatewayOptions(flavour=args.gateway, token=args.api_key, auth=args.auth,
+                                 balance_tokens=args.balance_tokens, rate_limit=args.rate_limit,
+                                 rate_limit_body=args.rate_limit_body,
+                                 no_channel=tuple(args.no_channel), seed=args.seed)
+        options = replace(options, api_key=None, auth="any")
     try:
-        Emulator(options, host=args.host, port=args.port).serve_forever(
+        Emulator(options, host=args.host, port=args.port, gateway=gateway).serve_forever(
             lambda url: console.print(f"emulator on {url} (Ctrl-C to stop)"))
     except OSError as exc:
         notice("error", f"cannot listen on {args.host}:{args.port}: "
@@ -402,6 +425,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="plan as `run --allow-mass-delete` would run")
     plan.set_defaults(func=cmd_plan)
 
+    check = command("check", "a preflight of the job's endpoint with one tiny call: key, auth "
+                    "style, model, dimensions, task input, Batch API, latency",
+                    "embedpipe check jobs/nightly.yaml --json")
+    check.add_argument("job", help=JOB_HELP)
+    check.add_argument("--json", action="store_true", help="print the findings as JSON")
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="check with a job key overridden, as `run --set` would (repeatable)")
+    check.set_defaults(func=cmd_check)
+
     search = command("search", "the rows nearest to a text query (or a query file)",
                      "embedpipe search jobs/nightly.yaml \"harbour at night\" -k 3 "
                      "--where \"modality = 'image'\"")
@@ -498,6 +530,23 @@ def build_parser() -> argparse.ArgumentParser:
                      default="succeed", help="Batch API: how every job ends")
     emu.add_argument("--batch-error-rate", type=float, default=0.0, metavar="RATE",
                      help="Batch API: share of requests answered with a transient error")
+    gw = emu.add_argument_group(
+        "playing a gateway", "serve as an OpenAI-style gateway (new-api / one-api) in front of "
+        "the emulator: only embedContent and batchEmbedContents are routed, errors come in "
+        "OpenAI's shape without retry information; --api-key and --auth are the gateway token's")
+    gw.add_argument("--gateway", choices=("new-api", "plain"), default=None,
+                    help="new-api: its answers to unrouted paths (500 on the Batch API's "
+                         "create, an HTML page on uploads, 404 elsewhere); plain: 404 to all")
+    gw.add_argument("--balance-tokens", type=int, default=None, metavar="N",
+                    help="the account's balance: after N input tokens, 403 "
+                         "insufficient_user_quota")
+    gw.add_argument("--rate-limit", type=float, default=0.0, metavar="RATE",
+                    help="share of embed calls refused by the gateway's own limit (429, no "
+                         "retry information)")
+    gw.add_argument("--rate-limit-body", choices=("sentence", "empty"), default="sentence",
+                    help="that 429's body: new-api's fixed sentence, or nothing")
+    gw.add_argument("--no-channel", action="append", default=[], metavar="MODEL",
+                    help="a model no channel serves (503 model_not_found; repeatable)")
     emu.set_defaults(func=cmd_emulator)
     samples = command("samples", "write generated sample files (texts, images, a PDF)",
                       "embedpipe samples jobs/samples/quickstart/generated")

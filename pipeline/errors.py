@@ -9,9 +9,13 @@ Lance), and chained with ``raise ... from exc``::
     ├── ItemRejected          one file (or part) that cannot be embedded: becomes a reject row
     ├── EmbedError            a call to the embedding API failed
     │   ├── TransientEmbedError   429, 5xx, transport: worth retrying
-    │   │   └── QuotaExhausted        a per-day quota: stop the run cleanly
+    │   │   └── QuotaExhausted        a per-day quota: stop the run cleanly (exit 4)
+    │   │       ├── Throttled             429s for longer than embed.max_quota_wait_s
+    │   │       └── BalanceExhausted      a gateway account's balance or quota is used up
     │   ├── AccessError           the key, permission, model or endpoint is wrong: the call's
     │   │                         fault, never an item's; the run stops (exit 3)
+    │   │   └── EndpointMismatch      the endpoint answers, but not in Gemini's API (a wrong
+    │   │                             base_url): an OpenAI-style body, an HTML page
     │   └── TerminalEmbedError    a 400 about the request's content: bisected to find the item
     └── SinkError             the table could not be written
 
@@ -134,11 +138,39 @@ class TransientEmbedError(EmbedError, Transient):
 class QuotaExhausted(TransientEmbedError):
     """A per-day quota is used up: retrying today is pointless; the run stops cleanly."""
 
+    def advice(self, when: str) -> str:
+        """What the operator reads after the run stopped (``when``: the reset's time)."""
+        return (f"per-day quota exhausted ({self}); everything done so far is saved; the quota "
+                f"resets {when}: run the job again then and it continues where it stopped")
+
+
+class Throttled(QuotaExhausted):
+    """Every call was answered 429 for longer than ``embed.max_quota_wait_s``: the endpoint
+    (or a gateway before it) keeps refusing; the run stops cleanly rather than hammer it."""
+
+    def advice(self, when: str) -> str:
+        return (f"the endpoint kept answering 429 ({self}); everything done so far is saved: "
+                "run the job again later (or lower embed.concurrency / set embed.quota) and it "
+                "continues where it stopped")
+
+
+class BalanceExhausted(QuotaExhausted):
+    """A gateway says its account's balance (or the token's quota) is used up."""
+
+    def advice(self, when: str) -> str:
+        return (f"the gateway account's balance is exhausted ({self}): top it up, then run "
+                "again; everything done so far is saved and the run continues where it stopped")
+
 
 class AccessError(EmbedError):
     """The API refused the call for what it is sent with, not what it holds: a wrong, expired,
     leaked or missing key (401, 403, 400 API_KEY_INVALID), a model the endpoint does not serve
     (404). Every other call would fail the same way: the run stops and no file is blamed."""
+
+
+class EndpointMismatch(AccessError):
+    """A 200 that is not a Gemini answer (an OpenAI-style embeddings list, an HTML page): the
+    base URL points at something else. No retry can help; the run stops (exit 3)."""
 
 
 class TerminalEmbedError(EmbedError):

@@ -168,3 +168,12 @@ class Batch:
     @property
     def payload_bytes(self) -> int:
         return sum(i.payload_bytes for i in self.items)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSupport:
+    """Whether an endpoint serves the Batch API, and why we say so (one line)."""
+
+    served: bool
+    why: str
+    definite: bool = True  # an answer worth remembering (not a transient failure)

@@ -31,11 +31,12 @@ from pipeline.config import ArrowSinkConfig, JobConfig
 from pipeline.engine import ray as ray_engine
 from pipeline.engine.batch import BatchDriver, BatchRouter, open_jobs
 from pipeline.engine.local import LocalEngine
-from pipeline.errors import PipelineError, QuotaExhausted
+from pipeline.errors import AccessError, PipelineError, QuotaExhausted
 from pipeline.gemini.batches import BatchApi
 from pipeline.gemini.client import GeminiClient
 from pipeline.gemini.endpoint import embedding_client
 from pipeline.gemini.limiter import AdaptiveConcurrency, Quota, rate_limiter
+from pipeline.gemini.probe import declared_batch_support, probe_batch_api
 from pipeline.gemini.tasks import TaskStyle
 from pipeline.metrics import prometheus_text
 from pipeline.models import cost_usd, model_spec
@@ -46,6 +47,7 @@ from pipeline.outcome import EXIT_QUOTA as EXIT_QUOTA
 from pipeline.outcome import EXIT_REJECTS as EXIT_REJECTS
 from pipeline.outcome import EXIT_USAGE as EXIT_USAGE
 from pipeline.outcome import RunOutcome, run_status
+from pipeline.records import BatchSupport
 from pipeline.sinks.arrow import ArrowSink
 from pipeline.sinks.lance import LanceSink, open_db, preload
 from pipeline.stages import Stages
@@ -57,6 +59,7 @@ from pipeline.stages.packing import limits_for
 from pipeline.stages.validation import Validation
 from pipeline.stages.writing import Writer
 from pipeline.state.batches import BatchLog
+from pipeline.state.endpoints import EndpointLog
 from pipeline.state.lock import JobLock
 from pipeline.state.manifest import Manifest
 from pipeline.state.runs import RunLog
@@ -191,6 +194,7 @@ class Run:
         self.manifest = Manifest(db, job.sink.manifest_table)
         self.runlog = RunLog(db, job.sink.runs_table)
         self.batch_log = BatchLog(db, job.sink.batches_table)
+        self.endpoints = EndpointLog(db)
 
     def _resume(self) -> frozenset[str]:
         """Runs that never finished (killed) left rows behind: those are paid for already.
@@ -203,9 +207,34 @@ class Run:
         return committed
 
     async def _batch(self, client: GeminiClient, stages: Stages) -> BatchRouter | None:
-        """The Batch API path (embed.mode batch or auto), with earlier runs' open jobs."""
-        embed = self.job.embed
+        """The Batch API path (embed.mode batch or auto), with earlier runs' open jobs, where
+        the endpoint serves it (a gateway is asked once; see :mod:`pipeline.gemini.probe`)."""
+        embed, stats = self.job.embed, self.stats
         if embed.mode == "interactive":
+            stats.mode_why = "embed.mode is interactive"
+            return None
+        support = declared_batch_support(embed) or await anyio.to_thread.run_sync(
+            self.endpoints.recall, client.base)
+
+        async def ask() -> BatchSupport:
+            found = await probe_batch_api(client)
+            if found.definite:
+                await anyio.to_thread.run_sync(self.endpoints.remember, client.base, found)
+            return found
+
+        if embed.mode == "batch":
+            support = support or await ask()
+            if not support.served:
+                raise AccessError(
+                    f"embed.mode is batch, but the endpoint does not serve the Batch API "
+                    f"({support.why}); gateways serve only the interactive methods: set "
+                    "embed.mode to auto or interactive (or embed.batch_api: yes if it does "
+                    "serve it)")
+            stats.mode_used, stats.mode_why = "batch", f"embed.mode is batch; {support.why}"
+        elif support is not None and not support.served:
+            stats.mode_why = (f"embed.mode is auto, but the endpoint does not serve the Batch "
+                              f"API: {support.why}")
+            log.info("interactive API: %s", stats.mode_why)
             return None
         api = BatchApi(client)
         batching = Batching(embed.batch, api.entry, stages.embedder.request_for,
@@ -214,7 +243,8 @@ class Run:
         driver = BatchDriver(api, self.batch_log, batching, embed.batch, self.stats,
                              self.outcome, self.stats.run_id)
         return BatchRouter(driver, mode=embed.mode, min_items=embed.batch_min_items,
-                           awaited=await open_jobs(api, self.batch_log), detach=self.detach)
+                           awaited=await open_jobs(api, self.batch_log), detach=self.detach,
+                           support=support, ask=ask)
 
     def _stages(self, client: GeminiClient, manifest_rows: Iterator[pa.RecordBatch], known: int,
                 committed: frozenset[str]) -> Stages:
@@ -232,6 +262,8 @@ class Run:
             embedder=Embedder(client, model_spec(embed.model), style=TaskStyle.for_job(job),
                               max_attempts=embed.max_attempts, stats=stats,
                               max_quota_wait_s=embed.max_quota_wait_s,
+                              backoff_base_s=embed.backoff_base_s,
+                              backoff_cap_s=embed.backoff_cap_s,
                               limiter=rate_limiter(quota),
                               concurrency=AdaptiveConcurrency(embed.concurrency)),
             writer=Writer(self.sink, self.manifest, stats, fingerprint, stats.run_id,

@@ -30,7 +30,12 @@ class RunStats:
     api_calls: int = 0
     http_429: int = 0
     retries: int = 0
+    throttled_s: float = 0.0  # waited on 429s, all calls together
     listing_done: bool = False
+    # interactive or batch, and why (the job's embed.mode, the run's size, what the endpoint
+    # serves)
+    mode_used: str = "interactive"
+    mode_why: str = ""
     # The Batch API (embed.mode batch or auto)
     batch_jobs: int = 0  # submitted by this run
     batch_jobs_pending: int = 0  # left running by `run --detach`
@@ -66,6 +71,7 @@ class RunStats:
         out["tokens_by_modality"] = dict(self.tokens_by_modality)
         out["tokens_batch_by_modality"] = dict(self.tokens_batch_by_modality)
         out["wall_s"] = round(self.wall_s, 3)
+        out["throttled_s"] = round(self.throttled_s, 1)
         for name, q in (("latency_p50_s", 0.5), ("latency_p95_s", 0.95)):
             value = self.latency_percentile(q)
             out[name] = round(value, 4) if value is not None else None

@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from pipeline.check import Finding
 from pipeline.config import JobConfig
 from pipeline.history import History
 from pipeline.report_page import dollars, seconds
@@ -68,6 +69,9 @@ def show_summary(console: Console, job: JobConfig, result: RunResult, run: Run) 
     for reason, n in sorted(s.reject_reasons.items()):
         table.add_row(f"  rejected {reason}", str(n))
     console.print(table)
+    if s.mode_why and job.embed.mode != "interactive":
+        console.print(f"API used: {s.mode_used} ({escape(s.mode_why)})", highlight=False,
+                      soft_wrap=True)
     for problem in result.problems[:10]:
         if problem != run.failure:
             console.print(f"[yellow]problem:[/] {escape(problem)}", highlight=False,
@@ -264,3 +268,14 @@ def _print_wide(out: Console, table: Table, wide: bool) -> None:
         return
     Console(file=out.file, width=max(natural_width(out, table), out.width), force_terminal=out.is_terminal,
             no_color=out.no_color).print(table)
+
+
+def show_check(out: Console, job: JobConfig, findings: list[Finding]) -> None:
+    """``embedpipe check``: one line per finding, a mark before it."""
+    embed = job.embed
+    where = getattr(embed, "base_url", "the emulator")
+    out.print(f"[bold]check of job {escape(job.name)}[/]: {escape(embed.model)} at "
+              f"{escape(where)}", highlight=False)
+    for f in findings:
+        mark = "[green]ok  [/]" if f.ok else "[red]FAIL[/]"
+        out.print(f"{mark} {f.what:<10} {escape(f.detail)}", highlight=False, soft_wrap=True)

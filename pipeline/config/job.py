@@ -106,8 +106,13 @@ class _EmbedCommon(_Strict):
     # Calls in flight. Memory for media-heavy runs is about concurrency x max_batch_bytes.
     concurrency: int = Field(32, ge=1, le=256)
     max_attempts: int = Field(6, ge=1, le=50)
-    # Waiting on per-minute 429s costs no attempt; a call gives up after this much of it.
+    # Waiting on 429s costs no attempt; a call throttled for this long in all stops the run
+    # (exit 4, everything done saved).
     max_quota_wait_s: float = Field(600.0, gt=0)
+    # Backoff with full jitter when the server says nothing of when to retry: the n-th
+    # consecutive failure waits up to backoff_base_s * 2^(n-1), at most backoff_cap_s.
+    backoff_base_s: float = Field(1.0, gt=0)
+    backoff_cap_s: float = Field(60.0, gt=0)
     timeout_s: float = Field(120.0, gt=0)
     quota: QuotaConfig = Field(default_factory=lambda: QuotaConfig())
     # USD per 1M input tokens by modality (text, image, document, audio, video);
@@ -146,6 +151,17 @@ class GeminiEmbedConfig(_EmbedCommon):
     api_version: Literal["v1beta", "v1"] = "v1beta"
     auth: Literal["google", "bearer", "raw"] = "google"
     api_key: SecretStr | None = None
+    # Whether the endpoint serves the Batch API (asyncBatchEmbedContent, batches, files):
+    # auto: yes on Google's own host; elsewhere (a gateway) asked once with a cheap probe
+    # and remembered per base URL in the job's state. Gateways built on new-api / one-api
+    # serve only the interactive methods: mode auto then embeds interactively.
+    batch_api: Literal["auto", "yes", "no"] = "auto"
+
+    @field_validator("batch_api", mode="before")
+    @classmethod
+    def _yes_no(cls, value: object) -> object:
+        """YAML reads a bare yes / no as true / false."""
+        return {True: "yes", False: "no"}.get(value, value) if isinstance(value, bool) else value
 
     @field_validator("base_url")
     @classmethod

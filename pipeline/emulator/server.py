@@ -9,7 +9,8 @@ Routes (``v1beta`` and ``v1`` both, as Google serves them)::
     GET  /emulator/requests    the last request bodies (inline data replaced by its size)
 
 Authentication follows one of Google's three styles (``x-goog-api-key``, ``Authorization: Bearer``,
-or the raw key; or ``any``) when a key is set.
+or the raw key; or ``any``) when a key is set. ``Emulator(gateway=GatewayOptions(...))`` puts a
+stand-in for an OpenAI-style gateway in front (:mod:`pipeline.emulator.gateway`).
 Use :class:`Emulator` to run it in a background thread of the current process.
 """
 
@@ -37,6 +38,7 @@ from pipeline.emulator.batches import BatchJobs
 from pipeline.emulator.checks import ApiFault, ParsedRequest, invalid, parse_request
 from pipeline.emulator.faults import Faults, truncated
 from pipeline.emulator.files import FileStore
+from pipeline.emulator.gateway import Gateway, GatewayOptions
 from pipeline.emulator.options import AuthStyle as AuthStyle
 from pipeline.emulator.options import EmulatorOptions as EmulatorOptions
 from pipeline.emulator.options import Stats
@@ -268,8 +270,11 @@ class Emulator:
     """
 
     def __init__(self, options: EmulatorOptions | None = None, host: str = "127.0.0.1",
-                 port: int = 0) -> None:
+                 port: int = 0, gateway: GatewayOptions | None = None) -> None:
         self.state = EmulatorApp(options)
+        # Playing a gateway: it answers, and forwards what it routes to the emulator.
+        self.gateway = Gateway(self.state.app, gateway) if gateway is not None else None
+        self.app = self.gateway.app if self.gateway is not None else self.state.app
         self.host = host
         self.port = port
         self._server: uvicorn.Server | None = None
@@ -284,7 +289,7 @@ class Emulator:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.state.app, log_level="warning", access_log=False,
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False,
                                 lifespan="off", timeout_keep_alive=30,
                                 timeout_graceful_shutdown=2)
         if self.state.options.reset > 0:  # each emulated reset would log a traceback
@@ -326,6 +331,6 @@ class Emulator:
         self.port = sock.getsockname()[1]
         if on_ready is not None:
             on_ready(self.base_url)
-        config = uvicorn.Config(self.state.app, log_level="info", access_log=False,
+        config = uvicorn.Config(self.app, log_level="info", access_log=False,
                                 lifespan="off")
         uvicorn.Server(config).run(sockets=[sock])

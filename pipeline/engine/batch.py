@@ -26,7 +26,7 @@ from pipeline.config import BatchSettings
 from pipeline.errors import EmbedError, TransientEmbedError
 from pipeline.gemini.batches import BatchApi, BatchJob, BatchResult
 from pipeline.outcome import RunOutcome
-from pipeline.records import Item
+from pipeline.records import BatchSupport, Item
 from pipeline.stages.batching import Batching, JobDraft, JobOutcome
 from pipeline.stages.writing import Outcome
 from pipeline.state.batches import COLLECTED, FAILED, PENDING, BatchLog
@@ -142,10 +142,16 @@ class BatchRouter:
     transient per-request errors go on to packing too."""
 
     def __init__(self, driver: BatchDriver, *, mode: str, min_items: int,
-                 awaited: dict[str, tuple[str, str]], detach: bool) -> None:
+                 awaited: dict[str, tuple[str, str]], detach: bool,
+                 support: BatchSupport | None = None,
+                 ask: Callable[[], Awaitable[BatchSupport]] | None = None) -> None:
         self.driver = driver
         self.mode = mode  # "batch" or "auto"; decided to "batch" or "interactive"
         self.min_items = min_items
+        # Whether the endpoint serves the Batch API: known, or asked (once) when an auto run
+        # grows past min_items.
+        self.support = support
+        self._ask = ask
         self.awaited = awaited  # item id -> (display name, job name) of an earlier run's job
         self.detach = detach
         # (display name, job name) of an earlier run's job -> the items validated for it
@@ -177,7 +183,8 @@ class BatchRouter:
                 rest = [i for i in chunk if not self._await(i)]
                 await self._route(rest, pack)
             if self.mode == "auto":  # the run stayed small: interactive it is
-                self.mode = "interactive"
+                self._decide("interactive", f"embed.mode is auto and the run had no more than "
+                                            f"{self.min_items:,} items (embed.batch_min_items)")
                 if self._held:
                     await pack.send(self._held)
             if (draft := self.driver.batching.take()) is not None:
@@ -186,6 +193,12 @@ class BatchRouter:
                 self.driver.adopt(display_name, name, found)
             await self.driver.collect(send, wait=not self.detach)
             stats.batch_jobs_pending = len(self.driver.open)
+
+    def _decide(self, mode: str, why: str) -> None:
+        self.mode = mode
+        self.driver.stats.mode_used, self.driver.stats.mode_why = mode, why
+        fallback = self.support is not None and not self.support.served
+        log.log(logging.WARNING if fallback else logging.INFO, "%s API: %s", mode, why)
 
     def _await(self, item: Item) -> bool:
         job = self.awaited.get(item.id)
@@ -200,7 +213,15 @@ class BatchRouter:
             self._held += chunk
             if len(self._held) <= self.min_items:
                 return
-            self.mode, chunk, self._held = "batch", self._held, []
+            chunk, self._held = self._held, []
+            if self.support is None and self._ask is not None:
+                self.support = await self._ask()
+            big = f"embed.mode is auto and the run has more than {self.min_items:,} items"
+            if self.support is not None and not self.support.served:
+                self._decide("interactive", f"{big}, but the endpoint does not serve the "
+                                            f"Batch API: {self.support.why}")
+            else:
+                self._decide("batch", big + (f"; {self.support.why}" if self.support else ""))
         if self.mode == "interactive":
             if chunk:
                 await pack.send(chunk)

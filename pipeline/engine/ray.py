@@ -284,6 +284,7 @@ class EmbedWorker:
             GeminiClient(**self.client_options), model_spec(embed.model),
             style=TaskStyle.for_job(self.job), max_attempts=embed.max_attempts,
             stats=self.stats, max_quota_wait_s=embed.max_quota_wait_s,
+            backoff_base_s=embed.backoff_base_s, backoff_cap_s=embed.backoff_cap_s,
             limiter=_RemoteRate(self.limiter) if has_quota else None,
             concurrency=_RemoteSlots(self.limiter, self.index))
 

@@ -10,6 +10,13 @@ failure once, here, into :mod:`pipeline.errors`:
     401, 403, 404, 400 API_KEY_INVALID .. AccessError (the key, permission, model or endpoint:
                                           never an item's fault, never bisected)
     other 4xx ........................... TerminalEmbedError
+    a 200 that is no Gemini answer ...... EndpointMismatch (an OpenAI-style body, an HTML page)
+
+Gateways (new-api / one-api deployments) answer errors in OpenAI's shape (``error.message``,
+``error.type``, ``error.code``), drop RetryInfo and QuotaFailure, and have errors of their own:
+an exhausted balance (BalanceExhausted, a stop like a per-day quota), no channel for the model
+(AccessError: a retry cannot help), an invalid token (AccessError with a hint about the gateway,
+not Google's project settings). Both shapes are read by :class:`ErrorBody`.
 
 The key travels in a header, never in the URL, and is scrubbed from any text that could reach
 an exception message. Retrying is the caller's decision (see :mod:`pipeline.stages.embedding`).
@@ -32,7 +39,9 @@ import simdjson
 
 from pipeline.errors import (
     AccessError,
+    BalanceExhausted,
     EmbedError,
+    EndpointMismatch,
     QuotaExhausted,
     TerminalEmbedError,
     TransientEmbedError,
@@ -44,6 +53,16 @@ TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
 _RETRY_IN = re.compile(r"retry in (\d+(?:\.\d+)?)\s*(ms|s)\b", re.IGNORECASE)
 # ErrorInfo reasons Google gives a 400 that is about the key, not the request's content.
+# new-api's codes for a balance or token quota that is used up (its docs and source), and the
+# Chinese sentences older versions answer instead ("额度不足": quota insufficient, "额度已用尽":
+# quota used up).
+BALANCE_CODES = frozenset({"insufficient_user_quota", "insufficient_quota",
+                           "pre_consume_token_quota_failed", "quota_exceeded"})
+_BALANCE_WORDS = re.compile(r"额度(不足|已用尽)|insufficient (user )?(quota|balance)|"
+                            r"balance (is )?(exhausted|insufficient|not enough)", re.IGNORECASE)
+_NO_CHANNEL = re.compile(r"no available channel|无可用渠道", re.IGNORECASE)
+_PER_DAY = re.compile(r"per[ _-]?day", re.IGNORECASE)
+_TITLE = re.compile(rb"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
 KEY_REASONS = frozenset({"API_KEY_INVALID", "API_KEY_EXPIRED", "API_KEY_SERVICE_BLOCKED",
                          "API_KEY_HTTP_REFERRER_BLOCKED", "API_KEY_IP_ADDRESS_BLOCKED",
                          "API_KEY_ANDROID_APP_BLOCKED", "API_KEY_IOS_APP_BLOCKED"})
@@ -67,6 +86,22 @@ def _malformed(what: str) -> TransientEmbedError:
     """A 200 whose body is not what was asked for (a cut or garbled answer): worth a retry."""
     return TransientEmbedError(f"malformed response: {what}", http_status=200,
                                status="BAD_RESPONSE")
+
+
+def _mismatch(what: str, base: str) -> EndpointMismatch:
+    """A 200 that is no Gemini answer at all: the base URL points at another API."""
+    return EndpointMismatch(
+        f"the endpoint {base} answered 200 with {what}: embedpipe speaks Google's Gemini API "
+        "(models/M:batchEmbedContents); point embed.base_url at the gateway's "
+        "Gemini-compatible base (the one its docs give for Gemini, without /v1beta)",
+        http_status=200, status="NOT_GEMINI")
+
+
+def _html_page(raw: bytes) -> str:
+    """An HTML body in a few words: its title (a gateway's or a proxy's error page)."""
+    m = _TITLE.search(raw[:65536])
+    title = " ".join(m.group(1).decode("utf-8", "replace").split())[:120] if m else ""
+    return f"an HTML page ({title})" if title else f"an HTML page ({len(raw):,} bytes)"
 
 
 def _special_floats(values: list[Any], index: int) -> npt.NDArray[np.float64]:
@@ -188,9 +223,15 @@ class GeminiClient:
         try:
             doc = simdjson.Parser().parse(raw)
         except ValueError:
+            if raw.lstrip()[:1] == b"<":
+                raise _mismatch(_html_page(raw), self._base) from None
             raise _malformed(f"{len(raw)} bytes of invalid JSON") from None
         if not isinstance(doc, simdjson.Object):
             raise _malformed("not a JSON object")
+        if key not in doc:
+            raise _mismatch(f"a JSON object with {', '.join(sorted(doc.keys())[:6]) or 'no'} "
+                            "keys" if "data" not in doc else "an OpenAI-style embeddings "
+                            "response", self._base)
         embeddings: Any = doc.get(key) if key == "embeddings" else [doc.get(key)]
         if not isinstance(embeddings, simdjson.Array | list) or len(embeddings) != count:
             got = len(embeddings) if isinstance(embeddings, simdjson.Array) else "no"
@@ -229,10 +270,12 @@ class GeminiClient:
 
     async def request(self, method: str, url: str, *, content: bytes | None = None,
                       headers: dict[str, str] | None = None,
-                      params: dict[str, str] | None = None) -> httpx.Response:
+                      params: dict[str, str] | None = None,
+                      check: bool = True) -> httpx.Response:
         """One call with this client's auth; an answer other than 200 is raised as an
-        :mod:`pipeline.errors` error, a transport failure as a transient one. ``url`` is
-        absolute or relative to the API root (``{base}/v1beta``)."""
+        :mod:`pipeline.errors` error (``check=False``: returned as it is), a transport failure
+        as a transient one. ``url`` is absolute or relative to the API root
+        (``{base}/v1beta``)."""
         url = self._url(url)
         try:
             response = await self._http.request(method, url, content=content, headers=headers,
@@ -243,7 +286,7 @@ class GeminiClient:
             raise TransientEmbedError(
                 self._scrub(f"transport error on {what}: {type(exc).__name__}: {exc}"),
                 status="TRANSPORT") from None
-        if response.status_code != 200:
+        if check and response.status_code != 200:
             raise self._error(response.status_code, response.content,
                               response.headers.get("retry-after"))
         return response
@@ -278,7 +321,7 @@ class GeminiClient:
         return text.replace(self._secret, "[REDACTED]") if self._secret else text
 
     def _error(self, code: int, raw: bytes, retry_after: str | None) -> EmbedError:
-        body = _ErrorBody.parse(raw)
+        body = ErrorBody.parse(raw)
         delays = [d for d in (body.retry_delay_s, _retry_in(body.message),
                               float(retry_after) if retry_after and retry_after.strip().isdigit()
                               else None) if d is not None]
@@ -287,8 +330,14 @@ class GeminiClient:
                                   "retry_after_s": max(delays) if delays else None,
                                   "quota_id": body.per_day_quota or (body.quota_ids[-1]
                                                                      if body.quota_ids else None)}
+        if body.balance_exhausted or code == 402:
+            return BalanceExhausted(message, **kwargs)
         if code == 429 and body.per_day_quota:
             return QuotaExhausted(message, **kwargs)
+        if body.no_channel:
+            return AccessError(f"{message} (endpoint {self._base}: the gateway has no channel "
+                               f"serving model {self.model}: check embed.model against the "
+                               "models the gateway lists, or ask its operator)", **kwargs)
         if code in TRANSIENT_STATUS:
             return TransientEmbedError(message, **kwargs)
         if code in (401, 403, 404) or (code == 400 and body.about_key):
@@ -297,9 +346,19 @@ class GeminiClient:
         return TerminalEmbedError(message, **kwargs)
 
 
-def _access_message(base: str, model: str, code: int, body: _ErrorBody, message: str) -> str:
+def _access_message(base: str, model: str, code: int, body: ErrorBody, message: str) -> str:
     """One line: what the API said, where, for which model, and what to check."""
-    if code == 404:
+    if body.gateway:  # a gateway's own answer: Google's project settings are not the point
+        if code == 404:
+            check = ("embed.model, and embed.base_url: the gateway's Gemini-compatible base, "
+                     "without /v1beta")
+        elif code == 401:
+            check = ("the gateway token in embed.api_key (set, current, not used up?) and "
+                     "embed.auth: bearer, raw or google, as the gateway's docs say")
+        else:
+            check = ("the gateway token's permissions (its group must include the model; a "
+                     "key of the form sk-KEY-N asks for channel N, which only admins may)")
+    elif code == 404:
         check = ("embed.model, and embed.base_url / embed.api_version if a gateway serves "
                  "the API under another path")
     elif code == 401 or body.about_key:
@@ -318,30 +377,49 @@ def _retry_in(message: str) -> float | None:
 
 
 @dataclass(frozen=True, slots=True)
-class _ErrorBody:
-    """What a Google error body says, read once: status, message and the details that
-    decide what to do (RetryInfo, every QuotaFailure violation, ErrorInfo reasons)."""
+class ErrorBody:
+    """What an error body says, read once, in Google's shape (status, message, and the details
+    that decide what to do: RetryInfo, every QuotaFailure violation, ErrorInfo reasons) or a
+    gateway's OpenAI shape (message, type, code), or a body that is no JSON (an HTML page is
+    shortened to its title)."""
 
     status: str | None = None
     message: str = ""
     retry_delay_s: float | None = None
     quota_ids: tuple[str, ...] = ()
     reasons: tuple[str, ...] = ()
+    gateway: bool = False  # OpenAI-shaped: a gateway answered, not Google
+    code: str = ""  # a gateway's error.code ("insufficient_user_quota", "429", ...)
 
     @property
     def per_day_quota(self) -> str | None:
-        """The first per-day violation: any of them means no retry helps today."""
-        return next((q for q in self.quota_ids if "perday" in q.lower()), None)
+        """The first per-day violation: any of them means no retry helps today. A gateway
+        drops the violations; their metric is then read from the message."""
+        found = next((q for q in self.quota_ids if "perday" in q.lower()), None)
+        if found is None and self.gateway and _PER_DAY.search(self.message):
+            return "PerDay (from the message)"
+        return found
 
     @property
     def about_key(self) -> bool:
         return bool(KEY_REASONS.intersection(self.reasons)) or \
             self.message.lower().startswith(("api key not valid", "api key expired"))
 
+    @property
+    def balance_exhausted(self) -> bool:
+        return self.code in BALANCE_CODES or (self.gateway and bool(
+            _BALANCE_WORDS.search(self.message)))
+
+    @property
+    def no_channel(self) -> bool:
+        return self.code == "model_not_found" or bool(_NO_CHANNEL.search(self.message))
+
     @classmethod
-    def parse(cls, raw: bytes) -> _ErrorBody:
+    def parse(cls, raw: bytes) -> ErrorBody:
         try:
             err = orjson.loads(raw).get("error", {})
+            if isinstance(err, str):  # {"error": "..."}: some proxies
+                return cls(message=err[:300], gateway=True)
             delay = None
             quota_ids: list[str] = []
             reasons: list[str] = []
@@ -355,10 +433,16 @@ class _ErrorBody:
                                   if v.get("quotaId")]
                 elif kind.endswith("ErrorInfo") and detail.get("reason"):
                     reasons.append(str(detail["reason"]))
+            gateway = "type" in err and "status" not in err
+            code = err.get("code")
             return cls(err.get("status"), str(err.get("message", "")), delay, tuple(quota_ids),
-                       tuple(reasons))
+                       tuple(reasons), gateway,
+                       "" if code is None or (isinstance(code, int) and not gateway) else str(code))
         except (orjson.JSONDecodeError, AttributeError, TypeError, KeyError):
-            return cls(message=raw[:300].decode("utf-8", "replace").strip())
+            if raw.lstrip()[:1] == b"<":
+                return cls(message=_html_page(raw), gateway=True)
+            text = " ".join(raw[:300].decode("utf-8", "replace").split())
+            return cls(message=text)
 
 
 def vector_from(values: list[Any], dims: int) -> npt.NDArray[np.float32]:

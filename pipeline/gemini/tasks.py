@@ -43,8 +43,11 @@ class TaskStyle:
                    embed.query_template if embed.query_template is not None else QUERY_TEMPLATE)
 
     def document(self, item: Item) -> EmbedRequest:
-        title = (item.title or "none")[:MAX_TITLE_CHARS]
-        parts = tuple(_fill(p, self.document_template, title) for p in item.parts)
+        return self.document_of(item.parts, item.title)
+
+    def document_of(self, parts: tuple[Part, ...], title: str | None) -> EmbedRequest:
+        title = (title or "none")[:MAX_TITLE_CHARS]
+        parts = tuple(_fill(p, self.document_template, title) for p in parts)
         return EmbedRequest(parts, task_type=self.document_task,
                             title=title if self.document_task == "RETRIEVAL_DOCUMENT" else None)
 

@@ -4,9 +4,13 @@
 - Every attempt first takes a permit from the shared rate limiter (requests/min, tokens/min,
   requests/day, when the job knows its quotas) and a slot from the adaptive concurrency limit.
 - Transient failures (5xx, transport) are retried with bounded attempts, waiting what the
-  server's RetryInfo says, else exponential backoff with full jitter. A per-minute 429 costs no
-  attempt (the minute ends): its waits are bounded by ``max_quota_wait_s`` instead; it also
-  halves the calls in flight, and successes grow them back (AIMD).
+  server's RetryInfo says, else exponential backoff with full jitter. A 429 costs no attempt
+  (a per-minute quota's minute ends): it waits what the server says (RetryInfo, Retry-After,
+  "Please retry in Xs"), else backs off exponentially with full jitter per *consecutive* 429
+  of any caller (1 s, 2 s, 4 s ... up to ``backoff_cap_s``; a success starts again at 1 s),
+  and halves the calls in flight (successes grow them back: AIMD). A call throttled for more
+  than ``max_quota_wait_s`` in all stops the run cleanly (:class:`~pipeline.errors.Throttled`,
+  exit 4): an endpoint that only answers 429 is not hammered.
 - A terminal 4xx on a batch is bisected, so only the items the API refuses become
   ``api_rejected`` rejects and the rest are embedded.
 - Vectors are L2-normalised where the model does not do it (gemini-embedding-001 below 3072).
@@ -27,7 +31,13 @@ import anyio
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.errors import QuotaExhausted, RejectReason, TerminalEmbedError, TransientEmbedError
+from pipeline.errors import (
+    QuotaExhausted,
+    RejectReason,
+    TerminalEmbedError,
+    Throttled,
+    TransientEmbedError,
+)
 from pipeline.gemini.client import EmbedRequest, EmbedResponse, GeminiClient
 from pipeline.gemini.limiter import AdaptiveConcurrency, Permit, QuotaExceeded, RateLimiter
 from pipeline.gemini.tasks import TaskStyle
@@ -65,6 +75,7 @@ class Embedder:
         self.backoff_cap_s = backoff_cap_s
         self.max_quota_wait_s = max_quota_wait_s
         self.normalise = not spec.is_normalised(client.dims)
+        self._throttles = 0  # consecutive 429s of every caller: a success resets it
 
     def request_for(self, item: Item) -> EmbedRequest:
         return self.style.document(item)
@@ -92,7 +103,7 @@ class Embedder:
         requests = [self.request_for(i) for i in items]
         tokens = sum(i.est_tokens for i in items)
         attempt = 0
-        throttled_s = 0.0  # waited on per-minute 429s: they cost no attempt, only time
+        throttled_s = 0.0  # waited on 429s: they cost no attempt, only time
         while True:
             attempt += 1
             try:
@@ -108,28 +119,40 @@ class Embedder:
                     if permit is not None:
                         permit.settle(response.prompt_tokens)
                 self.concurrency.on_success()
+                self._throttles = 0
                 return response
             except QuotaExhausted:
                 self.stats.http_429 += 1
                 raise
             except TransientEmbedError as exc:
-                throttled = exc.http_status == 429
-                if throttled:
-                    # A per-minute quota means wait, not fail: the minute ends. Bounded by
-                    # time (max_quota_wait_s), not by attempts.
+                if exc.http_status == 429:
+                    # A quota means wait, not fail: bounded by time, not by attempts.
+                    attempt -= 1
                     self.stats.http_429 += 1
                     self.concurrency.on_throttle()
-                    attempt -= 1
-                elif attempt >= self.max_attempts:
-                    raise
-                delay = self._delay(max(attempt, 1), exc.retry_after_s)
-                if throttled:
+                    self._throttles += 1
+                    delay = self._delay(self._throttles, exc.retry_after_s)
+                    left = self.max_quota_wait_s - throttled_s
+                    if exc.retry_after_s is None:  # the last try comes at the limit itself
+                        delay = min(delay, left)
+                    if left <= 0 or delay > left:
+                        raise Throttled(
+                            f"answered 429 for {throttled_s:.0f} s of waiting (embed."
+                            f"max_quota_wait_s is {self.max_quota_wait_s:g}); last: {exc}",
+                            http_status=429, status=exc.status) from None
                     throttled_s += delay
-                    if throttled_s > self.max_quota_wait_s:
+                    self.stats.throttled_s += delay
+                    log.warning("throttled (%s): %.0f s waited so far on this batch, next try "
+                                "in %.1f s%s", exc, throttled_s, delay,
+                                "" if exc.retry_after_s is not None else
+                                " (no retry information: backing off)")
+                else:
+                    if attempt >= self.max_attempts:
                         raise
+                    delay = self._delay(attempt, exc.retry_after_s)
+                    log.warning("transient error (%s); retry %d/%d in %.1fs", exc, attempt,
+                                self.max_attempts - 1, delay)
                 self.stats.retries += 1
-                log.warning("transient error (%s); retry %d/%d in %.1fs", exc, attempt,
-                            self.max_attempts - 1, delay)
                 await anyio.sleep(delay)
 
     async def _permit(self, requests: int, tokens: int) -> Permit | None:

@@ -45,6 +45,7 @@ RUNS_SCHEMA = pa.schema([
     pa.field("reject_reasons", pa.string()),  # a JSON object: reason -> rejects
     pa.field("engine", pa.string()),
     pa.field("model", pa.string()),
+    pa.field("mode_used", pa.string()),  # interactive or batch (see the report's mode_why)
 ])
 
 RUNNING = "running"
