@@ -4,12 +4,19 @@ Each folder's entries are sorted by their quoted name, a folder's with a '/' aft
 whole walk comes out in the byte order of the uris (``a b`` is ``a%20b``; ``x/`` sorts after
 ``x-y``): the order the listing stage merges against the manifest in.
 
+Names that are not valid UTF-8 (old NFS/SMB shares, archives) are listed and read like any
+other: the ``uri`` holds the raw bytes percent-encoded (as every uri does), and the ``key`` is
+the name with each undecodable byte written ``%XX`` and each ``%`` written ``%25`` (a name that
+is valid UTF-8 is its own key). Percent-decoding such a key gives the raw bytes back.
+
 Symbolic links to files are followed only while they stay inside the root; a link that leads out
-of it (or is broken) is listed as a reject so the user sees it. Links to folders are not followed,
-which also rules out cycles. Only regular files are listed: a FIFO, socket or device is an
-``unsupported`` reject found from its metadata, never opened (opening a FIFO blocks until
-someone writes to it). Reads open with O_NONBLOCK and check again what they opened, so a file
-swapped for a FIFO after the listing cannot hang a run either.
+of it, a broken link and a link loop are each listed as a reject so the user sees it. Links to
+folders are not followed (each is counted in ``skipped``, not rejected: a night does not fail for
+them) unless ``follow_symlinks`` is set; then they are followed wherever they lead, and a link
+back to a folder the walk is already in is skipped (no cycle). Only regular files are listed: a
+FIFO, socket or device is an ``unsupported`` reject found from its metadata, never opened
+(opening a FIFO blocks until someone writes to it). Reads open with O_NONBLOCK and check again
+what they opened, so a file swapped for a FIFO after the listing cannot hang a run either.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
-from urllib.parse import quote_from_bytes
+from urllib.parse import quote_from_bytes, unquote_to_bytes
 
 import pyarrow as pa
 
@@ -36,12 +43,26 @@ def file_uri(path: str) -> str:
     return "file://" + quote_from_bytes(os.fsencode(path))
 
 
+def key_name(name: str) -> str:
+    """A file name as it stands in a key: itself when it is valid UTF-8; otherwise each byte
+    that does not decode as ``%XX`` and each ``%`` as ``%25`` (percent-decoding gives the raw
+    bytes back)."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:  # os.scandir hands undecodable bytes over as lone surrogates
+        return "".join(f"%{ord(c) - 0xDC00:02X}" if "\udc80" <= c <= "\udcff"
+                       else "%25" if c == "%" else c for c in name)
+
+
 class LocalConnector:
     def __init__(self, config: LocalSourceConfig) -> None:
         self.root = config.root.resolve()
         self._root = str(self.root)
         self.include = config.include
         self.exclude = config.exclude
+        self.follow = config.follow_symlinks
+        self.skipped = 0  # links to folders passed over by design (not rejects)
 
     def list(self) -> Iterator[SourceObject | Reject]:
         try:
@@ -49,14 +70,19 @@ class LocalConnector:
         except OSError as exc:
             # The root itself gone or unreadable is the source's failure, not a file's: the
             # run fails (and deletes nothing) instead of seeing every file removed.
-            raise ConnectorError(f"cannot list the source folder {self.root}: "
-                                 f"{exc.strerror}") from exc
-        yield from self._walk(self.root, "")
+            what = ("does not exist (an unmounted share? check source.root)"
+                    if exc.errno == errno.ENOENT else f"cannot be listed: {exc.strerror}")
+            raise ConnectorError(f"the source folder {self.root} {what}; nothing was "
+                                 "deleted") from exc
+        self.skipped = 0
+        yield from self._walk(self.root, "", {_folder_id(self._root)})
 
     def list_batches(self) -> Iterator[pa.RecordBatch]:
         return listing_batches(self.list())
 
-    def _walk(self, folder: Path, prefix: str) -> Iterator[SourceObject | Reject]:
+    def _walk(self, folder: Path, prefix: str,
+              within: set[tuple[int, int]]) -> Iterator[SourceObject | Reject]:
+        """``within``: the (device, inode) of the folders the walk is in, to stop link cycles."""
         try:
             with os.scandir(folder) as it:
                 entries = sorted(it, key=_uri_order)
@@ -64,13 +90,24 @@ class LocalConnector:
             yield self._reject(folder, prefix.rstrip("/") or ".", f"cannot list folder: {exc.strerror}")
             return
         for entry in entries:
-            key = prefix + entry.name
+            key = prefix + key_name(entry.name)
             try:
                 if entry.is_dir(follow_symlinks=False):
-                    yield from self._walk(Path(entry.path), key + "/")
+                    folder_id = _folder_id(entry.path)
+                    if folder_id in within:  # reached again through a followed link
+                        self.skipped += 1
+                        continue
+                    yield from self._walk(Path(entry.path), key + "/", within | {folder_id})
+                    continue
+                if entry.is_symlink() and entry.is_dir():  # a link to a folder
+                    target = _folder_id(entry.path)
+                    if not self.follow or target in within:
+                        self.skipped += 1
+                        continue
+                    yield from self._walk(Path(entry.path), key + "/", within | {target})
                     continue
             except OSError:
-                pass
+                pass  # a broken or looping link: _stat says which
             if not key_selected(key, self.include, self.exclude):
                 continue
             yield self._stat(entry.path, key, entry.is_symlink())
@@ -78,14 +115,16 @@ class LocalConnector:
     def _stat(self, path: str, key: str, is_link: bool) -> SourceObject | Reject:
         """The listed file (string paths: this runs for every file of every night)."""
         if is_link:
-            target = Path(path).resolve()
-            if not os.path.exists(path):
+            try:
+                target = Path(path).resolve(strict=True)
+            except (OSError, RuntimeError) as exc:  # RuntimeError: Python 3.11's loop error
+                if isinstance(exc, RuntimeError) or exc.errno == errno.ELOOP:
+                    return self._reject(Path(path), key, "symbolic link loop (the link leads "
+                                        "back to itself); fix or remove it")
                 return self._reject(Path(path), key, "symbolic link target is missing "
-                                    f"({os.readlink(path)})")
-            if not target.is_relative_to(self.root):
+                                    f"({os.fsdecode(os.readlink(path))!r})")
+            if not self.follow and not target.is_relative_to(self.root):
                 return self._reject(Path(path), key, "symbolic link points outside the source root")
-            if target.is_dir():
-                return self._reject(Path(path), key, "symbolic link to a folder is not followed")
         try:
             st = os.stat(path)
         except OSError as exc:
@@ -104,26 +143,33 @@ class LocalConnector:
 
     def stat(self, key: str) -> SourceObject | None:
         path = self.root / key
-        if path.is_symlink() and not path.resolve().is_relative_to(self.root):
-            return None
         try:
+            if path.is_symlink() and not self.follow and \
+                    not path.resolve().is_relative_to(self.root):
+                return None
             st = path.stat()
-        except OSError:
+        except (OSError, RuntimeError):  # RuntimeError: a link loop (Python 3.11)
             return None
         if not stat.S_ISREG(st.st_mode):
             return None
         mtime = datetime.fromtimestamp(st.st_mtime_ns / 1e9, tz=UTC)
         return SourceObject(uri=path.as_uri(), key=key, size=st.st_size, mtime=mtime)
 
+    def _path(self, obj: SourceObject) -> str:
+        """Where the object is: its uri holds the name's raw bytes (its key may not)."""
+        if obj.uri.startswith("file://"):
+            return os.fsdecode(unquote_to_bytes(obj.uri.removeprefix("file://")))
+        return os.path.join(self._root, obj.key)
+
     @lru_cache(maxsize=64)  # noqa: B019 - one connector per run; a folder's names are reused
     def names_in(self, folder: str) -> frozenset[str]:
         try:
-            return frozenset(os.listdir(self.root / folder))
+            return frozenset(key_name(n) for n in os.listdir(self.root / folder))
         except OSError:
             return frozenset()
 
     def read(self, obj: SourceObject) -> bytes:
-        path = os.path.join(self._root, obj.key)
+        path = self._path(obj)
         try:
             try:
                 # Not following a link at open time is the cheap check, and it cannot race.
@@ -131,7 +177,7 @@ class LocalConnector:
             except OSError as exc:
                 if exc.errno != errno.ELOOP:
                     raise
-                if not Path(path).resolve().is_relative_to(self.root):
+                if not self.follow and not Path(path).resolve().is_relative_to(self.root):
                     raise ConnectorError(f"{obj.key}: path leads outside the source root",
                                          uri=obj.uri) from None
                 fd = os.open(path, _READ_FLAGS)
@@ -143,6 +189,11 @@ class LocalConnector:
                 return f.read()
         except OSError as exc:
             raise ConnectorError(f"{obj.key}: cannot read: {exc.strerror}", uri=obj.uri) from exc
+
+
+def _folder_id(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def _uri_order(entry: os.DirEntry[str]) -> str:

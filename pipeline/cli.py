@@ -6,10 +6,9 @@
     embedpipe report JOB.yaml --html  the run history as one self-contained HTML page
     embedpipe emulator                serve the Gemini-compatible emulator in the foreground
 
-Exit codes: 0 all embedded; 1 finished, with rejects; 2 bad job file or usage; 3 the run failed
-(some items could not be embedded; run again to retry them); 4 a per-day quota is exhausted
-(run again after it resets); 5 another run of the job (or into the same table) is under way;
-6 `run --detach` left Batch API jobs running (the next run collects them); 130 interrupted.
+Exit codes (the EPILOG below): 0 done (rejects included); 2 bad job file or usage; 3 the run
+failed (no file's fault); 4 a quota or balance is exhausted; 5 locked; 6 Batch API jobs left
+running; 70 internal error; 130 interrupted. 1 is never ours: it means Python crashed.
 
 This module and pipeline/views.py (what the commands show) are the only ones that print or import
 rich; the pipeline reports through RunStats.
@@ -18,50 +17,76 @@ rich; the pipeline reports through RunStats.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import logging
 import os
 import signal
 import sys
+import threading
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import anyio
-from rich.console import Console
-from rich.markup import escape
-
-from pipeline.config import load_job
-from pipeline.config.loading import parse_overrides
-from pipeline.engine.threads import threads_left
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.memory import tune_for_long_run
 from pipeline.outcome import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_LOCKED,
     EXIT_PENDING,
     EXIT_USAGE,
+    exit_code_for,
 )
-from pipeline.run import Run
 from pipeline.state.lock import JobLocked
-from pipeline.views import (
-    progress_display,
-    show_batches,
-    show_check,
-    show_history,
-    show_hits,
-    show_plan,
-    show_rejects,
-    show_status,
-    show_summary,
-)
+from pipeline.terminal import plural, printable
 
-console = Console(stderr=True)
-out = Console()
+if TYPE_CHECKING:
+    from rich.console import Console
+
+# Only what --help and --version need is imported at the top: each command imports its own
+# (the run's stack, Lance, pyarrow, rich) when it runs. `benchmarks: bench/startup.py`.
+
+
+class _Consoles:
+    """stderr and stdout rich consoles, made when first used."""
+
+    @functools.cached_property
+    def err(self) -> Console:
+        from rich.console import Console
+
+        return Console(stderr=True)
+
+    @functools.cached_property
+    def out(self) -> Console:
+        from rich.console import Console
+
+        return Console()
+
+
+_consoles = _Consoles()
+
+
+def _views() -> Any:
+    """pipeline.views (rich tables; it imports the run's stack)."""
+    from pipeline import views
+
+    return views
+
+
+def load_job(path: str | Path, overrides: dict[tuple[str, ...], Any] | None = None) -> Any:
+    from pipeline.config import load_job as load
+
+    return load(path, overrides=overrides)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
 
 
 # What every JSON log line says it is about (set as soon as it is known).
@@ -85,11 +110,14 @@ def notice(kind: str, text: str, **fields: Any) -> None:
     """A message for the operator on stderr: ``kind: text`` in colour, or one JSON line
     (``event`` is the kind, ``message`` the text) with ``--log-format json``."""
     if _JSON["on"]:
-        level = "error" if kind in ("error", "run failed", "locked", "stopped") else "warning"
+        level = ("error" if kind in ("error", "run failed", "locked", "stopped", "internal error")
+                 else "warning")
         print(_json_line(level, kind, message=text, **fields), file=sys.stderr, flush=True)
         return
-    colour = "red" if kind in ("error", "run failed", "locked", "stopped") else "yellow"
-    console.print(f"[{colour}]{kind}:[/] {escape(text)}", highlight=False, soft_wrap=True)
+    colour = "red" if kind in ("error", "run failed", "locked", "stopped",
+                               "internal error") else "yellow"
+    _consoles.err.print(f"[{colour}]{kind}:[/] {_escape(printable(text))}", highlight=False,
+                  soft_wrap=True)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -132,17 +160,35 @@ def _answer(args: argparse.Namespace, data: Any, table: Callable[[], None]) -> i
     return 0
 
 
+def _overrides(args: argparse.Namespace) -> dict[tuple[str, ...], Any]:
+    """``--set`` and ``--emulator`` as load_job's overrides."""
+    from pipeline.config.loading import parse_overrides
+
+    overrides = parse_overrides(getattr(args, "set", []))
+    if getattr(args, "emulator", False):
+        overrides[("embed", "provider")] = "emulator"
+    return overrides
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    overrides = parse_overrides(args.set)
+    overrides = _overrides(args)
     if args.engine or args.address:  # shorthands for --set run.engine=... run.ray_address=...
         overrides[("run", "engine")] = args.engine or "ray"
     if args.address:
         overrides[("run", "ray_address")] = args.address
+    import anyio
+
+    from pipeline.memory import tune_for_long_run
+    from pipeline.run import Run
+
+    # SIGTERM before the engine takes over its signals (joining a cluster, opening the sink)
+    # ends the run as Ctrl-C does: exit 130, the runs row says so.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     job = load_job(args.job, overrides=overrides)
     CONTEXT["job"] = job.name
     tune_for_long_run()  # this process is the run's: before any worker thread starts
-    show = not args.quiet and console.is_terminal and not _JSON["on"]
-    progress, update = progress_display(console, show)
+    show = not args.quiet and _consoles.err.is_terminal and not _JSON["on"]
+    progress, update = _views().progress_display(_consoles.err, show)
     run = Run(job, retry_rejects=args.retry_rejects, allow_mass_delete=args.allow_mass_delete,
               detach=args.detach, on_progress=update)
     CONTEXT["run_id"] = run.stats.run_id
@@ -158,10 +204,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             Path(args.report).write_text(text + "\n", encoding="utf-8")
     if _JSON["on"]:  # the summary as one line a log pipeline can read
-        level = "info" if result.exit_code in (0, 1) else "error"
+        level = "info" if result.exit_code in (0, EXIT_PENDING) else "error"
         print(_json_line(level, "run ended", **result.report), file=sys.stderr, flush=True)
     elif not args.quiet:
-        show_summary(console, job, result, run)
+        _views().show_summary(_consoles.err, job, result, run)
     if run.failure is not None:
         notice("run failed", run.failure)
     if result.exit_code == EXIT_INTERRUPTED:
@@ -171,7 +217,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         notice("interrupted", f"{left:,} files still to do{more}; what was done is committed "
                               "and the next run continues from there")
     if result.exit_code == EXIT_PENDING:
-        notice("pending", f"{result.stats.batch_jobs_pending} Batch API jobs are running "
+        notice("pending", f"{plural(result.stats.batch_jobs_pending, 'Batch API job')} running "
                           "server-side; run the job again (cron's next run does) to collect "
                           "them: nothing is submitted twice")
     elif result.stats.batch_jobs and result.exit_code == EXIT_INTERRUPTED:
@@ -186,35 +232,39 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    import anyio
+
     from pipeline.search import search
 
-    job = load_job(args.job)
+    job = load_job(args.job, overrides=_overrides(args))
     file = Path(args.file) if args.file else None
     hits = anyio.run(lambda: search(job, args.query, k=args.k, where=args.where, file=file))
-    return _answer(args, hits, lambda: show_hits(out, hits, wide=args.wide))
+    return _answer(args, hits, lambda: _views().show_hits(_consoles.out, hits, wide=args.wide))
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from pipeline.plan import make_plan
 
-    job = load_job(args.job, overrides=parse_overrides(args.set))
+    job = load_job(args.job, overrides=_overrides(args))
     # SIGTERM ends a plan as Ctrl-C does: its worker processes are ended on the way out.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     figures = make_plan(job, retry_rejects=args.retry_rejects,
                         allow_mass_delete=args.allow_mass_delete).as_dict(job)
-    return _answer(args, figures, lambda: show_plan(out, job, figures))
+    return _answer(args, figures, lambda: _views().show_plan(_consoles.out, job, figures))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    import anyio
+
     from pipeline.check import check_job, passed
 
-    job = load_job(args.job, overrides=parse_overrides(args.set))
+    job = load_job(args.job, overrides=_overrides(args))
     findings = anyio.run(check_job, job)
     code = 0 if passed(findings) else EXIT_FAILED
     if args.json:
         print(json.dumps({"ok": code == 0, "findings": [f.as_dict() for f in findings]}))
     else:
-        show_check(out, job, findings)
+        _views().show_check(_consoles.out, job, findings)
     return code
 
 
@@ -223,7 +273,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     job = load_job(args.job)
     status = table_status(job)
-    return _answer(args, status, lambda: show_status(out, job, status, wide=args.wide))
+    return _answer(args, status, lambda: _views().show_status(_consoles.out, job, status, wide=args.wide))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -239,10 +289,11 @@ def cmd_report(args: argparse.Namespace) -> int:
             write_text_atomic(path, render_html(history, datetime.now(UTC)))
         except OSError as exc:
             raise ConfigError(f"--html {path}: cannot write it: {exc.strerror or exc}") from exc
-        console.print(f"wrote {escape(str(path))}: {len(history.runs)} runs, "
+        _consoles.err.print(f"wrote {_escape(str(path))}: {plural(len(history.runs), 'run')}, "
                       f"{history.rejects_total:,} rejects", highlight=False, soft_wrap=True)
         return 0
-    return _answer(args, history.as_dict(), lambda: show_history(out, history, wide=args.wide))
+    return _answer(args, history.as_dict(),
+                   lambda: _views().show_history(_consoles.out, history, wide=args.wide))
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -250,8 +301,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     path, found = write_job_file(args.source, Path(args.out) if args.out else None, args.name,
                                  args.force)
-    console.print(f"wrote {path}: {found}", highlight=False, soft_wrap=True)
-    console.print(f"next: embedpipe plan {path}   (then: embedpipe run {path})", highlight=False)
+    _consoles.err.print(f"wrote {path}: {found}", highlight=False, soft_wrap=True)
+    _consoles.err.print(f"next: embedpipe plan {path}   (then: embedpipe run {path})", highlight=False)
     return 0
 
 
@@ -259,15 +310,18 @@ def cmd_rejects(args: argparse.Namespace) -> int:
     from pipeline.rejects import list_rejects
 
     rows = list_rejects(load_job(args.job), args.reason)
-    return _answer(args, rows, lambda: show_rejects(out, rows, wide=args.wide))
+    return _answer(args, rows, lambda: _views().show_rejects(_consoles.out, rows, wide=args.wide))
 
 
 def cmd_batches(args: argparse.Namespace) -> int:
+    import anyio
+
     from pipeline.batches import batch_jobs
 
     job = load_job(args.job)
     rows = anyio.run(lambda: batch_jobs(job, cancel=args.cancel))
-    return _answer(args, rows, lambda: show_batches(out, job, rows))
+    return _answer(args, rows, lambda: _views().show_batches(_consoles.out, job, rows,
+                                                               wide=args.wide))
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:
@@ -293,7 +347,7 @@ def cmd_emulator(args: argparse.Namespace) -> int:
         options = replace(options, api_key=None, auth="any")
     try:
         Emulator(options, host=args.host, port=args.port, gateway=gateway).serve_forever(
-            lambda url: console.print(f"emulator on {url} (Ctrl-C to stop)"))
+            lambda url: _consoles.err.print(f"emulator on {url} (Ctrl-C to stop)"))
     except OSError as exc:
         notice("error", f"cannot listen on {args.host}:{args.port}: "
                         f"{exc.strerror or exc} (another process has the port? try --port)")
@@ -311,7 +365,7 @@ def cmd_samples(args: argparse.Namespace) -> int:
     except OSError as exc:
         notice("error", f"cannot write samples under {folder}: {exc.strerror or exc}")
         return EXIT_USAGE
-    console.print(f"wrote {len(made)} files under {folder}")
+    _consoles.err.print(f"wrote {len(made)} files under {folder}")
     return 0
 
 
@@ -323,15 +377,19 @@ can be killed at any moment and run again without a duplicate or a lost row."""
 
 EPILOG = """\
 exit codes:
-  0    done, every file embedded
-  1    done, some files rejected (see `embedpipe status JOB` and the rejects table)
+  0    done: every file embedded, or rejected for a reason of its own (the summary, the
+       report and `embedpipe rejects JOB` list them)
   2    bad job file or usage (nothing was done)
-  3    the run failed (auth, quota, network, the sink): nothing stored against any file,
-       nothing deleted; run again to continue
-  4    a per-day quota is exhausted: run again after it resets
+  3    the run failed for a reason that is no file's: the key, the endpoint, the network, a
+       missing source, an unwritable sink, deletions refused; nothing stored against any
+       file, nothing deleted; run again once fixed
+  4    a per-day quota is exhausted, a gateway's balance is used up, or the endpoint kept
+       answering 429: work so far is saved; run again later
   5    another run of the job (or into the same table) is under way
   6    `run --detach` left Batch API jobs running (the next run collects them)
+  70   internal error (a bug): one line says what; nothing deleted; the next run continues
   130  interrupted (what was committed stays; the next run continues)
+  1 is never embedpipe's: it is Python's (and Ray's) exit status for a crash.
 
 examples:
   embedpipe plan jobs/nightly.yaml           what a run would do and cost, no API call
@@ -370,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="text (default) or json: one JSON object per line on stderr")
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="log each stage's progress (info level)")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress display, no summary (run)")
     parser = _Parser(
         prog="embedpipe", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -379,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="text (default) or json: one JSON object per line on stderr")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log each stage's progress (info level)")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress display, no summary (run)")
     parser.add_argument("--version", action="version", version=f"embedpipe {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -391,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = command("run", "run a job: embed what is new or changed",
                   "embedpipe run jobs/nightly.yaml --report run.json")
     run.add_argument("job", help=JOB_HELP)
+    run.add_argument("--emulator", action="store_true",
+                     help="use the built-in emulator instead of the job's endpoint (offline; "
+                          "the same as --set embed.provider=emulator)")
     run.add_argument("--retry-rejects", action="store_true",
                      help="try files rejected by earlier runs again even if unchanged")
     run.add_argument("--allow-mass-delete", action="store_true",
@@ -408,7 +473,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a job key for this run, checked like the file's own "
                           "(repeatable): --set embed.concurrency=8 --set run.flush_rows=500")
-    run.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
     run.add_argument("--report", metavar="PATH", default=None,
                      help="write the run's figures as JSON to PATH ('-' for stdout)")
     run.set_defaults(func=cmd_run)
@@ -416,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan = command("plan", "what a run would do and cost, without calling the API",
                    "embedpipe plan jobs/nightly.yaml --json")
     plan.add_argument("job", help=JOB_HELP)
+    plan.add_argument("--emulator", action="store_true",
+                     help="use the built-in emulator instead of the job's endpoint (offline; "
+                          "the same as --set embed.provider=emulator)")
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     plan.add_argument("--retry-rejects", action="store_true",
                       help="plan as `run --retry-rejects` would run")
@@ -429,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "style, model, dimensions, task input, Batch API, latency",
                     "embedpipe check jobs/nightly.yaml --json")
     check.add_argument("job", help=JOB_HELP)
+    check.add_argument("--emulator", action="store_true",
+                     help="use the built-in emulator instead of the job's endpoint (offline; "
+                          "the same as --set embed.provider=emulator)")
     check.add_argument("--json", action="store_true", help="print the findings as JSON")
     check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="check with a job key overridden, as `run --set` would (repeatable)")
@@ -438,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "embedpipe search jobs/nightly.yaml \"harbour at night\" -k 3 "
                      "--where \"modality = 'image'\"")
     search.add_argument("job", help=JOB_HELP)
+    search.add_argument("--emulator", action="store_true",
+                     help="use the built-in emulator instead of the job's endpoint (offline; "
+                          "the same as --set embed.provider=emulator)")
     search.add_argument("query", nargs="?", default=None, help="the query text")
     search.add_argument("--file", default=None,
                         help="a query file (image, audio, video, PDF), alone or with the text")
@@ -499,6 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     batches.add_argument("--cancel", action="store_true",
                          help="cancel the open jobs; their items are submitted again next run")
     batches.add_argument("--json", action="store_true", help="print them as a JSON array")
+    batches.add_argument("--wide", action="store_true",
+                         help="every column at its natural width, however wide")
     batches.set_defaults(func=cmd_batches)
 
     emu = command("emulator", "serve the Gemini-compatible emulator (for offline runs and tests)",
@@ -568,6 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.log_format, args.verbose)
+    threading.excepthook = _thread_died
     try:
         code: int = args.func(args)
         return code
@@ -583,10 +659,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         notice("interrupted", "stopped by the user")
         return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: one line (one JSON line), never exit 1, nothing deleted
+        internal_error(exc)
+        return exit_code_for(exc)
+
+
+def internal_error(exc: BaseException) -> None:
+    """An error nobody planned for: its one-line summary for the operator, the traceback as a
+    field under ``--log-format json`` (after the line otherwise)."""
+    trace = "".join(traceback.format_exception(exc))
+    text = (f"{type(exc).__name__}: {exc} (an internal error: please report it with this "
+            "output; nothing was deleted, and the next run continues where this one stopped)")
+    if _JSON["on"]:
+        notice("internal error", text, traceback=trace)
+    elif logging.getLogger().isEnabledFor(logging.INFO):  # -v
+        notice("internal error", text)
+        _consoles.err.print(trace, markup=False, highlight=False, style="dim")
+    else:
+        notice("internal error", text + " (-v shows the traceback)")
+
+
+def _thread_died(hook: threading.ExceptHookArgs) -> None:
+    """A thread's uncaught error goes through the application's logging (a JSON line under
+    --log-format json), not Python's bare traceback on stderr."""
+    if hook.exc_value is not None and not isinstance(hook.exc_value, SystemExit):
+        name = hook.thread.name if hook.thread is not None else "?"
+        logging.getLogger("embedpipe").error(
+            "thread %s died: %s", name, hook.exc_value,
+            exc_info=(hook.exc_type, hook.exc_value, hook.exc_traceback))
 
 
 def _entry() -> Any:
     code = main()
+    from pipeline.engine.threads import threads_left
+
     if threads_left():
         # A parser the run gave up on is still running in a thread nothing can end; the
         # interpreter would wait for it at exit. Everything is committed and printed.

@@ -25,6 +25,7 @@ names or messages.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -177,8 +178,16 @@ class TerminalEmbedError(EmbedError):
     """A 4xx about the request's content (a 400 INVALID_ARGUMENT): retrying cannot help."""
 
 
+# Where Lance's Rust code was built ("..., /home/runner/work/lance/lance/rust/lance/src/x.rs:12:5"):
+# noise to an operator, cut from sink errors.
+_BUILD_PATH = re.compile(r",?\s*(?:/[^\s/,]+)+\.rs:\d+(?::\d+)?")
+
+
 class SinkError(PipelineError):
     """The output table could not be opened or written."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_BUILD_PATH.sub("", message))
 
 
 class ClusterError(PipelineError):

@@ -46,8 +46,8 @@ def prometheus_text(report: dict[str, Any]) -> str:
         lines.extend(f"{name}{{{job}{labels}}} {_number(v)}" for labels, v in samples)
 
     gauge("embedpipe_last_run_success",
-          "1 if the job's last run finished (exit 0 or 1: some files rejected), else 0.",
-          [("", 1 if report["exit_code"] in (0, 1) else 0)])
+          "1 if the job's last run finished (exit 0, rejects included), else 0.",
+          [("", 1 if report["exit_code"] == 0 else 0)])
     for name, help_text, key in _GAUGES:
         gauge(name, help_text, [("", report.get(key))])
     gauge("embedpipe_last_run_files", "Files of the job's last run, by what became of them.",

@@ -11,19 +11,39 @@ from dataclasses import dataclass, field
 
 from pipeline.errors import AccessError, EmbedError, PipelineError, QuotaExhausted
 
-EXIT_OK = 0
-EXIT_REJECTS = 1
+EXIT_OK = 0  # finished: everything embedded or rejected (rejects are in the summary/report)
+# 1 is never a run's: it is what Python (and Ray) exit with on a crash, so it cannot mean "done".
 EXIT_USAGE = 2
 EXIT_FAILED = 3
 EXIT_QUOTA = 4
 EXIT_LOCKED = 5
 EXIT_PENDING = 6  # `run --detach`: Batch API jobs are running; the next run collects them
+EXIT_INTERNAL = 70  # an unexpected error (a bug): sysexits' EX_SOFTWARE; nothing is deleted
 EXIT_INTERRUPTED = 130
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The exit code of a run or command that ended with ``exc`` (the one rule, for the CLI and
+    the ``runs`` row alike)."""
+    from pipeline.errors import ConfigError
+    from pipeline.state.lock import JobLocked
+
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(exc, JobLocked):
+        return EXIT_LOCKED
+    if isinstance(exc, ConfigError):
+        return EXIT_USAGE
+    if isinstance(exc, QuotaExhausted):
+        return EXIT_QUOTA
+    if isinstance(exc, PipelineError):
+        return EXIT_FAILED
+    return EXIT_INTERNAL
 
 
 def run_status(code: int) -> str:
     """The ``runs`` table's status for a run that ended with this exit code."""
-    return {EXIT_OK: "finished", EXIT_REJECTS: "finished", EXIT_QUOTA: "quota",
+    return {EXIT_OK: "finished", EXIT_QUOTA: "quota",
             EXIT_INTERRUPTED: "stopped", EXIT_PENDING: "pending"}.get(code, "failed")
 
 
@@ -61,7 +81,7 @@ class RunOutcome:
         self.failure = why  # the CLI prints it once; the report lists it among the problems
         self.problems.append(why)
 
-    def exit_code(self, rejects: int, pending_jobs: int = 0) -> int:
+    def exit_code(self, pending_jobs: int = 0) -> int:
         if self.fatal is not None:
             return EXIT_FAILED
         if self.interrupted:
@@ -72,4 +92,4 @@ class RunOutcome:
             return EXIT_PENDING
         if self.failed_items or self.deletion_refused:
             return EXIT_FAILED
-        return EXIT_REJECTS if rejects else EXIT_OK
+        return EXIT_OK

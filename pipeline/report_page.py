@@ -17,6 +17,7 @@ from typing import Any
 
 from pipeline.history import History
 from pipeline.models import SOURCES
+from pipeline.terminal import plural
 
 # Okabe & Ito's palette: told apart by readers with any common colour-vision deficiency.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#8C6D31",
@@ -287,13 +288,13 @@ def render_html(history: History, generated: datetime) -> str:
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">
-<title>embedpipe: {_e(history.job)}, last {len(history.runs)} runs</title>
+<title>embedpipe: {_e(history.job)}, last {plural(len(history.runs), "run")}</title>
 <style>{STYLE}</style>
 </head>
 <body>
 <header>
 <h1>Run history of {_e(history.job)}</h1>
-<p>model {_e(history.model)} · sink {_e(history.sink)} · {len(history.runs)} runs from
+<p>model {_e(history.model)} · sink {_e(history.sink)} · {plural(len(history.runs), "run")} from
 {_e(_started(history.runs[0]))} to {_e(_started(history.runs[-1]))} UTC ·
 made {generated:%Y-%m-%d %H:%M} UTC</p>
 </header>

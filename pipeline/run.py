@@ -44,9 +44,8 @@ from pipeline.outcome import EXIT_FAILED as EXIT_FAILED
 from pipeline.outcome import EXIT_INTERRUPTED as EXIT_INTERRUPTED
 from pipeline.outcome import EXIT_OK as EXIT_OK
 from pipeline.outcome import EXIT_QUOTA as EXIT_QUOTA
-from pipeline.outcome import EXIT_REJECTS as EXIT_REJECTS
 from pipeline.outcome import EXIT_USAGE as EXIT_USAGE
-from pipeline.outcome import RunOutcome, run_status
+from pipeline.outcome import RunOutcome, exit_code_for, run_status
 from pipeline.records import BatchSupport
 from pipeline.sinks.arrow import ArrowSink
 from pipeline.sinks.lance import LanceSink, open_db, preload
@@ -137,7 +136,7 @@ class Run:
                         held.pid, held.host)
         await anyio.to_thread.run_sync(self._open)
         committed = await anyio.to_thread.run_sync(self._resume)
-        status = "failed"
+        ended_by: BaseException | None = None
         try:
             with ExitStack() as sort, ExitStack() as cluster:
                 # the manifest's sort is closed once the listing is done
@@ -166,11 +165,15 @@ class Run:
                         await self.engine.run()
                     except BaseExceptionGroup as group:
                         raise _first_pipeline_error(group) from None
-            status = "finished"
+        except BaseException as exc:
+            ended_by = exc
+            raise
         finally:
             self.stats.finished = datetime.now(UTC).timestamp()
-            code = (self.outcome.exit_code(self.stats.rejects, self.stats.batch_jobs_pending)
-                    if status == "finished" else EXIT_FAILED)
+            # The code the process exits with, also when an error ends the run: the runs row
+            # must say what a scheduler saw.
+            code = (self.outcome.exit_code(self.stats.batch_jobs_pending) if ended_by is None
+                    else exit_code_for(ended_by))
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._close, code)
         return RunResult(self.stats, code, self.outcome.problems, self.final_report)
@@ -341,7 +344,8 @@ def _first_pipeline_error(group: BaseExceptionGroup[BaseException]) -> BaseExcep
             exc = _first_pipeline_error(exc)
         if isinstance(exc, PipelineError):
             return exc
-    return group
+    first = group.exceptions[0]  # no error of ours: the first one, for the traceback
+    return _first_pipeline_error(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def run_job(job: JobConfig, **kwargs: Any) -> RunResult:

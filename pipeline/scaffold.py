@@ -12,6 +12,7 @@ from typing import Any
 
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.records import SourceObject
+from pipeline.terminal import plural
 
 LIST_FILES = 10_000  # a quick listing: this many files at most ...
 LIST_SECONDS = 10.0  # ... or this long
@@ -84,7 +85,7 @@ def listing_line(counts: Counter[str], cut: bool, failed: str | None) -> str:
     if not counts:
         return "The listing found no files yet."
     more = " (the first ones: the listing was cut short)" if cut else ""
-    return f"Found {sum(counts.values()):,} files{more}: {found}."
+    return f"Found {plural(sum(counts.values()), 'file')}{more}: {found}."
 
 
 def job_yaml(name: str, block: dict[str, Any], counts: Counter[str], cut: bool,

@@ -80,6 +80,13 @@ async def search(job: JobConfig, query: str | None, *, k: int = 5, where: str | 
             raise NotRunYet(f"no vectors in {job.sink.path}")
     else:
         table = await anyio.to_thread.run_sync(_open_vectors, job)
+        held = getattr(table.schema.field("vector").type, "list_size", None)
+        if held is not None and held != job.embed.output_dimensionality:
+            raise ConfigError(
+                f"the table {job.sink.table!r} holds vectors of {held} dimensions and the job "
+                f"asks for {job.embed.output_dimensionality} (embed.output_dimensionality): "
+                "search with the settings the table was written with, or run the job to "
+                "re-embed it")
     async with embedding_client(job) as client:
         response = await client.embed(TaskStyle.for_job(job).query(tuple(parts)))
     vector = response.vectors[0]
@@ -199,8 +206,8 @@ def _pending(manifest: Any, run: dict[str, Any]) -> dict[str, Any]:
     if not run.get("files_seen"):
         return {"run_id": run["run_id"], "status": run["status"], "files": None}
     done = run.get("files_done") or 0
-    if run["status"] in (RUNNING, "killed", "interrupted") and manifest is not None:
-        # killed: its row was last written when its listing finished; its files are in the
-        # manifest under its run id
+    if run["status"] != "finished" and manifest is not None:
+        # killed, or failed part-way (a write that failed): its row may count files whose
+        # rows never landed; what the manifest holds under its run id is what it completed
         done = manifest.count_rows(f"run_id = {sql_str(run['run_id'])}")
     return {"run_id": run["run_id"], "status": run["status"], "files": max(0, todo - done)}

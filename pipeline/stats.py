@@ -18,6 +18,7 @@ class RunStats:
     files_changed: int = 0
     files_unchanged: int = 0
     files_rejected_at_listing: int = 0  # not regular files, broken links, unlistable folders
+    links_skipped: int = 0  # links to folders, not followed by design (source.follow_symlinks)
     files_sidecars: int = 0  # captions embedded with their media file, not on their own
     files_deleted: int = 0
     files_done: int = 0

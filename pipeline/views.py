@@ -5,19 +5,23 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from pipeline.check import Finding
-from pipeline.config import JobConfig
-from pipeline.history import History
 from pipeline.report_page import dollars, seconds
-from pipeline.run import Run, RunResult
 from pipeline.stats import RunStats
+from pipeline.terminal import plural, printable
+
+if TYPE_CHECKING:  # what the commands hand over; not imported to show it
+    from pipeline.check import Finding
+    from pipeline.config import JobConfig
+    from pipeline.history import History
+    from pipeline.run import Run, RunResult
 
 
 def progress_display(console: Console, enabled: bool,
@@ -54,6 +58,7 @@ def show_summary(console: Console, job: JobConfig, result: RunResult, run: Run) 
         ("files seen", s.files_seen), ("  new", s.files_new), ("  changed", s.files_changed),
         ("  unchanged", s.files_unchanged),
         ("  rejected at listing", s.files_rejected_at_listing),
+        *((("  links to folders skipped", s.links_skipped),) if s.links_skipped else ()),
         *((("  sidecars", s.files_sidecars),) if s.files_sidecars else ()),
         ("files deleted", s.files_deleted),
         ("items embedded", s.items_embedded), ("rejected", s.rejects),
@@ -69,12 +74,12 @@ def show_summary(console: Console, job: JobConfig, result: RunResult, run: Run) 
     for reason, n in sorted(s.reject_reasons.items()):
         table.add_row(f"  rejected {reason}", str(n))
     console.print(table)
-    if s.mode_why and job.embed.mode != "interactive":
+    if s.mode_used == "batch" or "does not serve" in s.mode_why:
         console.print(f"API used: {s.mode_used} ({escape(s.mode_why)})", highlight=False,
                       soft_wrap=True)
     for problem in result.problems[:10]:
         if problem != run.failure:
-            console.print(f"[yellow]problem:[/] {escape(problem)}", highlight=False,
+            console.print(f"[yellow]problem:[/] {escape(printable(problem))}", highlight=False,
                           soft_wrap=True)
     console.print(f"table: {job.sink.uri} ({job.sink.table}); rejects in {job.sink.rejects_table}")
     if getattr(run, "report_path", None):
@@ -99,7 +104,8 @@ def show_plan(out: Console, job: JobConfig, figures: dict[str, Any]) -> None:
     out.print(f"prices: {figures['prices_source']}", highlight=False)
     out.print(f"PDF pages {figures['pdf_pages']:,}; audio {figures['audio_seconds']:,} s; "
               f"video {figures['video_seconds']:,} s; rejects "
-              f"{figures['rejects'] or 'none'}; Batch API cost {figures['cost_usd_batch_api']:.4f}")
+              f"{_counts(figures['rejects']) or 'none'}; Batch API cost "
+              f"{figures['cost_usd_batch_api']:.4f}")
     out.print(f"a run would use the {figures['mode']} API (embed.mode: {job.embed.mode})",
               highlight=False)
     bound = figures["quota_bound_minutes"]
@@ -149,6 +155,11 @@ def fitted(out: Console, columns: list[tuple[str, str]], rows: list[dict[str, An
     raise AssertionError("unreachable")
 
 
+def _counts(by: dict[str, int] | None) -> str:
+    """``{"corrupt": 2, "empty": 1}`` as ``corrupt 2, empty 1``."""
+    return ", ".join(f"{k} {v:,}" for k, v in sorted((by or {}).items()))
+
+
 def show_status(out: Console, job: JobConfig, status: dict[str, Any], wide: bool = False) -> None:
     out.print(f"[bold]{job.name}[/]: {status['uri']}", highlight=False, soft_wrap=True)
     out.print("rows: " + ", ".join(f"{k} {v if v is not None else '-'}"
@@ -174,7 +185,7 @@ HISTORY_COLUMNS = [("run_id", "run"), ("status", "status"), ("started", "started
 
 
 def show_history(out: Console, history: History, wide: bool = False) -> None:
-    out.print(f"[bold]{escape(history.job)}[/]: the last {len(history.runs)} runs",
+    out.print(f"[bold]{escape(history.job)}[/]: the last {plural(len(history.runs), 'run')}",
               highlight=False)
     shown = {"cost_usd": dollars, "wall_s": seconds, "latency_p50_s": seconds,
              "latency_p95_s": seconds}
@@ -192,7 +203,8 @@ def show_history(out: Console, history: History, wide: bool = False) -> None:
                                                          for r, n in reasons.most_common()))
 
 
-def show_batches(out: Console, job: JobConfig, rows: list[dict[str, Any]]) -> None:
+def show_batches(out: Console, job: JobConfig, rows: list[dict[str, Any]],
+                 wide: bool = False) -> None:
     table = Table(title=f"Batch API jobs of {job.name}")
     for col in ("display name", "job", "status", "service", "items", "created"):
         table.add_column(col)
@@ -200,7 +212,7 @@ def show_batches(out: Console, job: JobConfig, rows: list[dict[str, Any]]) -> No
         table.add_row(row["display_name"], row["name"] or "-", row["status"],
                       row.get("service_state", "-"), str(row["items"]),
                       f"{row['created']:%Y-%m-%d %H:%M}")
-    out.print(table)
+    _print_wide(out, table, wide)
 
 
 def show_rejects(out: Console, rows: list[dict[str, Any]], wide: bool = False) -> None:
@@ -214,13 +226,13 @@ def show_rejects(out: Console, rows: list[dict[str, Any]], wide: bool = False) -
     for col in ("file", "reason", "message"):
         table.add_column(col, no_wrap=not wide, overflow="fold")
     for row in rows:
-        name = row["key"] or row["uri"]
+        name = printable(row["key"] or row["uri"])
         if row["part"] is not None:
             name = f"{name} #{row['part'] + 1}"
-        message = (row["message"] or "").replace("\n", " ")
+        message = printable((row["message"] or "").replace("\n", " "))
         if not wide:
             name, message = _cut(name, key_w), _cut(message, message_w)
-        table.add_row(name, row["reason"], message)
+        table.add_row(Text(name), row["reason"], Text(message))
     _print_wide(out, table, wide)
     for reason, n in Counter(row["reason"] for row in rows).most_common():
         fix = next(r["fix"] for r in rows if r["reason"] == reason)
@@ -229,6 +241,11 @@ def show_rejects(out: Console, rows: list[dict[str, Any]], wide: bool = False) -
 
 def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def shown(text: str) -> Text:
+    """A table cell of data (a name, a message): control characters escaped, no markup read."""
+    return Text(printable(text))
 
 
 def show_hits(out: Console, hits: list[dict[str, Any]], wide: bool = False) -> None:
@@ -250,14 +267,15 @@ def show_hits(out: Console, hits: list[dict[str, Any]], wide: bool = False) -> N
         table.add_column(col, no_wrap=not wide, overflow="fold")
     for rank, hit in enumerate(hits, 1):
         cells = {"#": str(rank), "score": f"{hit['score']:.3f}",
-                 "source": hit["key"] or hit["uri"], "where": hit["where"],
-                 "modality": hit["modality"], "text": (hit["text"] or "").replace("\n", " ")}
+                 "source": printable(hit["key"] or hit["uri"]), "where": hit["where"],
+                 "modality": hit["modality"],
+                 "text": printable((hit["text"] or "").replace("\n", " "))}
         if not wide:
             cells.update(source=_cut(cells["source"], source_w),
                          where=_cut(cells["where"], where_w), text=_cut(cells["text"], text_w))
         else:
             cells["text"] = cells["text"][:400]
-        table.add_row(*(cells[c] for c in columns))
+        table.add_row(*(Text(cells[c]) for c in columns))
     _print_wide(out, table, wide)
 
 
@@ -278,4 +296,5 @@ def show_check(out: Console, job: JobConfig, findings: list[Finding]) -> None:
               f"{escape(where)}", highlight=False)
     for f in findings:
         mark = "[green]ok  [/]" if f.ok else "[red]FAIL[/]"
-        out.print(f"{mark} {f.what:<10} {escape(f.detail)}", highlight=False, soft_wrap=True)
+        out.print(f"{mark} {f.what:<10} {escape(printable(f.detail))}", highlight=False,
+                  soft_wrap=True)

@@ -54,11 +54,17 @@ def test_missing_job_file(tmp_path):
         load_job(tmp_path / "nope.yaml")
 
 
-def test_missing_source_folder(tmp_path):
+def test_a_missing_source_folder_loads_and_fails_at_listing(tmp_path):
+    # An unmounted share is an outage, not a bad job: the reading commands must still work,
+    # and a run fails with exit 3 when it lists (tests/test_night.py).
+    from connectors import connector_for
+    from pipeline.errors import ConnectorError
+
     path = tmp_path / "job.yaml"
     path.write_text(MINIMAL, encoding="utf-8")
-    with pytest.raises(ConfigError, match=r"source\.root: folder .*samples does not exist"):
-        load_job(path)
+    job = load_job(path)
+    with pytest.raises(ConnectorError, match=r"samples does not exist"):
+        list(connector_for(job).list())
 
 
 def test_env_variables_defaults_and_unset(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.config import load_job
 from pipeline.metrics import prometheus_text
-from pipeline.run import EXIT_REJECTS, run_job
+from pipeline.run import EXIT_OK, run_job
 from pipeline.samples import make_text_corpus
 from tests.conftest import write_job
 
@@ -41,12 +41,12 @@ def test_a_run_writes_its_figures_for_the_textfile_collector(tmp_path: Path):
     job = write_job(tmp_path, src, name="nightly",
                     extra={"run": {"metrics_textfile": str(prom), "report": str(tmp_path / "r.json")}})
     result = run_job(load_job(job))
-    assert result.exit_code == EXIT_REJECTS
+    assert result.exit_code == EXIT_OK
     report = json.loads((tmp_path / "r.json").read_text())
     samples = _parse(prom.read_text(encoding="utf-8"))
     job_label = 'job="nightly"'
     assert samples[("embedpipe_last_run_success", job_label)] == 1
-    assert samples[("embedpipe_last_run_exit_code", job_label)] == EXIT_REJECTS
+    assert samples[("embedpipe_last_run_exit_code", job_label)] == EXIT_OK
     assert samples[("embedpipe_last_run_items_embedded", job_label)] == 20
     assert samples[("embedpipe_last_run_files", job_label + ',kind="seen"')] == 21
     assert samples[("embedpipe_last_run_rejects", job_label + ',reason="empty"')] == 1

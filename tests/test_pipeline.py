@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.config import load_job
 from pipeline.emulator.server import Emulator
-from pipeline.run import EXIT_OK, EXIT_REJECTS, run_job
+from pipeline.run import EXIT_OK, run_job
 from tests.conftest import copy_corpus_files, write_job
 
 MIXED = ["pdf/tracemonkey.pdf", "pdf/minimal-document.pdf", "image/smile.png",
@@ -47,7 +47,7 @@ def _tables(job_path: Path, env: dict[str, str] | None = None) -> tuple[pl.DataF
 def test_end_to_end_mixed_folder(tmp_path: Path, mixed: Path):
     job_path = write_job(tmp_path, mixed)
     result = run_job(load_job(job_path))
-    assert result.exit_code == EXIT_REJECTS
+    assert result.exit_code == EXIT_OK
     vectors, rejects = _tables(job_path)
     # tracemonkey: 14 pages -> 3 parts; 4 images/pdf singles; 2 texts
     assert vectors.height == 3 + 1 + 3 + 2 == result.stats.items_embedded
@@ -115,7 +115,7 @@ def test_cli_run_and_search_rank_the_relevant_text_first(tmp_path: Path, mixed: 
     env = {**os.environ, "COLUMNS": "200"}
     run = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job_path)],
                          capture_output=True, text=True, timeout=120, env=env)
-    assert run.returncode == EXIT_REJECTS, run.stderr
+    assert run.returncode == EXIT_OK, run.stderr
     assert "items embedded" in run.stderr and "rejected encrypted" in run.stderr
     search = subprocess.run([sys.executable, "-m", "pipeline.cli", "search", str(job_path),
                              "how long to cook spaghetti", "-k", "3"],

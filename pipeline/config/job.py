@@ -287,6 +287,8 @@ class RunConfig(_Strict):
     # "auto" (ray when RAY_ADDRESS is set). Listing and writing stay in this process.
     engine: Literal["local", "ray", "auto"] = "local"
     ray_address: str | None = None
+    # How long to wait for the cluster's head to answer before the run fails (exit 3).
+    ray_connect_timeout_s: float = Field(30.0, gt=0)
     # The run's figures in Prometheus text format, written atomically at the end of each run
     # (for node_exporter's textfile collector: a path ending in .prom in its folder).
     metrics_textfile: str | None = None

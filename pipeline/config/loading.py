@@ -13,6 +13,7 @@ text names the file, the key path and the problem.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 from pathlib import Path
@@ -26,6 +27,8 @@ from pydantic import (
 
 from pipeline.config.job import JobConfig
 from pipeline.errors import ConfigError
+
+log = logging.getLogger("embedpipe.config")
 
 # --- loading ----------------------------------------------------------------------------------
 
@@ -171,6 +174,23 @@ def _apply(raw: dict[str, Any], overrides: dict[tuple[str, ...], Any], path: Pat
         node[keys[-1]] = value
 
 
+# Keys of provider gemini that mean nothing to the emulator.
+GEMINI_ONLY = ("base_url", "api_version", "auth", "api_key", "batch_api")
+
+
+def _to_emulator(raw: dict[str, Any], path: Path) -> None:
+    """``--set embed.provider=emulator`` (or ``--emulator``) on a job written for Google: the
+    keys only a real endpoint uses are set aside, with a notice, so the job can be tried
+    offline as it stands."""
+    embed = raw.get("embed")
+    if not isinstance(embed, dict):
+        return
+    dropped = [k for k in GEMINI_ONLY if embed.pop(k, None) is not None]
+    if dropped:
+        log.warning("%s: embed.provider is emulator for this invocation: %s ignored", path,
+                    ", ".join(f"embed.{k}" for k in dropped))
+
+
 def load_job(path: str | Path, env: dict[str, str] | None = None,
              overrides: dict[tuple[str, ...], Any] | None = None) -> JobConfig:
     """Load and validate a job file, with ``overrides`` (from ``--set``) applied before it is
@@ -195,6 +215,8 @@ def load_job(path: str | Path, env: dict[str, str] | None = None,
         raise ConfigError(f"{path}: a job file must be a mapping of keys, got {type(raw).__name__}")
     if overrides:
         _apply(raw, overrides, path)
+        if overrides.get(("embed", "provider")) == "emulator":
+            _to_emulator(raw, path)
     unset: list[str] = []
     try:
         data = _expand(raw, (), env, unset)

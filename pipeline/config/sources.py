@@ -93,15 +93,18 @@ class _SourceCommon(_Strict):
 
 class LocalSourceConfig(_SourceCommon):
     kind: Literal["local"]
+    # Whether it exists is asked when it is listed, not here: a missing root (an unmounted
+    # share) is an outage (a run fails with exit 3), and status, search, report and rejects
+    # must work during it.
     root: Path
+    # Links to folders are not followed (each one is counted as skipped); true follows them,
+    # wherever they lead, once each: a link back to a folder it is already in is skipped.
+    follow_symlinks: bool = False
 
     @field_validator("root")
     @classmethod
     def _root(cls, value: Path, info: ValidationInfo) -> Path:
-        path = _resolve_path(value, info)
-        if not path.is_dir():
-            raise ValueError(f"folder {path} does not exist")
-        return path
+        return _resolve_path(value, info)
 
 
 class S3Options(_Strict):

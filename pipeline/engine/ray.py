@@ -35,6 +35,8 @@ import contextlib
 import logging
 import math
 import os
+import socket
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -351,10 +353,13 @@ class Cluster:
         self.ray = ray
         self.started = False
         if not ray.is_initialized():
+            address = address or os.environ.get("RAY_ADDRESS") or None
+            if address:
+                reachable(address, job.run.ray_connect_timeout_s)
             with warnings.catch_warnings():
                 # Ray starts its daemons by fork+exec, which lancedb warns about needlessly.
                 warnings.filterwarnings("ignore", message="lancedb fork support")
-                ray.init(address=address or os.environ.get("RAY_ADDRESS") or None,
+                ray.init(address=address,
                          include_dashboard=False, configure_logging=False,
                          log_to_driver=False, ignore_reinit_error=True)
             self.started = True
@@ -388,6 +393,31 @@ class Cluster:
                 self.ray.kill(actor)
         if self.started:
             self.ray.shutdown()
+
+
+def reachable(address: str, timeout_s: float) -> None:
+    """Raise ClusterError unless the cluster's head answers a TCP connection within
+    ``timeout_s`` (``ray.init`` itself retries a wrong address for about 14 minutes)."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.removeprefix("ray://").rsplit("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"the Ray address {address!r} is not HOST:PORT (run.ray_address, "
+                           "--address or RAY_ADDRESS)")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+            return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise ClusterError(
+                    f"cannot reach the Ray cluster at {address} within {timeout_s:g} s "
+                    f"({exc.strerror or exc}): check run.ray_address, --address or RAY_ADDRESS, "
+                    "and that the head node is up (run.ray_connect_timeout_s sets the wait)"
+                ) from None
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
 @contextmanager

@@ -81,6 +81,7 @@ class Listing:
             if batch.num_rows:
                 return pa.Table.from_batches([batch])
         if not self.done:  # what the manifest has beyond the listing's last uri is gone too
+            self.stats.links_skipped = int(getattr(self.connector, "skipped", 0))
             self._gone.append(self._held)
             self._gone.extend(_diff_rows(b) for b in self._manifest)
             self._held = _empty_manifest()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, SinkError
 
 LOCK_NAME = ".embedpipe.lock"
 
@@ -59,7 +59,10 @@ class _Backend(Protocol):
 
 class _LocalBackend:
     def __init__(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _unwritable(folder, exc) from exc
         self.path = folder / LOCK_NAME
 
     def create(self, data: bytes) -> bool:
@@ -67,6 +70,8 @@ class _LocalBackend:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
+        except OSError as exc:
+            raise _unwritable(self.path.parent, exc) from exc
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         return True
@@ -84,6 +89,13 @@ class _LocalBackend:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def _unwritable(folder: Path, exc: OSError) -> SinkError:
+    """The sink folder cannot take the lock: the run's failure (exit 3), in one line."""
+    return SinkError(f"cannot write the lock file in the sink folder {folder}: "
+                     f"{exc.strerror or exc}; check that sink.uri names a folder this user "
+                     "may create and write (nothing was done)")
 
 
 class _S3Backend:
