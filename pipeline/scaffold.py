@@ -123,7 +123,7 @@ embed:
 # Where the vectors go (a Lance table; kind: arrow writes Parquet files instead).
 sink:
   kind: lance
-  uri: ./lance/{name}
+  uri: ./out/{name}                   # beside this job file
 
 run:
   max_delete_fraction: 0.2            # a night deleting more than this share deletes nothing
