@@ -520,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--wide", action="store_true",
                         help="wrap long sources and texts instead of cutting them")
     search.add_argument("--where", default=None, help="a Lance filter, e.g. \"modality = 'text'\"")
+    search.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="search with a job key overridden, as `run --set` (repeatable)")
     search.set_defaults(func=cmd_search)
 
     status = command("status", "the last runs and what the job's tables hold",

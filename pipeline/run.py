@@ -275,20 +275,35 @@ class Run:
             committed=committed)
 
     def _close(self, code: int) -> None:
+        """After the run: tag and upkeep (whose failure is a warning: the rows are committed,
+        the night is done), then the runs row, the JSON report and the metrics, each on every
+        path out (one failing does not keep the others from being written)."""
         status = run_status(code)
         if status in ("finished", "quota", "stopped"):
-            run = self.job.run
-            manifest_index = ([] if run.id_index_min_rows is None
-                              else self.manifest.upkeep(run.id_index_min_rows))
-            for done in [*self.sink.upkeep(run.compact, run.index_min_rows, run.index_type,
-                                           run.id_index_min_rows), *manifest_index]:
-                log.info("table upkeep: %s", done)
-            if self.sink.version() != self._version_before:
-                self.sink.tag(f"run-{self.stats.run_id}")
+            try:
+                self._upkeep()
+            except PipelineError as exc:
+                self.stats.upkeep_warnings.append(str(exc))
+                log.warning("table upkeep failed after the run's rows were committed (the "
+                            "run stands): %s", exc)
         self.final_report = self.report(status, code)  # the run's figures, final: made once
-        self.runlog.record(self._run_row(self.final_report))
-        self._write_report(self.final_report)
-        self._write_metrics(self.final_report)
+        try:
+            self.runlog.record(self._run_row(self.final_report))
+        finally:
+            self._write_report(self.final_report)
+            self._write_metrics(self.final_report)
+
+    def _upkeep(self) -> None:
+        run = self.job.run
+        changed = self.sink.version() != self._version_before
+        manifest_index = ([] if run.id_index_min_rows is None
+                          else self.manifest.upkeep(run.id_index_min_rows))
+        for done in [*self.sink.upkeep(run.compact, run.index_min_rows, run.index_type,
+                                       run.id_index_min_rows, run.keep_versions - 1,
+                                       run.keep_days), *manifest_index]:
+            log.info("table upkeep: %s", done)
+        if changed:  # the version the run leaves (compacted, if it was): the one to name
+            self.sink.tag(f"run-{self.stats.run_id}")
 
     def _write_metrics(self, report: dict[str, Any]) -> None:
         target = self.job.run.metrics_textfile

@@ -14,7 +14,7 @@ from pipeline.gemini.endpoint import embedding_client
 from pipeline.gemini.tasks import TaskStyle
 from pipeline.models import model_spec
 from pipeline.records import Part
-from pipeline.sinks.lance import open_db, sql_str
+from pipeline.sinks.lance import open_db, sql_str, table_figures
 from pipeline.state.lock import JobLock
 from pipeline.state.runs import RUNNING, last_runs
 
@@ -55,6 +55,17 @@ def _bad_where(where: str, exc: Exception) -> ConfigError:
     return ConfigError(f"--where {where!r} cannot be used: {first}")
 
 
+def _same_model(table: Any, job: JobConfig) -> None:
+    """Refuse (unpaid) a search whose query model no row of the table shares."""
+    model = job.embed.model
+    if table.count_rows() and not table.count_rows(f"model = {sql_str(model)}"):
+        found = table.search().select(["model"]).limit(1).to_arrow()["model"].to_pylist()
+        raise ConfigError(
+            f"the table {job.sink.table!r} holds vectors of {found[0] if found else 'another model'}"
+            f", not {model} (embed.model): a query of one model cannot be compared with "
+            "vectors of another; search with the model the table was written with")
+
+
 def _open_vectors(job: JobConfig) -> Any:
     db = open_db(job.sink.uri, sink_storage_options(job))
     if job.sink.table not in db.list_tables().tables:
@@ -87,6 +98,7 @@ async def search(job: JobConfig, query: str | None, *, k: int = 5, where: str | 
                 f"asks for {job.embed.output_dimensionality} (embed.output_dimensionality): "
                 "search with the settings the table was written with, or run the job to "
                 "re-embed it")
+        await anyio.to_thread.run_sync(_same_model, table, job)
     async with embedding_client(job) as client:
         response = await client.embed(TaskStyle.for_job(job).query(tuple(parts)))
     vector = response.vectors[0]
@@ -97,12 +109,12 @@ async def search(job: JobConfig, query: str | None, *, k: int = 5, where: str | 
         if isinstance(job.sink, ArrowSinkConfig):
             return _arrow_nearest(job.sink, vector, k, where)
         q = table.search(vector.tolist()).distance_type("cosine").limit(k)
-        if where:
-            q = q.where(where, prefilter=True)
+        # A vector of another model is not comparable with this query, whatever its score.
+        same = f"model = {sql_str(job.embed.model)}"
+        q = q.where(f"({where}) AND {same}" if where else same, prefilter=True)
         try:
             rows: list[dict[str, Any]] = q.select(
-                ["uri", "key", "part", "modality", "mime", "text", "page_start", "page_end",
-                 "char_start", "char_end", "time_start_s", "time_end_s", "_distance"]).to_list()
+                [c for c in table.schema.names if c != "vector"] + ["_distance"]).to_list()
         except (ValueError, RuntimeError, OSError) as exc:
             if where:  # most likely the filter: a column that is not there, a typo
                 raise _bad_where(where, exc) from None
@@ -196,7 +208,10 @@ def table_status(job: JobConfig, last: int = 10) -> dict[str, Any]:
             latest["status"] = "killed"  # no live process holds its lock: marked by the next run
         pending = _pending(db.open_table(sink.manifest_table) if sink.manifest_table in names
                            else None, latest)
-    return {"uri": sink.uri, "rows": counts, "files": files, "runs": runs, "pending": pending}
+    table = (table_figures(db.open_table(sink.table), db.uri)
+             if not isinstance(sink, ArrowSinkConfig) and sink.table in names else None)
+    return {"uri": sink.uri, "rows": counts, "files": files, "table": table, "runs": runs,
+            "pending": pending}
 
 
 def _pending(manifest: Any, run: dict[str, Any]) -> dict[str, Any]:

@@ -48,6 +48,7 @@ class RunStats:
     tokens_batch_by_modality: Counter[str] = field(default_factory=Counter)
     tokens_by_modality: Counter[str] = field(default_factory=Counter)
     call_latencies: list[float] = field(default_factory=list)  # successful calls, capped
+    upkeep_warnings: list[str] = field(default_factory=list)  # after the commit: not failures
 
     MAX_LATENCY_SAMPLES = 100_000
 

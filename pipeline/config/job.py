@@ -277,6 +277,11 @@ class RunConfig(_Strict):
     # a path writes it there, null writes none.
     report: str | None = "auto"
     compact: bool = False
+    # Each run tags its table version (run-<id>); Lance keeps every file a tagged version
+    # needs. The newest keep_versions run tags are kept, and none older than keep_days;
+    # compaction (run.compact) removes versions older than keep_days. Disk use grows with both.
+    keep_versions: int = Field(7, ge=1)
+    keep_days: float = Field(7.0, gt=0)
     index_min_rows: int | None = Field(None, ge=256)
     # A BTREE index on the rows' id once the table is this large: merging a flush on id scans
     # every id without one (null: never).

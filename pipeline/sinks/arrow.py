@@ -156,7 +156,8 @@ class ArrowSink:
         """Files have no versions to name: nothing to do (see the module docstring)."""
 
     def upkeep(self, compact: bool, index_min_rows: int | None, index_type: str,
-               id_index_min_rows: int | None = None) -> list[str]:
+               id_index_min_rows: int | None = None, keep_versions: int = 7,
+               keep_days: float = 7.0) -> list[str]:
         return []
 
     def dataset(self, sub: str = VECTORS) -> Any:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -118,6 +119,36 @@ def _merge(table: Any, rows: pa.Table | None, stale: list[str]) -> None:
     if stale:
         merge = merge.when_not_matched_by_source_delete(_id_in(stale))
     merge.execute(rows)
+
+
+def table_figures(table: Any, db_uri: str) -> dict[str, Any]:
+    """What a vectors table is: its version and how many it keeps, fragments, rows, bytes
+    (live, and on disk where it is a local folder), tags, model and dimensions."""
+    try:
+        stats = table.stats()
+        frags = stats.get("fragment_stats") or {}
+        models = table.search().select(["model"]).limit(1).to_arrow()["model"].to_pylist()
+        return {"version": int(table.version), "versions": len(table.list_versions()),
+                "fragments": int(frags.get("num_fragments") or 0),
+                "rows": int(stats.get("num_rows") or 0),
+                "live_bytes": int(stats.get("total_bytes") or 0),
+                "disk_bytes": _folder_bytes(db_uri, table.name), "tags": len(table.tags.list()),
+                "model": models[0] if models else None,
+                "dims": getattr(table.schema.field("vector").type, "list_size", None)}
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise SinkError(f"cannot read the figures of {table.name!r} in {db_uri}: {exc}") from exc
+
+
+def _naive(at: datetime) -> datetime:
+    return at.astimezone(UTC).replace(tzinfo=None) if at.tzinfo else at
+
+
+def _folder_bytes(db_uri: str, table: str) -> int | None:
+    """Bytes on disk under a local table's folder (None for an object store)."""
+    if "://" in db_uri and not db_uri.startswith("file://"):
+        return None
+    root = Path(db_uri.removeprefix("file://")) / f"{table}.lance"
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.is_dir() else 0
 
 
 def _id_in(ids: list[str]) -> str:
@@ -282,14 +313,19 @@ class LanceSink:
             raise SinkError(f"cannot tag {self.db.uri} as {name}: {exc}") from exc
 
     def upkeep(self, compact: bool, index_min_rows: int | None, index_type: str,
-               id_index_min_rows: int | None = None) -> list[str]:
-        """Compact small files, keep the id index fresh and build a vector index once the table
-        is large enough."""
+               id_index_min_rows: int | None = None, keep_versions: int = 7,
+               keep_days: float = 7.0) -> list[str]:
+        """Prune the runs' tags (Lance keeps a tagged version's files: a tag kept forever would
+        stop every cleanup), compact small files and remove versions older than ``keep_days``,
+        keep the id index fresh and build a vector index once the table is large enough."""
         done = []
         try:
+            pruned = self.prune_tags(keep_versions, keep_days)
+            if pruned:
+                done.append(f"{pruned} old run tags removed")
             if compact:
-                self.vectors.optimize()
-                done.append("compacted")
+                self.vectors.optimize(cleanup_older_than=timedelta(days=keep_days))
+                done.append(f"compacted, versions older than {keep_days:g} days removed")
             rows = self.vectors.count_rows()
             if id_index_min_rows is not None and rows >= id_index_min_rows:
                 done.extend(self._id_index(rows))
@@ -300,6 +336,22 @@ class LanceSink:
         except (OSError, ValueError, RuntimeError) as exc:
             raise SinkError(f"table upkeep on {self.db.uri} failed: {exc}") from exc
         return done
+
+    def prune_tags(self, keep_versions: int, keep_days: float) -> int:
+        """Remove the ``run-…`` tags beyond the newest ``keep_versions`` and those of versions
+        older than ``keep_days`` (other tags are the user's: left alone)."""
+        versions = {v["version"]: v["timestamp"] for v in self.vectors.list_versions()}
+        now = datetime.now(UTC).replace(tzinfo=None)  # Lance's timestamps are naive UTC
+        ours = sorted(((t["version"], name) for name, t in self.vectors.tags.list().items()
+                       if name.startswith("run-")), reverse=True)
+        pruned = 0
+        for rank, (version, name) in enumerate(ours):
+            at = versions.get(version)
+            old = at is not None and (now - _naive(at)).total_seconds() > keep_days * 86_400
+            if rank >= keep_versions or old:
+                self.vectors.tags.delete(name)
+                pruned += 1
+        return pruned
 
     def _id_index(self, rows: int) -> list[str]:
         """Each flush merges on ``id`` and looks up the rows of changed files by ``uri``:
