@@ -33,7 +33,7 @@ import pyarrow as pa
 from connectors import connector_for
 from connectors.base import content_version
 from connectors.s3_options import sink_storage_options
-from pipeline.config import JobConfig
+from pipeline.config import ArrowSinkConfig, JobConfig
 from pipeline.errors import ConnectorError, SinkError
 from pipeline.models import FACTS_AS_OF, SOURCES, cost_usd
 from pipeline.records import Reject
@@ -41,6 +41,7 @@ from pipeline.sinks.lance import open_db
 from pipeline.stages.companions import Companions
 from pipeline.stages.listing import Listing, Todo
 from pipeline.state.manifest import Manifest, mass_delete_refusal
+from pipeline.state.tables import TableLog, TableSpace
 from pipeline.stats import RunStats
 from pipeline.validate import Validator
 
@@ -55,6 +56,7 @@ class Plan:
     video_s: float = 0.0
     rejects: Counter[str] = field(default_factory=Counter)
     delete_refusal: str | None = None  # why the run would refuse its deletions
+    upgrade: str | None = None  # a change of every vector's settings, and how it is made
     wall_s: float = 0.0
 
     def as_dict(self, job: JobConfig) -> dict[str, Any]:
@@ -82,6 +84,7 @@ class Plan:
             "days_by_requests_per_day": (math.ceil(requests / quota.rpd) if quota.rpd
                                          else None),
             "delete_refusal": self.delete_refusal,
+            "upgrade": self.upgrade,
             "plan_wall_s": round(self.wall_s, 2),
         }
 
@@ -107,6 +110,23 @@ def _manifest(job: JobConfig) -> Iterator[tuple[Iterator[pa.RecordBatch] | None,
         return
     with manifest.sorted_rows() as rows:
         yield rows, manifest.count()
+
+
+def _upgrade(job: JobConfig, changed: int) -> str | None:
+    """What a run would change of every vector, if anything (read only)."""
+    if isinstance(job.sink, ArrowSinkConfig):
+        return None
+    try:
+        db = open_db(job.sink.state_uri, sink_storage_options(job))
+        held = TableLog(db, read_only=True).space(job.sink.table)
+    except (SinkError, OSError, ValueError, RuntimeError):
+        return None
+    space = TableSpace.of_job(job)
+    if held is None or held.fingerprint == space.fingerprint:
+        return None
+    return (f"{held.describe_change(space)}: {changed:,} files re-embedded into "
+            f"{job.sink.table}-next; readers keep {job.sink.table!r} as it is until every file "
+            "is done, then it is switched in one commit")
 
 
 # One validator per worker process (parsing PDFs and measuring media is CPU work: processes
@@ -205,6 +225,7 @@ def make_plan(job: JobConfig, retry_rejects: bool = False, workers: int | None =
                         ("unchanged", seen.files_unchanged)):
         if count:
             plan.files[name] = count
+    plan.upgrade = _upgrade(job, seen.files_changed)
     if job.run.on_delete == "delete":
         gone = listing.gone()
         plan.files["deleted"] = len(gone)

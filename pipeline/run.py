@@ -31,7 +31,7 @@ from pipeline.config import ArrowSinkConfig, JobConfig
 from pipeline.engine import ray as ray_engine
 from pipeline.engine.batch import BatchDriver, BatchRouter, open_jobs
 from pipeline.engine.local import LocalEngine
-from pipeline.errors import AccessError, PipelineError, QuotaExhausted
+from pipeline.errors import AccessError, ConfigError, PipelineError, QuotaExhausted
 from pipeline.gemini.batches import BatchApi
 from pipeline.gemini.client import GeminiClient
 from pipeline.gemini.endpoint import embedding_client
@@ -48,7 +48,7 @@ from pipeline.outcome import EXIT_USAGE as EXIT_USAGE
 from pipeline.outcome import RunOutcome, exit_code_for, run_status
 from pipeline.records import BatchSupport
 from pipeline.sinks.arrow import ArrowSink
-from pipeline.sinks.lance import LanceSink, open_db, preload
+from pipeline.sinks.lance import LanceSink, open_db, preload, sql_str
 from pipeline.stages import Stages
 from pipeline.stages.batching import Batching
 from pipeline.stages.companions import Companions
@@ -62,6 +62,7 @@ from pipeline.state.endpoints import EndpointLog
 from pipeline.state.lock import JobLock
 from pipeline.state.manifest import Manifest
 from pipeline.state.runs import RunLog
+from pipeline.state.tables import TableLog, TableSpace, prepare_shadow, switch, upgrade_from
 from pipeline.stats import RunStats
 
 log = logging.getLogger("embedpipe.run")
@@ -99,6 +100,7 @@ class Run:
         self.outcome = RunOutcome()
         self.engine: LocalEngine | None = None
         self.report_path: Path | None = None
+        self.upgrade: TableSpace | None = None  # what the live table holds, during an upgrade
         self.final_report: dict[str, Any] = {}  # what report() says at the run's end
 
     @property
@@ -190,11 +192,24 @@ class Run:
         columns: dict[str, str] = (dict(job.source.metadata.columns) if job.source.metadata
                                    else {})
         dims, model = job.embed.output_dimensionality, job.embed.model
-        self.sink: LanceSink | ArrowSink = (
-            ArrowSink(job.sink.path, job.sink.format, dims, model, columns)
-            if isinstance(job.sink, ArrowSinkConfig) else
-            LanceSink(db, job.sink.table, job.sink.rejects_table, dims, model, columns))
         self.manifest = Manifest(db, job.sink.manifest_table)
+        self.db, self.tables, self.space = db, TableLog(db), TableSpace.of_job(job)
+        self.sink: LanceSink | ArrowSink
+        if isinstance(job.sink, ArrowSinkConfig):
+            self.sink = ArrowSink(job.sink.path, job.sink.format, dims, model, columns)
+        else:
+            # New settings for every vector: built beside the live table, switched at the end.
+            self.upgrade = upgrade_from(db, self.tables, self.manifest.table, job.sink.table,
+                                        self.space)
+            target = (job.sink.table if self.upgrade is None
+                      else prepare_shadow(db, self.tables, job.sink.table, self.space))
+            self.sink = LanceSink(db, target, job.sink.rejects_table, dims, model, columns,
+                                  mirror=(db.open_table(job.sink.table)
+                                          if self.upgrade is not None else None))
+            if self.upgrade is not None:
+                self.stats.upgrade = (f"{self.upgrade.describe_change(self.space)}: built in "
+                                      f"{target!r}; readers keep {job.sink.table!r} as it is "
+                                      "until every file is done")
         self.runlog = RunLog(db, job.sink.runs_table)
         self.batch_log = BatchLog(db, job.sink.batches_table)
         self.endpoints = EndpointLog(db)
@@ -202,6 +217,14 @@ class Run:
     def _resume(self) -> frozenset[str]:
         """Runs that never finished (killed) left rows behind: those are paid for already.
         Their ids are skipped when met again; the runs are marked interrupted."""
+        others = self.runlog.other_jobs(self.job.name)
+        if others:
+            sink = self.job.sink
+            raise ConfigError(
+                f"the table {sink.table!r} in {sink.uri} is written by job {others[0]!r} (its "
+                f"{sink.runs_table!r} table says so): two jobs in one table would delete each "
+                f"other's files; give job {self.job.name!r} its own sink.table (its state "
+                f"follows it) or sink folder, or, if it is {others[0]!r} renamed, name it back")
         unfinished, running = self.runlog.unfinished()
         committed = frozenset(self.sink.committed_ids(unfinished))
         self.runlog.mark_interrupted(running)
@@ -271,7 +294,8 @@ class Run:
                               concurrency=AdaptiveConcurrency(embed.concurrency)),
             writer=Writer(self.sink, self.manifest, stats, fingerprint, stats.run_id,
                           max_delete_fraction=job.run.max_delete_fraction,
-                          allow_mass_delete=self.allow_mass_delete),
+                          allow_mass_delete=self.allow_mass_delete,
+                          hold_changed=self.upgrade is None),
             committed=committed)
 
     def _close(self, code: int) -> None:
@@ -279,6 +303,12 @@ class Run:
         the night is done), then the runs row, the JSON report and the metrics, each on every
         path out (one failing does not keep the others from being written)."""
         status = run_status(code)
+        if self.upgrade is not None and code == EXIT_OK and self.stats.listing_done:
+            try:
+                self._switch()
+            except PipelineError as exc:  # the upgrade stays built: the next run switches
+                self.outcome.problems.append(f"the upgraded table was not switched in: {exc}")
+                log.warning("the upgraded table was not switched in: %s", exc)
         if status in ("finished", "quota", "stopped"):
             try:
                 self._upkeep()
@@ -292,6 +322,22 @@ class Run:
         finally:
             self._write_report(self.final_report)
             self._write_metrics(self.final_report)
+
+    def _switch(self) -> None:
+        """Every file is in the new table: readers get it in one commit."""
+        assert isinstance(self.sink, LanceSink)
+        left = self.manifest.table.count_rows(f"fingerprint != {sql_str(self.space.fingerprint)}")
+        if left:  # files not redone (unreadable this time): the upgrade is not complete
+            self.outcome.problems.append(f"upgrade not switched in yet: {left:,} files still "
+                                         "hold vectors of the old settings")
+            return
+        self.sink.vectors = switch(self.db, self.tables, self.job.sink.table,
+                                   self.sink.vectors, self.space)
+        self.sink.mirror = None
+        self.stats.upgrade = f"{self.upgrade.describe_change(self.space) if self.upgrade else ''}"\
+            f": done, {self.job.sink.table!r} now holds the new vectors"
+        self.upgrade = None
+        log.info("upgrade switched in: %s", self.stats.upgrade)
 
     def _upkeep(self) -> None:
         run = self.job.run

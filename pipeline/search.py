@@ -17,6 +17,7 @@ from pipeline.records import Part
 from pipeline.sinks.lance import open_db, sql_str, table_figures
 from pipeline.state.lock import JobLock
 from pipeline.state.runs import RUNNING, last_runs
+from pipeline.state.tables import TableLog, TableSpace
 
 
 def _where(row: dict[str, Any]) -> str:
@@ -66,11 +67,12 @@ def _same_model(table: Any, job: JobConfig) -> None:
             "vectors of another; search with the model the table was written with")
 
 
-def _open_vectors(job: JobConfig) -> Any:
+def _open_vectors(job: JobConfig) -> tuple[Any, TableSpace | None]:
+    """The live table, and the settings its vectors were made with (None: not recorded)."""
     db = open_db(job.sink.uri, sink_storage_options(job))
     if job.sink.table not in db.list_tables().tables:
         raise NotRunYet(f"no table {job.sink.table!r} in {job.sink.uri}")
-    return db.open_table(job.sink.table)
+    return db.open_table(job.sink.table), TableLog(db, read_only=True).space(job.sink.table)
 
 
 async def search(job: JobConfig, query: str | None, *, k: int = 5, where: str | None = None,
@@ -90,7 +92,12 @@ async def search(job: JobConfig, query: str | None, *, k: int = 5, where: str | 
         if not Path(job.sink.path).is_dir():
             raise NotRunYet(f"no vectors in {job.sink.path}")
     else:
-        table = await anyio.to_thread.run_sync(_open_vectors, job)
+        table, space = await anyio.to_thread.run_sync(_open_vectors, job)
+        if space is not None and space.fingerprint != job.fingerprint():
+            # An upgrade under way (or the job changed since): the table answers in its own
+            # space, so the query is embedded as its vectors were.
+            job = space.job_for_queries(job)
+            spec = model_spec(job.embed.model)
         held = getattr(table.schema.field("vector").type, "list_size", None)
         if held is not None and held != job.embed.output_dimensionality:
             raise ConfigError(

@@ -35,6 +35,7 @@ class RunStats:
     listing_done: bool = False
     # interactive or batch, and why (the job's embed.mode, the run's size, what the endpoint
     # serves)
+    upgrade: str = ""  # a change of every vector's settings under way, or done by this run
     mode_used: str = "interactive"
     mode_why: str = ""
     # The Batch API (embed.mode batch or auto)

@@ -74,6 +74,8 @@ def show_summary(console: Console, job: JobConfig, result: RunResult, run: Run) 
     for reason, n in sorted(s.reject_reasons.items()):
         table.add_row(f"  rejected {reason}", str(n))
     console.print(table)
+    if s.upgrade:
+        console.print(f"upgrade: {escape(s.upgrade)}", highlight=False, soft_wrap=True)
     if s.mode_used == "batch" or "does not serve" in s.mode_why:
         console.print(f"API used: {s.mode_used} ({escape(s.mode_why)})", highlight=False,
                       soft_wrap=True)
@@ -113,6 +115,9 @@ def show_plan(out: Console, job: JobConfig, figures: dict[str, Any]) -> None:
               else "wall time: no quota set in the job (embed.quota), so none is estimated")
     if figures["days_by_requests_per_day"]:
         out.print(f"requests/day quota: {figures['days_by_requests_per_day']} day(s)")
+    if figures.get("upgrade"):
+        out.print(f"[bold]upgrade:[/] {escape(figures['upgrade'])}", highlight=False,
+                  soft_wrap=True)
     if figures["delete_refusal"]:
         out.print(f"[yellow]a run would fail:[/] {figures['delete_refusal']}", highlight=False)
 

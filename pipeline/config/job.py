@@ -16,6 +16,7 @@ from pydantic import (
     SecretStr,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from pipeline.config.sources import (
@@ -209,6 +210,9 @@ class LanceSinkConfig(_Strict):
     kind: Literal["lance"]
     uri: str  # a folder, or s3://bucket/path
     s3: S3Options | None = None  # for an s3:// uri; default: the source's, if it is on S3
+    # The job's state (manifest, runs, batches) and rejects are kept per table: two tables (or
+    # two jobs writing their own table) in one sink folder never undo each other. For the
+    # default table they are files, runs, batches, rejects; for a table T, T-files, T-runs ...
     table: str = Field("vectors", pattern=r"^[A-Za-z0-9_\-.]+$")
     rejects_table: str = Field("rejects", pattern=r"^[A-Za-z0-9_\-.]+$")
     manifest_table: str = Field("files", pattern=r"^[A-Za-z0-9_\-.]+$")
@@ -221,6 +225,17 @@ class LanceSinkConfig(_Strict):
         if "://" in value:
             return value
         return str(_resolve_path(Path(value), info))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _state_per_table(cls, data: object) -> object:
+        """The state tables' default names follow the vectors table's."""
+        if isinstance(data, dict) and data.get("table") not in (None, "vectors"):
+            table = data["table"]
+            for key, base in (("rejects_table", "rejects"), ("manifest_table", "files"),
+                              ("runs_table", "runs"), ("batches_table", "batches")):
+                data = {**data, key: data.get(key) or f"{table}-{base}"}
+        return data
 
 
     @property

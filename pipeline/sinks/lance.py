@@ -139,6 +139,15 @@ def table_figures(table: Any, db_uri: str) -> dict[str, Any]:
         raise SinkError(f"cannot read the figures of {table.name!r} in {db_uri}: {exc}") from exc
 
 
+def upsert(table: Any, key: str, rows: pa.Table, what: str) -> None:
+    """Insert ``rows``, replacing those with the same ``key``, in one commit."""
+    try:
+        (table.merge_insert(key).when_matched_update_all().when_not_matched_insert_all()
+         .execute(rows))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise SinkError(f"cannot write the {what}: {exc}") from exc
+
+
 def _naive(at: datetime) -> datetime:
     return at.astimezone(UTC).replace(tzinfo=None) if at.tzinfo else at
 
@@ -235,8 +244,11 @@ def open_table(db: Any, name: str, schema: pa.Schema) -> Any:
 
 class LanceSink:
     def __init__(self, db: Any, table: str, rejects_table: str, dims: int, model: str,
-                 columns: dict[str, str] | None = None) -> None:
+                 columns: dict[str, str] | None = None, *, mirror: Any = None) -> None:
         self.db = db
+        # During an upgrade: the live table, from which files gone from the source are
+        # deleted too (its other rows stay as they are until the switch).
+        self.mirror = mirror
         self.dims = dims
         self.model = model
         self.columns = dict(columns or {})
@@ -375,6 +387,8 @@ class LanceSink:
         try:
             self.vectors.delete(cond)
             self.rejects.delete(cond)
+            if self.mirror is not None:
+                self.mirror.delete(cond)
         except (OSError, ValueError, RuntimeError) as exc:
             raise SinkError(f"deleting rows from {self.db.uri} failed: {exc}") from exc
 

@@ -3,8 +3,12 @@ they complete, then (once, at the end) the deletions.
 
 The order is what makes a run killed at any moment safe to run again: a file's manifest row is
 written only after all its rows are committed, so a file is either done (skipped next time) or
-not (redone, and merging on ``id`` keeps its rows single). A changed file's stale rows (of its
-old version, or parts a new split no longer has) go in the same commit as its last new rows.
+not (redone, and merging on ``id`` keeps its rows single). A changed file's new rows are held
+until the file is complete and go in one commit with the removal of its stale rows (of its old
+version, or parts a new split no longer has): at every table version a reader sees a file's old
+rows or its new ones, never both. (The price: a run killed while such a file is in flight pays
+again for the parts of it that were held. Into a table no reader uses yet, an upgrade's, nothing
+is held.)
 
 Deletions are guarded: more than ``run.max_delete_fraction`` of the files the job knew, or all
 of them, is refused (:func:`pipeline.state.manifest.mass_delete_refusal`).
@@ -39,6 +43,7 @@ from pipeline.stats import RunStats
 
 Outcome = Vector | Reject | FileState | FileEnd | Committed
 DELETE_CHUNK = 10_000  # gone uris turned into Python strings at a time
+HOLD_MAX = 20_000  # held rows of incomplete changed files beyond which they are written anyway
 
 
 @dataclass
@@ -60,8 +65,9 @@ class Writer:
 
     def __init__(self, sink: LanceSink | ArrowSink, manifest: Manifest, stats: RunStats,
                  fingerprint: str, run_id: str, *, max_delete_fraction: float = 0.2,
-                 allow_mass_delete: bool = False) -> None:
+                 allow_mass_delete: bool = False, hold_changed: bool = True) -> None:
         self.sink = sink
+        self.hold_changed = hold_changed
         self.max_delete_fraction = max_delete_fraction
         self.allow_mass_delete = allow_mass_delete
         self.manifest = manifest
@@ -135,12 +141,24 @@ class Writer:
         self.stats.files_done += 1
 
     def flush(self) -> None:
-        """Commit the buffered rows, then the manifest rows of the files they complete."""
-        if not (self.vectors or self.rejects or self.completed):
+        """Commit the buffered rows, then the manifest rows of the files they complete. Rows
+        of a changed file not complete yet stay buffered (see the module's docstring)."""
+        ready, held = self.vectors, list[Vector]()
+        if self.hold_changed and self.pending and len(self.vectors) < HOLD_MAX:
+            ready, held = [], []
+            for v in self.vectors:
+                (held if self._held(v.item.source) else ready).append(v)
+        if not (ready or self.rejects or self.completed):
             return
-        self.sink.write(self.vectors, self.rejects, self.run_id, self.replaced)
+        self.sink.write(ready, self.rejects, self.run_id, self.replaced)
         self.manifest.record(self.completed, self.run_id)
-        self.vectors, self.rejects, self.completed, self.replaced = [], [], [], {}
+        self.vectors, self.rejects, self.completed, self.replaced = held, [], [], {}
+
+    def _held(self, obj: SourceObject) -> bool:
+        """Whether a row of ``obj`` waits for the rest of its file: the file is incomplete and
+        replaces earlier rows (or its FileEnd has not said yet whether it does)."""
+        p = self.pending.get((obj.uri, obj.version or ""))
+        return p is not None and (p.expected is None or p.replaces)
 
     def delete(self, gone: pa.Array | list[str], known: int, listed: int) -> str | None:
         """Delete the rows of the files gone from the source (of the ``known`` the job had;

@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.errors import SinkError
-from pipeline.sinks.lance import open_table, sql_str
+from pipeline.sinks.lance import open_table, sql_str, upsert
 
 SUBMITTING = "submitting"
 PENDING = "pending"
@@ -85,8 +85,4 @@ class BatchLog:
 
     def _merge(self, row: dict[str, Any]) -> None:
         data = pa.table({f.name: [row[f.name]] for f in BATCHES_SCHEMA}, schema=BATCHES_SCHEMA)
-        try:
-            (self.table.merge_insert("display_name").when_matched_update_all()
-             .when_not_matched_insert_all().execute(data))
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise SinkError(f"cannot write the batch log: {exc}") from exc
+        upsert(self.table, "display_name", data, "batch log")

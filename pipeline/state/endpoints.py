@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from pipeline.errors import SinkError
 from pipeline.records import BatchSupport
-from pipeline.sinks.lance import open_table, sql_str
+from pipeline.sinks.lance import open_table, sql_str, upsert
 
 ENDPOINTS_TABLE = "endpoints"
 MAX_AGE = timedelta(days=7)
@@ -47,8 +47,4 @@ class EndpointLog:
     def remember(self, base: str, support: BatchSupport) -> None:
         data = pa.table({"base": [base], "batch_api": [support.served], "why": [support.why],
                          "checked": [datetime.now(UTC)]}, schema=ENDPOINTS_SCHEMA)
-        try:
-            (self.table.merge_insert("base").when_matched_update_all()
-             .when_not_matched_insert_all().execute(data))
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise SinkError(f"cannot write the endpoints table: {exc}") from exc
+        upsert(self.table, "base", data, "endpoints table")

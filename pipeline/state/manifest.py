@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.errors import SinkError
-from pipeline.sinks.lance import keep_btree, open_table, sql_str
+from pipeline.sinks.lance import keep_btree, open_table, sql_str, upsert
 
 MANIFEST_SCHEMA = pa.schema([
     pa.field("uri", pa.string(), nullable=False),
@@ -146,11 +146,7 @@ class Manifest:
             "run_id": [run_id] * len(rows),
             "updated_at": [now] * len(rows),
         }, schema=MANIFEST_SCHEMA)
-        try:
-            (self.table.merge_insert("uri").when_matched_update_all()
-             .when_not_matched_insert_all().execute(table))
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise SinkError(f"cannot write the manifest: {exc}") from exc
+        upsert(self.table, "uri", table, "manifest")
 
     def forget(self, uris: list[str]) -> None:
         for start in range(0, len(uris), 500):

@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.errors import SinkError
-from pipeline.sinks.lance import open_table, sql_str
+from pipeline.sinks.lance import open_table, sql_str, upsert
 
 RUNS_SCHEMA = pa.schema([
     pa.field("run_id", pa.string(), nullable=False),
@@ -78,13 +78,17 @@ class RunLog:
         return ([str(r["run_id"]) for r in since],
                 [str(r["run_id"]) for r in since if r["status"] == RUNNING])
 
+    def other_jobs(self, job: str) -> list[str]:
+        """Names of other jobs that ran into this table."""
+        try:
+            names = self.table.to_arrow().column("job").to_pylist()
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise SinkError(f"cannot read the run history: {exc}") from exc
+        return sorted({n for n in names if n and n != job})
+
     def record(self, row: dict[str, Any]) -> None:
         data = {f.name: [row.get(f.name)] for f in RUNS_SCHEMA}
-        try:
-            (self.table.merge_insert("run_id").when_matched_update_all()
-             .when_not_matched_insert_all().execute(pa.table(data, schema=RUNS_SCHEMA)))
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise SinkError(f"cannot write the run history: {exc}") from exc
+        upsert(self.table, "run_id", pa.table(data, schema=RUNS_SCHEMA), "run history")
 
     def mark_interrupted(self, run_ids: list[str]) -> None:
         if run_ids:
