@@ -81,3 +81,19 @@ def test_an_upkeep_failure_after_the_commit_is_a_warning_not_a_failed_night(
     runs = lancedb.connect(str(tmp_path / "lance")).open_table("runs").to_arrow().to_pylist()
     assert [r["status"] for r in runs] == ["finished"]
     assert (tmp_path / "lance" / "reports" / f"{result.stats.run_id}.json").is_file()
+
+
+def test_flush_interval_is_a_maximum_age_under_a_steady_trickle(tmp_path: Path):
+    from pipeline.emulator.server import Emulator, EmulatorOptions
+
+    src = tmp_path / "src"
+    make_text_corpus(src, 16)
+    with Emulator(EmulatorOptions(latency_ms=300)) as emu:  # a row every 0.3 s: never idle
+        job = write_job(tmp_path, src, embed={
+            "provider": "gemini", "api_key": "k", "base_url": emu.base_url,
+            "model": "gemini-embedding-2", "output_dimensionality": 128, "batch_size": 1,
+            "concurrency": 1, "mode": "interactive"}, extra={"run": {"flush_interval_s": 1.0}})
+        assert run_job(load_job(job)).exit_code == EXIT_OK
+    table = lancedb.connect(str(tmp_path / "lance")).open_table("vectors")
+    # ~5 s of rows committed at least once a second (an idle timer committed once, at the end)
+    assert len(table.list_versions()) >= 4

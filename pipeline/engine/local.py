@@ -217,17 +217,23 @@ class LocalEngine:
         cfg = self.job.run
         try:
             async with out:
+                flushed = anyio.current_time()
                 while True:
+                    # flush_interval_s is the oldest a buffered row gets, even while rows keep
+                    # coming (an idle timer would never fire under a steady trickle)
+                    wait = max(0.0, cfg.flush_interval_s - (anyio.current_time() - flushed))
                     entries = None
-                    with anyio.move_on_after(cfg.flush_interval_s):
+                    with anyio.move_on_after(wait):
                         try:
                             entries = await out.receive()
                         except anyio.EndOfStream:
                             break
                     for entry in entries or ():
                         writer.add(entry)
-                    if entries is None or writer.rows >= cfg.flush_rows:
+                    due = anyio.current_time() - flushed >= cfg.flush_interval_s
+                    if due or writer.rows >= cfg.flush_rows:
                         await anyio.to_thread.run_sync(self._flush)
+                        flushed = anyio.current_time()
             await anyio.to_thread.run_sync(self._flush)
             if (self.stats.listing_done and cfg.on_delete == "delete"
                     and self.outcome.fatal is None):
