@@ -203,9 +203,10 @@ class Run:
                                         self.space)
             target = (job.sink.table if self.upgrade is None
                       else prepare_shadow(db, self.tables, job.sink.table, self.space))
+            live = (db.open_table(job.sink.table) if self.upgrade is not None
+                    and job.sink.table in db.list_tables().tables else None)
             self.sink = LanceSink(db, target, job.sink.rejects_table, dims, model, columns,
-                                  mirror=(db.open_table(job.sink.table)
-                                          if self.upgrade is not None else None))
+                                  mirror=live)
             if self.upgrade is not None:
                 self.stats.upgrade = (f"{self.upgrade.describe_change(self.space)}: built in "
                                       f"{target!r}; readers keep {job.sink.table!r} as it is "
