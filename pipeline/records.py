@@ -153,6 +153,7 @@ class Vector:
     item: Item
     values: npt.NDArray[np.float32]
     tokens: int
+    key: str | None = None  # the content key of the request it answers (GeminiClient)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,3 +178,11 @@ class BatchSupport:
     served: bool
     why: str
     definite: bool = True  # an answer worth remembering (not a transient failure)
+
+
+@dataclass(frozen=True, slots=True)
+class Collected:
+    """A Batch API job whose results all went to the writer before this record: it is
+    ``collected`` once they are committed (not before: a kill in between would pay again)."""
+
+    display_name: str

@@ -215,7 +215,7 @@ class Run:
         self.batch_log = BatchLog(db, job.sink.batches_table)
         self.endpoints = EndpointLog(db)
 
-    def _resume(self) -> frozenset[str]:
+    def _resume(self) -> dict[str, str | None]:
         """Runs that never finished (killed) left rows behind: those are paid for already.
         Their ids are skipped when met again; the runs are marked interrupted."""
         others = self.runlog.other_jobs(self.job.name)
@@ -227,7 +227,7 @@ class Run:
                 f"other's files; give job {self.job.name!r} its own sink.table (its state "
                 f"follows it) or sink folder, or, if it is {others[0]!r} renamed, name it back")
         unfinished, running = self.runlog.unfinished()
-        committed = frozenset(self.sink.committed_ids(unfinished))
+        committed = self.sink.committed_ids(unfinished)
         self.runlog.mark_interrupted(running)
         self._version_before = self.sink.version()
         self.runlog.record(self._run_row(self.report("running", None)))
@@ -237,11 +237,15 @@ class Run:
         """The Batch API path (embed.mode batch or auto), with earlier runs' open jobs, where
         the endpoint serves it (a gateway is asked once; see :mod:`pipeline.gemini.probe`)."""
         embed, stats = self.job.embed, self.stats
-        if embed.mode == "interactive":
-            stats.mode_why = "embed.mode is interactive"
-            return None
         support = declared_batch_support(embed) or await anyio.to_thread.run_sync(
             self.endpoints.recall, client.base)
+        if embed.mode == "interactive":
+            stats.mode_why = "embed.mode is interactive"
+            # Jobs an earlier run left open are still collected (what matches is adopted, not
+            # paid again; the rest superseded), where the endpoint serves the Batch API.
+            served = support is None or support.served
+            if not served or not await anyio.to_thread.run_sync(self.batch_log.open):
+                return None
 
         async def ask() -> BatchSupport:
             found = await probe_batch_api(client)
@@ -266,7 +270,8 @@ class Run:
         api = BatchApi(client)
         batching = Batching(embed.batch, api.entry, stages.embedder.request_for,
                             normalise=stages.embedder.normalise,
-                            prefix=f"{self.job.name}-{self.stats.run_id}")
+                            prefix=f"{self.job.name}-{self.stats.run_id}",
+                            key=client.content_key)
         driver = BatchDriver(api, self.batch_log, batching, embed.batch, self.stats,
                              self.outcome, self.stats.run_id)
         return BatchRouter(driver, mode=embed.mode, min_items=embed.batch_min_items,
@@ -274,7 +279,7 @@ class Run:
                            support=support, ask=ask)
 
     def _stages(self, client: GeminiClient, manifest_rows: Iterator[pa.RecordBatch], known: int,
-                committed: frozenset[str]) -> Stages:
+                committed: dict[str, str | None]) -> Stages:
         job, stats = self.job, self.stats
         embed = job.embed
         quota = Quota(rpm=embed.quota.rpm, tpm=embed.quota.tpm, rpd=embed.quota.rpd)
@@ -296,7 +301,8 @@ class Run:
             writer=Writer(self.sink, self.manifest, stats, fingerprint, stats.run_id,
                           max_delete_fraction=job.run.max_delete_fraction,
                           allow_mass_delete=self.allow_mass_delete,
-                          hold_changed=self.upgrade is None),
+                          hold_changed=self.upgrade is None,
+                          on_collected=self.batch_log.collected),
             committed=committed)
 
     def _close(self, code: int) -> None:

@@ -46,6 +46,9 @@ class RunStats:
     items_batch_awaited: int = 0  # in jobs earlier runs submitted: collected, not paid again
     items_batch_failed: int = 0  # in jobs that ended FAILED/EXPIRED/CANCELLED
     items_fallback: int = 0  # in batch mode, sent interactively (modality, size, transient)
+    # results of earlier jobs not adopted: made from another request (template, task, cut)
+    items_stale_results: int = 0
+    items_superseded: int = 0  # in earlier jobs no item of which was wanted: paid, unused
     tokens_batch_by_modality: Counter[str] = field(default_factory=Counter)
     tokens_by_modality: Counter[str] = field(default_factory=Counter)
     call_latencies: list[float] = field(default_factory=list)  # successful calls, capped

@@ -172,10 +172,10 @@ def show_status(out: Console, job: JobConfig, status: dict[str, Any], wide: bool
     out.print("files: " + (", ".join(f"{k} {v}" for k, v in status["files"].items()) or "none"))
     if (t := status.get("table")) is not None:
         disk = "" if t["disk_bytes"] is None else f", {t['disk_bytes'] / 1e6:,.1f} MB on disk"
-        out.print(f"table: {t['model'] or '-'}, {t['dims']} dimensions; version {t['version']} "
-                  f"({plural(t['versions'], 'version')} kept, {plural(t['tags'], 'tag')}), "
-                  f"{plural(t['fragments'], 'fragment')}, {t['live_bytes'] / 1e6:,.1f} MB of "
-                  f"data{disk}", highlight=False, soft_wrap=True)
+        out.print(f"table: {t['model'] or '-'}, {t['dims']} dimensions", highlight=False)
+        out.print(f"versions: {t['version']} ({t['versions']:,} kept, "
+                  f"{plural(t['tags'], 'tag')}), {plural(t['fragments'], 'fragment')}, "
+                  f"{t['live_bytes'] / 1e6:,.1f} MB of data{disk}", highlight=False)
     table, dropped = fitted(out, RUN_COLUMNS, status["runs"], wide, title="last runs")
     _print_wide(out, table, wide)
     if dropped:

@@ -141,8 +141,13 @@ def test_embedding_a_batch_and_skipping_what_was_paid(tmp_path: Path, emulator: 
     job = _job(tmp_path, src)
     items, _ = _validate_all(job, src)
     batch = Batch(tuple(items))
-    paid, rest = split_paid(batch, frozenset({items[0].id}))
-    assert [p.item for p in paid] == [items[0]] and rest.items == tuple(items[1:])
+    key = {i.id: f"key-{n}" for n, i in enumerate(items)}.__getitem__
+    committed = {items[0].id: "key-0", items[1].id: "another request", items[2].id: None}
+    paid, rest = split_paid(batch, committed, lambda item: key(item.id))
+    # adopted: the same request, and a row of an older version (no key); the row made from
+    # another request (a template changed since) is embedded again
+    assert [p.item for p in paid] == [items[0], items[2]]
+    assert rest.items == (items[1], *items[3:])
 
     async def embed() -> tuple[list[Vector], int]:
         async with GeminiClient(base_url=emulator.base_url, model="gemini-embedding-2",

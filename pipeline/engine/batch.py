@@ -26,10 +26,10 @@ from pipeline.config import BatchSettings
 from pipeline.errors import EmbedError, TransientEmbedError
 from pipeline.gemini.batches import BatchApi, BatchJob, BatchResult
 from pipeline.outcome import RunOutcome
-from pipeline.records import BatchSupport, Item
+from pipeline.records import BatchSupport, Collected, Item
 from pipeline.stages.batching import Batching, JobDraft, JobOutcome
 from pipeline.stages.writing import Outcome
-from pipeline.state.batches import COLLECTED, FAILED, PENDING, BatchLog
+from pipeline.state.batches import FAILED, PENDING, SUPERSEDED, BatchLog
 from pipeline.stats import RunStats
 
 log = logging.getLogger("embedpipe.batch")
@@ -41,6 +41,7 @@ class _Open:
     display_name: str
     name: str
     items: dict[str, Item]  # by id: what this run writes when the results come
+    keys: dict[str, str]  # by id: the content key of each item's request
 
 
 class BatchDriver:
@@ -58,7 +59,7 @@ class BatchDriver:
 
     async def submit(self, draft: JobDraft) -> None:
         await anyio.to_thread.run_sync(self.log.submitting, draft.display_name, self.run_id,
-                                       list(draft.items))
+                                       list(draft.items), [draft.keys[i] for i in draft.items])
         file_name = None
         if draft.bytes <= self.settings.max_inline_bytes:
             job = await self.api.create(display_name=draft.display_name, inline=draft.entries)
@@ -72,12 +73,30 @@ class BatchDriver:
             draft.display_name, status=PENDING, name=job.name, input_file=file_name))
         self.stats.batch_jobs += 1
         self.stats.items_batch_submitted += len(draft.items)
-        self.open.append(_Open(draft.display_name, job.name, draft.items))
+        self.open.append(_Open(draft.display_name, job.name, draft.items, draft.keys))
         log.info("submitted %s (%s): %d items", job.name, draft.display_name, len(draft.items))
 
-    def adopt(self, display_name: str, name: str, items: dict[str, Item]) -> None:
+    def adopt(self, display_name: str, name: str, items: dict[str, Item],
+              keys: dict[str, str]) -> None:
         self.stats.items_batch_awaited += len(items)
-        self.open.append(_Open(display_name, name, items))
+        self.open.append(_Open(display_name, name, items, keys))
+
+    async def supersede(self, display_name: str, name: str, items: int) -> None:
+        """A job none of whose results this run wants (its files changed or went, or the
+        settings did): cancelled if it still runs, recorded ``superseded`` either way, so it
+        is neither awaited for ever nor shown as running."""
+        try:
+            info = await self.api.get(name)
+            if not info.done:
+                await self.api.cancel(name)
+        except EmbedError as exc:
+            if exc.http_status != 404:
+                log.warning("superseded job %s: %s", name, exc)
+                return  # tried again by the next run
+        await anyio.to_thread.run_sync(lambda: self.log.set(display_name, status=SUPERSEDED))
+        self.stats.items_superseded += items
+        log.info("batch %s (%s): no item of it is wanted any more: superseded", name,
+                 display_name)
 
     async def collect(self, send: Callable[[JobOutcome], Awaitable[None]], *,
                       wait: bool = True) -> None:
@@ -121,17 +140,17 @@ class BatchDriver:
             async for result in self.api.results(info):
                 chunk.append(result)
                 if len(chunk) >= RESULTS_CHUNK:
-                    await send(self.batching.outcomes(job.items, chunk))
+                    await send(self.batching.outcomes(job.items, job.keys, chunk))
                     chunk = []
         except EmbedError as exc:
             # Not written: the job stays pending and the next run collects it again.
             self.outcome.problems.append(f"could not read the results of {info.name}: {exc}")
             self.outcome.failed_items += len(job.items)
             return
-        await send(self.batching.outcomes(job.items, chunk))
+        await send(self.batching.outcomes(job.items, job.keys, chunk))
         await send(self.batching.missing(job.items))
-        await anyio.to_thread.run_sync(lambda: self.log.set(job.display_name,
-                                                            status=COLLECTED))
+        # collected once the writer has committed every row sent before this
+        await send(JobOutcome(collected=job.display_name))
 
 
 class BatchRouter:
@@ -142,7 +161,7 @@ class BatchRouter:
     transient per-request errors go on to packing too."""
 
     def __init__(self, driver: BatchDriver, *, mode: str, min_items: int,
-                 awaited: dict[str, tuple[str, str]], detach: bool,
+                 awaited: dict[str, tuple[str, str, str | None]], detach: bool,
                  support: BatchSupport | None = None,
                  ask: Callable[[], Awaitable[BatchSupport]] | None = None) -> None:
         self.driver = driver
@@ -152,10 +171,12 @@ class BatchRouter:
         # grows past min_items.
         self.support = support
         self._ask = ask
-        self.awaited = awaited  # item id -> (display name, job name) of an earlier run's job
+        # item id -> (display name, job name, content key) of an earlier run's job
+        self.awaited = awaited
         self.detach = detach
         # (display name, job name) of an earlier run's job -> the items validated for it
         self._adopted: dict[tuple[str, str], dict[str, Item]] = {}
+        self._keys: dict[str, str] = {}  # content keys of the adopted items
         self._held: list[Item] = []
 
     async def run(self, items: anyio.abc.ObjectReceiveStream[list[Item]],
@@ -169,6 +190,8 @@ class BatchRouter:
                 stats.tokens_batch_by_modality[str(vector.item.modality)] += vector.tokens
             if result.vectors or result.rejects:
                 await out.send([*result.vectors, *result.rejects])
+            if result.collected is not None:
+                await out.send([Collected(result.collected)])
             if result.retry:
                 stats.items_fallback += len(result.retry)
                 await pack.send(result.retry)
@@ -190,7 +213,15 @@ class BatchRouter:
             if (draft := self.driver.batching.take()) is not None:
                 await self.driver.submit(draft)
             for (display_name, name), found in self._adopted.items():
-                self.driver.adopt(display_name, name, found)
+                self.driver.adopt(display_name, name, found,
+                                  {i: self._keys[i] for i in found})
+            wanted = set(self._adopted)
+            jobs: dict[tuple[str, str], int] = {}
+            for display_name, name, _ in self.awaited.values():
+                jobs[(display_name, name)] = jobs.get((display_name, name), 0) + 1
+            for (display_name, name), count in jobs.items():
+                if (display_name, name) not in wanted:
+                    await self.driver.supersede(display_name, name, count)
             await self.driver.collect(send, wait=not self.detach)
             stats.batch_jobs_pending = len(self.driver.open)
 
@@ -201,10 +232,18 @@ class BatchRouter:
         log.log(logging.WARNING if fallback else logging.INFO, "%s API: %s", mode, why)
 
     def _await(self, item: Item) -> bool:
+        """Whether an earlier run's job holds the result of what would be sent for ``item``
+        now (its content key matches): then it is awaited, not sent again."""
         job = self.awaited.get(item.id)
         if job is None:
             return False
-        self._adopted.setdefault(job, {})[item.id] = item
+        display_name, name, recorded = job
+        key = self.driver.batching.key(item)
+        if recorded is not None and recorded != key:  # the template, task or cut changed
+            self.driver.stats.items_stale_results += 1
+            return False
+        self._adopted.setdefault((display_name, name), {})[item.id] = item
+        self._keys[item.id] = key
         return True
 
     async def _route(self, chunk: list[Item], pack: anyio.abc.ObjectSendStream[list[Item]]
@@ -238,12 +277,14 @@ class BatchRouter:
             await pack.send(direct)
 
 
-async def open_jobs(api: BatchApi, batch_log: BatchLog) -> dict[str, tuple[str, str]]:
-    """The items earlier runs' open jobs hold (id -> (display name, job name)). A job recorded
-    as ``submitting`` (the run was killed before it heard back) is looked up by its display
-    name: found, it is awaited like the others; not found, it was never created."""
+async def open_jobs(api: BatchApi, batch_log: BatchLog
+                    ) -> dict[str, tuple[str, str, str | None]]:
+    """The items earlier runs' open jobs hold (id -> (display name, job name, the content key
+    of its request; None in jobs of older versions)). A job recorded as ``submitting`` (the
+    run was killed before it heard back) is looked up by its display name: found, it is
+    awaited like the others; not found, it was never created."""
     records = await anyio.to_thread.run_sync(batch_log.open)
-    awaited: dict[str, tuple[str, str]] = {}
+    awaited: dict[str, tuple[str, str, str | None]] = {}
     listed: dict[str | None, str] | None = None
     for record in records:
         name = record.name
@@ -256,6 +297,7 @@ async def open_jobs(api: BatchApi, batch_log: BatchLog) -> dict[str, tuple[str, 
                 functools.partial(batch_log.set, record.display_name, **found))
             if name is None:
                 continue
-        for item_id in record.item_ids:
-            awaited[item_id] = (record.display_name, name)
+        keys = record.content_keys or (None,) * len(record.item_ids)
+        for item_id, key in zip(record.item_ids, keys, strict=False):
+            awaited[item_id] = (record.display_name, name, key)
     return awaited

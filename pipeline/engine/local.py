@@ -188,7 +188,7 @@ class LocalEngine:
         embedder = self.stages.embedder
         async with batches, out:
             async for batch in batches:
-                paid, rest = split_paid(batch, self.stages.committed)
+                paid, rest = split_paid(batch, self.stages.committed, embedder.key_for)
                 if paid:
                     await out.send(list(paid))
                 if not rest.items:

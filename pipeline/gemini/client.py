@@ -25,6 +25,7 @@ an exception message. Retrying is the caller's decision (see :mod:`pipeline.stag
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -215,6 +216,24 @@ class GeminiClient:
         if request.title and request.task_type == "RETRIEVAL_DOCUMENT":
             body["title"] = request.title
         return body
+
+    def content_key(self, request: EmbedRequest) -> str:
+        """A key of exactly what ``request`` sends with this client's settings: its parts
+        (text after any template, bytes and MIME types), task type, title, model and
+        dimensions. Two requests with one key get the same vector; anything that would change
+        the vector changes the key. What results are adopted by (resume, Batch API jobs)."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{self.model}\0{self.dims}\0{request.task_type or ''}\0".encode())
+        if request.title and request.task_type == "RETRIEVAL_DOCUMENT":
+            h.update(b"title\0" + request.title.encode())
+        for part in request.parts:
+            if part.text is not None:
+                h.update(b"\1t" + len(part.text).to_bytes(8, "big") + part.text.encode())
+            else:
+                assert part.data is not None
+                h.update(b"\1b" + (part.mime or "").encode() + b"\0"
+                         + hashlib.blake2b(part.data, digest_size=16).digest())
+        return h.hexdigest()
 
     def _decode(self, raw: bytes, key: str, count: int) -> EmbedResponse:
         """``count`` embeddings from a 200 response, under ``key`` ("embedding" holds one,

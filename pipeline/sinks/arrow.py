@@ -142,11 +142,14 @@ class ArrowSink:
             self._drop(VECTORS, None, gone)
             self._drop(REJECTS, None, gone)
 
-    def committed_ids(self, run_ids: list[str]) -> set[str]:
-        out: set[str] = set()
+    def committed_ids(self, run_ids: list[str]) -> dict[str, str | None]:
+        out: dict[str, str | None] = {}
         for run_id in run_ids:
             for path in (self.root / VECTORS).glob(f"part-{run_id}-*{self.ext}"):
-                out.update(self._read(path, ["id"]).column("id").to_pylist())
+                rows = self._read(path, None)
+                keys = (rows.column("content_key").to_pylist()
+                        if "content_key" in rows.column_names else [None] * rows.num_rows)
+                out.update(zip(rows.column("id").to_pylist(), keys, strict=True))
         return out
 
     def version(self) -> int:

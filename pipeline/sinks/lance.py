@@ -84,6 +84,9 @@ def vectors_schema(dims: int, columns: dict[str, str] | None = None) -> pa.Schem
         pa.field("tokens", pa.int32()),
         pa.field("run_id", pa.string()),
         pa.field("embedded_at", pa.timestamp("us", tz="UTC")),
+        # What was sent for the row (GeminiClient.content_key): resume adopts a row only for
+        # an item whose request would be the same now. Empty in rows of older versions.
+        pa.field("content_key", pa.string()),
         *extra,
     ])
 
@@ -303,16 +306,18 @@ class LanceSink:
         return [i for i, u in zip(rows["id"].to_pylist(), rows["uri"].to_pylist(), strict=True)
                 if i not in keep[u]]
 
-    def committed_ids(self, run_ids: list[str]) -> set[str]:
-        """Ids of the rows these runs wrote: after a kill, what is already paid for."""
+    def committed_ids(self, run_ids: list[str]) -> dict[str, str | None]:
+        """The rows these runs wrote, id -> content key: after a kill, what is already paid
+        for (adopted only for an item whose request is still the same)."""
         if not run_ids:
-            return set()
+            return {}
         cond = f"run_id IN ({', '.join(sql_str(r) for r in run_ids)})"
         try:
-            rows = self.vectors.search().where(cond).select(["id"]).limit(None).to_arrow()
+            rows = self.vectors.search().where(cond).select(["id", "content_key"]).limit(
+                None).to_arrow()
         except (OSError, ValueError, RuntimeError) as exc:
             raise SinkError(f"reading {self.db.uri} failed: {exc}") from exc
-        return set(rows["id"].to_pylist())
+        return dict(zip(rows["id"].to_pylist(), rows["content_key"].to_pylist(), strict=True))
 
     def version(self) -> int:
         return int(self.vectors.version)
@@ -430,6 +435,7 @@ def vector_table(vectors: Sequence[Vector], run_id: str, now: datetime, schema: 
         "tokens": [v.tokens for v in vectors],
         "run_id": [run_id] * len(items),
         "embedded_at": [now] * len(items),
+        "content_key": [v.key for v in vectors],
     }
     for name in schema.names:
         if name not in columns:  # user metadata columns

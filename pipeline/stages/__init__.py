@@ -9,7 +9,8 @@ them. :class:`Stages` is what a run builds and hands to its engine.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from pipeline.stages.embedding import Embedder
 from pipeline.stages.listing import Listing
@@ -25,5 +26,6 @@ class Stages:
     limits: BatchLimits
     embedder: Embedder
     writer: Writer
-    # Ids whose rows killed runs already committed: counted, never sent (paid) again.
-    committed: frozenset[str] = frozenset()
+    # Rows killed runs already committed, id -> content key: counted, never sent (paid)
+    # again, for items whose request is still the same.
+    committed: Mapping[str, str | None] = field(default_factory=dict)

@@ -38,6 +38,7 @@ class JobDraft:
     display_name: str
     entries: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     items: dict[str, Item] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)  # item id -> its request's content key
     bytes: int = 0
 
 
@@ -48,16 +49,18 @@ class JobOutcome:
     retry: list[Item] = field(default_factory=list)  # to embed interactively
     lost: list[Item] = field(default_factory=list)  # their payload is gone: the next run
     unmatched: int = 0  # results for items this run did not validate (changed files)
+    collected: str | None = None  # the job all of whose results came before this
 
 
 class Batching:
     def __init__(self, settings: BatchSettings, entry: Callable[[str, EmbedRequest],
                                                                  tuple[str, dict[str, Any]]],
-                 request: Callable[[Item], EmbedRequest], *, normalise: bool, prefix: str
-                 ) -> None:
+                 request: Callable[[Item], EmbedRequest], *, normalise: bool, prefix: str,
+                 key: Callable[[EmbedRequest], str]) -> None:
         self.settings = settings
         self._entry = entry
         self._request = request
+        self._key = key
         self.normalise = normalise
         self.prefix = prefix  # "{job}-{run_id}"
         self._count = 0
@@ -67,9 +70,14 @@ class Batching:
         return (str(item.modality) in self.settings.modalities
                 and (item.payload_bytes + 2) // 3 * 4 <= self.settings.max_request_bytes)
 
+    def key(self, item: Item) -> str:
+        """The content key of what would be sent for ``item`` now."""
+        return self._key(self._request(item))
+
     def add(self, item: Item) -> JobDraft | None:
         """Add an item; returns the job it closed, if adding it closed one."""
-        key, request = self._entry(item.id, self._request(item))
+        sent = self._request(item)
+        key, request = self._entry(item.id, sent)
         size = len(key) + (item.payload_bytes + 2) // 3 * 4 + 256  # about its JSONL line
         full = None
         draft = self.draft
@@ -81,6 +89,7 @@ class Batching:
             draft = self.draft = JobDraft(f"{self.prefix}-{self._count:04d}")
             self._count += 1
         draft.entries.append((key, request))
+        draft.keys[item.id] = self._key(sent)
         # The request holds the payload until the job is sent: the item need not.
         draft.items[item.id] = replace(item, parts=()) if any(
             p.data is not None for p in item.parts) else item
@@ -92,9 +101,10 @@ class Batching:
         draft, self.draft = self.draft, None
         return draft if draft is not None and draft.entries else None
 
-    def outcomes(self, items: dict[str, Item],
+    def outcomes(self, items: dict[str, Item], keys: dict[str, str],
                  results: Iterable[tuple[str, BatchResult]]) -> JobOutcome:
-        """Results matched to ``items`` by key; the items matched are removed from it."""
+        """Results matched to ``items`` by key (``keys``: their requests' content keys); the
+        items matched are removed from it."""
         out = JobOutcome()
         for key, result in results:
             item = items.pop(key, None)
@@ -104,7 +114,7 @@ class Batching:
             if result.values is not None:
                 try:
                     out.vectors.append(make_vector(item, result.values, item.est_tokens,
-                                                   self.normalise))
+                                                   self.normalise, keys.get(item.id)))
                     continue
                 except TerminalEmbedError as exc:
                     result = BatchResult(None, {"code": 200, "status": "BAD_RESPONSE",

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 import anyio
@@ -48,15 +48,20 @@ from pipeline.stats import RunStats
 log = logging.getLogger("embedpipe.embed")
 
 
-def split_paid(batch: Batch, committed: frozenset[str]) -> tuple[list[Committed], Batch]:
-    """The items whose rows a killed run already committed (counted toward their files, never
-    sent again: never paid twice), and the batch of the rest."""
+def split_paid(batch: Batch, committed: Mapping[str, str | None],
+               key_of: Callable[[Item], str]) -> tuple[list[Committed], Batch]:
+    """The items whose rows a killed run already committed for the same request (counted
+    toward their files, never sent again: never paid twice), and the batch of the rest. A row
+    made from another request (the template, task or cut changed since) is not adopted: its
+    item is embedded again and the new row replaces it."""
     if not committed:
         return [], batch
-    paid = [Committed(i) for i in batch.items if i.id in committed]
+    paid = [Committed(i) for i in batch.items if i.id in committed
+            and committed[i.id] in (None, key_of(i))]  # None: a row of an older version
     if not paid:
         return [], batch
-    return paid, Batch(tuple(i for i in batch.items if i.id not in committed))
+    done = {c.item.id for c in paid}
+    return paid, Batch(tuple(i for i in batch.items if i.id not in done))
 
 
 class Embedder:
@@ -79,6 +84,10 @@ class Embedder:
 
     def request_for(self, item: Item) -> EmbedRequest:
         return self.style.document(item)
+
+    def key_for(self, item: Item) -> str:
+        """The content key of what would be sent for ``item`` (GeminiClient.content_key)."""
+        return self.client.content_key(self.request_for(item))
 
     async def embed_batch(self, batch: Batch) -> tuple[list[Vector], list[Reject]]:
         return await self._embed(list(batch.items))
@@ -172,12 +181,13 @@ class Embedder:
         estimated = sum(i.est_tokens for i in items) or 1
         reported = response.prompt_tokens
         return [make_vector(item, values, item.est_tokens if reported is None
-                            else round(item.est_tokens * reported / estimated), self.normalise)
+                            else round(item.est_tokens * reported / estimated), self.normalise,
+                            self.key_for(item))
                 for item, values in zip(items, response.vectors, strict=True)]
 
 
 def make_vector(item: Item, values: npt.NDArray[np.float32], tokens: int,
-                normalise: bool) -> Vector:
+                normalise: bool, key: str | None = None) -> Vector:
     """An item's row: its vector L2-normalised where the model does not do it, and without the
     payload bytes (they are sent: not held to the write). Raises TerminalEmbedError for a zero
     vector, which cannot be normalised."""
@@ -188,4 +198,4 @@ def make_vector(item: Item, values: npt.NDArray[np.float32], tokens: int,
         values = (values / norm).astype(np.float32)
     if any(p.data is not None for p in item.parts):
         item = replace(item, parts=())
-    return Vector(item, values, tokens)
+    return Vector(item, values, tokens, key)

@@ -23,12 +23,13 @@ Blocking (Lance commits); in a plain loop::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
 from pipeline.errors import RejectReason
-from pipeline.records import Committed, FileEnd, Reject, SourceObject, Vector
+from pipeline.records import Collected, Committed, FileEnd, Reject, SourceObject, Vector
 from pipeline.sinks.arrow import ArrowSink
 from pipeline.sinks.lance import LanceSink, reject_id
 from pipeline.state.manifest import (
@@ -41,7 +42,7 @@ from pipeline.state.manifest import (
 )
 from pipeline.stats import RunStats
 
-Outcome = Vector | Reject | FileState | FileEnd | Committed
+Outcome = Vector | Reject | FileState | FileEnd | Committed | Collected
 DELETE_CHUNK = 10_000  # gone uris turned into Python strings at a time
 HOLD_MAX = 20_000  # held rows of incomplete changed files beyond which they are written anyway
 
@@ -65,9 +66,13 @@ class Writer:
 
     def __init__(self, sink: LanceSink | ArrowSink, manifest: Manifest, stats: RunStats,
                  fingerprint: str, run_id: str, *, max_delete_fraction: float = 0.2,
-                 allow_mass_delete: bool = False, hold_changed: bool = True) -> None:
+                 allow_mass_delete: bool = False, hold_changed: bool = True,
+                 on_collected: Callable[[list[str]], None] | None = None) -> None:
         self.sink = sink
         self.hold_changed = hold_changed
+        # Batch API jobs all of whose rows came: recorded collected after the commit of them
+        self.on_collected = on_collected
+        self.collected: list[str] = []
         self.max_delete_fraction = max_delete_fraction
         self.allow_mass_delete = allow_mass_delete
         self.manifest = manifest
@@ -83,9 +88,12 @@ class Writer:
     @property
     def rows(self) -> int:
         """Rows waiting for the next flush."""
-        return len(self.vectors) + len(self.rejects) + len(self.completed)
+        return len(self.vectors) + len(self.rejects) + len(self.completed) + len(self.collected)
 
     def add(self, entry: Outcome) -> None:
+        if isinstance(entry, Collected):
+            self.collected.append(entry.display_name)
+            return
         if isinstance(entry, FileState):
             self.completed.append(entry)  # touched, not changed: its row is all there is
             return
@@ -148,11 +156,14 @@ class Writer:
             ready, held = [], []
             for v in self.vectors:
                 (held if self._held(v.item.source) else ready).append(v)
-        if not (ready or self.rejects or self.completed):
-            return
-        self.sink.write(ready, self.rejects, self.run_id, self.replaced)
-        self.manifest.record(self.completed, self.run_id)
-        self.vectors, self.rejects, self.completed, self.replaced = held, [], [], {}
+        if ready or self.rejects or self.completed:
+            self.sink.write(ready, self.rejects, self.run_id, self.replaced)
+            self.manifest.record(self.completed, self.run_id)
+            self.vectors, self.rejects, self.completed, self.replaced = held, [], [], {}
+        if self.collected and not self.vectors and self.on_collected is not None:
+            # every row sent before the jobs' markers is committed (none is held)
+            names, self.collected = self.collected, []
+            self.on_collected(names)
 
     def _held(self, obj: SourceObject) -> bool:
         """Whether a row of ``obj`` waits for the rest of its file: the file is incomplete and

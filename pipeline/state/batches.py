@@ -1,9 +1,12 @@
 """The ``batches`` table: every Batch API job a job submitted, so no item is paid for twice.
 
 A row is written *before* the job is created (``submitting``, with its deterministic display
-name and the ids of its items), then updated with the job's name once the service answers
-(``pending``), and closed once its results are written (``collected``) or it ended without them
-(``failed``: its items are submitted again). A run killed at any moment leaves rows the next run
+name, the ids of its items and the content key of each request), then updated with the job's
+name once the service answers (``pending``), and closed once its results are committed
+(``collected``: the writer says so after the commit that holds its rows), when it ended without
+them (``failed``: its items are submitted again), or when no run wants its results any more
+(``superseded``: every item changed or was deleted, or the settings changed: paid for, not
+used). A run killed at any moment leaves rows the next run
 reads: a ``pending`` job's items are awaited, not submitted again; a ``submitting`` one is
 looked up by its display name (the kill may have landed after the service created it).
 """
@@ -23,6 +26,7 @@ SUBMITTING = "submitting"
 PENDING = "pending"
 COLLECTED = "collected"
 FAILED = "failed"
+SUPERSEDED = "superseded"
 OPEN = (SUBMITTING, PENDING)
 
 BATCHES_SCHEMA = pa.schema([
@@ -33,6 +37,9 @@ BATCHES_SCHEMA = pa.schema([
     pa.field("input_file", pa.string()),
     pa.field("items", pa.int64()),
     pa.field("item_ids", pa.list_(pa.string())),
+    # The content key of each item's request (GeminiClient.content_key), in item_ids' order:
+    # a result is adopted only for an item whose request would be the same now.
+    pa.field("content_keys", pa.list_(pa.string())),
     pa.field("created", pa.timestamp("us", tz="UTC")),
 ])
 
@@ -45,6 +52,7 @@ class BatchRecord:
     status: str
     input_file: str | None
     item_ids: tuple[str, ...]
+    content_keys: tuple[str | None, ...]
     created: datetime
 
 
@@ -60,19 +68,26 @@ class BatchLog:
         except (OSError, ValueError, RuntimeError) as exc:
             raise SinkError(f"cannot read the batch log: {exc}") from exc
         return [BatchRecord(r["display_name"], r["name"], r["run_id"], r["status"],
-                            r["input_file"], tuple(r["item_ids"] or ()), r["created"])
+                            r["input_file"], tuple(r["item_ids"] or ()),
+                            tuple(r.get("content_keys") or ()), r["created"])
                 for r in sorted(rows, key=lambda r: r["created"])]
 
     def all(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = self.table.to_arrow().drop_columns(
-            ["item_ids"]).to_pylist()
+            ["item_ids", "content_keys"]).to_pylist()
         return sorted(rows, key=lambda r: r["created"])
 
-    def submitting(self, display_name: str, run_id: str, item_ids: list[str]) -> None:
+    def submitting(self, display_name: str, run_id: str, item_ids: list[str],
+                   content_keys: list[str]) -> None:
         now = datetime.now(UTC)
         self._merge({"display_name": display_name, "name": None, "run_id": run_id,
                      "status": SUBMITTING, "input_file": None, "items": len(item_ids),
-                     "item_ids": item_ids, "created": now})
+                     "item_ids": item_ids, "content_keys": content_keys, "created": now})
+
+    def collected(self, display_names: list[str]) -> None:
+        """These jobs' rows are committed: they are done."""
+        for name in display_names:
+            self.set(name, status=COLLECTED)
 
     def set(self, display_name: str, **values: str | None) -> None:
         """Update a row's ``status``, ``name`` or ``input_file``."""
