@@ -112,10 +112,27 @@ def test_detach_exits_pending_and_the_next_run_collects(tmp_path: Path):
         assert emu.state.stats.batch_jobs == 1 and len(_ids(tmp_path)) == 40
 
 
+def test_a_failed_job_falls_back_to_interactive_in_the_same_run(tmp_path: Path):
+    src = tmp_path / "src"
+    make_text_corpus(src, 20)
+    make_quickstart_media(src / "media")  # 2 PDF parts and 2 images: their bytes went away
+    with Emulator(EmulatorOptions(batch_delay_s=0.1, batch_outcome="fail")) as emu:
+        failed = run_job(load_job(write_job(tmp_path, src, embed=_embed(emu))))
+        assert emu.state.stats.items == 20  # the texts, interactively, in the same run
+    assert failed.stats.items_batch_failed == 24 and failed.stats.items_embedded == 20
+    assert any("20 of its 24 items embedded interactively now, 4 submitted again by the next "
+               "run" in p for p in failed.problems), failed.problems
+    with Emulator(EmulatorOptions(batch_delay_s=0.1)) as emu:
+        again = run_job(load_job(write_job(tmp_path, src, embed=_embed(emu))))
+        assert emu.state.stats.batch_items == 4
+    assert again.exit_code == EXIT_OK and len(_ids(tmp_path)) == 24
+
+
 def test_a_failed_job_is_submitted_again_by_the_next_run(tmp_path: Path):
     make_text_corpus(tmp_path / "src", 20)
     with Emulator(EmulatorOptions(batch_delay_s=0.1, batch_outcome="fail")) as emu:
-        failed = run_job(load_job(write_job(tmp_path, tmp_path / "src", embed=_embed(emu))))
+        failed = run_job(load_job(write_job(tmp_path, tmp_path / "src", embed=_embed(
+            emu, batch={**FAST_POLL, "fallback": "next_run"}))))
     assert failed.exit_code == EXIT_FAILED and failed.stats.items_batch_failed == 20
     assert any("ended BATCH_STATE_FAILED" in p for p in failed.problems)
     with Emulator(EmulatorOptions(batch_delay_s=0.1)) as emu:

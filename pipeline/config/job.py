@@ -91,6 +91,10 @@ class BatchSettings(_Strict):
     modalities: list[BatchModality] = Field(default_factory=lambda: list(BATCH_MODALITIES))
     poll_initial_s: float = Field(5.0, gt=0)
     poll_max_s: float = Field(60.0, gt=0)
+    # A job that ends FAILED, EXPIRED or CANCELLED (or is gone): its items are embedded
+    # interactively in the same run where their payload is at hand (texts; media bytes went
+    # into the job and are read again by the next run), or all left to the next run.
+    fallback: Literal["interactive", "next_run"] = "interactive"
 
 
 class _EmbedCommon(_Strict):

@@ -128,10 +128,22 @@ class BatchDriver:
                       send: Callable[[JobOutcome], Awaitable[None]]) -> None:
         if info.state != "BATCH_STATE_SUCCEEDED":
             self.stats.items_batch_failed += len(job.items)
-            self.outcome.failed_items += len(job.items)
-            self.outcome.problems.append(
-                f"batch {info.name} ({job.display_name}) ended {info.state}: its "
-                f"{len(job.items):,} items are submitted again by the next run")
+            n = len(job.items)
+            if self.settings.fallback == "interactive":
+                # what still holds its payload (texts) is embedded now; media, whose bytes
+                # went into the job, wait for the next run, which reads them again
+                out = self.batching.missing(job.items)
+                self.outcome.problems.append(
+                    f"batch {info.name} ({job.display_name}) ended {info.state}: "
+                    f"{len(out.retry):,} of its {n:,} items embedded interactively now"
+                    + (f", {len(out.lost):,} submitted again by the next run" if out.lost
+                       else ""))
+                await send(out)
+            else:
+                self.outcome.failed_items += n
+                self.outcome.problems.append(
+                    f"batch {info.name} ({job.display_name}) ended {info.state}: its "
+                    f"{n:,} items are submitted again by the next run")
             await anyio.to_thread.run_sync(lambda: self.log.set(job.display_name,
                                                                 status=FAILED))
             return
