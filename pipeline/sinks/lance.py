@@ -266,7 +266,9 @@ class LanceSink:
         if size != self.dims:
             raise SinkError(
                 f"table {table!r} holds {size}-dimension vectors but the job asks for "
-                f"{self.dims}: write to another table (sink.table) or delete this one")
+                f"{self.dims}, and its recorded settings say otherwise (the tables table): "
+                "remove its row there and run again to rebuild the table beside the live one "
+                "(an upgrade, switched in when complete), or write to another sink.table")
         present = set(self.vectors.schema.names)
         missing = {n: f"CAST(NULL AS {_SQL_TYPES[k]})" for n, k in self.columns.items()
                    if n not in present}
