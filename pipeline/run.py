@@ -276,7 +276,7 @@ class Run:
                              self.outcome, self.stats.run_id)
         return BatchRouter(driver, mode=embed.mode, min_items=embed.batch_min_items,
                            awaited=await open_jobs(api, self.batch_log), detach=self.detach,
-                           support=support, ask=ask)
+                           support=support, ask=ask, refetch=stages.validation.refetch)
 
     def _stages(self, client: GeminiClient, manifest_rows: Iterator[pa.RecordBatch], known: int,
                 committed: dict[str, str | None]) -> Stages:

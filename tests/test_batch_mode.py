@@ -118,14 +118,13 @@ def test_a_failed_job_falls_back_to_interactive_in_the_same_run(tmp_path: Path):
     make_quickstart_media(src / "media")  # 2 PDF parts and 2 images: their bytes went away
     with Emulator(EmulatorOptions(batch_delay_s=0.1, batch_outcome="fail")) as emu:
         failed = run_job(load_job(write_job(tmp_path, src, embed=_embed(emu))))
-        assert emu.state.stats.items == 20  # the texts, interactively, in the same run
-    assert failed.stats.items_batch_failed == 24 and failed.stats.items_embedded == 20
-    assert any("20 of its 24 items embedded interactively now, 4 submitted again by the next "
-               "run" in p for p in failed.problems), failed.problems
-    with Emulator(EmulatorOptions(batch_delay_s=0.1)) as emu:
-        again = run_job(load_job(write_job(tmp_path, src, embed=_embed(emu))))
-        assert emu.state.stats.batch_items == 4
-    assert again.exit_code == EXIT_OK and len(_ids(tmp_path)) == 24
+        # all of it interactively, in the same run: the texts at hand, the media read again
+        assert emu.state.stats.items == 24
+    assert failed.exit_code == EXIT_OK, failed.problems
+    assert failed.stats.items_batch_failed == 24 and failed.stats.items_embedded == 24
+    assert any("20 of its 24 items embedded interactively now" in p
+               for p in failed.problems), failed.problems
+    assert len(_ids(tmp_path)) == 24
 
 
 def test_a_failed_job_is_submitted_again_by_the_next_run(tmp_path: Path):
@@ -139,6 +138,17 @@ def test_a_failed_job_is_submitted_again_by_the_next_run(tmp_path: Path):
         again = run_job(load_job(write_job(tmp_path, tmp_path / "src", embed=_embed(emu))))
         assert emu.state.stats.batch_items == 20
     assert again.exit_code == EXIT_OK and len(_ids(tmp_path)) == 20
+
+
+def test_transient_request_errors_of_media_converge_in_one_run(tmp_path: Path):
+    src = tmp_path / "src"
+    make_text_corpus(src, 60)
+    make_quickstart_media(src / "media")
+    with Emulator(EmulatorOptions(batch_delay_s=0.1, batch_error_rate=0.2, seed=11)) as emu:
+        result = run_job(load_job(write_job(tmp_path, src, embed=_embed(emu))))
+    assert result.exit_code == EXIT_OK, result.problems
+    assert result.stats.items_fallback > 0  # some failed in the job, every one stored now
+    assert len(set(_ids(tmp_path))) == len(_ids(tmp_path)) == 64
 
 
 def test_transient_request_errors_and_excluded_modalities_go_interactive(tmp_path: Path):

@@ -175,7 +175,8 @@ class BatchRouter:
     def __init__(self, driver: BatchDriver, *, mode: str, min_items: int,
                  awaited: dict[str, tuple[str, str, str | None]], detach: bool,
                  support: BatchSupport | None = None,
-                 ask: Callable[[], Awaitable[BatchSupport]] | None = None) -> None:
+                 ask: Callable[[], Awaitable[BatchSupport]] | None = None,
+                 refetch: Callable[[list[Item]], list[Item]] | None = None) -> None:
         self.driver = driver
         self.mode = mode  # "batch" or "auto"; decided to "batch" or "interactive"
         self.min_items = min_items
@@ -183,6 +184,8 @@ class BatchRouter:
         # grows past min_items.
         self.support = support
         self._ask = ask
+        # items whose payload went into a job that gave no vector: read and cut again
+        self._refetch = refetch
         # item id -> (display name, job name, content key) of an earlier run's job
         self.awaited = awaited
         self.detach = detach
@@ -204,14 +207,20 @@ class BatchRouter:
                 await out.send([*result.vectors, *result.rejects])
             if result.collected is not None:
                 await out.send([Collected(result.collected)])
-            if result.retry:
-                stats.items_fallback += len(result.retry)
-                await pack.send(result.retry)
-            if result.lost:
-                self.driver.outcome.failed_items += len(result.lost)
+            retry, lost = list(result.retry), list(result.lost)
+            if lost and self._refetch is not None:
+                again = await anyio.to_thread.run_sync(self._refetch, lost)
+                found = {i.id for i in again}
+                retry += again
+                lost = [i for i in lost if i.id not in found]
+            if retry:
+                stats.items_fallback += len(retry)
+                await pack.send(retry)
+            if lost:
+                self.driver.outcome.failed_items += len(lost)
                 self.driver.outcome.problems.append(
-                    f"{len(result.lost)} items failed transiently in a Batch API job and their "
-                    "payload was not kept to retry now: the next run embeds them")
+                    f"{len(lost)} items failed in a Batch API job and their files could not be "
+                    "read again as they were (changed or gone): the next run embeds them")
 
         async with items, pack, out:
             async for chunk in items:
