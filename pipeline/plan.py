@@ -40,6 +40,7 @@ from pipeline.records import Reject
 from pipeline.sinks.lance import open_db
 from pipeline.stages.companions import Companions
 from pipeline.stages.listing import Listing, Todo
+from pipeline.state.batches import BatchLog
 from pipeline.state.manifest import Manifest, mass_delete_refusal
 from pipeline.state.tables import TableLog, TableSpace
 from pipeline.stats import RunStats
@@ -57,6 +58,8 @@ class Plan:
     rejects: Counter[str] = field(default_factory=Counter)
     delete_refusal: str | None = None  # why the run would refuse its deletions
     upgrade: str | None = None  # a change of every vector's settings, and how it is made
+    submitted: frozenset[str] = frozenset()  # ids in earlier runs' open Batch API jobs
+    awaited: int = 0  # items those jobs hold: collected by a run, not paid again
     wall_s: float = 0.0
 
     def as_dict(self, job: JobConfig) -> dict[str, Any]:
@@ -85,6 +88,7 @@ class Plan:
                                          else None),
             "delete_refusal": self.delete_refusal,
             "upgrade": self.upgrade,
+            "items_awaited": self.awaited,
             "plan_wall_s": round(self.wall_s, 2),
         }
 
@@ -110,6 +114,18 @@ def _manifest(job: JobConfig) -> Iterator[tuple[Iterator[pa.RecordBatch] | None,
         return
     with manifest.sorted_rows() as rows:
         yield rows, manifest.count()
+
+
+def _submitted(job: JobConfig) -> frozenset[str]:
+    """The item ids earlier runs' open Batch API jobs hold (read only)."""
+    try:
+        db = open_db(job.sink.state_uri, sink_storage_options(job))
+        if job.sink.batches_table not in db.list_tables().tables:
+            return frozenset()
+        return frozenset(i for record in BatchLog(db, job.sink.batches_table).open()
+                         for i in record.item_ids)
+    except (SinkError, OSError, ValueError, RuntimeError):
+        return frozenset()
 
 
 def _upgrade(job: JobConfig, changed: int) -> str | None:
@@ -157,8 +173,9 @@ def _file_limit_s(job: JobConfig) -> float:
     return job.validate_.file_timeout_s * 1.5 + 1.0
 
 
-Planned = tuple[str, str, int, int, float]  # (kind, modality or reason, tokens, pages, seconds)
-_TIMEOUT: list[Planned] = [("reject", "timeout", 0, 0, 0.0)]
+# (kind, modality or reason, tokens, pages, seconds, item id)
+Planned = tuple[str, str, int, int, float, str]
+_TIMEOUT: list[Planned] = [("reject", "timeout", 0, 0, 0.0, "")]
 
 
 def _plan_group(group: list[Todo]) -> list[list[Planned] | None]:
@@ -183,7 +200,7 @@ def _plan_one(entry: Todo) -> list[Planned] | None:
     try:
         data = w["connector"].read(obj)
     except ConnectorError:
-        return [("reject", "unreadable", 0, 0, 0.0)]
+        return [("reject", "unreadable", 0, 0, 0.0, "")]
     version = obj.version or content_version(data)
     extras = None
     if w["companions"].active:
@@ -194,14 +211,14 @@ def _plan_one(entry: Todo) -> list[Planned] | None:
     out: list[Planned] = []
     for item in w["validator"].plan(obj.with_version(version), data, extras):
         if isinstance(item, Reject):
-            out.append(("reject", item.reason, 0, 0, 0.0))
+            out.append(("reject", item.reason, 0, 0, 0.0, ""))
             continue
         span = item.span
         pages = (span.page_end - span.page_start + 1
                  if span.page_start is not None and span.page_end is not None else 0)
         seconds = (span.time_end_s - span.time_start_s
                    if span.time_start_s is not None and span.time_end_s is not None else 0.0)
-        out.append(("item", str(item.modality), item.est_tokens, pages, seconds))
+        out.append(("item", str(item.modality), item.est_tokens, pages, seconds, item.id))
     return out
 
 
@@ -226,6 +243,7 @@ def make_plan(job: JobConfig, retry_rejects: bool = False, workers: int | None =
         if count:
             plan.files[name] = count
     plan.upgrade = _upgrade(job, seen.files_changed)
+    plan.submitted = _submitted(job)
     if job.run.on_delete == "delete":
         gone = listing.gone()
         plan.files["deleted"] = len(gone)
@@ -286,9 +304,12 @@ def _add(plan: Plan, result: list[Planned] | None) -> None:
         plan.files["changed"] -= 1
         plan.files["unchanged"] += 1
         return
-    for kind, name, tokens, pages, seconds in result:
+    for kind, name, tokens, pages, seconds, item_id in result:
         if kind == "reject":
             plan.rejects[name] += 1
+            continue
+        if item_id in plan.submitted:  # an earlier run's Batch API job holds it: paid
+            plan.awaited += 1
             continue
         plan.items[name] += 1
         plan.tokens[name] += tokens

@@ -115,6 +115,10 @@ def show_plan(out: Console, job: JobConfig, figures: dict[str, Any]) -> None:
               else "wall time: no quota set in the job (embed.quota), so none is estimated")
     if figures["days_by_requests_per_day"]:
         out.print(f"requests/day quota: {figures['days_by_requests_per_day']} day(s)")
+    if figures.get("items_awaited"):
+        out.print(f"{plural(figures['items_awaited'], 'item')} already submitted to the Batch "
+                  "API by earlier runs: collected, not paid again (not in the cost above)",
+                  highlight=False)
     if figures.get("upgrade"):
         out.print(f"[bold]upgrade:[/] {escape(figures['upgrade'])}", highlight=False,
                   soft_wrap=True)

@@ -117,6 +117,11 @@ def test_switching_to_interactive_collects_what_was_paid_for(tmp_path: Path):
         job = write_job(tmp_path, tmp_path / "src", embed=_embed(emu))
         detached = _cli(job, "--detach")
         assert detached.wait(timeout=120) == EXIT_PENDING, detached.communicate()
+        plan = subprocess.run([sys.executable, "-m", "pipeline.cli", "plan", "--json", str(job)],
+                              capture_output=True, text=True, timeout=120)
+        figures = json.loads(plan.stdout)
+        # what the job holds is awaited, not priced again
+        assert figures["items_awaited"] == 80 and figures["cost_usd"] == 0, figures
         time.sleep(0.5)
         result = run_job(load_job(job, overrides={("embed", "mode"): "interactive"}))
         assert result.exit_code == EXIT_OK, result.problems
