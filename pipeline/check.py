@@ -92,7 +92,7 @@ async def _refused(job: JobConfig, client: GeminiClient, request: EmbedRequest,
     if isinstance(exc, AccessError) and (exc.http_status == 404 or "channel" in str(exc)):
         return [Finding("model", False, str(exc))]
     if isinstance(exc, AccessError) and exc.http_status in (400, 401, 403):
-        other = await _style_that_works(job, request)
+        other = await _style_that_works(job, client, request)
         if other is not None:
             assert isinstance(embed, GeminiEmbedConfig)
             return [Finding("auth", False, f"the key is refused as embed.auth {embed.auth} "
@@ -105,18 +105,18 @@ async def _refused(job: JobConfig, client: GeminiClient, request: EmbedRequest,
                                    "embed.document_template)")]
 
 
-async def _style_that_works(job: JobConfig, request: EmbedRequest) -> str | None:
-    """Another auth style the endpoint takes the same key in, if any."""
+async def _style_that_works(job: JobConfig, client: GeminiClient,
+                            request: EmbedRequest) -> str | None:
+    """Another auth style the endpoint takes the same key in, if any: the same client (its
+    ``options``) but for the style."""
     embed = job.embed
     if not isinstance(embed, GeminiEmbedConfig) or embed.api_key is None:
         return None
     for style in STYLES:
         if style == embed.auth:
             continue
-        async with GeminiClient(base_url=embed.base_url, model=embed.model,
-                                dims=embed.output_dimensionality,
-                                api_key=embed.api_key.get_secret_value(), auth=style,
-                                api_version=embed.api_version, timeout_s=embed.timeout_s) as c:
+        options: dict[str, Any] = {**client.options, "auth": style}
+        async with GeminiClient(**options) as c:
             try:
                 await c.embed(request)
             except AccessError:

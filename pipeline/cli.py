@@ -164,8 +164,8 @@ def _overrides(args: argparse.Namespace) -> dict[tuple[str, ...], Any]:
     """``--set`` and ``--emulator`` as load_job's overrides."""
     from pipeline.config.loading import parse_overrides
 
-    overrides = parse_overrides(getattr(args, "set", []))
-    if getattr(args, "emulator", False):
+    overrides = parse_overrides(args.set)
+    if args.emulator:
         overrides[("embed", "provider")] = "emulator"
     return overrides
 
@@ -420,6 +420,16 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _job_settings(command: argparse.ArgumentParser, set_help: str) -> None:
+    """``--set`` and ``--emulator``, read by :func:`_overrides`, for a command that loads the
+    job's settings to act on them (run, plan, check, search)."""
+    command.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help=set_help)
+    command.add_argument("--emulator", action="store_true",
+                         help="use the built-in emulator instead of the job's endpoint "
+                              "(offline; the same as --set embed.provider=emulator)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # -v and --log-format work before or after the subcommand: each subcommand takes them too,
     # with no default of its own (SUPPRESS), so one given after it wins and none does no harm.
@@ -453,9 +463,6 @@ def build_parser() -> argparse.ArgumentParser:
     run = command("run", "run a job: embed what is new or changed",
                   "embedpipe run jobs/nightly.yaml --report run.json")
     run.add_argument("job", help=JOB_HELP)
-    run.add_argument("--emulator", action="store_true",
-                     help="use the built-in emulator instead of the job's endpoint (offline; "
-                          "the same as --set embed.provider=emulator)")
     run.add_argument("--retry-rejects", action="store_true",
                      help="try files rejected by earlier runs again even if unchanged")
     run.add_argument("--allow-mass-delete", action="store_true",
@@ -470,9 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", default=None, metavar="ADDR",
                      help="the Ray cluster to join (default: run.ray_address, RAY_ADDRESS, "
                           "else one started on this machine for the run)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a job key for this run, checked like the file's own "
-                          "(repeatable): --set embed.concurrency=8 --set run.flush_rows=500")
+    _job_settings(run, "override a job key for this run, checked like the file's own "
+                       "(repeatable): --set embed.concurrency=8 --set run.flush_rows=500")
     run.add_argument("--report", metavar="PATH", default=None,
                      help="write the run's figures as JSON to PATH ('-' for stdout)")
     run.set_defaults(func=cmd_run)
@@ -480,14 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan = command("plan", "what a run would do and cost, without calling the API",
                    "embedpipe plan jobs/nightly.yaml --json")
     plan.add_argument("job", help=JOB_HELP)
-    plan.add_argument("--emulator", action="store_true",
-                     help="use the built-in emulator instead of the job's endpoint (offline; "
-                          "the same as --set embed.provider=emulator)")
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     plan.add_argument("--retry-rejects", action="store_true",
                       help="plan as `run --retry-rejects` would run")
-    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="plan with a job key overridden, as `run --set` would (repeatable)")
+    _job_settings(plan, "plan with a job key overridden, as `run --set` would (repeatable)")
     plan.add_argument("--allow-mass-delete", action="store_true",
                       help="plan as `run --allow-mass-delete` would run")
     plan.set_defaults(func=cmd_plan)
@@ -496,21 +498,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "style, model, dimensions, task input, Batch API, latency",
                     "embedpipe check jobs/nightly.yaml --json")
     check.add_argument("job", help=JOB_HELP)
-    check.add_argument("--emulator", action="store_true",
-                     help="use the built-in emulator instead of the job's endpoint (offline; "
-                          "the same as --set embed.provider=emulator)")
     check.add_argument("--json", action="store_true", help="print the findings as JSON")
-    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="check with a job key overridden, as `run --set` would (repeatable)")
+    _job_settings(check, "check with a job key overridden, as `run --set` would (repeatable)")
     check.set_defaults(func=cmd_check)
 
     search = command("search", "the rows nearest to a text query (or a query file)",
                      "embedpipe search jobs/nightly.yaml \"harbour at night\" -k 3 "
                      "--where \"modality = 'image'\"")
     search.add_argument("job", help=JOB_HELP)
-    search.add_argument("--emulator", action="store_true",
-                     help="use the built-in emulator instead of the job's endpoint (offline; "
-                          "the same as --set embed.provider=emulator)")
     search.add_argument("query", nargs="?", default=None, help="the query text")
     search.add_argument("--file", default=None,
                         help="a query file (image, audio, video, PDF), alone or with the text")
@@ -520,8 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--wide", action="store_true",
                         help="wrap long sources and texts instead of cutting them")
     search.add_argument("--where", default=None, help="a Lance filter, e.g. \"modality = 'text'\"")
-    search.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="search with a job key overridden, as `run --set` (repeatable)")
+    _job_settings(search, "search with a job key overridden, as `run --set` (repeatable)")
     search.set_defaults(func=cmd_search)
 
     status = command("status", "the last runs and what the job's tables hold",

@@ -93,9 +93,10 @@ class Embedder:
         return await self._embed(list(batch.items))
 
     async def _embed(self, items: list[Item]) -> tuple[list[Vector], list[Reject]]:
+        requests = [self.request_for(i) for i in items]  # once: sent, then keyed
         try:
-            response = await self._call_with_retries(items)
-            vectors = self._vectors(items, response)
+            response = await self._call_with_retries(items, requests)
+            vectors = self._vectors(items, requests, response)
         except TerminalEmbedError as exc:
             if len(items) == 1:
                 item = items[0]
@@ -108,8 +109,8 @@ class Embedder:
             return left[0] + right[0], left[1] + right[1]
         return vectors, []
 
-    async def _call_with_retries(self, items: Sequence[Item]) -> EmbedResponse:
-        requests = [self.request_for(i) for i in items]
+    async def _call_with_retries(self, items: Sequence[Item],
+                                 requests: Sequence[EmbedRequest]) -> EmbedResponse:
         tokens = sum(i.est_tokens for i in items)
         attempt = 0
         throttled_s = 0.0  # waited on 429s: they cost no attempt, only time
@@ -177,13 +178,14 @@ class Embedder:
             return server_says + random.uniform(0, 0.1 * max(server_says, 1.0))
         return random.uniform(0, min(self.backoff_cap_s, self.backoff_base_s * 2 ** (attempt - 1)))
 
-    def _vectors(self, items: Sequence[Item], response: EmbedResponse) -> list[Vector]:
+    def _vectors(self, items: Sequence[Item], requests: Sequence[EmbedRequest],
+                 response: EmbedResponse) -> list[Vector]:
         estimated = sum(i.est_tokens for i in items) or 1
         reported = response.prompt_tokens
         return [make_vector(item, values, item.est_tokens if reported is None
                             else round(item.est_tokens * reported / estimated), self.normalise,
-                            self.key_for(item))
-                for item, values in zip(items, response.vectors, strict=True)]
+                            self.client.content_key(request))
+                for item, request, values in zip(items, requests, response.vectors, strict=True)]
 
 
 def make_vector(item: Item, values: npt.NDArray[np.float32], tokens: int,
