@@ -116,10 +116,20 @@ def _manifest(job: JobConfig) -> Iterator[tuple[Iterator[pa.RecordBatch] | None,
         yield rows, manifest.count()
 
 
-def _submitted(job: JobConfig) -> frozenset[str]:
+def _state_db(job: JobConfig) -> Any:
+    """The job's state database, if there is one to read (None before a first run)."""
+    uri = job.sink.state_uri
+    if "://" not in uri and not Path(uri).is_dir():
+        return None
+    try:
+        return open_db(uri, sink_storage_options(job))
+    except SinkError:
+        return None
+
+
+def _submitted(db: Any, job: JobConfig) -> frozenset[str]:
     """The item ids earlier runs' open Batch API jobs hold (read only)."""
     try:
-        db = open_db(job.sink.state_uri, sink_storage_options(job))
         if job.sink.batches_table not in db.list_tables().tables:
             return frozenset()
         return frozenset(i for record in BatchLog(db, job.sink.batches_table).open()
@@ -128,12 +138,11 @@ def _submitted(job: JobConfig) -> frozenset[str]:
         return frozenset()
 
 
-def _upgrade(job: JobConfig, changed: int) -> str | None:
+def _upgrade(db: Any, job: JobConfig, changed: int) -> str | None:
     """What a run would change of every vector, if anything (read only)."""
     if isinstance(job.sink, ArrowSinkConfig):
         return None
     try:
-        db = open_db(job.sink.state_uri, sink_storage_options(job))
         held = TableLog(db, read_only=True).space(job.sink.table)
     except (SinkError, OSError, ValueError, RuntimeError):
         return None
@@ -242,8 +251,10 @@ def make_plan(job: JobConfig, retry_rejects: bool = False, workers: int | None =
                         ("unchanged", seen.files_unchanged)):
         if count:
             plan.files[name] = count
-    plan.upgrade = _upgrade(job, seen.files_changed)
-    plan.submitted = _submitted(job)
+    state = _state_db(job)
+    if state is not None:
+        plan.upgrade = _upgrade(state, job, seen.files_changed)
+        plan.submitted = _submitted(state, job)
     if job.run.on_delete == "delete":
         gone = listing.gone()
         plan.files["deleted"] = len(gone)

@@ -14,7 +14,7 @@ from pipeline.gemini.endpoint import embedding_client
 from pipeline.gemini.tasks import TaskStyle
 from pipeline.models import model_spec
 from pipeline.records import Part
-from pipeline.sinks.lance import open_db, sql_str, table_figures
+from pipeline.sinks.lance import first_model, open_db, sql_str, table_figures, vector_dims
 from pipeline.state.lock import JobLock
 from pipeline.state.runs import RUNNING, last_runs
 from pipeline.state.tables import TableLog, TableSpace
@@ -60,10 +60,9 @@ def _same_model(table: Any, job: JobConfig) -> None:
     """Refuse (unpaid) a search whose query model no row of the table shares."""
     model = job.embed.model
     if table.count_rows() and not table.count_rows(f"model = {sql_str(model)}"):
-        found = table.search().select(["model"]).limit(1).to_arrow()["model"].to_pylist()
         raise ConfigError(
-            f"the table {job.sink.table!r} holds vectors of {found[0] if found else 'another model'}"
-            f", not {model} (embed.model): a query of one model cannot be compared with "
+            f"the table {job.sink.table!r} holds vectors of {first_model(table)}, not {model} "
+            f"(embed.model): a query of one model cannot be compared with "
             "vectors of another; search with the model the table was written with")
 
 
@@ -98,7 +97,7 @@ async def search(job: JobConfig, query: str | None, *, k: int = 5, where: str | 
             # space, so the query is embedded as its vectors were.
             job = space.job_for_queries(job)
             spec = model_spec(job.embed.model)
-        held = getattr(table.schema.field("vector").type, "list_size", None)
+        held = vector_dims(table.schema)
         if held is not None and held != job.embed.output_dimensionality:
             raise ConfigError(
                 f"the table {job.sink.table!r} holds vectors of {held} dimensions and the job "

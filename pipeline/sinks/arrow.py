@@ -36,7 +36,13 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import SinkError
 from pipeline.records import Reject, Vector
-from pipeline.sinks.lance import REJECTS_SCHEMA, rejects_table, vector_table, vectors_schema
+from pipeline.sinks.lance import (
+    REJECTS_SCHEMA,
+    rejects_table,
+    vector_dims,
+    vector_table,
+    vectors_schema,
+)
 
 VECTORS = "."  # the vectors are the folder itself
 REJECTS = "_rejects"
@@ -66,7 +72,7 @@ class ArrowSink:
         files = self._files(VECTORS)
         if files:
             existing = self._read(files[0], None).schema
-            size = getattr(existing.field("vector").type, "list_size", None)
+            size = vector_dims(existing)
             if size != self.dims:
                 raise SinkError(f"{self.root} holds {size}-dimension vectors but the job asks for "
                                 f"{self.dims}: write to another folder")

@@ -124,20 +124,29 @@ def _merge(table: Any, rows: pa.Table | None, stale: list[str]) -> None:
     merge.execute(rows)
 
 
+def vector_dims(schema: pa.Schema) -> int | None:
+    """The dimensions of the ``vector`` column of a table's (or a file's) schema."""
+    return getattr(schema.field("vector").type, "list_size", None)
+
+
+def first_model(table: Any) -> str | None:
+    """The model of a table's first row (None when it is empty)."""
+    models = table.search().select(["model"]).limit(1).to_arrow()["model"].to_pylist()
+    return models[0] if models else None
+
+
 def table_figures(table: Any, db_uri: str) -> dict[str, Any]:
     """What a vectors table is: its version and how many it keeps, fragments, rows, bytes
     (live, and on disk where it is a local folder), tags, model and dimensions."""
     try:
         stats = table.stats()
         frags = stats.get("fragment_stats") or {}
-        models = table.search().select(["model"]).limit(1).to_arrow()["model"].to_pylist()
         return {"version": int(table.version), "versions": len(table.list_versions()),
                 "fragments": int(frags.get("num_fragments") or 0),
                 "rows": int(stats.get("num_rows") or 0),
                 "live_bytes": int(stats.get("total_bytes") or 0),
                 "disk_bytes": _folder_bytes(db_uri, table.name), "tags": len(table.tags.list()),
-                "model": models[0] if models else None,
-                "dims": getattr(table.schema.field("vector").type, "list_size", None)}
+                "model": first_model(table), "dims": vector_dims(table.schema)}
     except (OSError, ValueError, RuntimeError) as exc:
         raise SinkError(f"cannot read the figures of {table.name!r} in {db_uri}: {exc}") from exc
 
@@ -261,8 +270,7 @@ class LanceSink:
         self.rejects = open_table(db, rejects_table, REJECTS_SCHEMA)
 
     def _check_schema(self, table: str) -> None:
-        field = self.vectors.schema.field("vector")
-        size = getattr(field.type, "list_size", None)
+        size = vector_dims(self.vectors.schema)
         if size != self.dims:
             raise SinkError(
                 f"table {table!r} holds {size}-dimension vectors but the job asks for "

@@ -13,6 +13,7 @@ table as it was; the next run continues the upgrade without paying twice.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -21,7 +22,7 @@ import pyarrow as pa
 
 from pipeline.config import JobConfig
 from pipeline.errors import SinkError
-from pipeline.sinks.lance import open_table, sql_str, upsert
+from pipeline.sinks.lance import first_model, open_table, sql_str, upsert, vector_dims
 
 TABLES_TABLE = "tables"
 SHADOW_SUFFIX = "-next"
@@ -120,14 +121,10 @@ def _found(db: Any, manifest_table: Any, live: str, space: TableSpace) -> TableS
     if manifest_table.count_rows(f"fingerprint = {sql_str(space.fingerprint)}"):
         return space
     prints = manifest_table.search().select(["fingerprint"]).limit(None).to_arrow()
-    counts: dict[str, int] = {}
-    for fp in prints["fingerprint"].to_pylist():
-        counts[fp] = counts.get(fp, 0) + 1
+    ((most, _),) = Counter(prints["fingerprint"].to_pylist()).most_common(1)
     table = db.open_table(live)
-    models = table.search().select(["model"]).limit(1).to_arrow()["model"].to_pylist()
-    dims = getattr(table.schema.field("vector").type, "list_size", space.dims)
-    return TableSpace(max(counts, key=lambda k: counts[k]), models[0] if models else "unknown",
-                      int(dims))
+    return TableSpace(most, first_model(table) or "unknown",
+                      vector_dims(table.schema) or space.dims)
 
 
 def prepare_shadow(db: Any, tables: TableLog, live: str, space: TableSpace) -> str:
