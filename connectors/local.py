@@ -92,25 +92,27 @@ class LocalConnector:
         for entry in entries:
             key = prefix + key_name(entry.name)
             try:
-                if entry.is_dir(follow_symlinks=False):
-                    folder_id = _folder_id(entry.path)
-                    if folder_id in within:  # reached again through a followed link
+                if entry.is_dir():  # a folder, or a link to one
+                    inside = self._enter(entry, within)
+                    if inside is None:
                         self.skipped += 1
-                        continue
-                    yield from self._walk(Path(entry.path), key + "/", within | {folder_id})
-                    continue
-                if entry.is_symlink() and entry.is_dir():  # a link to a folder
-                    target = _folder_id(entry.path)
-                    if not self.follow or target in within:
-                        self.skipped += 1
-                        continue
-                    yield from self._walk(Path(entry.path), key + "/", within | {target})
+                    else:
+                        yield from self._walk(Path(entry.path), key + "/", inside)
                     continue
             except OSError:
                 pass  # a broken or looping link: _stat says which
             if not key_selected(key, self.include, self.exclude):
                 continue
             yield self._stat(entry.path, key, entry.is_symlink())
+
+    def _enter(self, entry: os.DirEntry[str],
+               within: set[tuple[int, int]]) -> set[tuple[int, int]] | None:
+        """The folders the walk is in once inside ``entry``, or None where it is not entered:
+        a link to a folder not followed, or a folder the walk is in already (a cycle)."""
+        if entry.is_symlink() and not self.follow:
+            return None
+        folder_id = _folder_id(entry.path)
+        return None if folder_id in within else within | {folder_id}
 
     def _stat(self, path: str, key: str, is_link: bool) -> SourceObject | Reject:
         """The listed file (string paths: this runs for every file of every night)."""

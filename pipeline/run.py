@@ -237,15 +237,16 @@ class Run:
         """The Batch API path (embed.mode batch or auto), with earlier runs' open jobs, where
         the endpoint serves it (a gateway is asked once; see :mod:`pipeline.gemini.probe`)."""
         embed, stats = self.job.embed, self.stats
-        support = declared_batch_support(embed) or await anyio.to_thread.run_sync(
-            self.endpoints.recall, client.base)
         if embed.mode == "interactive":
             stats.mode_why = "embed.mode is interactive"
             # Jobs an earlier run left open are still collected (what matches is adopted, not
             # paid again; the rest superseded), where the endpoint serves the Batch API.
-            served = support is None or support.served
-            if not served or not await anyio.to_thread.run_sync(self.batch_log.open):
+            if not await anyio.to_thread.run_sync(self.batch_log.open):
                 return None
+        support = declared_batch_support(embed) or await anyio.to_thread.run_sync(
+            self.endpoints.recall, client.base)
+        if embed.mode == "interactive" and support is not None and not support.served:
+            return None
 
         async def ask() -> BatchSupport:
             found = await probe_batch_api(client)
@@ -332,7 +333,7 @@ class Run:
 
     def _switch(self) -> None:
         """Every file is in the new table: readers get it in one commit."""
-        assert isinstance(self.sink, LanceSink)
+        assert isinstance(self.sink, LanceSink) and self.upgrade is not None
         left = self.manifest.table.count_rows(f"fingerprint != {sql_str(self.space.fingerprint)}")
         if left:  # files not redone (unreadable this time): the upgrade is not complete
             self.outcome.problems.append(f"upgrade not switched in yet: {left:,} files still "
@@ -341,8 +342,8 @@ class Run:
         self.sink.vectors = switch(self.db, self.tables, self.job.sink.table,
                                    self.sink.vectors, self.space)
         self.sink.mirror = None
-        self.stats.upgrade = f"{self.upgrade.describe_change(self.space) if self.upgrade else ''}"\
-            f": done, {self.job.sink.table!r} now holds the new vectors"
+        self.stats.upgrade = (f"{self.upgrade.describe_change(self.space)}: done, "
+                              f"{self.job.sink.table!r} now holds the new vectors")
         self.upgrade = None
         log.info("upgrade switched in: %s", self.stats.upgrade)
 

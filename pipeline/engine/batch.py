@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -236,12 +237,9 @@ class BatchRouter:
             for (display_name, name), found in self._adopted.items():
                 self.driver.adopt(display_name, name, found,
                                   {i: self._keys[i] for i in found})
-            wanted = set(self._adopted)
-            jobs: dict[tuple[str, str], int] = {}
-            for display_name, name, _ in self.awaited.values():
-                jobs[(display_name, name)] = jobs.get((display_name, name), 0) + 1
+            jobs = Counter((display_name, name) for display_name, name, _ in self.awaited.values())
             for (display_name, name), count in jobs.items():
-                if (display_name, name) not in wanted:
+                if (display_name, name) not in self._adopted:
                     await self.driver.supersede(display_name, name, count)
             await self.driver.collect(send, wait=not self.detach)
             stats.batch_jobs_pending = len(self.driver.open)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from connectors.base import Connector, content_version
 from pipeline.config import JobConfig
 from pipeline.errors import ConnectorError, RejectReason
-from pipeline.records import FileEnd, Item, Reject, SourceObject
+from pipeline.records import Extras, FileEnd, Item, Reject, SourceObject
 from pipeline.stages.companions import Companions
 from pipeline.stages.listing import Todo
 from pipeline.state.manifest import FileState
@@ -124,31 +124,35 @@ class Validation:
         if finished:
             into.outcomes.append(FileEnd(work.obj, work.count, replaces=work.replaces))
 
+    def read(self, obj: SourceObject, listed: str | None) -> tuple[bytes, str, Extras | None]:
+        """A file's bytes, its version (``listed``, the listing's, else its content hash; with
+        its companions', when the job has any) and its companions' caption, title and columns.
+        Raises ConnectorError."""
+        data = self.connector.read(obj)
+        version = listed or content_version(data)
+        extras = None
+        if self.companions.active:
+            version, extras = self.companions.read(obj, version)
+        return data, version, extras
+
     def refetch(self, items: list[Item]) -> list[Item]:
         """Items whose payload went into a Batch API job that did not give their vectors,
         read and cut again (blocking): those whose file still holds the same version; the
         others (changed, gone, unreadable) are left to the next run."""
         out: list[Item] = []
-        wanted: dict[tuple[str, str], set[str]] = {}
-        sources: dict[tuple[str, str], Item] = {}
+        by_file: dict[tuple[str, str], tuple[SourceObject, set[str]]] = {}
         for item in items:
-            key = (item.source.uri, item.version)
-            wanted.setdefault(key, set()).add(item.id)
-            sources.setdefault(key, item)
-        for key, ids in wanted.items():
-            obj = sources[key].source
-            try:
-                data = self.connector.read(obj)
-            except ConnectorError:
-                continue
-            extras = None
+            by_file.setdefault((item.source.uri, item.version), (item.source, set()))[1].add(
+                item.id)
+        for (_, version_then), (obj, ids) in by_file.items():
             # local files are versioned by their content (hashed again: changed since?), an
             # object store's by the listing's ETag
-            version = (content_version(data) if obj.uri.startswith("file://")
-                       else obj.version or content_version(data))
-            if self.companions.active:
-                version, extras = self.companions.read(obj, version)
-            if version != key[1]:
+            try:
+                data, version, extras = self.read(
+                    obj, None if obj.uri.startswith("file://") else obj.version)
+            except ConnectorError:
+                continue
+            if version != version_then:
                 continue
             try:
                 out += [e for e in self.validator.fit(obj.with_version(version), data, extras)
@@ -202,14 +206,10 @@ class FileWork:
         stage = self.stage
         if self.items is None:
             try:
-                data = stage.connector.read(self.obj)
+                data, version, extras = stage.read(self.obj, self.obj.version)
             except ConnectorError as exc:  # its message names the file
                 return [Reject(self.obj, self.obj.version or "", RejectReason.UNREADABLE,
                                str(exc))], True
-            version = self.obj.version or content_version(data)
-            extras = None
-            if stage.companions.active:
-                version, extras = stage.companions.read(self.obj, version)
             self.obj = self.obj.with_version(version)
             prev = self.prev
             if (prev is not None and not stage.retry_rejects
