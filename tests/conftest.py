@@ -177,6 +177,9 @@ class S3Server:
              "-ip.bind=127.0.0.1", f"-s3.port={p['s3']}", f"-master.port={p['master']}",
              f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
              f"-admin.port={p['admin']}", "-admin.ui=false", "-webdav=false",
+             # listeners the tests do not use, on fixed ports by default (8181, 9101): two
+             # servers at once (two test runs side by side) failed on them
+             "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
              f"-s3.config={self.folder / 's3.json'}", f"-bucket={','.join(S3_BUCKETS)}"],
             stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + 60
