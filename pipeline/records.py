@@ -128,6 +128,7 @@ class Reject:
     part: int | None = None
     # The file had rows before (it is changed, not new): a whole-file reject removes them.
     replaces: bool = False
+    key: str | None = None  # the content key of the request the API refused, when it was sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +155,8 @@ class Vector:
     values: npt.NDArray[np.float32]
     tokens: int
     key: str | None = None  # the content key of the request it answers (GeminiClient)
+    # Not paid for: the vector of the same request, from the table or another item of the run
+    reused: bool = False
 
 
 @dataclass(frozen=True, slots=True)

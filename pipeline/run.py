@@ -25,13 +25,13 @@ import pyarrow as pa
 
 from connectors import connector_for
 from connectors.base import Connector
-from connectors.s3_options import sink_s3_options, sink_storage_options
+from connectors.s3_options import lance_storage_options, sink_s3_options, sink_storage_options
 from pipeline.atomic import write_text_atomic
-from pipeline.config import ArrowSinkConfig, JobConfig
+from pipeline.config import ArrowSinkConfig, JobConfig, ReuseSource
 from pipeline.engine import ray as ray_engine
 from pipeline.engine.batch import BatchDriver, BatchRouter, open_jobs
 from pipeline.engine.local import LocalEngine
-from pipeline.errors import AccessError, ConfigError, PipelineError, QuotaExhausted
+from pipeline.errors import AccessError, ConfigError, PipelineError, QuotaExhausted, SinkError
 from pipeline.gemini.batches import BatchApi
 from pipeline.gemini.client import GeminiClient
 from pipeline.gemini.endpoint import embedding_client
@@ -48,13 +48,14 @@ from pipeline.outcome import EXIT_USAGE as EXIT_USAGE
 from pipeline.outcome import RunOutcome, exit_code_for, run_status
 from pipeline.records import BatchSupport
 from pipeline.sinks.arrow import ArrowSink
-from pipeline.sinks.lance import LanceSink, open_db, preload, sql_str
+from pipeline.sinks.lance import CacheTable, LanceSink, open_db, preload, sql_str
 from pipeline.stages import Stages
 from pipeline.stages.batching import Batching
 from pipeline.stages.companions import Companions
 from pipeline.stages.embedding import Embedder
 from pipeline.stages.listing import Listing
 from pipeline.stages.packing import limits_for
+from pipeline.stages.reuse import Reuse
 from pipeline.stages.validation import Validation
 from pipeline.stages.writing import Writer
 from pipeline.state.batches import BatchLog
@@ -211,9 +212,28 @@ class Run:
                 self.stats.upgrade = (f"{self.upgrade.describe_change(self.space)}: built in "
                                       f"{target!r}; readers keep {job.sink.table!r} as it is "
                                       "until every file is done")
+        self.caches = [self._cache(source) for source in job.embed.reuse_from]
         self.runlog = RunLog(db, job.sink.runs_table)
         self.batch_log = BatchLog(db, job.sink.batches_table)
         self.endpoints = EndpointLog(db)
+
+    def _cache(self, source: ReuseSource) -> CacheTable:
+        """An ``embed.reuse_from`` table, read only; a missing one fails the run (exit 3)."""
+        options = None
+        if source.uri.startswith("s3://"):
+            options = lance_storage_options(source.s3 or sink_s3_options(self.job))
+        elif "://" not in source.uri and not Path(source.uri).is_dir():
+            raise SinkError(f"embed.reuse_from: there is no folder {source.uri}")
+        db = open_db(source.uri, options)
+        cache = CacheTable(db, source.table, self.job.embed.model,
+                           self.job.embed.output_dimensionality)
+        if not cache.comparable:
+            log.warning("embed.reuse_from %s holds vectors of other dimensions (or no content "
+                        "keys): none of them can be reused", cache.uri)
+        elif not cache.indexed and cache.table.count_rows() >= 50_000:
+            log.warning("embed.reuse_from %s has no index on content_key: each look-up scans "
+                        "it (its own job's runs build one)", cache.uri)
+        return cache
 
     def _resume(self) -> dict[str, str | None]:
         """Runs that never finished (killed) left rows behind: those are paid for already.
@@ -286,25 +306,26 @@ class Run:
         quota = Quota(rpm=embed.quota.rpm, tpm=embed.quota.tpm, rpd=embed.quota.rpd)
         companions = Companions(self.connector, job.source.sidecar, job.source.metadata)
         fingerprint = job.fingerprint()
+        embedder = Embedder(client, model_spec(embed.model), style=TaskStyle.for_job(job),
+                            max_attempts=embed.max_attempts, stats=stats,
+                            max_quota_wait_s=embed.max_quota_wait_s,
+                            backoff_base_s=embed.backoff_base_s,
+                            backoff_cap_s=embed.backoff_cap_s, limiter=rate_limiter(quota),
+                            concurrency=AdaptiveConcurrency(embed.concurrency))
         return Stages(
             listing=Listing(self.connector, companions, manifest_rows, known, fingerprint, stats,
                             retry_rejects=self.retry_rejects),
             validation=Validation(job, self.connector, companions, stats,
                                   retry_rejects=self.retry_rejects),
             limits=limits_for(embed),
-            embedder=Embedder(client, model_spec(embed.model), style=TaskStyle.for_job(job),
-                              max_attempts=embed.max_attempts, stats=stats,
-                              max_quota_wait_s=embed.max_quota_wait_s,
-                              backoff_base_s=embed.backoff_base_s,
-                              backoff_cap_s=embed.backoff_cap_s,
-                              limiter=rate_limiter(quota),
-                              concurrency=AdaptiveConcurrency(embed.concurrency)),
+            embedder=embedder,
             writer=Writer(self.sink, self.manifest, stats, fingerprint, stats.run_id,
                           max_delete_fraction=job.run.max_delete_fraction,
                           allow_mass_delete=self.allow_mass_delete,
                           hold_changed=self.upgrade is None,
                           on_collected=self.batch_log.collected),
-            committed=committed)
+            reuse=Reuse(embedder.key_for, [self.sink, *self.caches], committed, stats,
+                        enabled=embed.reuse))
 
     def _close(self, code: int) -> None:
         """After the run: tag and upkeep (whose failure is a warning: the rows are committed,
@@ -373,6 +394,9 @@ class Run:
         the ``runs`` row written at its start and after its listing)."""
         return {"job": self.job.name, "status": status, "exit_code": code,
                 **self.stats.as_dict(), "cost_usd": self._cost_usd(),
+                # what the reused items would have cost to embed, at list prices
+                "cost_saved_usd": round(cost_usd(self.stats.tokens_reused_by_modality,
+                                                 self.job.embed.price_table()), 6),
                 "model": self.job.embed.model, "sink": self.job.sink.uri,
                 "engine": self.engine.name if self.engine is not None else None,
                 "problems": self.outcome.problems[:100]}

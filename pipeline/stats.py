@@ -25,6 +25,10 @@ class RunStats:
     items_validated: int = 0
     items_embedded: int = 0
     items_resumed: int = 0  # committed by a killed run: counted, not paid for again
+    # written with the vector of the same request (content key): from the table, a reuse_from
+    # table or another item of this run; not paid for
+    items_reused: int = 0
+    files_moved: int = 0  # gone from the source, every part of them found under another path
     rejects: int = 0
     reject_reasons: Counter[str] = field(default_factory=Counter)
     tokens: int = 0
@@ -51,6 +55,7 @@ class RunStats:
     items_superseded: int = 0  # in earlier jobs no item of which was wanted: paid, unused
     tokens_batch_by_modality: Counter[str] = field(default_factory=Counter)
     tokens_by_modality: Counter[str] = field(default_factory=Counter)
+    tokens_reused_by_modality: Counter[str] = field(default_factory=Counter)  # not paid
     call_latencies: list[float] = field(default_factory=list)  # successful calls, capped
     upkeep_warnings: list[str] = field(default_factory=list)  # after the commit: not failures
 
@@ -76,6 +81,7 @@ class RunStats:
         out["reject_reasons"] = dict(self.reject_reasons)
         out["tokens_by_modality"] = dict(self.tokens_by_modality)
         out["tokens_batch_by_modality"] = dict(self.tokens_batch_by_modality)
+        out["tokens_reused_by_modality"] = dict(self.tokens_reused_by_modality)
         out["wall_s"] = round(self.wall_s, 3)
         out["throttled_s"] = round(self.throttled_s, 1)
         for name, q in (("latency_p50_s", 0.5), ("latency_p95_s", 0.95)):

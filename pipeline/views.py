@@ -61,7 +61,11 @@ def show_summary(console: Console, job: JobConfig, result: RunResult, run: Run) 
         *((("  links to folders skipped", s.links_skipped),) if s.links_skipped else ()),
         *((("  sidecars", s.files_sidecars),) if s.files_sidecars else ()),
         ("files deleted", s.files_deleted),
-        ("items embedded", s.items_embedded), ("rejected", s.rejects),
+        *((("  moved (content found under another path)", s.files_moved),)
+          if s.files_moved else ()),
+        ("items embedded", s.items_embedded),
+        *((("items reused (not paid again)", s.items_reused),) if s.items_reused else ()),
+        ("rejected", s.rejects),
         ("tokens", f"{s.tokens:,}"), ("API calls", s.api_calls), ("retries", s.retries),
         ("HTTP 429", s.http_429), ("wall time", f"{s.wall_s:.1f} s"),
     ]

@@ -16,13 +16,14 @@ from pipeline.emulator.server import Emulator
 from pipeline.gemini.client import GeminiClient
 from pipeline.gemini.tasks import TaskStyle
 from pipeline.models import model_spec
-from pipeline.records import Batch, FileEnd, Item, Vector
+from pipeline.records import Batch, Committed, FileEnd, Item, Vector
 from pipeline.samples import make_quickstart_media, make_text_corpus
 from pipeline.sinks.lance import LanceSink, open_db
 from pipeline.stages.companions import Companions
-from pipeline.stages.embedding import Embedder, split_paid
+from pipeline.stages.embedding import Embedder
 from pipeline.stages.listing import Listing, Todo
 from pipeline.stages.packing import Packer, limits_for
+from pipeline.stages.reuse import Reuse
 from pipeline.stages.validation import Sorted, Validation, groups
 from pipeline.stages.writing import Writer
 from pipeline.state.manifest import EMBEDDED, FileState, Manifest
@@ -140,14 +141,16 @@ def test_embedding_a_batch_and_skipping_what_was_paid(tmp_path: Path, emulator: 
     make_text_corpus(src, 5)
     job = _job(tmp_path, src)
     items, _ = _validate_all(job, src)
-    batch = Batch(tuple(items))
     key = {i.id: f"key-{n}" for n, i in enumerate(items)}.__getitem__
     committed = {items[0].id: "key-0", items[1].id: "another request", items[2].id: None}
-    paid, rest = split_paid(batch, committed, lambda item: key(item.id))
+    reuse = Reuse(lambda item: key(item.id), [], committed, RunStats(run_id="test"))
+    keys, found = reuse.look_up(items)
+    send, paid = reuse.route(items, keys, found)
     # adopted: the same request, and a row of an older version (no key); the row made from
     # another request (a template changed since) is embedded again
-    assert [p.item for p in paid] == [items[0], items[2]]
-    assert rest.items == (items[1], *items[3:])
+    assert paid == [Committed(items[0]), Committed(items[2])]
+    rest = Batch((items[1], *items[3:]))
+    assert tuple(send) == rest.items
 
     async def embed() -> tuple[list[Vector], int]:
         async with GeminiClient(base_url=emulator.base_url, model="gemini-embedding-2",

@@ -97,6 +97,27 @@ class BatchSettings(_Strict):
     fallback: Literal["interactive", "next_run"] = "interactive"
 
 
+class ReuseSource(_Strict):
+    """Another job's Lance table read as a cache of vectors by content key (``embed.reuse_from``):
+    only rows made with the same model, dimensions and request can match."""
+
+    uri: str  # a folder, or s3://bucket/path
+    table: str = Field("vectors", pattern=r"^[A-Za-z0-9_\-.]+$")
+    s3: S3Options | None = None  # for an s3:// uri; default: the job's sink's
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain(cls, data: object) -> object:
+        return {"uri": data} if isinstance(data, str) else data
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str, info: ValidationInfo) -> str:
+        if "://" in value:
+            return value
+        return str(_resolve_path(Path(value), info))
+
+
 class _EmbedCommon(_Strict):
     model: str = "gemini-embedding-2"
     output_dimensionality: int = Field(768, ge=MIN_DIMENSIONS, le=MAX_DIMENSIONS)
@@ -128,6 +149,16 @@ class _EmbedCommon(_Strict):
     mode: Literal["interactive", "batch", "auto"] = "auto"
     batch_min_items: int = Field(5000, ge=0)
     batch: BatchSettings = Field(default_factory=lambda: BatchSettings())
+    # Where a document's title (RETRIEVAL_DOCUMENT's title, a template's {title}) comes from:
+    # "name": the file's own title, else its file name; "content": only a title the file or
+    # its companions carry ("none" otherwise), so a renamed text file sends the same request
+    # and reuses its vector instead of being paid again.
+    title_from: Literal["name", "content"] = "name"
+    # Content, not paths, is paid for: an item whose request (its content key) the job's
+    # table already holds is written with the stored vector and no call, and items with one
+    # key in a run are sent once. reuse_from: other jobs' tables read the same way.
+    reuse: bool = True
+    reuse_from: list[ReuseSource] = Field(default_factory=list)
 
     @field_validator("task_type", "query_task_type")
     @classmethod
@@ -350,6 +381,8 @@ class JobConfig(_Strict):
             "dims": self.embed.output_dimensionality,
             "task": self.embed.task_type,
             "template": self.embed.document_template,
+            # not there when it is the default: tables made before it existed keep theirs
+            **({"title_from": self.embed.title_from} if self.embed.title_from != "name" else {}),
             "validate": self.validate_.model_dump(
                 include={"pdf_max_pages", "text_max_tokens", "text_overlap_tokens", "audio_max_s",
                          "video_max_s", "audio_formats"}

@@ -1,9 +1,9 @@
 """The local engine: the stages in one process, joined by bounded anyio streams.
 
-    listing ──[Todo groups]──▶ validation xW ──[Items]──▶ packing ──[Batch]──▶ embedding xC
-       └──────────[listing rejects]──┴──[Reject, FileEnd, FileState]───────┬──[Vector, Reject]
-                                                                            ▼
-                                                                         writing
+    listing ──[Todo groups]──▶ validation xW ──[Items]──▶ reuse ──▶ packing ──[Batch]──▶ embedding xC
+       └─────[listing rejects]──┴──[Reject, FileEnd, FileState]─┴─[reused rows]──┬──[Vector, Reject]
+                                                                                  ▼
+                                                                               writing
 
 Every stream is bounded, so a slow stage holds back the ones before it and memory stays bounded
 whatever the corpus size. Blocking work (listing, reading, parsing, Lance commits) runs in worker
@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from pipeline.config import JobConfig
 from pipeline.engine.batch import BatchRouter
@@ -33,7 +34,6 @@ from pipeline.memory import release_free_memory
 from pipeline.outcome import EXIT_INTERRUPTED, RunOutcome
 from pipeline.records import Batch, Item, Reject, Vector
 from pipeline.stages import Stages
-from pipeline.stages.embedding import split_paid
 from pipeline.stages.listing import Todo
 from pipeline.stages.packing import Packer
 from pipeline.stages.validation import Sorted, groups
@@ -42,6 +42,8 @@ from pipeline.state.lock import JobLock
 from pipeline.stats import RunStats
 
 log = logging.getLogger("embedpipe.run")
+
+REUSE_LOOKUP_ITEMS = 256  # items looked up in the tables at once, at most
 
 
 class LocalEngine:
@@ -91,12 +93,15 @@ class LocalEngine:
                         for _ in range(self._validating):
                             tg.start_soon(self._validating_one, todo_rx.clone(),
                                           items_tx.clone(), out_tx.clone())
+                    sent_tx, sent_rx = anyio.create_memory_object_stream[list[Item]](
+                        cfg.queue_size)
+                    tg.start_soon(self._reuse, items_rx, sent_tx, out_tx.clone())
                     if self.batch is None:
-                        tg.start_soon(self._pack, items_rx, batches_tx)
-                    else:  # validation -> the batch router -> packing (what stays interactive)
+                        tg.start_soon(self._pack, sent_rx, batches_tx)
+                    else:  # reuse -> the batch router -> packing (what stays interactive)
                         pack_tx, pack_rx = anyio.create_memory_object_stream[list[Item]](
                             cfg.queue_size)
-                        tg.start_soon(self.batch.run, items_rx, pack_tx, out_tx.clone())
+                        tg.start_soon(self.batch.run, sent_rx, pack_tx, out_tx.clone())
                         tg.start_soon(self._pack, pack_rx, batches_tx)
                     async with batches_rx:
                         for _ in range(self.job.embed.concurrency):
@@ -156,6 +161,27 @@ class LocalEngine:
                         found, done = await fit_file(stage, work, deadline)
                         await send(found)
 
+    async def _reuse(self, items: MemoryObjectReceiveStream[list[Item]],
+                     sent: ObjectSendStream[list[Item]],
+                     out: ObjectSendStream[list[Outcome]]) -> None:
+        """Items on to packing, or straight to the writer when their content is paid for
+        already (:mod:`pipeline.stages.reuse`). The items waiting in the stream are looked up
+        together: one query per chunk of files, not per file."""
+        reuse = self.stages.reuse
+        async with items, sent, out:
+            async for chunk in items:
+                while len(chunk) < REUSE_LOOKUP_ITEMS:
+                    try:
+                        chunk = chunk + items.receive_nowait()
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                keys, found = await anyio.to_thread.run_sync(reuse.look_up, chunk)
+                onward, done = reuse.route(chunk, keys, found)
+                if done:
+                    await out.send(list(done))
+                if onward:
+                    await sent.send(onward)
+
     async def _pack(self, items: ObjectReceiveStream[list[Item]],
                     batches: ObjectSendStream[Batch]) -> None:
         limits = self.stages.limits
@@ -188,18 +214,13 @@ class LocalEngine:
         embedder = self.stages.embedder
         async with batches, out:
             async for batch in batches:
-                paid, rest = split_paid(batch, self.stages.committed, embedder.key_for)
-                if paid:
-                    await out.send(list(paid))
-                if not rest.items:
-                    continue
                 if not self._first_call:
                     self._first_call = True
-                    log.info("first embedding call: %d items", len(rest.items))
+                    log.info("first embedding call: %d items", len(batch.items))
                 try:
-                    vectors, rejects = await self._embed_call(rest)
+                    vectors, rejects = await self._embed_call(batch)
                 except EmbedError as exc:  # the call's failure, not the items': stop
-                    self.outcome.stopped_by(exc, len(rest.items), embedder.max_attempts)
+                    self.outcome.stopped_by(exc, len(batch.items), embedder.max_attempts)
                     self._producers.cancel()
                     return
                 await out.send([*vectors, *rejects])
@@ -229,14 +250,22 @@ class LocalEngine:
                         except anyio.EndOfStream:
                             break
                     for entry in entries or ():
-                        writer.add(entry)
+                        self._add(entry)
                     due = anyio.current_time() - flushed >= cfg.flush_interval_s
                     if due or writer.rows >= cfg.flush_rows:
                         await anyio.to_thread.run_sync(self._flush)
+                        self.stages.reuse.retire(writer.take_flushed_keys())
                         flushed = anyio.current_time()
             await anyio.to_thread.run_sync(self._flush)
+            self.stages.reuse.retire(writer.take_flushed_keys())
+            if self.stages.reuse.waiting:
+                log.info("%d items wait for the vector of the same content sent by another "
+                         "file, which did not come in this run: the next run does their files",
+                         self.stages.reuse.waiting)
+            # Only a run that went to the end deletes: a gone file's rows may hold the content
+            # a moved file, not done yet, reuses.
             if (self.stats.listing_done and cfg.on_delete == "delete"
-                    and self.outcome.fatal is None):
+                    and self.outcome.fatal is None and not self.outcome.interrupted):
                 listing = self.stages.listing
                 refusal = await anyio.to_thread.run_sync(
                     writer.delete, listing.gone(), listing.known, self.stats.files_seen)
@@ -245,6 +274,17 @@ class LocalEngine:
                     self.outcome.failed(refusal)
         finally:
             done.set()
+
+    def _add(self, entry: Outcome) -> None:
+        """An outcome to the writer, with the rows of the items that wait on its request."""
+        writer, reuse = self.stages.writer, self.stages.reuse
+        writer.add(entry)
+        if isinstance(entry, Vector):
+            for copy in reuse.answered(entry):
+                writer.add(copy)
+        elif isinstance(entry, Reject) and entry.key is not None:
+            for refusal in reuse.refused(entry):
+                writer.add(refusal)
 
     def _flush(self) -> None:
         writer = self.stages.writer

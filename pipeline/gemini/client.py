@@ -142,6 +142,25 @@ def auth_headers(style: AuthStyle, key: str | None) -> dict[str, str]:
     return {"authorization": key}
 
 
+
+def content_key(request: EmbedRequest, model: str, dims: int) -> str:
+    """A key of exactly what ``request`` sends with ``model`` and ``dims``: its parts (text
+    after any template, bytes and MIME types), task type, title, model and dimensions. Two
+    requests with one key get the same vector; anything that would change the vector changes
+    the key. What rows are reused and results adopted by (reuse, resume, Batch API jobs)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{model}\0{dims}\0{request.task_type or ''}\0".encode())
+    if request.title and request.task_type == "RETRIEVAL_DOCUMENT":
+        h.update(b"title\0" + request.title.encode())
+    for part in request.parts:
+        if part.text is not None:
+            h.update(b"\1t" + len(part.text).to_bytes(8, "big") + part.text.encode())
+        else:
+            assert part.data is not None
+            h.update(b"\1b" + (part.mime or "").encode() + b"\0"
+                     + hashlib.blake2b(part.data, digest_size=16).digest())
+    return h.hexdigest()
+
 class GeminiClient:
     def __init__(
         self,
@@ -218,22 +237,8 @@ class GeminiClient:
         return body
 
     def content_key(self, request: EmbedRequest) -> str:
-        """A key of exactly what ``request`` sends with this client's settings: its parts
-        (text after any template, bytes and MIME types), task type, title, model and
-        dimensions. Two requests with one key get the same vector; anything that would change
-        the vector changes the key. What results are adopted by (resume, Batch API jobs)."""
-        h = hashlib.blake2b(digest_size=16)
-        h.update(f"{self.model}\0{self.dims}\0{request.task_type or ''}\0".encode())
-        if request.title and request.task_type == "RETRIEVAL_DOCUMENT":
-            h.update(b"title\0" + request.title.encode())
-        for part in request.parts:
-            if part.text is not None:
-                h.update(b"\1t" + len(part.text).to_bytes(8, "big") + part.text.encode())
-            else:
-                assert part.data is not None
-                h.update(b"\1b" + (part.mime or "").encode() + b"\0"
-                         + hashlib.blake2b(part.data, digest_size=16).digest())
-        return h.hexdigest()
+        """The content key of ``request`` with this client's model and dimensions."""
+        return content_key(request, self.model, self.dims)
 
     def _decode(self, raw: bytes, key: str, count: int) -> EmbedResponse:
         """``count`` embeddings from a 200 response, under ``key`` ("embedding" holds one,

@@ -29,7 +29,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
@@ -157,6 +159,39 @@ class ArrowSink:
                         if "content_key" in rows.column_names else [None] * rows.num_rows)
                 out.update(zip(rows.column("id").to_pylist(), keys, strict=True))
         return out
+
+    def find_keys(self, keys: Sequence[str]) -> dict[str, tuple[np.ndarray, int]]:
+        """Stored vectors of these content keys (the files have no index: a scan)."""
+        if not keys or not self._files(VECTORS):
+            return {}
+        rows = self.dataset().to_table(
+            columns=["content_key", "vector", "tokens"],
+            filter=(pc.field("content_key").isin(list(keys))
+                    & (pc.field("model") == self.model)))
+        if not rows.num_rows:
+            return {}
+        matrix = rows["vector"].combine_chunks().flatten().to_numpy().reshape(-1, self.dims)
+        found: dict[str, tuple[np.ndarray, int]] = {}
+        for index, (key, tokens) in enumerate(zip(rows["content_key"].to_pylist(),
+                                                  rows["tokens"].to_pylist(), strict=True)):
+            found.setdefault(key, (matrix[index].copy(), int(tokens or 0)))
+        return found
+
+    def rehomed(self, uris: list[str], run_id: str) -> set[str]:
+        """Those of ``uris`` every row of which has its content written by this run under
+        another uri (see :meth:`LanceSink.rehomed`)."""
+        if not uris or not self._files(VECTORS):
+            return set()
+        rows = self.dataset().to_table(columns=["uri", "content_key"],
+                                       filter=pc.field("uri").isin(uris)).to_pylist()
+        keys = list({r["content_key"] for r in rows if r["content_key"]})
+        written = set(self.dataset().to_table(
+            columns=["content_key"], filter=(pc.field("content_key").isin(keys)
+                                             & (pc.field("run_id") == run_id)))
+            ["content_key"].to_pylist()) if keys else set()
+        moved = {r["uri"] for r in rows}
+        moved -= {r["uri"] for r in rows if r["content_key"] not in written}
+        return moved
 
     def version(self) -> int:
         return len(self._files(VECTORS))

@@ -1,6 +1,6 @@
 """The stages of a run, one module each, over the records of :mod:`pipeline.records`:
 
-    listing ──▶ validation ──▶ packing ──▶ embedding ──▶ writing
+    listing ──▶ validation ──▶ reuse ──▶ packing ──▶ embedding ──▶ writing
 
 Each is a plain object with blocking (or, for embedding, async) calls and no knowledge of the
 streams, threads or cluster that carry its records: an engine (:mod:`pipeline.engine`) wires
@@ -9,12 +9,12 @@ them. :class:`Stages` is what a run builds and hands to its engine.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pipeline.stages.embedding import Embedder
 from pipeline.stages.listing import Listing
 from pipeline.stages.packing import BatchLimits
+from pipeline.stages.reuse import Reuse
 from pipeline.stages.validation import Validation
 from pipeline.stages.writing import Writer
 
@@ -26,6 +26,5 @@ class Stages:
     limits: BatchLimits
     embedder: Embedder
     writer: Writer
-    # Rows killed runs already committed, id -> content key: counted, never sent (paid)
-    # again, for items whose request is still the same.
-    committed: Mapping[str, str | None] = field(default_factory=dict)
+    # What is not sent: rows killed runs committed, content the tables or the run already have
+    reuse: Reuse

@@ -127,7 +127,7 @@ class Batching:
                 item.source, item.version, RejectReason.API_REJECTED,
                 f"{item.source.key} part {item.part + 1}/{item.part_count}: the Batch API "
                 f"refused it: {error.get('code')} {error.get('status')}: "
-                f"{error.get('message')}", item.mime, item.part))
+                f"{error.get('message')}", item.mime, item.part, key=keys.get(item.id)))
         return out
 
     def missing(self, items: dict[str, Item]) -> JobOutcome:

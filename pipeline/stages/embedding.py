@@ -16,7 +16,6 @@
 - Vectors are L2-normalised where the model does not do it (gemini-embedding-001 below 3072).
 - A per-day quota error is not retried: it propagates so the run can stop cleanly; so does an
   :class:`~pipeline.errors.AccessError` (the key, the model): no item is blamed for it.
-- Items a killed run already wrote are split off before the call (:func:`split_paid`).
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
 import anyio
@@ -42,26 +41,10 @@ from pipeline.gemini.client import EmbedRequest, EmbedResponse, GeminiClient
 from pipeline.gemini.limiter import AdaptiveConcurrency, Permit, QuotaExceeded, RateLimiter
 from pipeline.gemini.tasks import TaskStyle
 from pipeline.models import ModelSpec
-from pipeline.records import Batch, Committed, Item, Reject, Vector
+from pipeline.records import Batch, Item, Reject, Vector
 from pipeline.stats import RunStats
 
 log = logging.getLogger("embedpipe.embed")
-
-
-def split_paid(batch: Batch, committed: Mapping[str, str | None],
-               key_of: Callable[[Item], str]) -> tuple[list[Committed], Batch]:
-    """The items whose rows a killed run already committed for the same request (counted
-    toward their files, never sent again: never paid twice), and the batch of the rest. A row
-    made from another request (the template, task or cut changed since) is not adopted: its
-    item is embedded again and the new row replaces it."""
-    if not committed:
-        return [], batch
-    paid = [Committed(i) for i in batch.items if i.id in committed
-            and committed[i.id] in (None, key_of(i))]  # None: a row of an older version
-    if not paid:
-        return [], batch
-    done = {c.item.id for c in paid}
-    return paid, Batch(tuple(i for i in batch.items if i.id not in done))
 
 
 class Embedder:
@@ -102,7 +85,8 @@ class Embedder:
                 item = items[0]
                 return [], [Reject(item.source, item.version, RejectReason.API_REJECTED,
                                    f"{item.source.key} part {item.part + 1}/{item.part_count}: "
-                                   f"the API refused it: {exc}", item.mime, item.part)]
+                                   f"the API refused it: {exc}", item.mime, item.part,
+                                   key=self.client.content_key(requests[0]))]
             mid = len(items) // 2
             left = await self._embed(items[:mid])
             right = await self._embed(items[mid:])
@@ -189,7 +173,7 @@ class Embedder:
 
 
 def make_vector(item: Item, values: npt.NDArray[np.float32], tokens: int,
-                normalise: bool, key: str | None = None) -> Vector:
+                normalise: bool, key: str | None = None, *, reused: bool = False) -> Vector:
     """An item's row: its vector L2-normalised where the model does not do it, and without the
     payload bytes (they are sent: not held to the write). Raises TerminalEmbedError for a zero
     vector, which cannot be normalised."""
@@ -200,4 +184,4 @@ def make_vector(item: Item, values: npt.NDArray[np.float32], tokens: int,
         values = (values / norm).astype(np.float32)
     if any(p.data is not None for p in item.parts):
         item = replace(item, parts=())
-    return Vector(item, values, tokens, key)
+    return Vector(item, values, tokens, key, reused)

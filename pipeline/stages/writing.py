@@ -44,6 +44,7 @@ from pipeline.stats import RunStats
 
 Outcome = Vector | Reject | FileState | FileEnd | Committed | Collected
 DELETE_CHUNK = 10_000  # gone uris turned into Python strings at a time
+MOVED_CHUNK = 500  # gone uris whose content is looked for at a time
 HOLD_MAX = 20_000  # held rows of incomplete changed files beyond which they are written anyway
 
 
@@ -84,6 +85,7 @@ class Writer:
         self.rejects: list[Reject] = []
         self.completed: list[FileState] = []
         self.replaced: dict[str, tuple[set[str], set[str]]] = {}
+        self.flushed_keys: list[str] = []  # content keys of embedded rows committed
 
     @property
     def rows(self) -> int:
@@ -108,9 +110,14 @@ class Writer:
             p.ids.add(entry.item.id)
         elif isinstance(entry, Vector):
             self.vectors.append(entry)
-            self.stats.items_embedded += 1
-            self.stats.tokens += entry.tokens
-            self.stats.tokens_by_modality[str(entry.item.modality)] += entry.tokens
+            modality = str(entry.item.modality)
+            if entry.reused:
+                self.stats.items_reused += 1
+                self.stats.tokens_reused_by_modality[modality] += entry.tokens
+            else:
+                self.stats.items_embedded += 1
+                self.stats.tokens += entry.tokens
+                self.stats.tokens_by_modality[modality] += entry.tokens
             p = self._pending(entry.item.source)
             p.embedded += 1
             p.ids.add(entry.item.id)
@@ -159,11 +166,17 @@ class Writer:
         if ready or self.rejects or self.completed:
             self.sink.write(ready, self.rejects, self.run_id, self.replaced)
             self.manifest.record(self.completed, self.run_id)
+            self.flushed_keys += [v.key for v in ready if v.key is not None and not v.reused]
             self.vectors, self.rejects, self.completed, self.replaced = held, [], [], {}
         if self.collected and not self.vectors and self.on_collected is not None:
             # every row sent before the jobs' markers is committed (none is held)
             names, self.collected = self.collected, []
             self.on_collected(names)
+
+    def take_flushed_keys(self) -> list[str]:
+        """The content keys of the embedded rows committed since the last call."""
+        keys, self.flushed_keys = self.flushed_keys, []
+        return keys
 
     def _held(self, obj: SourceObject) -> bool:
         """Whether a row of ``obj`` waits for the rest of its file: the file is incomplete and
@@ -174,11 +187,14 @@ class Writer:
     def delete(self, gone: pa.Array | list[str], known: int, listed: int) -> str | None:
         """Delete the rows of the files gone from the source (of the ``known`` the job had;
         the source listed ``listed``), unless they are too many: then delete nothing and
-        return why."""
-        refusal = mass_delete_refusal(len(gone), known, listed, self.max_delete_fraction,
-                                      self.allow_mass_delete)
+        return why. A gone file whose every row's content this run wrote under another uri
+        was moved, not lost: it does not count toward the guard."""
+        moved = self._moved(gone)
+        refusal = mass_delete_refusal(len(gone) - moved, known, listed,
+                                      self.max_delete_fraction, self.allow_mass_delete)
         if refusal is not None:
             return refusal
+        self.stats.files_moved = moved
         for start in range(0, len(gone), DELETE_CHUNK):
             uris = gone[start : start + DELETE_CHUNK]
             uris = uris.to_pylist() if isinstance(uris, pa.Array) else uris
@@ -186,3 +202,11 @@ class Writer:
             self.manifest.forget(uris)
             self.stats.files_deleted += len(uris)
         return None
+
+    def _moved(self, gone: pa.Array | list[str]) -> int:
+        moved = 0
+        for start in range(0, len(gone), MOVED_CHUNK):
+            uris = gone[start : start + MOVED_CHUNK]
+            uris = uris.to_pylist() if isinstance(uris, pa.Array) else list(uris)
+            moved += len(self.sink.rehomed(uris, self.run_id))
+        return moved

@@ -46,6 +46,8 @@ RUNS_SCHEMA = pa.schema([
     pa.field("engine", pa.string()),
     pa.field("model", pa.string()),
     pa.field("mode_used", pa.string()),  # interactive or batch (see the report's mode_why)
+    pa.field("items_reused", pa.int64()),  # written with a stored vector: no call
+    pa.field("files_moved", pa.int64()),  # gone, their content found under another path
 ])
 
 RUNNING = "running"

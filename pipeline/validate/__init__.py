@@ -56,6 +56,7 @@ class Validator(TimedMedia):
         self._caption: str | None = None
         self.dry = False  # plan mode: counts and spans, no payloads
         self.style = TaskStyle.for_job(job)
+        self.title_from_name = job.embed.title_from == "name"
 
     def fit(self, obj: SourceObject, data: bytes,
             extras: Extras | None = None) -> Iterator[Item | Reject]:
@@ -211,7 +212,8 @@ class Validator(TimedMedia):
             parts = (*parts, Part(text=self._caption))
             tokens += text_tokens(self._caption)
             text = self._caption
-        title = extras.title if extras and extras.title else (doc_title or stem(obj.key))
+        title = extras.title if extras and extras.title else (
+            doc_title or (stem(obj.key) if self.title_from_name else None))
         template = self.style.document_template
         if template is not None:  # what the embedder will wrap each text part in
             overhead = template.replace("{title}", (title or "none")[:MAX_TITLE_CHARS])
