@@ -19,13 +19,17 @@ _GAUGES = [
      "exit_code"),
     ("embedpipe_last_run_items_embedded", "Items embedded by the job's last run.",
      "items_embedded"),
+    ("embedpipe_last_run_items_reused", "Items the job's last run wrote with a stored vector "
+     "of the same request (no call).", "items_reused"),
+    ("embedpipe_last_run_cost_saved_usd", "What those items would have cost, USD.",
+     "cost_saved_usd"),
     ("embedpipe_last_run_tokens", "Input tokens the job's last run was billed for.", "tokens"),
     ("embedpipe_last_run_cost_usd", "Estimated cost of the job's last run, USD.", "cost_usd"),
     ("embedpipe_last_run_api_calls", "Embedding API calls of the job's last run.", "api_calls"),
     ("embedpipe_last_run_http_429", "HTTP 429 answers the job's last run got.", "http_429"),
     ("embedpipe_last_run_retries", "Calls the job's last run retried.", "retries"),
 ]
-_FILES = ("seen", "new", "changed", "unchanged", "deleted", "done")
+_FILES = ("seen", "new", "changed", "unchanged", "deleted", "moved", "done")
 
 
 def _label(value: str) -> str:

@@ -32,12 +32,13 @@ import pyarrow as pa
 
 from connectors import connector_for
 from connectors.base import content_version
-from connectors.s3_options import sink_storage_options
+from connectors.s3_options import lance_storage_options, sink_s3_options, sink_storage_options
 from pipeline.config import ArrowSinkConfig, JobConfig
 from pipeline.errors import ConnectorError, SinkError
+from pipeline.gemini.client import content_key
 from pipeline.models import FACTS_AS_OF, SOURCES, cost_usd
 from pipeline.records import Reject
-from pipeline.sinks.lance import open_db
+from pipeline.sinks.lance import CacheTable, find_keys, open_db, sql_str
 from pipeline.stages.companions import Companions
 from pipeline.stages.listing import Listing, Todo
 from pipeline.state.batches import BatchLog
@@ -60,6 +61,14 @@ class Plan:
     upgrade: str | None = None  # a change of every vector's settings, and how it is made
     submitted: frozenset[str] = frozenset()  # ids in earlier runs' open Batch API jobs
     awaited: int = 0  # items those jobs hold: collected by a run, not paid again
+    # items whose request the job's table (or reuse_from) holds, or another item of the run
+    # sends: written with a stored vector, no call. Known where plan mode has the payload
+    # (texts, images in a format sent as they are), not for PDF parts and cut media.
+    reused: Counter[str] = field(default_factory=Counter)
+    reused_tokens: Counter[str] = field(default_factory=Counter)
+    keyed: dict[str, tuple[str, int]] = field(default_factory=dict)  # key -> modality, tokens
+    reuse: bool = True  # the job's embed.reuse
+    dup_keys: set[str] = field(default_factory=set)
     wall_s: float = 0.0
 
     def as_dict(self, job: JobConfig) -> dict[str, Any]:
@@ -71,8 +80,8 @@ class Plan:
                    tokens / quota.tpm if quota.tpm else 0.0]
         return {
             "job": job.name, "model": job.embed.model,
-            "files": dict(self.files), "items": dict(self.items),
-            "tokens": dict(self.tokens), "tokens_total": tokens,
+            "files": dict(self.files), "items": dict(+self.items),
+            "tokens": dict(+self.tokens), "tokens_total": tokens,
             "pdf_pages": self.pages, "audio_seconds": round(self.audio_s, 1),
             "video_seconds": round(self.video_s, 1), "rejects": dict(self.rejects),
             "cost_usd": round(cost_usd(dict(self.tokens), prices), 6),
@@ -89,6 +98,8 @@ class Plan:
             "delete_refusal": self.delete_refusal,
             "upgrade": self.upgrade,
             "items_awaited": self.awaited,
+            "items_reused": sum(self.reused.values()),
+            "cost_saved_usd": round(cost_usd(dict(self.reused_tokens), prices), 6),
             "plan_wall_s": round(self.wall_s, 2),
         }
 
@@ -154,6 +165,62 @@ def _upgrade(db: Any, job: JobConfig, changed: int) -> str | None:
             "is done, then it is switched in one commit")
 
 
+def _moved(state: Any, job: JobConfig, gone: Any, planned: set[str]) -> int:
+    """How many gone files a run would find moved: every row's content key is among the
+    requests planned (a file whose parts plan cannot key is not predicted moved)."""
+    if state is None or not len(gone) or isinstance(job.sink, ArrowSinkConfig):
+        return 0
+    try:
+        if job.sink.table not in state.list_tables().tables:
+            return 0
+        table = state.open_table(job.sink.table)
+        moved = 0
+        for start in range(0, len(gone), 500):
+            uris = gone[start:start + 500]
+            uris = uris.to_pylist() if isinstance(uris, pa.Array) else list(uris)
+            rows = table.search().where(f"uri IN ({', '.join(sql_str(u) for u in uris)})").select(
+                ["uri", "content_key"]).limit(None).to_arrow().to_pylist()
+            out = {r["uri"] for r in rows if r["content_key"] not in planned}
+            moved += len({r["uri"] for r in rows} - out)
+        return moved
+    except (OSError, ValueError, RuntimeError):
+        return 0
+
+
+def _stored(plan: Plan, job: JobConfig, state: Any) -> None:
+    """Move the items whose requests the job's tables or its reuse_from tables hold from the
+    cost to the reused (read only; a table that cannot be read predicts nothing)."""
+    stores: list[Any] = []
+    model, dims = job.embed.model, job.embed.output_dimensionality
+    if state is not None and not isinstance(job.sink, ArrowSinkConfig):
+        names = state.list_tables().tables
+        stores += [state.open_table(t) for t in (job.sink.table, job.sink.table + "-next")
+                   if t in names]
+    for source in job.embed.reuse_from:
+        try:
+            options = lance_storage_options(source.s3 or sink_s3_options(job)) if (
+                source.uri.startswith("s3://")) else None
+            if "://" in source.uri or Path(source.uri).is_dir():
+                stores.append(CacheTable(open_db(source.uri, options), source.table, model,
+                                         dims).table)
+        except SinkError:
+            continue
+    keys = list(plan.keyed)
+    for store in stores:
+        for start in range(0, len(keys), 256):
+            try:
+                found = find_keys(store, keys[start:start + 256], model, dims)
+            except (OSError, ValueError, RuntimeError):
+                break
+            for key in found:
+                name, tokens = plan.keyed.pop(key)
+                plan.items[name] -= 1
+                plan.tokens[name] -= tokens
+                plan.reused[name] += 1
+                plan.reused_tokens[name] += tokens
+        keys = list(plan.keyed)
+
+
 # One validator per worker process (parsing PDFs and measuring media is CPU work: processes
 # use every core where threads would share one).
 _worker: dict[str, Any] = {}
@@ -171,7 +238,8 @@ def _init(job: JobConfig, retry_rejects: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     signal.signal(signal.SIGALRM, _alarm)
     connector = connector_for(job)
-    _worker.update(job=job, connector=connector, validator=Validator(job),
+    _worker.update(job=job, connector=connector, validator=Validator(job), model=job.embed.model,
+                   dims=job.embed.output_dimensionality,
                    companions=Companions(connector, job.source.sidecar, job.source.metadata),
                    fingerprint=job.fingerprint(), retry_rejects=retry_rejects,
                    limit_s=_file_limit_s(job))
@@ -182,9 +250,9 @@ def _file_limit_s(job: JobConfig) -> float:
     return job.validate_.file_timeout_s * 1.5 + 1.0
 
 
-# (kind, modality or reason, tokens, pages, seconds, item id)
-Planned = tuple[str, str, int, int, float, str]
-_TIMEOUT: list[Planned] = [("reject", "timeout", 0, 0, 0.0, "")]
+# (kind, modality or reason, tokens, pages, seconds, item id, content key or "")
+Planned = tuple[str, str, int, int, float, str, str]
+_TIMEOUT: list[Planned] = [("reject", "timeout", 0, 0, 0.0, "", "")]
 
 
 def _plan_group(group: list[Todo]) -> list[list[Planned] | None]:
@@ -209,7 +277,7 @@ def _plan_one(entry: Todo) -> list[Planned] | None:
     try:
         data = w["connector"].read(obj)
     except ConnectorError:
-        return [("reject", "unreadable", 0, 0, 0.0, "")]
+        return [("reject", "unreadable", 0, 0, 0.0, "", "")]
     version = obj.version or content_version(data)
     extras = None
     if w["companions"].active:
@@ -220,14 +288,18 @@ def _plan_one(entry: Todo) -> list[Planned] | None:
     out: list[Planned] = []
     for item in w["validator"].plan(obj.with_version(version), data, extras):
         if isinstance(item, Reject):
-            out.append(("reject", item.reason, 0, 0, 0.0, ""))
+            out.append(("reject", item.reason, 0, 0, 0.0, "", ""))
             continue
         span = item.span
         pages = (span.page_end - span.page_start + 1
                  if span.page_start is not None and span.page_end is not None else 0)
         seconds = (span.time_end_s - span.time_start_s
                    if span.time_start_s is not None and span.time_end_s is not None else 0.0)
-        out.append(("item", str(item.modality), item.est_tokens, pages, seconds, item.id))
+        # plan mode leaves PDF parts and cut media empty: their requests are not known
+        known = all(p.text is not None or p.data for p in item.parts)
+        key = (content_key(w["validator"].style.document(item), w["model"], w["dims"])
+               if known else "")
+        out.append(("item", str(item.modality), item.est_tokens, pages, seconds, item.id, key))
     return out
 
 
@@ -237,7 +309,7 @@ def make_plan(job: JobConfig, retry_rejects: bool = False, workers: int | None =
     connector = connector_for(job)
     companions = Companions(connector, job.source.sidecar, job.source.metadata)
     fingerprint = job.fingerprint()
-    plan = Plan()
+    plan = Plan(reuse=job.embed.reuse)
     seen = RunStats(run_id="plan")
     with _manifest(job) as (rows, known):
         listing = Listing(connector, companions, rows, known, fingerprint, seen,
@@ -255,17 +327,23 @@ def make_plan(job: JobConfig, retry_rejects: bool = False, workers: int | None =
     if state is not None:
         plan.upgrade = _upgrade(state, job, seen.files_changed)
         plan.submitted = _submitted(state, job)
-    if job.run.on_delete == "delete":
-        gone = listing.gone()
-        plan.files["deleted"] = len(gone)
-        plan.delete_refusal = mass_delete_refusal(
-            len(gone), listing.known, seen.files_seen, job.run.max_delete_fraction,
-            allow_mass_delete)
+    gone = listing.gone() if job.run.on_delete == "delete" else []
     if todo:
         # Large files first, so the slowest work starts early and the pool ends together.
         todo.sort(key=lambda e: -e.obj.size)
         for result in _validate_all(job, retry_rejects, todo, workers or os.cpu_count() or 1):
             _add(plan, result)
+    planned = set(plan.keyed)
+    if plan.reuse and plan.keyed:
+        _stored(plan, job, state)
+    if job.run.on_delete == "delete":
+        plan.files["deleted"] = len(gone)
+        moved = _moved(state, job, gone, planned | plan.dup_keys)
+        if moved:
+            plan.files["moved"] = moved
+        plan.delete_refusal = mass_delete_refusal(
+            len(gone) - moved, listing.known, seen.files_seen, job.run.max_delete_fraction,
+            allow_mass_delete)
     plan.wall_s = time.monotonic() - started
     return plan
 
@@ -315,13 +393,20 @@ def _add(plan: Plan, result: list[Planned] | None) -> None:
         plan.files["changed"] -= 1
         plan.files["unchanged"] += 1
         return
-    for kind, name, tokens, pages, seconds, item_id in result:
+    for kind, name, tokens, pages, seconds, item_id, key in result:
         if kind == "reject":
             plan.rejects[name] += 1
             continue
         if item_id in plan.submitted:  # an earlier run's Batch API job holds it: paid
             plan.awaited += 1
             continue
+        if key and plan.reuse and key in plan.keyed:  # another item of the run sends the same request
+            plan.dup_keys.add(key)
+            plan.reused[name] += 1
+            plan.reused_tokens[name] += tokens
+            continue
+        if key:
+            plan.keyed[key] = (name, tokens)
         plan.items[name] += 1
         plan.tokens[name] += tokens
         plan.pages += pages

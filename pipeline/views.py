@@ -123,6 +123,10 @@ def show_plan(out: Console, job: JobConfig, figures: dict[str, Any]) -> None:
         out.print(f"{plural(figures['items_awaited'], 'item')} already submitted to the Batch "
                   "API by earlier runs: collected, not paid again (not in the cost above)",
                   highlight=False)
+    if figures.get("items_reused"):
+        out.print(f"{plural(figures['items_reused'], 'item')} send a request the table already "
+                  "holds or another file sends too: reused, not paid again (not in the cost "
+                  f"above; {figures['cost_saved_usd']:.4f} USD saved)", highlight=False)
     if figures.get("upgrade"):
         out.print(f"[bold]upgrade:[/] {escape(figures['upgrade'])}", highlight=False,
                   soft_wrap=True)

@@ -18,6 +18,7 @@ from pipeline.config import load_job
 from pipeline.emulator.server import Emulator, EmulatorOptions
 from pipeline.errors import SinkError
 from pipeline.outcome import EXIT_OK
+from pipeline.plan import make_plan
 from pipeline.run import RunResult, run_job
 from pipeline.samples import make_quickstart_media, make_text_corpus
 from tests.conftest import write_job
@@ -56,6 +57,11 @@ def test_moved_and_renamed_files_cost_no_call_and_are_not_counted_as_deleted(tmp
     for path in [*texts[12:15], media[0]]:
         path.rename(path.with_name("renamed-" + path.name))
 
+    job = load_job(write_job(tmp_path, src, embed={**EMBED, "title_from": "content"}))
+    plan = make_plan(job, workers=1).as_dict(job)
+    # plan keys what it has the payload of: texts and images, not the PDF's parts
+    assert plan["items_reused"] == 16 and plan["items"] == {"document": 2}
+    assert plan["files"]["moved"] == 16 and plan["delete_refusal"] is None
     second = _run(tmp_path, src, title_from="content")
     s = second.stats
     assert second.exit_code == EXIT_OK, second.problems  # no --allow-mass-delete needed
@@ -217,3 +223,17 @@ def test_duplicates_in_batch_api_mode_go_in_the_job_once(tmp_path: Path):
         assert emu.state.stats.batch_items == 10 and emu.state.stats.items == 0
     assert result.exit_code == EXIT_OK and result.stats.items_reused == 20
     assert result.stats.files_done == 30 and len(_rows(tmp_path)) == 30
+
+
+def test_moves_into_an_arrow_sink_are_reused_too(tmp_path: Path):
+    src = tmp_path / "src"
+    texts = make_text_corpus(src, 10)
+    sink = {"sink": {"kind": "arrow", "path": str(tmp_path / "files")}}
+    assert _run(tmp_path, src, extra=sink).stats.items_embedded == 10
+    (src / "moved").mkdir()
+    for path in texts[:5]:
+        path.rename(src / "moved" / path.name)
+    second = _run(tmp_path, src, extra=sink)
+    assert second.exit_code == EXIT_OK, second.problems  # 5 of 10 gone: moved, not refused
+    assert second.stats.api_calls == 0 and second.stats.items_reused == 5
+    assert second.stats.files_moved == 5

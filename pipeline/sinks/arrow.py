@@ -40,6 +40,8 @@ from pipeline.errors import SinkError
 from pipeline.records import Reject, Vector
 from pipeline.sinks.lance import (
     REJECTS_SCHEMA,
+    first_per_key,
+    moved_uris,
     rejects_table,
     vector_dims,
     vector_table,
@@ -168,14 +170,7 @@ class ArrowSink:
             columns=["content_key", "vector", "tokens"],
             filter=(pc.field("content_key").isin(list(keys))
                     & (pc.field("model") == self.model)))
-        if not rows.num_rows:
-            return {}
-        matrix = rows["vector"].combine_chunks().flatten().to_numpy().reshape(-1, self.dims)
-        found: dict[str, tuple[np.ndarray, int]] = {}
-        for index, (key, tokens) in enumerate(zip(rows["content_key"].to_pylist(),
-                                                  rows["tokens"].to_pylist(), strict=True)):
-            found.setdefault(key, (matrix[index].copy(), int(tokens or 0)))
-        return found
+        return first_per_key(rows, self.dims)
 
     def rehomed(self, uris: list[str], run_id: str) -> set[str]:
         """Those of ``uris`` every row of which has its content written by this run under
@@ -189,9 +184,7 @@ class ArrowSink:
             columns=["content_key"], filter=(pc.field("content_key").isin(keys)
                                              & (pc.field("run_id") == run_id)))
             ["content_key"].to_pylist()) if keys else set()
-        moved = {r["uri"] for r in rows}
-        moved -= {r["uri"] for r in rows if r["content_key"] not in written}
-        return moved
+        return moved_uris(rows, written)
 
     def version(self) -> int:
         return len(self._files(VECTORS))

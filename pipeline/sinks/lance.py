@@ -133,8 +133,12 @@ def find_keys(table: Any, keys: Sequence[str], model: str,
         return {}
     cond = (f"content_key IN ({', '.join(sql_str(k) for k in keys)}) "
             f"AND model = {sql_str(model)}")
-    rows = table.search().where(cond).select(["content_key", "vector", "tokens"]).limit(
-        None).to_arrow()
+    return first_per_key(table.search().where(cond).select(["content_key", "vector", "tokens"])
+                         .limit(None).to_arrow(), dims)
+
+
+def first_per_key(rows: pa.Table, dims: int) -> dict[str, tuple[np.ndarray, int]]:
+    """content key -> (vector, tokens) of the first of ``rows`` with each key."""
     if not rows.num_rows:
         return {}
     matrix = rows["vector"].combine_chunks().flatten().to_numpy().reshape(-1, dims)
@@ -144,6 +148,13 @@ def find_keys(table: Any, keys: Sequence[str], model: str,
         if key not in found:
             found[key] = (matrix[index].copy(), int(tokens or 0))
     return found
+
+
+def moved_uris(rows: list[dict[str, Any]], written: set[str]) -> set[str]:
+    """The uris of ``rows`` (uri, content_key) every row of which has a key in ``written``."""
+    moved = {r["uri"] for r in rows}
+    moved -= {r["uri"] for r in rows if r["content_key"] not in written}
+    return moved
 
 
 def vector_dims(schema: pa.Schema) -> int | None:
@@ -405,9 +416,7 @@ class LanceSink:
                 written.update(found["content_key"].to_pylist())
         except (OSError, ValueError, RuntimeError) as exc:
             raise SinkError(f"reading {self.db.uri} failed: {exc}") from exc
-        moved = {r["uri"] for r in rows}
-        moved -= {r["uri"] for r in rows if r["content_key"] not in written}
-        return moved
+        return moved_uris(rows, written)
 
     def version(self) -> int:
         return int(self.vectors.version)
