@@ -85,7 +85,7 @@ def test_a_backfill_through_a_gateway_embeds_every_item_once_interactively(tmp_p
         assert "does not serve the Batch API" in result.report["mode_why"]
         assert "404" in result.report["mode_why"]
         # The answer is remembered per base URL: the next large run asks nothing.
-        make_text_corpus(tmp_path / "src" / "more", 30)
+        make_text_corpus(tmp_path / "src" / "more", 30, seed=11)  # new contents
         again = run_job(load_job(job, overrides={("embed", "batch_min_items"): 10}))
         assert again.exit_code == EXIT_OK and again.stats.items_embedded == 30
         assert "remembered" in again.report["mode_why"]

@@ -98,7 +98,7 @@ def test_a_hostile_tree_is_embedded_file_by_file_and_never_crashes(tmp_path: Pat
 def test_folder_links_are_followed_once_when_asked(tmp_path: Path):
     src, outside = tmp_path / "src", tmp_path / "elsewhere"
     make_text_corpus(src, 3)
-    make_text_corpus(outside, 2)
+    make_text_corpus(outside, 2, seed=5)  # contents of their own (copies would be reused)
     os.symlink(outside, src / "linked")
     os.symlink(".", src / "linked-back")  # leads back to a folder the walk is in
     job = write_job(tmp_path, src, extra={})

@@ -6,6 +6,10 @@ the emulator, real Lance tables."""
 from __future__ import annotations
 
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -237,3 +241,45 @@ def test_moves_into_an_arrow_sink_are_reused_too(tmp_path: Path):
     assert second.exit_code == EXIT_OK, second.problems  # 5 of 10 gone: moved, not refused
     assert second.stats.api_calls == 0 and second.stats.items_reused == 5
     assert second.stats.files_moved == 5
+
+
+def test_runs_killed_with_duplicates_in_flight_leave_one_row_per_file(tmp_path: Path):
+    """SIGKILL while copies wait on their lead's vector, three times, then a run to the end:
+    every file has its one row, and the contents are paid for about once."""
+    src = tmp_path / "src"
+    originals = make_text_corpus(tmp_path / "originals", 400)
+    for copy in range(3):  # 1,200 files, 400 contents (same names: same titles)
+        folder = src / f"copy-{copy}"
+        folder.mkdir(parents=True)
+        for path in originals:
+            shutil.copy(path, folder / path.name)
+    with Emulator(EmulatorOptions(latency_ms=50, per_item_ms=2)) as emu:
+        job = write_job(tmp_path, src, embed={
+            "provider": "gemini", "api_key": "k", "base_url": emu.base_url,
+            "model": "gemini-embedding-2", "output_dimensionality": 128, "batch_size": 20,
+            "concurrency": 2, "mode": "interactive"},
+            extra={"run": {"flush_rows": 100, "flush_interval_s": 0.5}})
+        for kill in range(3):
+            proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "-q", str(job)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            target = emu.state.stats.items + 60
+            deadline = time.monotonic() + 120
+            while emu.state.stats.items < target and proc.poll() is None:
+                assert time.monotonic() < deadline, "the run made no progress"
+                time.sleep(0.005)
+            assert proc.poll() is None, f"run {kill} ended before its kill"
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        final = run_job(load_job(job))
+        served = emu.state.stats.items
+    assert final.exit_code == EXIT_OK
+    rows = _rows(tmp_path)
+    assert len(rows) == 1200 and len({r["uri"] for r in rows}) == 1200
+    by_key: dict[str, set[tuple[float, ...]]] = {}
+    for r in rows:
+        by_key.setdefault(r["content_key"], set()).add(tuple(r["vector"]))
+    assert len(by_key) == 400 and all(len(v) == 1 for v in by_key.values())
+    files = lancedb.connect(str(tmp_path / "lance")).open_table("files").to_arrow()
+    assert files.num_rows == 1200 and set(files["status"].to_pylist()) == {"embedded"}
+    # what was in flight at each kill (unflushed rows, calls under way) at most is paid again
+    assert served <= 400 + 3 * (100 * 2 + 20 * 6), served
