@@ -26,7 +26,7 @@ import lancedb
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import emulator_process, workdir, write_job
-from pipeline.samples import make_text_corpus
+from pipeline.commands.sample_files import make_text_corpus
 
 MAX_REQUESTS = 5000
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"

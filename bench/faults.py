@@ -22,8 +22,8 @@ import lancedb
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import run, workdir, write_job
+from pipeline.commands.sample_files import make_text_corpus
 from pipeline.emulator.server import Emulator, EmulatorOptions
-from pipeline.samples import make_text_corpus
 
 BATCH = 10  # small calls, so the fault rates show up hundreds of times
 

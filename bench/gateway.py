@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import emulator_process, run, workdir, write_job
-from pipeline.samples import make_text_corpus
+from pipeline.commands.sample_files import make_text_corpus
 
 
 def old_rule_calls(wait_s: float, seed: int = 1) -> int:

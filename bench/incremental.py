@@ -22,7 +22,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import emulator_process, workdir, write_job
-from pipeline.samples import make_text_corpus
+from pipeline.commands.sample_files import make_text_corpus
 
 CHILD = r"""
 import json, resource, sys

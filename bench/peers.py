@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import emulator_process, workdir, write_job
-from pipeline.samples import make_quickstart_media, make_text_corpus
+from pipeline.commands.sample_files import make_quickstart_media, make_text_corpus
 
 SEQUENTIAL = r"""
 import sys, time

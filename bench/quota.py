@@ -21,9 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import run, workdir, write_job
+from pipeline.commands.sample_files import make_text_corpus
 from pipeline.emulator.server import Emulator, EmulatorOptions
 from pipeline.models import text_tokens
-from pipeline.samples import make_text_corpus
 
 RUN_S = 66.0  # the run is stopped then: the 60 s window [5 s, 65 s) stays busy throughout
 

@@ -37,7 +37,7 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import run, workdir, write_job
-from pipeline.samples import make_quickstart_media, make_text_corpus
+from pipeline.commands.sample_files import make_quickstart_media, make_text_corpus
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 EMBED = {"provider": "emulator", "model": "gemini-embedding-2", "output_dimensionality": 768}

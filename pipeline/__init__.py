@@ -24,7 +24,7 @@ def plan_job(job: Any, *, retry_rejects: bool = False,
              allow_mass_delete: bool = False) -> dict[str, Any]:
     """What a run of ``job`` would do and cost, with no API call: the figures of
     ``embedpipe plan --json``."""
-    from pipeline.plan import make_plan
+    from pipeline.commands.planner import make_plan
 
     return make_plan(job, retry_rejects=retry_rejects,
                      allow_mass_delete=allow_mass_delete).as_dict(job)
@@ -40,7 +40,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(run, name)
     if name in ("run_history", "History"):
-        from pipeline import history
+        from pipeline.commands import history
 
         return getattr(history, name)
     if name in ("ConfigError", "PipelineError", "NotRunYet"):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import pipeline
-from pipeline.samples import make_text_corpus
+from pipeline.commands.sample_files import make_text_corpus
 from tests.conftest import write_job
 
 

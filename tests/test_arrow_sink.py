@@ -15,10 +15,10 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
+from pipeline.commands.sample_files import make_text_corpus
 from pipeline.config import load_job
 from pipeline.errors import SinkError
 from pipeline.run import EXIT_OK, run_job
-from pipeline.samples import make_text_corpus
 from tests.conftest import copy_corpus_files, write_job
 
 SAMPLE = ["pdf/tracemonkey.pdf", "image/smile.png", "audio/crunching.mp3", "bad/broken.png"]

@@ -16,11 +16,11 @@ import lancedb
 import numpy as np
 import pytest
 
+from pipeline.commands.sample_files import make_text_corpus
 from pipeline.config import load_job
 from pipeline.emulator.server import Emulator, EmulatorOptions
 from pipeline.outcome import EXIT_OK, EXIT_PENDING
 from pipeline.run import run_job
-from pipeline.samples import make_text_corpus
 from tests.conftest import write_job
 
 FAST_POLL = {"poll_initial_s": 0.1, "poll_max_s": 0.3}

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import build_parser, main
+from pipeline.commands.sample_files import make_text_corpus
 from pipeline.emulator.server import Emulator
 from pipeline.outcome import EXIT_OK, EXIT_USAGE
-from pipeline.samples import make_text_corpus
 from tests.conftest import write_job
 
 
@@ -172,18 +172,18 @@ def test_rays_own_warnings_go_through_the_json_log(capsys: pytest.CaptureFixture
     pytest.importorskip("ray", reason="the ray extra is not installed")
     import logging
 
-    from pipeline.cli import _JSON, _setup_logging
+    from pipeline.commands.common import JSON_LOGS, setup_logging
     from pipeline.engine.ray import import_ray
 
     ray_log = logging.getLogger("ray")
     before = (list(ray_log.handlers), ray_log.propagate, ray_log.level)
-    _setup_logging("json", verbose=False)
+    setup_logging("json", verbose=False)
     try:
         import_ray()
         logging.getLogger("ray._private.authentication").warning("token auth is disabled")
         logging.getLogger("ray._private.worker").info("not shown below warning level")
     finally:
-        _JSON["on"] = False
+        JSON_LOGS["on"] = False
         logging.basicConfig(force=True)
         ray_log.handlers[:], ray_log.propagate, ray_log.level = before
     (record,) = [json.loads(x) for x in capsys.readouterr().err.splitlines()]
@@ -193,8 +193,8 @@ def test_rays_own_warnings_go_through_the_json_log(capsys: pytest.CaptureFixture
 def test_progress_while_listing_shows_no_none():
     from rich.console import Console
 
+    from pipeline.commands.run import progress_display
     from pipeline.stats import RunStats
-    from pipeline.views import progress_display
 
     progress, update = progress_display(Console(record=True, width=120), True)
     assert progress is not None and update is not None
@@ -299,7 +299,7 @@ def test_rejects_lists_each_with_its_message_and_fix(tmp_path: Path, sink: str):
 
 
 def test_init_writes_a_commented_job_that_loads_and_plans(tmp_path: Path):
-    from pipeline.samples import make_quickstart_media
+    from pipeline.commands.sample_files import make_quickstart_media
 
     src = tmp_path / "archive"
     make_text_corpus(src / "notes", 5)

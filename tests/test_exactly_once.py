@@ -14,10 +14,10 @@ import lancedb
 import polars as pl
 import pytest
 
+from pipeline.commands.sample_files import make_text_corpus
 from pipeline.config import load_job
 from pipeline.emulator.server import Emulator, EmulatorOptions
 from pipeline.run import EXIT_OK, run_job
-from pipeline.samples import make_text_corpus
 from tests.conftest import copy_corpus_files, write_job
 
 FILES = 5000

@@ -18,13 +18,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from pipeline.commands.sample_files import make_text_corpus
 from pipeline.config import load_job
 from pipeline.emulator.gateway import GatewayOptions
 from pipeline.emulator.server import Emulator, EmulatorOptions
 from pipeline.errors import BalanceExhausted
 from pipeline.outcome import EXIT_FAILED, EXIT_OK, EXIT_QUOTA
 from pipeline.run import run_job
-from pipeline.samples import make_text_corpus
 from tests.conftest import write_job
 
 # The two styles of gateway users meet: DMXAPI (the bare key in Authorization, the -2 preview

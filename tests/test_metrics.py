@@ -7,10 +7,10 @@ import json
 import re
 from pathlib import Path
 
+from pipeline.commands.sample_files import make_text_corpus
 from pipeline.config import load_job
 from pipeline.metrics import prometheus_text
 from pipeline.run import EXIT_OK, run_job
-from pipeline.samples import make_text_corpus
 from tests.conftest import write_job
 
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)\{((?:[a-z_]+="(?:[^"\\]|\\.)*",?)+)\} (\S+)$')

@@ -16,10 +16,10 @@ import polars as pl
 import pytest
 from PIL import Image
 
+from pipeline.commands.lookup import search
 from pipeline.config import load_job
 from pipeline.emulator.server import Emulator
 from pipeline.run import EXIT_OK, run_job
-from pipeline.search import search
 from tests.conftest import write_job
 
 CAPTIONS = {
@@ -114,7 +114,7 @@ def test_requests_carry_the_task_the_model_wants(tmp_path: Path, model: str):
 
 
 def test_gemini_embedding_001_vectors_are_normalised(tmp_path: Path):
-    from pipeline.samples import make_text_corpus
+    from pipeline.commands.sample_files import make_text_corpus
 
     make_text_corpus(tmp_path / "src", 50)
     job = write_job(tmp_path, tmp_path / "src", embed={

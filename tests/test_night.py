@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from pipeline.cli import main
+from pipeline.commands.sample_files import make_text_corpus
 from pipeline.outcome import EXIT_FAILED, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE
-from pipeline.samples import make_text_corpus
 from tests.conftest import write_job
 
 READING = ("status", "search", "report", "rejects", "batches")
@@ -156,9 +156,10 @@ def test_an_error_in_any_stage_exits_70_in_one_json_line_and_the_runs_row_agrees
 def test_an_error_in_a_thread_of_its_own_is_one_json_line(capsys: pytest.CaptureFixture[str]):
     import threading
 
-    from pipeline.cli import _setup_logging, _thread_died
+    from pipeline.cli import _thread_died
+    from pipeline.commands.common import setup_logging
 
-    _setup_logging("json", False)
+    setup_logging("json", False)
     previous = threading.excepthook
     threading.excepthook = _thread_died
     try:
@@ -167,7 +168,7 @@ def test_an_error_in_a_thread_of_its_own_is_one_json_line(capsys: pytest.Capture
         thread.join()
     finally:
         threading.excepthook = previous
-        _setup_logging("text", False)
+        setup_logging("text", False)
     (line,) = _json_lines(capsys.readouterr().err)
     assert line["level"] == "error" and "worker-x" in line["event"]
     assert "ZeroDivisionError" in line["error"]

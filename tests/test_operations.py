@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.commands.planner import make_plan
+from pipeline.commands.sample_files import make_text_corpus
 from pipeline.config import load_job
 from pipeline.emulator.server import Emulator, EmulatorOptions
-from pipeline.plan import make_plan
 from pipeline.run import EXIT_OK, run_job
-from pipeline.samples import make_text_corpus
 from pipeline.state.lock import LOCK_NAME, JobLock, JobLocked
 from tests.conftest import S3Server, copy_corpus_files, write_job
 

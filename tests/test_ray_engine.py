@@ -17,10 +17,10 @@ import numpy as np
 import polars as pl
 import pytest
 
+from pipeline.commands.sample_files import make_text_corpus
 from pipeline.config import load_job
 from pipeline.emulator.server import Emulator, EmulatorOptions
 from pipeline.run import EXIT_OK, Run, run_job
-from pipeline.samples import make_text_corpus
 from tests.conftest import REPO, CorpusFile, copy_corpus_files, write_job
 
 ray = pytest.importorskip("ray", reason="the Ray engine's tests need the ray extra: "

@@ -16,12 +16,12 @@ import pyarrow as pa
 import pytest
 
 from pipeline.cli import main
+from pipeline.commands.history import run_history
+from pipeline.commands.report_page import render_html
+from pipeline.commands.sample_files import make_text_corpus
 from pipeline.config import load_job
 from pipeline.emulator.server import Emulator, EmulatorOptions
-from pipeline.history import run_history
 from pipeline.outcome import EXIT_OK, EXIT_USAGE
-from pipeline.report_page import render_html
-from pipeline.samples import make_text_corpus
 from pipeline.sinks.lance import open_db
 from tests.conftest import write_job
 

@@ -18,13 +18,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from pipeline.commands.planner import make_plan
+from pipeline.commands.sample_files import make_quickstart_media, make_text_corpus
 from pipeline.config import load_job
 from pipeline.emulator.server import Emulator, EmulatorOptions
 from pipeline.errors import SinkError
 from pipeline.outcome import EXIT_OK
-from pipeline.plan import make_plan
 from pipeline.run import RunResult, run_job
-from pipeline.samples import make_quickstart_media, make_text_corpus
 from tests.conftest import write_job
 
 EMBED = {"provider": "emulator", "model": "gemini-embedding-2", "output_dimensionality": 128}

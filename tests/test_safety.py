@@ -15,10 +15,10 @@ from pathlib import Path
 import lancedb
 import pytest
 
+from pipeline.commands.sample_files import make_quickstart_media, make_text_corpus
 from pipeline.config import load_job
 from pipeline.emulator.server import Emulator, EmulatorOptions
 from pipeline.run import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, run_job
-from pipeline.samples import make_quickstart_media, make_text_corpus
 from tests.conftest import write_job
 
 KEY = "right-key-0123456789"

@@ -17,11 +17,11 @@ from typing import Any
 import lancedb
 import pytest
 
+from pipeline.commands.sample_files import make_text_corpus
 from pipeline.config import load_job
 from pipeline.emulator.server import Emulator, EmulatorOptions
 from pipeline.outcome import EXIT_OK, EXIT_USAGE
 from pipeline.run import run_job
-from pipeline.samples import make_text_corpus
 from tests.conftest import write_job
 
 

@@ -11,13 +11,13 @@ import anyio
 import lancedb
 
 from connectors.local import LocalConnector
+from pipeline.commands.sample_files import make_quickstart_media, make_text_corpus
 from pipeline.config import JobConfig, load_job
 from pipeline.emulator.server import Emulator
 from pipeline.gemini.client import GeminiClient
 from pipeline.gemini.tasks import TaskStyle
 from pipeline.models import model_spec
 from pipeline.records import Batch, Committed, FileEnd, Item, Vector
-from pipeline.samples import make_quickstart_media, make_text_corpus
 from pipeline.sinks.lance import LanceSink, open_db
 from pipeline.stages.companions import Companions
 from pipeline.stages.embedding import Embedder

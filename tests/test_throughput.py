@@ -12,6 +12,7 @@ import httpx
 import lancedb
 import pytest
 
+from pipeline.commands.sample_files import make_text_corpus
 from pipeline.config import load_job
 from pipeline.emulator.server import Emulator, EmulatorOptions
 from pipeline.gemini.client import GeminiClient
@@ -20,7 +21,6 @@ from pipeline.gemini.tasks import TaskStyle
 from pipeline.models import model_spec
 from pipeline.records import Batch, Item, Modality, Part, SourceObject, item_id
 from pipeline.run import EXIT_OK, EXIT_QUOTA, run_job
-from pipeline.samples import make_text_corpus
 from pipeline.stages.embedding import Embedder
 from pipeline.stats import RunStats
 from tests.conftest import write_job

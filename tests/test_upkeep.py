@@ -12,10 +12,10 @@ from pathlib import Path
 import lancedb
 import pytest
 
+from pipeline.commands.sample_files import make_text_corpus
 from pipeline.config import load_job
 from pipeline.outcome import EXIT_OK
 from pipeline.run import run_job
-from pipeline.samples import make_text_corpus
 from tests.conftest import write_job
 
 

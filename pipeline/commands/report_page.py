@@ -15,7 +15,7 @@ from datetime import datetime
 from html import escape
 from typing import Any
 
-from pipeline.history import History
+from pipeline.commands.history import History
 from pipeline.models import SOURCES
 from pipeline.terminal import plural
 

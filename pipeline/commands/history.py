@@ -1,7 +1,7 @@
 """The ``report`` command's data: a job's last runs with their figures, and its latest rejects.
 
 Read from the job's ``runs`` and rejects tables (local or in an object store) without changing
-them. The page is drawn by :mod:`pipeline.report_page`.
+them. The page is drawn by :mod:`pipeline.commands.report_page`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from datetime import datetime
 from typing import Any
 
 from connectors.s3_options import sink_storage_options
+from pipeline.commands.reject_list import list_rejects
 from pipeline.config import JobConfig
 from pipeline.errors import NotRunYet
-from pipeline.rejects import list_rejects
 from pipeline.sinks.lance import open_db
 from pipeline.state.runs import last_runs
 
