@@ -22,7 +22,7 @@ GOOGLE_BASE_URL = "https://generativelanguage.googleapis.com"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
@@ -50,10 +50,15 @@ class MetadataConfig(_Strict):
     a title, and typed columns written beside each vector (filterable in searches)."""
 
     path: Path
+    """The CSV or JSONL file."""
     key: str = "path"
+    """The field holding a file's key (its path under the source's root or prefix)."""
     caption: str | None = None
+    """The field embedded with the file as its caption."""
     title: str | None = None
+    """The field sent as the document's title."""
     columns: dict[str, ColumnType] = Field(default_factory=dict)
+    """Fields written beside each vector, by name: string, int64, float64 or bool."""
 
     @field_validator("path")
     @classmethod
@@ -78,9 +83,13 @@ class MetadataConfig(_Strict):
 
 class _SourceCommon(_Strict):
     include: list[str] = Field(default_factory=lambda: ["**/*"], min_length=1)
+    """Glob patterns of the keys listed."""
     exclude: list[str] = Field(default_factory=list)
-    sidecar: str | None = None  # e.g. "{stem}.txt": a caption file embedded with its media
+    """Glob patterns of keys left out."""
+    sidecar: str | None = None
+    """A caption file beside each media file, embedded with it, e.g. "{stem}.txt"."""
     metadata: MetadataConfig | None = None
+    """A CSV or JSONL file of captions, titles and columns by key."""
 
     @field_validator("sidecar")
     @classmethod
@@ -92,14 +101,19 @@ class _SourceCommon(_Strict):
 
 
 class LocalSourceConfig(_SourceCommon):
+    """A folder on this machine: every file under it that the include and exclude globs
+    keep."""
+
     kind: Literal["local"]
+    """local: a folder on this machine (or a mounted share)."""
     # Whether it exists is asked when it is listed, not here: a missing root (an unmounted
     # share) is an outage (a run fails with exit 3), and status, search, report and rejects
     # must work during it.
     root: Path
-    # Links to folders are not followed (each one is counted as skipped); true follows them,
-    # wherever they lead, once each: a link back to a folder it is already in is skipped.
+    """The folder (relative to the job file, or absolute)."""
     follow_symlinks: bool = False
+    """Follow links to folders, wherever they lead, once each (else each is counted as
+    skipped)."""
 
     @field_validator("root")
     @classmethod
@@ -113,14 +127,23 @@ class S3Options(_Strict):
     AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN); keys are secrets."""
 
     endpoint_url: str | None = None
+    """The store's endpoint (default: AWS_ENDPOINT_URL, else AWS S3)."""
     region: str | None = None
+    """The region (default: AWS_REGION)."""
     access_key_id: SecretStr | None = None
+    """The access key id (default: AWS_ACCESS_KEY_ID)."""
     secret_access_key: SecretStr | None = None
+    """The secret key (default: AWS_SECRET_ACCESS_KEY)."""
     session_token: SecretStr | None = None
-    allow_http: bool | None = None  # default: true when endpoint_url is http://
+    """A session token (default: AWS_SESSION_TOKEN)."""
+    allow_http: bool | None = None
+    """Allow plain http (default: true when endpoint_url is http://)."""
     virtual_hosted_style: bool = False
+    """bucket.host URLs instead of host/bucket paths."""
     timeout_s: float = Field(60.0, gt=0)
+    """Seconds a request to the store may take."""
     max_retries: int = Field(6, ge=0, le=50)
+    """Retries of a failed request to the store."""
 
     @field_validator("endpoint_url")
     @classmethod
@@ -131,9 +154,15 @@ class S3Options(_Strict):
 
 
 class S3SourceConfig(_SourceCommon, S3Options):
+    """An S3-compatible bucket (AWS S3, MinIO, SeaweedFS, R2 ...): the objects under a prefix,
+    each with its ETag as its version."""
+
     kind: Literal["s3"]
+    """s3: an S3-compatible bucket."""
     bucket: str = Field(pattern=r"^[a-z0-9][a-z0-9.\-_]{1,254}$")
+    """The bucket."""
     prefix: str = ""
+    """The prefix listed (a folder in the bucket)."""
 
     @field_validator("prefix")
     @classmethod
@@ -149,11 +178,17 @@ class SyntheticSourceConfig(_SourceCommon):
     a job at generation g after one at g-1 finds about count x changed objects changed."""
 
     kind: Literal["synthetic"]
+    """synthetic: generated objects for load tests."""
     count: int = Field(ge=0, le=10_000_000_000)
+    """How many objects."""
     generation: int = Field(0, ge=0, le=10_000)
+    """The generation listed: each one after 0 changes a share of the objects."""
     changed: float = Field(0.01, ge=0, le=1)
+    """The share of objects a generation changes."""
     words: int = Field(12, ge=1, le=2_000)
+    """Words per generated text."""
     seed: int = Field(0, ge=0, lt=2**32)
+    """Seed of which objects change."""
 
     @field_validator("sidecar", "metadata")
     @classmethod
