@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,19 @@ def test_every_command_and_option_is_in_the_cli_reference():
             for flag in action.option_strings:
                 if flag not in ("-h", "--help", "--log-format", "-v", "--verbose", "-q", "--quiet"):
                     assert f"`{flag}" in page, (name, flag)
+
+
+def test_every_page_the_readme_and_the_docs_link_to_is_there():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    linked = 0
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8")):
+            if "://" in target:
+                continue
+            linked += 1
+            assert (page.parent / target).exists(), f"{page.name} links to {target}, not there"
+    assert linked >= 10
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) < 250
+    for page in sorted((ROOT / "docs").glob("*.md")):  # every page is reachable from the README
+        assert f"docs/{page.name}" in readme, page.name

@@ -103,7 +103,7 @@ def job_yaml(name: str, block: dict[str, Any], counts: Counter[str], cut: bool,
     return f"""\
 # embedpipe job for {block.get('root') or 's3://' + block['bucket'] + '/' + block['prefix']}
 # written by `embedpipe init`. Check it with `embedpipe plan {name}.yaml` (no API call, prices
-# and quota-bound time), then `embedpipe run {name}.yaml`. Every key: the README's "Job files".
+# and quota-bound time), then `embedpipe run {name}.yaml`. Every key: `embedpipe schema --markdown job`.
 {listing}{other}
 name: "{name}"
 

@@ -23,7 +23,7 @@ stages on a Ray cluster.
   deterministic ids merged, a file's manifest row only after all its rows are committed, stale
   rows removed with a file's last rows, the deletions, the run history and tags. Workers return
   vectors (3 KB each at 768 dimensions), so the driver's share is the Lance commit; see the
-  README for where that becomes the bottleneck.
+  docs/ray.md for where that becomes the bottleneck.
 
 Ray is an optional extra (``pip install 'embedpipe[ray]'``); this module imports it when a run
 asks for ``engine: ray``.
