@@ -96,14 +96,14 @@ def test_a_killed_runs_rows_are_not_written_twice(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch):
     """A run that fails after writing some files but before recording them as done: the next
     run reads the ids back by run id and does not append them again."""
-    import pipeline.run as runner
+    from pipeline.state.manifest import Manifest
 
     make_text_corpus(tmp_path / "src", 40)
     job = write_job(tmp_path, tmp_path / "src", embed={
         "provider": "emulator", "model": "gemini-embedding-2", "output_dimensionality": 128,
         "batch_size": 10}, extra={"sink": {"kind": "arrow", "path": str(tmp_path / "out")},
                                   "run": {"flush_rows": 10}})
-    real_record = runner.Manifest.record
+    real_record = Manifest.record
     calls = {"n": 0}
 
     def fails_after_two(self, states, run_id):  # type: ignore[no-untyped-def]
@@ -112,10 +112,10 @@ def test_a_killed_runs_rows_are_not_written_twice(tmp_path: Path,
             raise SinkError("simulated: the state store went away")
         real_record(self, states, run_id)
 
-    monkeypatch.setattr(runner.Manifest, "record", fails_after_two)
+    monkeypatch.setattr(Manifest, "record", fails_after_two)
     with pytest.raises(SinkError):
         run_job(load_job(job))
-    monkeypatch.setattr(runner.Manifest, "record", real_record)
+    monkeypatch.setattr(Manifest, "record", real_record)
     second = run_job(load_job(job))
     assert second.exit_code == EXIT_OK and second.stats.items_resumed > 0
     frame = pl.read_parquet(tmp_path / "out" / "*.parquet")

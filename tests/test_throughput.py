@@ -138,10 +138,10 @@ def test_a_per_minute_quota_is_waited_out_not_counted_as_attempts(tmp_path: Path
 
 
 def test_known_quota_makes_no_429(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    import pipeline.run as runner_module
+    import pipeline.stages as stages_module
 
     # The job's per-minute window, shortened like the emulator's.
-    monkeypatch.setattr(runner_module, "rate_limiter",
+    monkeypatch.setattr(stages_module, "rate_limiter",
                         lambda quota: RateLimiter(quota, window_s=1.0))
     job = _job(tmp_path, 120, {"rpm": 40, "window_s": 1.0}, batch_size=10, concurrency=8,
                quota={"rpm": 40})

@@ -22,28 +22,28 @@ import signal
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import pyarrow as pa
-
 from connectors import connector_for
 from connectors.base import content_version
-from connectors.s3_options import lance_storage_options, sink_s3_options, sink_storage_options
-from pipeline.config import ArrowSinkConfig, JobConfig
-from pipeline.errors import ConnectorError, SinkError
+from pipeline.commands.plan_tables import (
+    manifest_rows,
+    move_stored,
+    moved_count,
+    state_db,
+    submitted_ids,
+    upgrade_note,
+)
+from pipeline.config import JobConfig
+from pipeline.errors import ConnectorError
 from pipeline.gemini.client import content_key
 from pipeline.models import FACTS_AS_OF, SOURCES, cost_usd
 from pipeline.records import Reject
-from pipeline.sinks.lance import CacheTable, find_keys, open_db, sql_str
 from pipeline.stages.companions import Companions
 from pipeline.stages.listing import Listing, Todo
-from pipeline.state.batches import BatchLog
-from pipeline.state.manifest import Manifest, mass_delete_refusal
-from pipeline.state.tables import TableLog, TableSpace
+from pipeline.state.manifest import mass_delete_refusal
 from pipeline.stats import RunStats
 from pipeline.validate import Validator
 
@@ -102,123 +102,6 @@ class Plan:
             "cost_saved_usd": round(cost_usd(dict(self.reused_tokens), prices), 6),
             "plan_wall_s": round(self.wall_s, 2),
         }
-
-
-@contextmanager
-def _manifest(job: JobConfig) -> Iterator[tuple[Iterator[pa.RecordBatch] | None, int]]:
-    """The manifest's rows in uri order and their count, if the job has run before; never
-    creates anything."""
-    uri = job.sink.state_uri
-    if "://" not in uri and not (Path(uri) / f"{job.sink.manifest_table}.lance").exists():
-        yield None, 0  # never ran: no need to load Lance at all
-        return
-    try:
-        db = open_db(uri, sink_storage_options(job))
-        if job.sink.manifest_table not in db.list_tables().tables:
-            manifest = None
-        else:
-            manifest = Manifest(db, job.sink.manifest_table, read_only=True)
-    except SinkError:
-        manifest = None
-    if manifest is None:
-        yield None, 0
-        return
-    with manifest.sorted_rows() as rows:
-        yield rows, manifest.count()
-
-
-def _state_db(job: JobConfig) -> Any:
-    """The job's state database, if there is one to read (None before a first run)."""
-    uri = job.sink.state_uri
-    if "://" not in uri and not Path(uri).is_dir():
-        return None
-    try:
-        return open_db(uri, sink_storage_options(job))
-    except SinkError:
-        return None
-
-
-def _submitted(db: Any, job: JobConfig) -> frozenset[str]:
-    """The item ids earlier runs' open Batch API jobs hold (read only)."""
-    try:
-        if job.sink.batches_table not in db.list_tables().tables:
-            return frozenset()
-        return frozenset(i for record in BatchLog(db, job.sink.batches_table).open()
-                         for i in record.item_ids)
-    except (SinkError, OSError, ValueError, RuntimeError):
-        return frozenset()
-
-
-def _upgrade(db: Any, job: JobConfig, changed: int) -> str | None:
-    """What a run would change of every vector, if anything (read only)."""
-    if isinstance(job.sink, ArrowSinkConfig):
-        return None
-    try:
-        held = TableLog(db, read_only=True).space(job.sink.table)
-    except (SinkError, OSError, ValueError, RuntimeError):
-        return None
-    space = TableSpace.of_job(job)
-    if held is None or held.fingerprint == space.fingerprint:
-        return None
-    return (f"{held.describe_change(space)}: {changed:,} files re-embedded into "
-            f"{job.sink.table}-next; readers keep {job.sink.table!r} as it is until every file "
-            "is done, then it is switched in one commit")
-
-
-def _moved(state: Any, job: JobConfig, gone: Any, planned: set[str]) -> int:
-    """How many gone files a run would find moved: every row's content key is among the
-    requests planned (a file whose parts plan cannot key is not predicted moved)."""
-    if state is None or not len(gone) or isinstance(job.sink, ArrowSinkConfig):
-        return 0
-    try:
-        if job.sink.table not in state.list_tables().tables:
-            return 0
-        table = state.open_table(job.sink.table)
-        moved = 0
-        for start in range(0, len(gone), 500):
-            uris = gone[start:start + 500]
-            uris = uris.to_pylist() if isinstance(uris, pa.Array) else list(uris)
-            rows = table.search().where(f"uri IN ({', '.join(sql_str(u) for u in uris)})").select(
-                ["uri", "content_key"]).limit(None).to_arrow().to_pylist()
-            out = {r["uri"] for r in rows if r["content_key"] not in planned}
-            moved += len({r["uri"] for r in rows} - out)
-        return moved
-    except (OSError, ValueError, RuntimeError):
-        return 0
-
-
-def _stored(plan: Plan, job: JobConfig, state: Any) -> None:
-    """Move the items whose requests the job's tables or its reuse_from tables hold from the
-    cost to the reused (read only; a table that cannot be read predicts nothing)."""
-    stores: list[Any] = []
-    model, dims = job.embed.model, job.embed.output_dimensionality
-    if state is not None and not isinstance(job.sink, ArrowSinkConfig):
-        names = state.list_tables().tables
-        stores += [state.open_table(t) for t in (job.sink.table, job.sink.table + "-next")
-                   if t in names]
-    for source in job.embed.reuse_from:
-        try:
-            options = lance_storage_options(source.s3 or sink_s3_options(job)) if (
-                source.uri.startswith("s3://")) else None
-            if "://" in source.uri or Path(source.uri).is_dir():
-                stores.append(CacheTable(open_db(source.uri, options), source.table, model,
-                                         dims).table)
-        except SinkError:
-            continue
-    keys = list(plan.keyed)
-    for store in stores:
-        for start in range(0, len(keys), 256):
-            try:
-                found = find_keys(store, keys[start:start + 256], model, dims)
-            except (OSError, ValueError, RuntimeError):
-                break
-            for key in found:
-                name, tokens = plan.keyed.pop(key)
-                plan.items[name] -= 1
-                plan.tokens[name] -= tokens
-                plan.reused[name] += 1
-                plan.reused_tokens[name] += tokens
-        keys = list(plan.keyed)
 
 
 # One validator per worker process (parsing PDFs and measuring media is CPU work: processes
@@ -311,7 +194,7 @@ def make_plan(job: JobConfig, retry_rejects: bool = False, workers: int | None =
     fingerprint = job.fingerprint()
     plan = Plan(reuse=job.embed.reuse)
     seen = RunStats(run_id="plan")
-    with _manifest(job) as (rows, known):
+    with manifest_rows(job) as (rows, known):
         listing = Listing(connector, companions, rows, known, fingerprint, seen,
                           retry_rejects=retry_rejects)
         todo: list[Todo] = []
@@ -323,10 +206,10 @@ def make_plan(job: JobConfig, retry_rejects: bool = False, workers: int | None =
                         ("unchanged", seen.files_unchanged)):
         if count:
             plan.files[name] = count
-    state = _state_db(job)
+    state = state_db(job)
     if state is not None:
-        plan.upgrade = _upgrade(state, job, seen.files_changed)
-        plan.submitted = _submitted(state, job)
+        plan.upgrade = upgrade_note(state, job, seen.files_changed)
+        plan.submitted = submitted_ids(state, job)
     gone = listing.gone() if job.run.on_delete == "delete" else []
     if todo:
         # Large files first, so the slowest work starts early and the pool ends together.
@@ -335,10 +218,10 @@ def make_plan(job: JobConfig, retry_rejects: bool = False, workers: int | None =
             _add(plan, result)
     planned = set(plan.keyed)
     if plan.reuse and plan.keyed:
-        _stored(plan, job, state)
+        move_stored(plan, job, state)
     if job.run.on_delete == "delete":
         plan.files["deleted"] = len(gone)
-        moved = _moved(state, job, gone, planned | plan.dup_keys)
+        moved = moved_count(state, job, gone, planned | plan.dup_keys)
         if moved:
             plan.files["moved"] = moved
         plan.delete_refusal = mass_delete_refusal(

@@ -23,14 +23,18 @@ from dataclasses import dataclass
 import anyio
 import anyio.abc
 
-from pipeline.config import BatchSettings
-from pipeline.errors import EmbedError, TransientEmbedError
+from pipeline.config import BatchSettings, JobConfig
+from pipeline.errors import AccessError, EmbedError, TransientEmbedError
 from pipeline.gemini.batches import BatchApi, BatchJob, BatchResult
+from pipeline.gemini.client import GeminiClient
+from pipeline.gemini.probe import declared_batch_support, probe_batch_api
 from pipeline.outcome import RunOutcome
 from pipeline.records import BatchSupport, Collected, Item
+from pipeline.stages import Stages
 from pipeline.stages.batching import Batching, JobDraft, JobOutcome
 from pipeline.stages.writing import Outcome
 from pipeline.state.batches import FAILED, PENDING, SUPERSEDED, BatchLog
+from pipeline.state.opened import Opened
 from pipeline.stats import RunStats
 
 log = logging.getLogger("embedpipe.batch")
@@ -320,3 +324,52 @@ async def open_jobs(api: BatchApi, batch_log: BatchLog
         for item_id, key in zip(record.item_ids, keys, strict=False):
             awaited[item_id] = (record.display_name, name, key)
     return awaited
+
+
+async def batch_router(job: JobConfig, client: GeminiClient, stages: Stages, state: Opened,
+                       stats: RunStats, outcome: RunOutcome, *,
+                       detach: bool) -> BatchRouter | None:
+    """The Batch API path of a run (embed.mode batch or auto), with earlier runs' open jobs,
+    where the endpoint serves it (a gateway is asked once; see :mod:`pipeline.gemini.probe`);
+    None where the run stays interactive (``stats.mode_why`` says why)."""
+    embed = job.embed
+    if embed.mode == "interactive":
+        stats.mode_why = "embed.mode is interactive"
+        # Jobs an earlier run left open are still collected (what matches is adopted, not
+        # paid again; the rest superseded), where the endpoint serves the Batch API.
+        if not await anyio.to_thread.run_sync(state.batch_log.open):
+            return None
+    support = declared_batch_support(embed) or await anyio.to_thread.run_sync(
+        state.endpoints.recall, client.base)
+    if embed.mode == "interactive" and support is not None and not support.served:
+        return None
+
+    async def ask() -> BatchSupport:
+        found = await probe_batch_api(client)
+        if found.definite:
+            await anyio.to_thread.run_sync(state.endpoints.remember, client.base, found)
+        return found
+
+    if embed.mode == "batch":
+        support = support or await ask()
+        if not support.served:
+            raise AccessError(
+                f"embed.mode is batch, but the endpoint does not serve the Batch API "
+                f"({support.why}); gateways serve only the interactive methods: set "
+                "embed.mode to auto or interactive (or embed.batch_api: yes if it does "
+                "serve it)")
+        stats.mode_used, stats.mode_why = "batch", f"embed.mode is batch; {support.why}"
+    elif support is not None and not support.served:
+        stats.mode_why = (f"embed.mode is auto, but the endpoint does not serve the Batch "
+                          f"API: {support.why}")
+        log.info("interactive API: %s", stats.mode_why)
+        return None
+    api = BatchApi(client)
+    batching = Batching(embed.batch, api.entry, stages.embedder.request_for,
+                        normalise=stages.embedder.normalise,
+                        prefix=f"{job.name}-{stats.run_id}", key=client.content_key)
+    driver = BatchDriver(api, state.batch_log, batching, embed.batch, stats, outcome,
+                         stats.run_id)
+    return BatchRouter(driver, mode=embed.mode, min_items=embed.batch_min_items,
+                       awaited=await open_jobs(api, state.batch_log), detach=detach,
+                       support=support, ask=ask, refetch=stages.validation.refetch)

@@ -24,26 +24,24 @@ from collections.abc import Callable
 
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
-from anyio.streams.memory import MemoryObjectReceiveStream
 
 from pipeline.config import JobConfig
 from pipeline.engine.batch import BatchRouter
-from pipeline.engine.threads import fit_file, fit_group
+from pipeline.engine.threads import validate_groups
 from pipeline.errors import EmbedError
 from pipeline.memory import release_free_memory
 from pipeline.outcome import EXIT_INTERRUPTED, RunOutcome
 from pipeline.records import Batch, Item, Reject, Vector
 from pipeline.stages import Stages
 from pipeline.stages.listing import Todo
-from pipeline.stages.packing import Packer
-from pipeline.stages.validation import Sorted, groups
+from pipeline.stages.packing import pack
+from pipeline.stages.reuse import reuse_items, with_copies
+from pipeline.stages.validation import groups
 from pipeline.stages.writing import Outcome
 from pipeline.state.lock import JobLock
 from pipeline.stats import RunStats
 
 log = logging.getLogger("embedpipe.run")
-
-REUSE_LOOKUP_ITEMS = 256  # items looked up in the tables at once, at most
 
 
 class LocalEngine:
@@ -95,14 +93,16 @@ class LocalEngine:
                                           items_tx.clone(), out_tx.clone())
                     sent_tx, sent_rx = anyio.create_memory_object_stream[list[Item]](
                         cfg.queue_size)
-                    tg.start_soon(self._reuse, items_rx, sent_tx, out_tx.clone())
+                    tg.start_soon(reuse_items, self.stages.reuse, items_rx, sent_tx,
+                                  out_tx.clone())
+                    limits = self.stages.limits
                     if self.batch is None:
-                        tg.start_soon(self._pack, sent_rx, batches_tx)
+                        tg.start_soon(pack, limits, sent_rx, batches_tx)
                     else:  # reuse -> the batch router -> packing (what stays interactive)
                         pack_tx, pack_rx = anyio.create_memory_object_stream[list[Item]](
                             cfg.queue_size)
                         tg.start_soon(self.batch.run, sent_rx, pack_tx, out_tx.clone())
-                        tg.start_soon(self._pack, pack_rx, batches_tx)
+                        tg.start_soon(pack, limits, pack_rx, batches_tx)
                     async with batches_rx:
                         for _ in range(self.job.embed.concurrency):
                             tg.start_soon(self._embed, batches_rx.clone(), out_tx.clone())
@@ -139,75 +139,7 @@ class LocalEngine:
     async def _validate(self, todo: ObjectReceiveStream[list[Todo]],
                         items: ObjectSendStream[list[Item]],
                         out: ObjectSendStream[list[Outcome]]) -> None:
-        stage = self.stages.validation
-
-        async def send(sorted_: Sorted) -> None:
-            if sorted_.items:
-                await items.send(sorted_.items)
-            if sorted_.outcomes:
-                await out.send(list(sorted_.outcomes))
-
-        async with todo, items, out:
-            async for group in todo:
-                works = [stage.work(entry) for entry in group]
-                if len(works) > 1:
-                    found = Sorted()
-                    works = await fit_group(stage, works, found)
-                    await send(found)
-                for work in works:
-                    deadline = anyio.current_time() + stage.limit_s
-                    done = False
-                    while not done:
-                        found, done = await fit_file(stage, work, deadline)
-                        await send(found)
-
-    async def _reuse(self, items: MemoryObjectReceiveStream[list[Item]],
-                     sent: ObjectSendStream[list[Item]],
-                     out: ObjectSendStream[list[Outcome]]) -> None:
-        """Items on to packing, or straight to the writer when their content is paid for
-        already (:mod:`pipeline.stages.reuse`). The items waiting in the stream are looked up
-        together: one query per chunk of files, not per file."""
-        reuse = self.stages.reuse
-        async with items, sent, out:
-            async for chunk in items:
-                while len(chunk) < REUSE_LOOKUP_ITEMS:
-                    try:
-                        chunk = chunk + items.receive_nowait()
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
-                keys, found = await anyio.to_thread.run_sync(reuse.look_up, chunk)
-                onward, done = reuse.route(chunk, keys, found)
-                if done:
-                    await out.send(list(done))
-                if onward:
-                    await sent.send(onward)
-
-    async def _pack(self, items: ObjectReceiveStream[list[Item]],
-                    batches: ObjectSendStream[Batch]) -> None:
-        limits = self.stages.limits
-        packer = Packer(limits)
-        async with items, batches:
-            while True:
-                chunk: list[Item] | None = None
-                try:
-                    if packer.items:
-                        with anyio.move_on_after(limits.linger_s):
-                            chunk = await items.receive()
-                    else:
-                        chunk = await items.receive()
-                except anyio.EndOfStream:
-                    break
-                if chunk is None:  # lingered long enough
-                    await batches.send(packer.take())
-                    continue
-                for item in chunk:
-                    if not packer.fits(item):
-                        await batches.send(packer.take())
-                    packer.add(item)
-                    if packer.full:
-                        await batches.send(packer.take())
-            if packer.items:
-                await batches.send(packer.take())
+        await validate_groups(self.stages.validation, todo, items, out)
 
     async def _embed(self, batches: ObjectReceiveStream[Batch],
                      out: ObjectSendStream[list[Outcome]]) -> None:
@@ -250,7 +182,8 @@ class LocalEngine:
                         except anyio.EndOfStream:
                             break
                     for entry in entries or ():
-                        self._add(entry)
+                        for row in with_copies(self.stages.reuse, entry):
+                            writer.add(row)
                     due = anyio.current_time() - flushed >= cfg.flush_interval_s
                     if due or writer.rows >= cfg.flush_rows:
                         await anyio.to_thread.run_sync(self._flush)
@@ -274,17 +207,6 @@ class LocalEngine:
                     self.outcome.failed(refusal)
         finally:
             done.set()
-
-    def _add(self, entry: Outcome) -> None:
-        """An outcome to the writer, with the rows of the items that wait on its request."""
-        writer, reuse = self.stages.writer, self.stages.reuse
-        writer.add(entry)
-        if isinstance(entry, Vector):
-            for copy in reuse.answered(entry):
-                writer.add(copy)
-        elif isinstance(entry, Reject) and entry.key is not None:
-            for refusal in reuse.refused(entry):
-                writer.add(refusal)
 
     def _flush(self) -> None:
         writer = self.stages.writer

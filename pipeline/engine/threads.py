@@ -14,8 +14,12 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
+from pipeline.records import Item
+from pipeline.stages.listing import Todo
 from pipeline.stages.validation import FileWork, GroupWork, Sorted, Validation
+from pipeline.stages.writing import Outcome
 
 _T = TypeVar("_T")
 
@@ -79,3 +83,30 @@ async def fit_file(stage: Validation, work: FileWork, deadline: float) -> tuple[
         chunk, done = [stage.timeout(work, work.count)], True
     stage.sort(work, chunk, done, out)
     return out, done
+
+
+async def validate_groups(stage: Validation, todo: ObjectReceiveStream[list[Todo]],
+                          items: ObjectSendStream[list[Item]],
+                          out: ObjectSendStream[list[Outcome]]) -> None:
+    """A validation task of the local engine: groups of files in, items and file outcomes out,
+    each file held to its deadline."""
+
+    async def send(sorted_: Sorted) -> None:
+        if sorted_.items:
+            await items.send(sorted_.items)
+        if sorted_.outcomes:
+            await out.send(list(sorted_.outcomes))
+
+    async with todo, items, out:
+        async for group in todo:
+            works = [stage.work(entry) for entry in group]
+            if len(works) > 1:
+                found = Sorted()
+                works = await fit_group(stage, works, found)
+                await send(found)
+            for work in works:
+                deadline = anyio.current_time() + stage.limit_s
+                done = False
+                while not done:
+                    found, done = await fit_file(stage, work, deadline)
+                    await send(found)

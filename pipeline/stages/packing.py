@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
 from pipeline.config import EmulatorEmbedConfig, GeminiEmbedConfig
 from pipeline.models import MAX_BATCH_REQUESTS
 from pipeline.records import Batch, Item
@@ -66,3 +69,32 @@ def limits_for(embed: EmulatorEmbedConfig | GeminiEmbedConfig) -> BatchLimits:
 
 def _share(per_minute: int | None) -> int:
     return max(1, per_minute // 20) if per_minute else 10**12
+
+
+async def pack(limits: BatchLimits, items: ObjectReceiveStream[list[Item]],
+               batches: ObjectSendStream[Batch]) -> None:
+    """The packing stage's task: items in, batches out, a batch closed when full or when no
+    item came for ``linger_s`` while some wait."""
+    packer = Packer(limits)
+    async with items, batches:
+        while True:
+            chunk: list[Item] | None = None
+            try:
+                if packer.items:
+                    with anyio.move_on_after(limits.linger_s):
+                        chunk = await items.receive()
+                else:
+                    chunk = await items.receive()
+            except anyio.EndOfStream:
+                break
+            if chunk is None:  # lingered long enough
+                await batches.send(packer.take())
+                continue
+            for item in chunk:
+                if not packer.fits(item):
+                    await batches.send(packer.take())
+                packer.add(item)
+                if packer.full:
+                    await batches.send(packer.take())
+        if packer.items:
+            await batches.send(packer.take())

@@ -31,10 +31,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import anyio
 import numpy as np
+from anyio.abc import ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from pipeline.records import Committed, Item, Reject, Vector
 from pipeline.stages.embedding import make_vector
+from pipeline.stages.writing import Outcome as WriterOutcome
 from pipeline.stats import RunStats
 
 log = logging.getLogger("embedpipe.reuse")
@@ -44,6 +48,7 @@ Outcome = Committed | Vector | Reject
 # Vectors found in the tables, kept for items that ask for the same key again (the logo in
 # every deck): bounded by values held, whatever the dimensions.
 CACHE_VALUES = 4_000_000  # float32s: 16 MB
+LOOKUP_ITEMS = 256  # items looked up in the tables at once, at most
 
 
 class KeyStore(Protocol):
@@ -188,3 +193,33 @@ def _same_refusal(item: Item, reject: Reject) -> Reject:
                   f"{item.source.key} part {item.part + 1}/{item.part_count}: the same content "
                   f"as {reject.source.key} was refused: {reject.message}", item.mime, item.part,
                   key=reject.key)
+
+
+async def reuse_items(reuse: Reuse, items: MemoryObjectReceiveStream[list[Item]],
+                      sent: ObjectSendStream[list[Item]],
+                      out: ObjectSendStream[list[WriterOutcome]]) -> None:
+    """The reuse stage's task: items on to packing, or straight to the writer when their
+    content is paid for already. The items waiting in the stream are looked up together: one
+    query per chunk of files, not per file."""
+    async with items, sent, out:
+        async for chunk in items:
+            while len(chunk) < LOOKUP_ITEMS:
+                try:
+                    chunk = chunk + items.receive_nowait()
+                except (anyio.WouldBlock, anyio.EndOfStream):
+                    break
+            keys, found = await anyio.to_thread.run_sync(reuse.look_up, chunk)
+            onward, done = reuse.route(chunk, keys, found)
+            if done:
+                await out.send(list(done))
+            if onward:
+                await sent.send(onward)
+
+
+def with_copies(reuse: Reuse, entry: WriterOutcome) -> list[WriterOutcome]:
+    """An outcome for the writer, with the rows of the items that wait on its request."""
+    if isinstance(entry, Vector):
+        return [entry, *reuse.answered(entry)]
+    if isinstance(entry, Reject) and entry.key is not None:
+        return [entry, *reuse.refused(entry)]
+    return [entry]

@@ -1,0 +1,191 @@
+"""Lance tables: opening a database (its caches and I/O threads bounded), creating and
+upgrading a table's schema, merging rows on a key, indexes, and a table's figures. All blocking."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from connectors.s3_options import S3_HINTS, s3_error_code
+from pipeline.errors import SinkError
+
+
+def index_on(table: Any, column: str) -> Any:
+    """The table's index on ``column``, or None."""
+    for index in table.list_indices():
+        if column in (getattr(index, "columns", None) or []):
+            return index
+    return None
+
+
+def keep_btree(table: Any, column: str, min_rows: int, rows: int | None = None) -> list[str]:
+    """A BTREE index on ``column`` once the table has ``min_rows``. Rows added since the index
+    was built are scanned, so it is rebuilt once they are a fifth of the table."""
+    rows = table.count_rows() if rows is None else rows
+    if rows < max(min_rows, 1):
+        return []
+    current = index_on(table, column)
+    if current is not None:
+        stats = table.index_stats(current.name)
+        if (getattr(stats, "num_unindexed_rows", 0) or 0) <= rows // 5:
+            return []
+    from lancedb.index import BTree
+
+    table.create_index(column, config=BTree(), replace=True)
+    return [f"BTREE index on {column} ({rows:,} rows)"]
+
+
+def sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def index_config(kind: str) -> Any:
+    from lancedb.index import HnswPq, HnswSq, IvfFlat, IvfPq
+
+    configs = {"IVF_PQ": IvfPq, "IVF_HNSW_SQ": HnswSq, "IVF_HNSW_PQ": HnswPq, "IVF_FLAT": IvfFlat}
+    return configs[kind](distance_type="cosine")
+
+
+def merge_rows(table: Any, rows: pa.Table | None, stale: list[str]) -> None:
+    """Merge ``rows`` on ``id`` and delete the ``stale`` ids, in one commit."""
+    if rows is None:
+        if stale:
+            table.delete(id_in(stale))
+        return
+    merge = table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all()
+    if stale:
+        merge = merge.when_not_matched_by_source_delete(id_in(stale))
+    merge.execute(rows)
+
+
+def vector_dims(schema: pa.Schema) -> int | None:
+    """The dimensions of the ``vector`` column of a table's (or a file's) schema."""
+    return getattr(schema.field("vector").type, "list_size", None)
+
+
+def first_model(table: Any) -> str | None:
+    """The model of a table's first row (None when it is empty)."""
+    models = table.search().select(["model"]).limit(1).to_arrow()["model"].to_pylist()
+    return models[0] if models else None
+
+
+def table_figures(table: Any, db_uri: str) -> dict[str, Any]:
+    """What a vectors table is: its version and how many it keeps, fragments, rows, bytes
+    (live, and on disk where it is a local folder), tags, model and dimensions."""
+    try:
+        stats = table.stats()
+        frags = stats.get("fragment_stats") or {}
+        return {"version": int(table.version), "versions": len(table.list_versions()),
+                "fragments": int(frags.get("num_fragments") or 0),
+                "rows": int(stats.get("num_rows") or 0),
+                "live_bytes": int(stats.get("total_bytes") or 0),
+                "disk_bytes": _folder_bytes(db_uri, table.name), "tags": len(table.tags.list()),
+                "model": first_model(table), "dims": vector_dims(table.schema)}
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise SinkError(f"cannot read the figures of {table.name!r} in {db_uri}: {exc}") from exc
+
+
+def upsert(table: Any, key: str, rows: pa.Table, what: str) -> None:
+    """Insert ``rows``, replacing those with the same ``key``, in one commit."""
+    try:
+        (table.merge_insert(key).when_matched_update_all().when_not_matched_insert_all()
+         .execute(rows))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise SinkError(f"cannot write the {what}: {exc}") from exc
+
+
+def naive(at: datetime) -> datetime:
+    return at.astimezone(UTC).replace(tzinfo=None) if at.tzinfo else at
+
+
+def _folder_bytes(db_uri: str, table: str) -> int | None:
+    """Bytes on disk under a local table's folder (None for an object store)."""
+    if "://" in db_uri and not db_uri.startswith("file://"):
+        return None
+    root = Path(db_uri.removeprefix("file://")) / f"{table}.lance"
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.is_dir() else 0
+
+
+def id_in(ids: list[str]) -> str:
+    return f"id IN ({', '.join(sql_str(i) for i in ids)})"
+
+
+def preload() -> None:
+    """Import lancedb now (about 2 s), before a run's clock starts, rather than mid-run."""
+    import lancedb  # noqa: F401
+
+
+# Lance's caches of index pages and table versions default to gigabytes; a run reads each index
+# and version a few times at most, and its memory must not grow with the tables.
+INDEX_CACHE_BYTES = 64 << 20
+
+
+METADATA_CACHE_BYTES = 64 << 20
+
+
+# Lance's I/O threads, for tables on a local disk. Its default reads ahead in parallel, and the
+# read-ahead grows with the table: scanning a 20M-row manifest peaked at 504 MB with it, 317 MB
+# with two threads, in the same time. Lance reads the variable once, before its first I/O; a
+# LANCE_IO_THREADS of the user's own wins, and object stores keep Lance's default.
+LOCAL_IO_THREADS = "2"
+
+
+def open_db(uri: str, storage_options: dict[str, str] | None = None) -> Any:
+
+    import lancedb  # 2 s to import: only when a table is really opened
+
+    if "://" not in uri:
+        os.environ.setdefault("LANCE_IO_THREADS", LOCAL_IO_THREADS)
+    try:
+        db = lancedb.connect(uri, storage_options=storage_options, session=lancedb.Session(
+            index_cache_size_bytes=INDEX_CACHE_BYTES, metadata_cache_size_bytes=METADATA_CACHE_BYTES))
+        db.list_tables()  # fail here, clearly, if the store cannot be reached
+        return db
+    except (OSError, ValueError, RuntimeError) as exc:
+        text = str(exc)
+        for key in ("aws_secret_access_key", "aws_session_token"):
+            secret = (storage_options or {}).get(key)
+            if secret:
+                text = text.replace(secret, "[REDACTED]")
+        code = s3_error_code(text)
+        reason = S3_HINTS.get(code or "") or (
+            "the endpoint cannot be reached" if "connect" in text.lower() else
+            text.splitlines()[0][:200])
+        raise SinkError(f"cannot open the Lance database at {uri}: {reason}") from None
+
+
+def _sql_type(t: pa.DataType) -> str | None:
+    if pa.types.is_string(t):
+        return "STRING"
+    if pa.types.is_int32(t):
+        return "INT"
+    if pa.types.is_int64(t):
+        return "BIGINT"
+    if pa.types.is_float64(t):
+        return "DOUBLE"
+    if pa.types.is_boolean(t):
+        return "BOOLEAN"
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMP"
+    return None
+
+
+def open_table(db: Any, name: str, schema: pa.Schema) -> Any:
+    """Open ``name``, creating it empty with ``schema`` if it does not exist. A table made by
+    an older version gets the columns it lacks, empty for its old rows."""
+    try:
+        if name not in db.list_tables().tables:
+            return db.create_table(name, schema=schema, exist_ok=True)
+        table = db.open_table(name)
+        present = set(table.schema.names)
+        missing = {f.name: f"CAST(NULL AS {_sql_type(f.type)})" for f in schema
+                   if f.name not in present and f.nullable and _sql_type(f.type)}
+        if missing:
+            table.add_columns(missing)
+        return table
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise SinkError(f"cannot open table {name!r} in {db.uri}: {exc}") from exc
