@@ -237,8 +237,7 @@ class JobConfig(_Strict):
     run: RunConfig = Field(default_factory=lambda: RunConfig())
     """How a run goes."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
-                              use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     # The ${VAR} of embed.api_key when it was not set: only commands that call the API need it.
     _unset_key_variable: str | None = PrivateAttr(None)
     _path: str | None = PrivateAttr(None)  # the job file, for messages

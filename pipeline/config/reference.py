@@ -10,7 +10,10 @@ before checking) is flagged by an editor, though a run takes it.
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
+import textwrap
 import typing
 from pathlib import Path
 from typing import Any
@@ -26,14 +29,21 @@ DIALECT = "https://json-schema.org/draft/2020-12/schema"
 def job_schema() -> dict[str, Any]:
     """The job file's JSON Schema (draft 2020-12): unknown keys are errors, as in a run."""
     schema = JobConfig.model_json_schema(by_alias=True)
-    _tidy(schema)
     defs = schema["$defs"]
-    for model in _models(JobConfig):  # a default made by a factory is left out by pydantic
+    for model in _models(JobConfig):
+        target = schema if model is JobConfig else defs.get(model.__name__)
+        if target is None:
+            continue
+        docs = _attribute_docs(model)
         for name, field in model.model_fields.items():
-            if field.default_factory is not None and model.__name__ in defs:
+            prop = target["properties"][field.alias or name]
+            if name in docs:
+                prop["description"] = docs[name]
+            if field.default_factory is not None:  # pydantic leaves such a default out
                 value = field.default_factory()  # type: ignore[call-arg]
                 if not isinstance(value, BaseModel):
-                    defs[model.__name__]["properties"][field.alias or name]["default"] = value
+                    prop["default"] = value
+    _tidy(schema)
     # What the models take beside their own shape (their "before" validators):
     # a reuse_from entry may be a plain uri, and YAML's bare yes / no is batch_api's yes / no.
     defs["ReuseSource"] = {"anyOf": [{"type": "string", "description": "the table's uri"},
@@ -59,6 +69,23 @@ def _models(model: type[BaseModel], seen: set[type[BaseModel]] | None = None,
             else:
                 stack.extend(typing.get_args(kind))
     return seen
+
+
+def _attribute_docs(model: type[BaseModel]) -> dict[str, str]:
+    """The docstring under each field of ``model`` and its bases (the key's description),
+    read from the source here rather than by pydantic at every import of the config."""
+    docs: dict[str, str] = {}
+    for cls in reversed(model.__mro__):
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or cls is BaseModel:
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]
+        assert isinstance(body, ast.ClassDef)
+        for field, after in zip(body.body, body.body[1:], strict=False):
+            if (isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                docs[field.target.id] = inspect.cleandoc(after.value.value)
+    return docs
 
 
 def job_schema_text() -> str:

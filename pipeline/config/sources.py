@@ -22,7 +22,7 @@ GOOGLE_BASE_URL = "https://generativelanguage.googleapis.com"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
