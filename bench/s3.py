@@ -5,7 +5,9 @@
 Starts SeaweedFS (the dev dependency) on loopback, fills a bucket, then in one run:
 - embedpipe: S3Connector listing + the manifest diff of a no-change night (listing only, the
   manifest says every object is unchanged), and reading objects through S3Connector;
-- boto3: a paginated list_objects_v2 of the same prefix, and get_object reads of the same keys.
+- boto3: a paginated list_objects_v2 of the same prefix, and get_object reads of the same keys;
+- obstore alone: a bare listing of the same prefix as Arrow (the floor of a listing), and the
+  list + diff time per 100,000 objects beside it (the target: within 1.5x).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pipeline.stages.listing import Listing
 from pipeline.state.manifest import FileState
 from pipeline.stats import RunStats
 from tests.conftest import S3_KEY, S3_SECRET, S3Server, manifest_rows
-from tests.test_s3 import _put_many
+from tests.test_object_stores import _put_many
 
 
 def main() -> int:
@@ -66,6 +68,13 @@ def main() -> int:
         unchanged = stats.files_unchanged
         list_diff_s = time.perf_counter() - t
 
+        import obstore
+
+        t = time.perf_counter()
+        bare = sum(page.num_rows for page in obstore.list(
+            server.store("big"), prefix="list/", chunk_size=1000, return_arrow=True))
+        bare_list_s = time.perf_counter() - t
+
         client = boto3.client("s3", endpoint_url=server.endpoint, aws_access_key_id=S3_KEY,
                               aws_secret_access_key=S3_SECRET, region_name="us-east-1")
         t = time.perf_counter()
@@ -89,7 +98,10 @@ def main() -> int:
     figures = {
         "objects": len(listed), "unchanged": unchanged, "boto3_objects": len(keys),
         "list_diff_s": round(list_diff_s, 3), "first_list_s": round(first_list_s, 3),
-        "boto3_list_s": round(boto3_list_s, 3),
+        "boto3_list_s": round(boto3_list_s, 3), "obstore_list_s": round(bare_list_s, 3),
+        "list_diff_s_per_100k": round(list_diff_s * 100_000 / max(len(listed), 1), 3),
+        "obstore_list_s_per_100k": round(bare_list_s * 100_000 / max(bare, 1), 3),
+        "list_diff_vs_obstore": round(list_diff_s / bare_list_s, 2),
         "read_mb_per_s": round(read_bytes / 2**20 / read_s, 1),
         "boto3_read_mb_per_s": round(boto_bytes / 2**20 / boto3_read_s, 1),
     }
@@ -98,6 +110,9 @@ def main() -> int:
           f"{figures['boto3_list_s']:>12}")
     print(f"{f'read {args.read_mb} x 1 MiB, 8 threads, MB/s':36}{figures['read_mb_per_s']:>12}"
           f"{figures['boto3_read_mb_per_s']:>12}")
+    print(f"list + diff per 100k objects {figures['list_diff_s_per_100k']} s vs a bare obstore "
+          f"Arrow listing {figures['obstore_list_s_per_100k']} s: "
+          f"{figures['list_diff_vs_obstore']}x")
     print(f"unchanged by the diff: {unchanged:,} of {len(listed):,}")
     if args.json:
         print(json.dumps(figures))

@@ -10,8 +10,8 @@ if TYPE_CHECKING:
 
 
 def connector_for(job: JobConfig) -> Connector:
-    """The connector of the job's source (S3 loads the object-store client only when used)."""
-    from pipeline.config import LocalSourceConfig, SyntheticSourceConfig
+    """The connector of the job's source (object stores load their client only when used)."""
+    from pipeline.config import AzureSourceConfig, LocalSourceConfig, SyntheticSourceConfig
 
     if isinstance(job.source, LocalSourceConfig):
         from connectors.local import LocalConnector
@@ -21,6 +21,10 @@ def connector_for(job: JobConfig) -> Connector:
         from connectors.synthetic import SyntheticConnector
 
         return SyntheticConnector(job.source)
+    if isinstance(job.source, AzureSourceConfig):
+        from connectors.azure import AzureConnector
+
+        return AzureConnector(job.source)
     from connectors.s3 import S3Connector
 
     return S3Connector(job.source)

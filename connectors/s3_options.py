@@ -8,7 +8,7 @@ import os
 import re
 from typing import Any
 
-from pipeline.config import JobConfig, S3Options, S3SourceConfig
+from pipeline.config import S3Options
 
 _CODE = re.compile(r"<Code>([A-Za-z]+)</Code>")
 S3_HINTS = {
@@ -59,21 +59,3 @@ def lance_storage_options(opts: S3Options) -> dict[str, str]:
         if r[ours]:
             out[theirs] = r[ours]
     return out
-
-
-
-def sink_s3_options(job: JobConfig) -> S3Options:
-    """An s3:// sink's settings: its own, else the source's when that is on S3, else the
-    environment's."""
-    if job.sink.s3 is not None:
-        return job.sink.s3
-    if isinstance(job.source, S3SourceConfig):
-        return job.source
-    return S3Options()
-
-
-def sink_storage_options(job: JobConfig) -> dict[str, str] | None:
-    """Storage options for Lance when the sink is on S3."""
-    if not job.sink.uri.startswith("s3://"):
-        return None
-    return lance_storage_options(sink_s3_options(job))

@@ -24,7 +24,7 @@ import anyio
 
 from connectors import connector_for
 from connectors.base import Connector
-from connectors.s3_options import sink_s3_options
+from connectors.sink_options import sink_object_store
 from pipeline.config import JobConfig
 from pipeline.engine import ray as ray_engine
 from pipeline.engine.batch import batch_router
@@ -105,7 +105,7 @@ class Run:
 
     async def execute(self) -> RunResult:
         self.lock = JobLock(self.job.sink.uri, self.stats.run_id, self.job.name,
-                            s3_options=sink_s3_options(self.job))
+                            store=sink_object_store(self.job))
         await anyio.to_thread.run_sync(self.lock.acquire)
         try:
             return await self._locked()

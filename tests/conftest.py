@@ -147,6 +147,9 @@ def _free_port_pair() -> int:
 class S3Server:
     """``weed mini`` on loopback, data in a temp folder; restartable with the same data."""
 
+    scheme = "s3"
+    secret = S3_SECRET
+
     def __init__(self, folder: Path) -> None:
         import json
         import shutil as sh
@@ -217,6 +220,24 @@ class S3Server:
         return {"kind": "s3", "bucket": bucket, "prefix": prefix, "endpoint_url": self.endpoint,
                 "access_key_id": S3_KEY, "secret_access_key": S3_SECRET, **extra}
 
+    @property
+    def connector(self) -> Any:
+        from connectors.s3 import S3Connector
+
+        return S3Connector
+
+    def broken_source(self, case: str) -> tuple[dict[str, Any], str]:
+        """A source that fails as ``case`` says, and the words its one-line error holds."""
+        source = self.source("corpus", "run1")
+        if case == "missing-bucket":
+            source["bucket"] = "no-such-bucket"
+            return source, "the bucket does not exist"
+        if case == "wrong-secret":
+            source["secret_access_key"] = "not-the-secret-123"
+            return source, "wrong credentials"
+        source.update(endpoint_url="http://127.0.0.1:9", max_retries=0, timeout_s=2)
+        return source, "cannot be reached"
+
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
@@ -226,3 +247,21 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def azurite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from tests.azurite import AzuriteServer
+
+    server = AzuriteServer(tmp_path_factory.mktemp("azurite"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["s3", "azure"])
+def object_server(request: pytest.FixtureRequest) -> Any:
+    """Each object store the tests run against: SeaweedFS (S3), Azurite (Azure Blob)."""
+    return request.getfixturevalue("s3_server" if request.param == "s3" else "azurite_server")

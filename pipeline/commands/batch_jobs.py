@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from connectors.s3_options import sink_storage_options
+from connectors.sink_options import sink_storage_options
 from pipeline.config import JobConfig
 from pipeline.gemini.batches import BatchApi
 from pipeline.gemini.endpoint import embedding_client

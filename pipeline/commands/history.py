@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from connectors.s3_options import sink_storage_options
+from connectors.sink_options import sink_storage_options
 from pipeline.commands.reject_list import list_rejects
 from pipeline.config import JobConfig
 from pipeline.errors import NotRunYet

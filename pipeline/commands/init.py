@@ -14,8 +14,10 @@ EXAMPLE = "embedpipe init ~/archive/scans --name scans --out jobs/scans.yaml"
 
 
 def arguments(init: argparse.ArgumentParser) -> None:
-    init.add_argument("source", help="a folder, or s3://bucket/prefix (credentials from the "
-                                     "AWS_* environment, AWS_ENDPOINT_URL for other stores)")
+    init.add_argument("source", help="a folder, s3://bucket/prefix (credentials from the AWS_* "
+                                     "environment, AWS_ENDPOINT_URL for other stores) or "
+                                     "az://container/prefix (from the AZURE_STORAGE_* "
+                                     "environment)")
     init.add_argument("--name", default=None, help="the job's name (default: the folder's)")
     init.add_argument("--out", default=None, metavar="PATH",
                       help="where to write it (default: NAME.yaml here)")

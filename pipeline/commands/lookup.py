@@ -7,7 +7,7 @@ from typing import Any
 
 import anyio
 
-from connectors.s3_options import sink_s3_options, sink_storage_options
+from connectors.sink_options import sink_object_store, sink_storage_options
 from pipeline.config import ArrowSinkConfig, JobConfig
 from pipeline.errors import ConfigError, NotRunYet, SinkError
 from pipeline.gemini.endpoint import embedding_client
@@ -209,7 +209,7 @@ def table_status(job: JobConfig, last: int = 10) -> dict[str, Any]:
     if runs and runs[-1]["status"] not in ("finished", None):
         latest = runs[-1]
         if latest["status"] == RUNNING and JobLock(
-                sink.uri, "status", job.name, s3_options=sink_s3_options(job)).live_run() \
+                sink.uri, "status", job.name, store=sink_object_store(job)).live_run() \
                 != latest["run_id"]:
             latest["status"] = "killed"  # no live process holds its lock: marked by the next run
         pending = _pending(db.open_table(sink.manifest_table) if sink.manifest_table in names

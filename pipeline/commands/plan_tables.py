@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from connectors.s3_options import lance_storage_options, sink_s3_options, sink_storage_options
+from connectors.sink_options import sink_storage_options, storage_options_for
 from pipeline.config import ArrowSinkConfig, JobConfig
 from pipeline.errors import SinkError
 from pipeline.sinks.lance import CacheTable, find_keys, open_db, sql_str
@@ -117,8 +117,7 @@ def move_stored(plan: Plan, job: JobConfig, state: Any) -> None:
                    if t in names]
     for source in job.embed.reuse_from:
         try:
-            options = lance_storage_options(source.s3 or sink_s3_options(job)) if (
-                source.uri.startswith("s3://")) else None
+            options = storage_options_for(source.uri, job, source.s3, source.azure)
             if "://" in source.uri or Path(source.uri).is_dir():
                 stores.append(CacheTable(open_db(source.uri, options), source.table, model,
                                          dims).table)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from connectors.s3_options import sink_storage_options
+from connectors.sink_options import sink_storage_options
 from pipeline.config import ArrowSinkConfig, JobConfig
 from pipeline.errors import ConfigError, NotRunYet, RejectReason, SinkError
 from pipeline.sinks.lance import open_db, sql_str

@@ -32,16 +32,25 @@ def modality_of(key: str) -> str:
 
 
 def source_block(source: str) -> dict[str, Any]:
-    """The job's ``source`` section for a folder or an ``s3://bucket/prefix`` address."""
+    block: dict[str, Any]
+    """The job's ``source`` section for a folder, an ``s3://bucket/prefix`` or an
+    ``az://container/prefix`` address."""
+    if source.startswith("az://"):
+        container, _, prefix = source.removeprefix("az://").partition("/")
+        block = {"kind": "azure", "container": container, "prefix": prefix}
+        if os.environ.get("AZURE_STORAGE_ENDPOINT"):
+            block["endpoint_url"] = os.environ["AZURE_STORAGE_ENDPOINT"]
+        return block
     if source.startswith("s3://"):
         bucket, _, prefix = source.removeprefix("s3://").partition("/")
-        block: dict[str, Any] = {"kind": "s3", "bucket": bucket, "prefix": prefix}
+        block = {"kind": "s3", "bucket": bucket, "prefix": prefix}
         if os.environ.get("AWS_ENDPOINT_URL"):
             block["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
         return block
     root = Path(source).expanduser()
     if not root.is_dir():
-        raise ConfigError(f"{source}: not a folder (or an s3://bucket/prefix address)")
+        raise ConfigError(f"{source}: not a folder (or an s3://bucket/prefix or "
+                          "az://container/prefix address)")
     return {"kind": "local", "root": str(root.resolve())}
 
 
@@ -53,7 +62,8 @@ def quick_listing(block: dict[str, Any]) -> tuple[Counter[str], bool, str | None
 
     counts: Counter[str] = Counter()
     try:
-        quick = {**block, "max_retries": 1, "timeout_s": 5} if block["kind"] == "s3" else block
+        quick = ({**block, "max_retries": 1, "timeout_s": 5} if block["kind"] in ("s3", "azure")
+                 else block)
         job = JobConfig.model_validate({
             "name": "init", "source": quick, "sink": {"kind": "lance", "uri": "unused"},
             "embed": {"provider": "emulator", "model": "gemini-embedding-2",
@@ -69,9 +79,17 @@ def quick_listing(block: dict[str, Any]) -> tuple[Counter[str], bool, str | None
     return counts, False, None
 
 
+def _address(block: dict[str, Any]) -> str:
+    if block["kind"] == "azure":
+        return f"az://{block['container']}/{block['prefix']}"
+    if block["kind"] == "s3":
+        return f"s3://{block['bucket']}/{block['prefix']}"
+    return str(block["root"])
+
+
 def job_name(source: str) -> str:
-    if source.startswith("s3://"):
-        bucket, _, prefix = source.removeprefix("s3://").strip("/").partition("/")
+    if source.startswith(("s3://", "az://")):
+        bucket, _, prefix = source.split("://", 1)[1].strip("/").partition("/")
         base = f"{bucket}-{prefix.rsplit('/', 1)[-1]}" if prefix else bucket
     else:
         base = source.rstrip("/").rsplit("/", 1)[-1] or "corpus"
@@ -101,7 +119,7 @@ def job_yaml(name: str, block: dict[str, Any], counts: Counter[str], cut: bool,
     model_note = ("PDFs, images, audio and video need gemini-embedding-2 (multimodal)"
                   if multimodal else "text only: gemini-embedding-001 also works (text only)")
     return f"""\
-# embedpipe job for {block.get('root') or 's3://' + block['bucket'] + '/' + block['prefix']}
+# embedpipe job for {_address(block)}
 # written by `embedpipe init`. Check it with `embedpipe plan {name}.yaml` (no API call, prices
 # and quota-bound time), then `embedpipe run {name}.yaml`. Every key: `embedpipe schema --markdown job`.
 {listing}{other}

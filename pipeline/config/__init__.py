@@ -24,6 +24,8 @@ from pipeline.config.job import (
 from pipeline.config.loading import load_job
 from pipeline.config.sources import (
     GOOGLE_BASE_URL,
+    AzureOptions,
+    AzureSourceConfig,
     LocalSourceConfig,
     MetadataConfig,
     S3Options,
@@ -35,6 +37,8 @@ from pipeline.config.sources import (
 __all__ = [
     "GOOGLE_BASE_URL",
     "ArrowSinkConfig",
+    "AzureOptions",
+    "AzureSourceConfig",
     "BatchSettings",
     "EmbedConfig",
     "EmulatorEmbedConfig",

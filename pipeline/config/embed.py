@@ -13,7 +13,13 @@ from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
-from pipeline.config.sources import GOOGLE_BASE_URL, S3Options, _resolve_path, _Strict
+from pipeline.config.sources import (
+    GOOGLE_BASE_URL,
+    AzureOptions,
+    S3Options,
+    _resolve_path,
+    _Strict,
+)
 from pipeline.models import MAX_BATCH_REQUESTS, MAX_DIMENSIONS, MIN_DIMENSIONS, TASK_TYPES
 
 
@@ -117,11 +123,13 @@ class ReuseSource(_Strict):
     its ``uri``."""
 
     uri: str
-    """The table's folder, or s3://bucket/path."""
+    """The table's folder, s3://bucket/path or az://container/path."""
     table: str = Field("vectors", pattern=r"^[A-Za-z0-9_\-.]+$")
     """The vectors table's name."""
     s3: S3Options | None = None
     """How to reach an s3:// uri (default: the job's sink's)."""
+    azure: AzureOptions | None = None
+    """How to reach an az:// uri (default: the job's sink's)."""
 
     @model_validator(mode="before")
     @classmethod

@@ -30,6 +30,7 @@ from pipeline.config.embed import (
     ReuseSource,
 )
 from pipeline.config.sources import (
+    AzureOptions,
     S3Options,
     SourceConfig,
     _resolve_path,
@@ -96,9 +97,11 @@ class LanceSinkConfig(_Strict):
     kind: Literal["lance"]
     """lance: a Lance database."""
     uri: str
-    """The database: a folder, or s3://bucket/path."""
+    """The database: a folder, s3://bucket/path or az://container/path."""
     s3: S3Options | None = None
     """How to reach an s3:// uri (default: the source's, if it is on S3)."""
+    azure: AzureOptions | None = None
+    """How to reach an az:// uri (default: the source's, if it is on Azure)."""
     table: str = Field("vectors", pattern=r"^[A-Za-z0-9_\-.]+$")
     """The vectors table."""
     rejects_table: str = Field("rejects", pattern=r"^[A-Za-z0-9_\-.]+$")
@@ -157,6 +160,8 @@ class ArrowSinkConfig(_Strict):
     batches_table: str = "batches"
     """The Batch API jobs' log, in <path>/_state."""
     s3: None = None
+    """Not used: the arrow sink writes to a local folder."""
+    azure: None = None
     """Not used: the arrow sink writes to a local folder."""
 
     @field_validator("path")

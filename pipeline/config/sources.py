@@ -121,6 +121,13 @@ class LocalSourceConfig(_SourceCommon):
         return _resolve_path(value, info)
 
 
+def _http_endpoint(value: str | None) -> str | None:
+    """An object store's endpoint_url: http(s), without a trailing slash."""
+    if value is not None and not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError(f"endpoint_url must start with http:// or https://, got {value!r}")
+    return value.rstrip("/") if value else value
+
+
 class S3Options(_Strict):
     """Where and how to reach an S3-compatible store. Unset values come from the standard
     environment variables (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID,
@@ -148,9 +155,7 @@ class S3Options(_Strict):
     @field_validator("endpoint_url")
     @classmethod
     def _endpoint(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError(f"endpoint_url must start with http:// or https://, got {value!r}")
-        return value.rstrip("/") if value else value
+        return _http_endpoint(value)
 
 
 class S3SourceConfig(_SourceCommon, S3Options):
@@ -163,6 +168,55 @@ class S3SourceConfig(_SourceCommon, S3Options):
     """The bucket."""
     prefix: str = ""
     """The prefix listed (a folder in the bucket)."""
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        value = value.strip("/")
+        return f"{value}/" if value else ""
+
+
+class AzureOptions(_Strict):
+    """Where and how to reach Azure Blob Storage (or Azurite). Unset values come from the
+    standard environment variables (AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_ACCOUNT_NAME,
+    AZURE_STORAGE_ACCOUNT_KEY, AZURE_STORAGE_SAS_TOKEN, and AZURE_CLIENT_ID, AZURE_CLIENT_SECRET,
+    AZURE_TENANT_ID for a service principal); keys are secrets."""
+
+    account_name: str | None = None
+    """The storage account (default: AZURE_STORAGE_ACCOUNT_NAME, or the connection string's)."""
+    account_key: SecretStr | None = None
+    """The account key (default: AZURE_STORAGE_ACCOUNT_KEY, or the connection string's)."""
+    sas_token: SecretStr | None = None
+    """A shared access signature instead of the key (default: AZURE_STORAGE_SAS_TOKEN)."""
+    connection_string: SecretStr | None = None
+    """A connection string holding the account, its key or SAS and its endpoint (default:
+    AZURE_STORAGE_CONNECTION_STRING)."""
+    endpoint_url: str | None = None
+    """The blob endpoint, for Azurite or a private endpoint, e.g.
+    http://127.0.0.1:10000/devstoreaccount1 (default: the account's public one)."""
+    allow_http: bool | None = None
+    """Allow plain http (default: true when endpoint_url is http://)."""
+    timeout_s: float = Field(60.0, gt=0)
+    """Seconds a request to the store may take."""
+    max_retries: int = Field(6, ge=0, le=50)
+    """Retries of a failed request to the store."""
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        return _http_endpoint(value)
+
+
+class AzureSourceConfig(_SourceCommon, AzureOptions):
+    """An Azure Blob Storage container: the blobs under a prefix, each with its ETag as its
+    version."""
+
+    kind: Literal["azure"]
+    """azure: an Azure Blob Storage container (az:// URIs)."""
+    container: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
+    """The container (3 to 63 lowercase letters, digits and hyphens)."""
+    prefix: str = ""
+    """The prefix listed (a folder in the container)."""
 
     @field_validator("prefix")
     @classmethod
@@ -198,7 +252,8 @@ class SyntheticSourceConfig(_SourceCommon):
         return None
 
 
-SourceConfig = Annotated[LocalSourceConfig | S3SourceConfig | SyntheticSourceConfig,
+SourceConfig = Annotated[LocalSourceConfig | S3SourceConfig | AzureSourceConfig
+                         | SyntheticSourceConfig,
                          Field(discriminator="kind")]
 
 

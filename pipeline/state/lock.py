@@ -1,7 +1,7 @@
 """One run at a time per output: a lock beside the sink, with a heartbeat.
 
 The lock is a small JSON document (``.embedpipe.lock``) created only if absent: an ``O_EXCL``
-file for a local sink, a create-if-absent ``put`` for an ``s3://`` sink. The holder rewrites it
+file for a local sink, a create-if-absent ``put`` for a sink on an object store. The holder rewrites it
 every ``heartbeat_s``. A lock whose heartbeat is older than ``stale_s`` (the holder was killed), or
 whose holder is a process on this host that no longer exists, is stale and is taken over.
 A second run finds a live lock and stops at once (exit code 5).
@@ -98,16 +98,15 @@ def _unwritable(folder: Path, exc: OSError) -> SinkError:
                      "may create and write (nothing was done)")
 
 
-class _S3Backend:
-    def __init__(self, uri: str, options: Any) -> None:
+class _ObjectBackend:
+    """The lock file on an object store (S3, Azure): created only if absent, atomically."""
+
+    def __init__(self, store: Any, prefix: str) -> None:
         import obstore
         from obstore.exceptions import AlreadyExistsError, NotFoundError, PreconditionError
 
-        from connectors.s3 import make_store
-
-        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
         self.obstore = obstore
-        self.store = make_store(bucket, options)
+        self.store = store
         self.key = f"{prefix.strip('/')}/{LOCK_NAME}".lstrip("/")
         self.exists_errors = (AlreadyExistsError, PreconditionError)
         self.missing = NotFoundError
@@ -134,9 +133,12 @@ class _S3Backend:
 
 
 class JobLock:
-    def __init__(self, sink_uri: str, run_id: str, job: str, *, s3_options: Any = None,
-                 stale_s: float = 120.0, heartbeat_s: float = 15.0) -> None:
-        self.backend: _Backend = (_S3Backend(sink_uri, s3_options) if sink_uri.startswith("s3://")
+    def __init__(self, sink_uri: str, run_id: str, job: str, *,
+                 store: tuple[Any, str] | None = None, stale_s: float = 120.0,
+                 heartbeat_s: float = 15.0) -> None:
+        """``store``: an object store and the sink's folder in it, for a sink on one
+        (:func:`connectors.sink_options.sink_object_store`); else the lock is a local file."""
+        self.backend: _Backend = (_ObjectBackend(*store) if store is not None
                                   else _LocalBackend(Path(sink_uri)))
         self.sink_uri = sink_uri
         self.holder = Holder(run_id, job, socket.gethostname(), os.getpid(), time.time())

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from connectors.s3_options import lance_storage_options, sink_s3_options, sink_storage_options
+from connectors.sink_options import sink_storage_options, storage_options_for
 from pipeline.config import ArrowSinkConfig, JobConfig, ReuseSource
 from pipeline.errors import SinkError
 from pipeline.sinks.arrow import ArrowSink
@@ -67,12 +67,9 @@ def open_run_state(job: JobConfig, stats: RunStats) -> Opened:
 
 def open_cache(job: JobConfig, source: ReuseSource) -> CacheTable:
     """An ``embed.reuse_from`` table, read only; a missing one fails the run (exit 3)."""
-    options = None
-    if source.uri.startswith("s3://"):
-        options = lance_storage_options(source.s3 or sink_s3_options(job))
-    elif "://" not in source.uri and not Path(source.uri).is_dir():
+    if "://" not in source.uri and not Path(source.uri).is_dir():
         raise SinkError(f"embed.reuse_from: there is no folder {source.uri}")
-    db = open_db(source.uri, options)
+    db = open_db(source.uri, storage_options_for(source.uri, job, source.s3, source.azure))
     cache = CacheTable(db, source.table, job.embed.model, job.embed.output_dimensionality)
     if not cache.comparable:
         log.warning("embed.reuse_from %s holds vectors of other dimensions (or no content "

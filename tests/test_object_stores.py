@@ -1,4 +1,5 @@
-"""S3-compatible object stores, against a real SeaweedFS server started by the test session."""
+"""Object stores as sources and sinks, each test against every store: a real S3-compatible server
+(SeaweedFS) and a real Azure Blob Storage server (Azurite), started by the test session."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import lancedb
@@ -15,10 +17,9 @@ import obstore
 import polars as pl
 import pytest
 
-from connectors.s3 import S3Connector
 from pipeline.config import load_job
 from pipeline.run import EXIT_FAILED, EXIT_OK, run_job
-from tests.conftest import S3_SECRET, S3Server, write_job
+from tests.conftest import write_job
 
 SAMPLE = ["pdf/tracemonkey.pdf", "pdf/minimal-document.pdf", "image/smile.png",
           "image/flower.jpg", "audio/crunching.mp3", "video/chaplin.mp4", "bad/broken.png",
@@ -46,17 +47,28 @@ def _rows(job: Path) -> pl.DataFrame:
     return frame
 
 
-def test_job_over_a_bucket_then_etag_driven_increments(tmp_path: Path, s3_server: S3Server,
+def _sink(server: Any, container: str, path: str) -> dict[str, Any]:
+    """A Lance sink in ``container`` of ``server``, with its settings (the source's would do
+    too; the sink's own are the case to prove)."""
+    source = server.source(container)
+    options = {k: v for k, v in source.items() if k not in ("kind", "bucket", "container",
+                                                            "prefix")}
+    key = "s3" if server.scheme == "s3" else "azure"
+    return {"kind": "lance", "uri": f"{server.scheme}://{container}/{path}", key: options}
+
+
+def test_job_over_a_bucket_then_etag_driven_increments(tmp_path: Path, object_server: Any,
                                                        corpus_dir: Path,
                                                        monkeypatch: pytest.MonkeyPatch):
-    store = s3_server.store("corpus")
+    server = object_server
+    store = server.store("corpus")
     _put_many(store, {f"run1/{name}": (corpus_dir / name).read_bytes() for name in SAMPLE})
-    job = write_job(tmp_path, tmp_path, extra={"source": s3_server.source("corpus", "run1")})
+    job = write_job(tmp_path, tmp_path, extra={"source": server.source("corpus", "run1")})
     first = run_job(load_job(job))
     assert first.exit_code == EXIT_OK
     rows = _rows(job)
     assert set(rows["key"]) == set(SAMPLE) - {"bad/broken.png", "bad/rc4-40.pdf"}
-    assert all(u.startswith("s3://corpus/run1/") for u in rows["uri"])
+    assert all(u.startswith(f"{server.scheme}://corpus/run1/") for u in rows["uri"])
     assert all(v.startswith("etag:") for v in rows["version"])
     assert rows.filter(pl.col("key") == "pdf/tracemonkey.pdf").height == 3
 
@@ -64,7 +76,7 @@ def test_job_over_a_bucket_then_etag_driven_increments(tmp_path: Path, s3_server
         raise AssertionError(f"{obj.key} was read")
 
     with monkeypatch.context() as m:
-        m.setattr(S3Connector, "read", no_read)
+        m.setattr(server.connector, "read", no_read)
         same = run_job(load_job(job))
     assert same.stats.api_calls == 0 and same.stats.files_unchanged == len(SAMPLE)
 
@@ -82,33 +94,39 @@ def test_job_over_a_bucket_then_etag_driven_increments(tmp_path: Path, s3_server
 
 @pytest.mark.slow
 def test_ten_thousand_objects_list_and_an_unchanged_night_costs_nothing(
-        tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch):
+        tmp_path: Path, object_server: Any, monkeypatch: pytest.MonkeyPatch):
     n = 10_050
-    _put_many(s3_server.store("big"),
+    _put_many(object_server.store("big"),
               {f"notes/{i:06d}.txt": f"note {i} about tides and boats".encode() for i in range(n)})
-    job = write_job(tmp_path, tmp_path, extra={"source": s3_server.source("big", "notes")})
+    job = write_job(tmp_path, tmp_path, extra={"source": object_server.source("big", "notes")})
     first = run_job(load_job(job))
     assert first.exit_code == EXIT_OK and first.stats.items_embedded == n
 
     def no_read(self, obj):  # type: ignore[no-untyped-def]
         raise AssertionError(f"{obj.key} was read")
 
-    monkeypatch.setattr(S3Connector, "read", no_read)
+    monkeypatch.setattr(object_server.connector, "read", no_read)
     night = run_job(load_job(job))
     assert night.stats.files_unchanged == n and night.stats.api_calls == 0
     assert _rows(job).height == n
 
 
-def test_lance_sink_on_s3_and_search(tmp_path: Path, s3_server: S3Server):
-    _put_many(s3_server.store("sink"), {
+def test_lance_sink_on_the_store_and_search(tmp_path: Path, object_server: Any):
+    server = object_server
+    _put_many(server.store("sink"), {
         "in/pasta.txt": b"Cook the spaghetti in salted boiling water.",
         "in/stars.txt": b"A telescope mirror gathers starlight."})
-    job = write_job(tmp_path, tmp_path, extra={"source": s3_server.source("sink", "in"),
-                                               "sink": {"kind": "lance", "uri": "s3://sink/out"}})
-    assert run_job(load_job(job)).exit_code == EXIT_OK
-    listed = {m["path"] for page in obstore.list(s3_server.store("sink"), prefix="out/")
+    job = write_job(tmp_path, tmp_path, extra={"source": server.source("sink", "in"),
+                                               "sink": _sink(server, "sink", "out")})
+    first = run_job(load_job(job))
+    assert first.exit_code == EXIT_OK and first.stats.items_embedded == 2
+    listed = {m["path"] for page in obstore.list(server.store("sink"), prefix="out/")
               for m in page}
     assert any(p.startswith("out/vectors.lance/") for p in listed)
+    assert not any(p.endswith(".lock") for p in listed)  # the job's lock is released
+    again = run_job(load_job(job))  # the manifest on the store: nothing to do
+    assert again.exit_code == EXIT_OK and again.stats.files_unchanged == 2
+    assert again.stats.api_calls == 0
     env = {**os.environ, "COLUMNS": "200"}
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "search", str(job),
                           "boiling spaghetti", "-k", "1"], capture_output=True, text=True,
@@ -117,21 +135,21 @@ def test_lance_sink_on_s3_and_search(tmp_path: Path, s3_server: S3Server):
     assert "pasta.txt" in out.stdout
 
 
-def test_server_restart_in_the_middle_of_a_run(tmp_path: Path, s3_server: S3Server):
+def test_server_restart_in_the_middle_of_a_run(tmp_path: Path, object_server: Any):
     n = 600
-    _put_many(s3_server.store("restart"),
+    _put_many(object_server.store("restart"),
               {f"r/{i:04d}.txt": f"restart note {i}".encode() for i in range(n)})
     job = write_job(tmp_path, tmp_path, embed={
         "provider": "emulator", "model": "gemini-embedding-2", "output_dimensionality": 128,
         "batch_size": 10, "concurrency": 1, "emulator": {"latency_ms": 100}},
-        extra={"source": s3_server.source("restart", "r"),
+        extra={"source": object_server.source("restart", "r"),
                "run": {"validate_workers": 1, "flush_rows": 50, "queue_size": 1}})
     restarted_at: list[float] = []
 
     def restart() -> None:
         time.sleep(2.0)
         restarted_at.append(time.monotonic())  # the server goes down now (a run takes >= 6 s)
-        s3_server.restart()
+        object_server.restart()
 
     restarter = threading.Thread(target=restart)
     restarter.start()
@@ -147,29 +165,48 @@ def test_server_restart_in_the_middle_of_a_run(tmp_path: Path, s3_server: S3Serv
     assert rejects.count_rows() == 0  # a read cut by the restart was retried, not kept as a reject
 
 
-@pytest.mark.parametrize(("case", "expect"), [
-    ("missing-bucket", "the bucket does not exist"),
-    ("wrong-secret", "wrong credentials"),
-    ("access-denied", "access denied"),
-    ("unreachable", "cannot be reached"),
-])
-def test_clear_one_line_errors(tmp_path: Path, s3_server: S3Server, case: str, expect: str):
-    source = s3_server.source("corpus", "run1")
-    if case == "missing-bucket":
-        source["bucket"] = "no-such-bucket"
-    elif case == "wrong-secret":
-        source["secret_access_key"] = "not-the-secret-123"
-    elif case == "access-denied":
-        source.update(access_key_id="outsider", secret_access_key="outsider-pw")
-    else:
-        source.update(endpoint_url="http://127.0.0.1:9", max_retries=0, timeout_s=2)
+@pytest.mark.parametrize("case", ["missing-bucket", "wrong-secret", "unreachable"])
+def test_clear_one_line_errors(tmp_path: Path, object_server: Any, case: str):
+    source, expect = object_server.broken_source(case)
     job = write_job(tmp_path, tmp_path, extra={"source": source})
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == EXIT_FAILED
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, proc.stderr
-    assert expect in lines[0] and ("corpus" in lines[0] or "no-such-bucket" in lines[0])
+    assert expect in lines[0] and ("corpus" in lines[0] or "no-such-" in lines[0]), lines[0]
     assert "Traceback" not in proc.stderr
-    for secret in (S3_SECRET, "not-the-secret-123", "outsider-pw"):
-        assert secret not in proc.stderr
+    assert object_server.secret not in proc.stderr
+    assert all(source[k] not in proc.stderr for k in ("secret_access_key", "account_key")
+               if k in source)
+
+
+def test_access_denied_is_its_own_line(tmp_path: Path, s3_server: Any):
+    source = s3_server.source("corpus", "run1", access_key_id="outsider",
+                              secret_access_key="outsider-pw")
+    job = write_job(tmp_path, tmp_path, extra={"source": source})
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == EXIT_FAILED
+    assert "access denied" in proc.stderr and "outsider-pw" not in proc.stderr
+
+
+def test_init_for_an_azure_container_lists_it_and_writes_a_job_that_runs(tmp_path: Path,
+                                                                        azurite_server: Any):
+    from tests.azurite import ACCOUNT, KEY
+
+    _put_many(azurite_server.store("corpus"), {
+        "init/a.txt": b"Tides follow the moon.", "init/b.txt": b"Harbours shelter boats."})
+    env = {**os.environ, "AZURE_STORAGE_ENDPOINT": azurite_server.endpoint,
+           "AZURE_STORAGE_ACCOUNT_NAME": ACCOUNT, "AZURE_STORAGE_ACCOUNT_KEY": KEY}
+    out = tmp_path / "azure.yaml"
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "init", "az://corpus/init",
+                           "--out", str(out)], capture_output=True, text=True, timeout=120,
+                          env=env, cwd=tmp_path)
+    assert done.returncode == EXIT_OK, done.stderr
+    text = out.read_text(encoding="utf-8")
+    assert "kind: azure" in text and "2 files" in done.stderr + text and KEY not in text
+    ran = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "-q", "--emulator",
+                          str(out)], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=tmp_path)
+    assert ran.returncode == EXIT_OK, ran.stderr
