@@ -119,6 +119,17 @@ def test_a_converted_video_is_the_same_bytes_whatever_cpus_the_process_sees(corp
     assert len(digests["all"]) == 64 and digests["all"] == digests["one-cpu"]
 
 
+def test_a_split_pdf_is_the_same_bytes_in_every_process(corpus_dir: Path):
+    """Parts are content: their bytes make the content key. qpdf gave each saved part a new
+    trailer /ID per process, so a second run (or a Ray worker) re-embedded every split PDF."""
+    repo = str(Path(__file__).resolve().parents[1])
+    digests = {subprocess.run(
+        [sys.executable, "-c", _CONVERT_PINNED, str(corpus_dir / "pdf/tracemonkey.pdf"), repo,
+         "all"], capture_output=True, text=True, check=True, timeout=120).stdout.strip()
+        for _ in range(2)}
+    assert len(digests) == 1 and len(digests.pop()) == 64
+
+
 def test_the_same_frames_encode_to_the_same_bytes_every_time(corpus_dir: Path):
     """x264's lookahead gave other bytes from the same frames in about one encode in four of
     this file, in one process with one thread: twelve encodes must agree."""

@@ -130,7 +130,7 @@ def _qpdf_part(pdf: Any, first: int, last: int) -> bytes:
         warnings.simplefilter("ignore", pikepdf.PageCopyWarning)
         part.pages.extend(pdf.pages[first:last])
     buf = io.BytesIO()
-    part.save(buf, compress_streams=True)
+    part.save(buf, compress_streams=True, deterministic_id=True)
     part.close()
     return buf.getvalue()
 
