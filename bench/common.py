@@ -88,3 +88,17 @@ def emulator_process(*flags: str) -> Iterator[str]:
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=10)
+
+
+# Linux keeps a process's peak RSS across exec, starting from the RSS of the process that forked
+# it: measured from here (hundreds of MB after seeding 10M rows) it would count this process.
+# A small launcher forks the run instead, and reports its wall time, exit code and peak RSS.
+LAUNCHER = """
+import json, os, subprocess, sys, time
+started = time.perf_counter()
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(proc.pid, 0)
+print(json.dumps({"code": os.waitstatus_to_exitcode(status), "maxrss_kb": usage.ru_maxrss,
+                  "wall_s": time.perf_counter() - started}))
+"""
+

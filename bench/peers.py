@@ -1,6 +1,7 @@
 """embedpipe against what users write without it, on the same corpus and the same emulator.
 
-    python bench/peers.py [--texts 20000] [--images 0] [--latency-ms 100] [--per-item-ms 3] [--json]
+    python bench/peers.py [--texts 20000] [--images 0] [--latency-ms 100] [--per-item-ms 3]
+                          [--cpu-bound] [--json]
 
 Each contender runs as a whole process, timed from interpreter start to exit, one after another,
 against a fresh emulator in a process of its own (no quota; latency = fixed + per item, like a
@@ -13,6 +14,9 @@ real batch call; fresh, so that none profits from the caches another warmed):
   as a careful user would write it (reads the same files; nothing is stored);
 - sequential: one ``embed_content`` call per file with the google-genai SDK, as in Google's and
   gateways' quickstarts (run on a sample of the files, by its own timer: it is slow).
+
+With ``--cpu-bound``, embedpipe and the SDK script run once more against an emulator that
+answers at once (no latency): the case where the CPU, not the wire, is the limit.
 
 Besides items/s, prints the CPU-seconds each spent per 1,000 items beyond start-up (the CPU of
 the process minus that of a process that only starts and imports what the contender imports).
@@ -32,6 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -90,10 +95,9 @@ asyncio.run(main())
 """
 
 
-def emulator(args: argparse.Namespace) -> contextlib.AbstractContextManager[str]:
+def emulator(latency_ms: float, per_item_ms: float) -> contextlib.AbstractContextManager[str]:
     """A fresh emulator (no quota; latency = fixed + per item)."""
-    return emulator_process("--latency-ms", str(args.latency_ms),
-                            "--per-item-ms", str(args.per_item_ms))
+    return emulator_process("--latency-ms", str(latency_ms), "--per-item-ms", str(per_item_ms))
 
 
 @dataclass
@@ -133,6 +137,8 @@ def main() -> int:
     parser.add_argument("--latency-ms", type=float, default=100)
     parser.add_argument("--per-item-ms", type=float, default=3)
     parser.add_argument("--sequential-sample", type=int, default=150)
+    parser.add_argument("--cpu-bound", action="store_true",
+                        help="also both contenders against an emulator with no latency")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -150,10 +156,12 @@ def main() -> int:
     total = args.texts + args.images
 
     job_root = folder / "job"
-    job_root.mkdir()
     report = folder / "report.json"
-    try:
-        with emulator(args) as base:
+    def pair(latency_ms: float, per_item_ms: float) -> tuple[Proc, dict[str, Any], Proc]:
+        """embedpipe, then the SDK script, each against a fresh emulator."""
+        shutil.rmtree(job_root, ignore_errors=True)
+        job_root.mkdir()
+        with emulator(latency_ms, per_item_ms) as base:
             job = write_job(job_root, src, {"provider": "gemini", "api_key": "any-key",
                                             "base_url": base, "model": "gemini-embedding-2",
                                             "output_dimensionality": 768,
@@ -162,10 +170,15 @@ def main() -> int:
                                             "mode": "interactive"})
             ep = whole([sys.executable, "-m", "pipeline.cli", "run", "-q", "--report",
                         str(report), str(job)])
-        ep_report = json.loads(report.read_text())
-        with emulator(args) as base:
+        with emulator(latency_ms, per_item_ms) as base:
             sdk = whole([sys.executable, "-c", SDK_ASYNC, base, str(src)])
-        with emulator(args) as base:
+        return ep, json.loads(report.read_text()), sdk
+
+    try:
+        ep, ep_report, sdk = pair(args.latency_ms, args.per_item_ms)
+        # the CPU-bound case: an endpoint that answers at once
+        fast = pair(0, 0) if args.cpu_bound else None
+        with emulator(args.latency_ms, args.per_item_ms) as base:
             seq = whole([sys.executable, "-c", SEQUENTIAL, base, str(src),
                          str(args.sequential_sample)])
         ep_start, sdk_start = startup_cpu(EMBEDPIPE_START), startup_cpu(SDK_START)
@@ -192,6 +205,19 @@ def main() -> int:
     }
     figures["embedpipe_vs_sdk"] = round(figures["embedpipe_items_per_s"]
                                         / figures["sdk_items_per_s"], 2)
+    if fast is not None:
+        fast_ep, fast_report, fast_sdk = fast
+        fast_sdk_items = float(fast_sdk.out.strip().splitlines()[-1].split()[0])
+        figures |= {
+            "cpu_bound_embedpipe_items_per_s": round(fast_report["items_embedded"]
+                                                     / fast_ep.wall_s, 1),
+            "cpu_bound_sdk_items_per_s": round(fast_sdk_items / fast_sdk.wall_s, 1),
+            "cpu_bound_embedpipe_cpu_s_per_1000": round(
+                (fast_ep.cpu_s - ep_start) / fast_report["items_embedded"] * 1000, 3),
+            "cpu_bound_sdk_cpu_s_per_1000": round(
+                (fast_sdk.cpu_s - sdk_start) / fast_sdk_items * 1000, 3)}
+        figures["cpu_bound_embedpipe_vs_sdk"] = round(
+            figures["cpu_bound_embedpipe_items_per_s"] / figures["cpu_bound_sdk_items_per_s"], 2)
     figures["embedpipe_vs_sequential"] = round(
         figures["embedpipe_items_per_s"] / figures["sequential_items_per_s"], 1)
     print(f"{total} items ({args.texts} texts, {args.images} images); emulator latency "
@@ -205,6 +231,12 @@ def main() -> int:
     print(f"embedpipe / sdk = {figures['embedpipe_vs_sdk']}x (target 1.5x); embedpipe / "
           f"sequential = {figures['embedpipe_vs_sequential']}x; embedpipe's run by its own "
           f"timer: {figures['embedpipe_run_items_per_s']} items/s")
+    if fast is not None:
+        print("the CPU-bound case (an emulator that answers at once):")
+        for name, key in (("embedpipe run", "embedpipe"), ("google-genai async", "sdk")):
+            print(f"{name:46}{figures[f'cpu_bound_{key}_items_per_s']:>9}{'':>11}"
+                  f"{figures[f'cpu_bound_{key}_cpu_s_per_1000']:>12}")
+        print(f"embedpipe / sdk = {figures['cpu_bound_embedpipe_vs_sdk']}x (target 1.5x)")
     if args.json:
         print(json.dumps(figures))
     return 0

@@ -7,23 +7,32 @@ Starts SeaweedFS (the dev dependency) on loopback, fills a bucket, then in one r
   manifest says every object is unchanged), and reading objects through S3Connector;
 - boto3: a paginated list_objects_v2 of the same prefix, and get_object reads of the same keys;
 - obstore alone: a bare listing of the same prefix as Arrow (the floor of a listing), and the
-  list + diff time per 100,000 objects beside it (the target: within 1.5x).
+  list + diff time per 100,000 objects beside it (the target: within 1.5x);
+- a large video (``--video-mb``, default 1024: an H.264 MP4 made here, noise at about
+  19 MB/s) embedded from the bucket by ``embedpipe run`` as a whole process against the
+  emulator: its peak RSS (``wait4``) with the object streamed to a temporary file, beside the
+  same run with the object held whole in memory (as before streaming), and the object's bytes
+  the run fetched.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import boto3
 
+from bench.common import LAUNCHER, emulator_process
 from connectors.s3 import S3Connector
 from pipeline.config import S3SourceConfig
 from pipeline.records import SourceObject
@@ -39,6 +48,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--objects", type=int, default=10_000)
     parser.add_argument("--read-mb", type=int, default=64)
+    parser.add_argument("--video-mb", type=int, default=1024, help="0: no video run")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     server = S3Server(Path(tempfile.mkdtemp(prefix="embedpipe-s3-bench-")))
@@ -93,6 +103,7 @@ def main() -> int:
             boto_bytes = sum(pool.map(lambda k: len(client.get_object(Bucket="big", Key=k)[
                 "Body"].read()), list(big)))
         boto3_read_s = time.perf_counter() - t
+        video = big_video_runs(server, args.video_mb) if args.video_mb else {}
     finally:
         server.stop()
     figures = {
@@ -104,6 +115,7 @@ def main() -> int:
         "list_diff_vs_obstore": round(list_diff_s / bare_list_s, 2),
         "read_mb_per_s": round(read_bytes / 2**20 / read_s, 1),
         "boto3_read_mb_per_s": round(boto_bytes / 2**20 / boto3_read_s, 1),
+        **video,
     }
     print(f"{'':36}{'embedpipe':>12}{'boto3':>12}")
     print(f"{f'list {args.objects:,} objects (+ diff), s':36}{figures['list_diff_s']:>12}"
@@ -114,9 +126,76 @@ def main() -> int:
           f"Arrow listing {figures['obstore_list_s_per_100k']} s: "
           f"{figures['list_diff_vs_obstore']}x")
     print(f"unchanged by the diff: {unchanged:,} of {len(listed):,}")
+    if video:
+        print(f"a {video['video_mb']:,} MB video from the bucket, peak RSS of the run: "
+              f"{video['video_rss_mb_streamed']:,} MB streamed to disk, "
+              f"{video['video_rss_mb_whole']:,} MB held whole ({video['video_items']} items, "
+              f"exit {video['video_exit_streamed']}/{video['video_exit_whole']}, "
+              f"{video['video_s_streamed']} s / {video['video_s_whole']} s)")
     if args.json:
         print(json.dumps(figures))
     return 0
+
+
+def make_video(path: Path, mb: int) -> None:
+    """An H.264 MP4 of about ``mb`` MiB: 720p noise (about 19 MB a second, a keyframe every half
+    second), every frame its own (segments that repeated would be reused, not sent)."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    with path.open("wb") as f, av.open(f, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 1280, 720, "yuv420p"
+        stream.options = {"preset": "ultrafast", "qp": "26", "g": "15", "bf": "0"}
+        while f.tell() < mb * 2**20:
+            frame = rng.integers(0, 255, (720, 1280, 3), dtype=np.uint8)
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        out.mux(stream.encode())
+
+
+# The run as before streaming: every object read whole into memory.
+_HELD_WHOLE = ("import runpy, sys; import connectors.blob as b; b.SPOOL_BYTES = 1 << 62; "
+               "sys.argv = ['embedpipe', *sys.argv[1:]]; "
+               "runpy.run_module('pipeline.cli', run_name='__main__')")
+
+
+def big_video_runs(server: S3Server, mb: int) -> dict[str, Any]:
+    import obstore
+    import yaml
+
+    folder = Path(tempfile.mkdtemp(prefix="embedpipe-s3-video-"))
+    try:
+        video = folder / "big.mp4"
+        make_video(video, mb)
+        size = video.stat().st_size
+        obstore.put(server.store("big"), "video/big.mp4", video)
+        video.unlink()
+        out: dict[str, Any] = {"video_mb": round(size / 2**20)}
+        with emulator_process() as base:
+            for name, command in (("streamed", ["-m", "pipeline.cli"]),
+                                  ("whole", ["-c", _HELD_WHOLE])):
+                job = {"name": f"video-{name}", "source": server.source("big", "video"),
+                       "embed": {"provider": "gemini", "api_key": "bench", "base_url": base,
+                                 "model": "gemini-embedding-2", "mode": "interactive",
+                                 "output_dimensionality": 128},
+                       "sink": {"kind": "lance", "uri": str(folder / name / "lance")}}
+                (folder / name).mkdir()
+                path = folder / name / "job.yaml"
+                path.write_text(yaml.safe_dump(job), encoding="utf-8")
+                report = folder / name / "report.json"
+                proc = subprocess.run([sys.executable, "-c", LAUNCHER, sys.executable, *command,
+                                       "run", "-q", "--report", str(report), str(path)],
+                                      capture_output=True, text=True)
+                ran = json.loads(proc.stdout.strip().splitlines()[-1])
+                done = json.loads(report.read_text()) if report.exists() else {}
+                out |= {f"video_rss_mb_{name}": round(ran["maxrss_kb"] / 1024),
+                        f"video_exit_{name}": ran["code"], f"video_s_{name}": round(
+                            ran["wall_s"], 1)}
+                out["video_items"] = done.get("items_embedded")
+        return out
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

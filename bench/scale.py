@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
-from bench.common import emulator_process, workdir
+from bench.common import LAUNCHER, emulator_process, workdir
 from connectors.synthetic import SyntheticConnector
 from pipeline.config import load_job
 from pipeline.state.manifest import EMBEDDED, MANIFEST_SCHEMA, Manifest
@@ -78,19 +78,6 @@ def seed_manifest(job_path: Path) -> float:
                     pa.RecordBatchReader.from_batches(MANIFEST_SCHEMA, batches()))
     Manifest(db, job.sink.manifest_table).upkeep()  # the uri index a real run's end builds
     return time.perf_counter() - started
-
-
-# Linux keeps a process's peak RSS across exec, starting from the RSS of the process that forked
-# it: measured from here (hundreds of MB after seeding 10M rows) it would count this process.
-# A small launcher forks the run instead, and reports its wall time, exit code and peak RSS.
-LAUNCHER = """
-import json, os, subprocess, sys, time
-started = time.perf_counter()
-proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
-_, status, usage = os.wait4(proc.pid, 0)
-print(json.dumps({"code": os.waitstatus_to_exitcode(status), "maxrss_kb": usage.ru_maxrss,
-                  "wall_s": time.perf_counter() - started}))
-"""
 
 
 def night(job_path: Path, report: Path) -> dict[str, Any]:

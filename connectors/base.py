@@ -21,6 +21,7 @@ from typing import Protocol
 
 import pyarrow as pa
 
+from connectors.blob import Blob
 from pipeline.records import Reject, SourceObject
 
 LISTING_SCHEMA = pa.schema([
@@ -48,6 +49,11 @@ class Connector(Protocol):
         """The object's bytes. Raises ConnectorError (TransientConnectorError when retryable)."""
         ...
 
+    def fetch(self, obj: SourceObject) -> Blob:
+        """The object once, as a blob the caller closes: a large one is never held in memory
+        whole. Raises as :meth:`read` does."""
+        ...
+
     def stat(self, key: str) -> SourceObject | None:
         """One object by key (None if absent): for files that travel with another (sidecars)."""
         ...
@@ -57,9 +63,10 @@ class Connector(Protocol):
         ...
 
 
-def content_version(data: bytes) -> str:
+def content_version(data: bytes | Blob) -> str:
     """A version for stores that have none: the content hash."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()[:32]
+    digest = data.sha256() if isinstance(data, Blob) else hashlib.sha256(data).hexdigest()
+    return "sha256:" + digest[:32]
 
 
 @lru_cache(maxsize=256)

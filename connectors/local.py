@@ -24,15 +24,17 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import quote_from_bytes, unquote_to_bytes
 
 import pyarrow as pa
 
 from connectors.base import key_selected, listing_batches
+from connectors.blob import Blob
 from pipeline.config import LocalSourceConfig
 from pipeline.errors import ConnectorError, RejectReason
 from pipeline.records import Reject, SourceObject
@@ -171,6 +173,23 @@ class LocalConnector:
             return frozenset()
 
     def read(self, obj: SourceObject) -> bytes:
+        with self._open(obj) as f:
+            return self._checked(obj, f.read)
+
+    def fetch(self, obj: SourceObject) -> Blob:
+        f = self._open(obj)
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if not Blob.large(size):
+                with f:
+                    return Blob.of(self._checked(obj, f.read))
+            return Blob.file_at(f, size)  # read where it is, by position: no copy, no RSS
+        except BaseException:
+            f.close()
+            raise
+
+    def _open(self, obj: SourceObject) -> BinaryIO:
+        """The regular file behind ``obj``, opened without following a link out of the root."""
         path = self._path(obj)
         try:
             try:
@@ -183,12 +202,19 @@ class LocalConnector:
                     raise ConnectorError(f"{obj.key}: path leads outside the source root",
                                          uri=obj.uri) from None
                 fd = os.open(path, _READ_FLAGS)
-            with os.fdopen(fd, "rb") as f:
-                mode = os.fstat(fd).st_mode
-                if not stat.S_ISREG(mode):
-                    raise ConnectorError(f"{obj.key}: not a regular file ({_kind(mode)})",
-                                         uri=obj.uri)
-                return f.read()
+            f = os.fdopen(fd, "rb")
+        except OSError as exc:
+            raise ConnectorError(f"{obj.key}: cannot read: {exc.strerror}", uri=obj.uri) from exc
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            f.close()
+            raise ConnectorError(f"{obj.key}: not a regular file ({_kind(mode)})", uri=obj.uri)
+        return f
+
+    @staticmethod
+    def _checked(obj: SourceObject, read: Callable[[], bytes]) -> bytes:
+        try:
+            return read()
         except OSError as exc:
             raise ConnectorError(f"{obj.key}: cannot read: {exc.strerror}", uri=obj.uri) from exc
 

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 from obstore.exceptions import BaseError, NotFoundError
 
 from connectors.base import LISTING_SCHEMA, glob_regex, key_selected
+from connectors.blob import SPOOL_CHUNK, Blob
 from pipeline.errors import ConnectorError, TransientConnectorError
 from pipeline.records import Reject, SourceObject
 
@@ -137,8 +138,17 @@ class ObjectConnector:
                              for k in keys.to_pylist()])
 
     def read(self, obj: SourceObject) -> bytes:
+        with self.fetch(obj) as blob:
+            return blob.read()
+
+    def fetch(self, obj: SourceObject) -> Blob:
+        """The object, fetched once: a large one streamed to a temporary file, never held in
+        memory whole."""
         try:
-            return bytes(obstore.get(self.store, self.prefix + obj.key).bytes())
+            got = obstore.get(self.store, self.prefix + obj.key)
+            if not Blob.large(got.meta["size"]):
+                return Blob.of(bytes(got.bytes()))
+            return Blob.spool(got.stream(min_chunk_size=SPOOL_CHUNK), got.meta["size"])
         except NotFoundError:
             raise ConnectorError(f"{obj.key}: gone from {self.scheme}://{self.bucket} before it "
                                  "could be read", uri=obj.uri) from None

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.base import LISTING_SCHEMA, listed_objects
+from connectors.blob import Blob
 from pipeline.config import SyntheticSourceConfig
 from pipeline.errors import ConnectorError
 from pipeline.records import Reject, SourceObject
@@ -97,6 +98,9 @@ class SyntheticConnector:
     def read(self, obj: SourceObject) -> bytes:
         number = self._number(obj.key)
         return self.body(number, int(self.versions(number, 1)[0]))
+
+    def fetch(self, obj: SourceObject) -> Blob:
+        return Blob.of(self.read(obj))
 
     def stat(self, key: str) -> SourceObject | None:
         try:

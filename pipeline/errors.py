@@ -190,6 +190,11 @@ class SinkError(PipelineError):
         super().__init__(_BUILD_PATH.sub("", message))
 
 
+class ScratchError(PipelineError):
+    """A large object could not be spooled to the temporary folder (full, read-only): no file's
+    fault, so the run fails and nothing is recorded against the file."""
+
+
 class ClusterError(PipelineError):
     """The Ray cluster cannot do the run's work (workers keep dying, no node is left): no
     file's fault, so the run fails and nothing is recorded against a file."""

@@ -45,7 +45,7 @@ class SourceObject:
                             self.companions)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)  # the payload budget sees it go
 class Part:
     """One part of a request's content: text or inline bytes with their MIME type."""
 

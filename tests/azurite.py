@@ -20,7 +20,7 @@ from connectors.azure import AzureConnector
 # Azurite's well-known development account (public: it is in Azure's docs and Azurite's).
 ACCOUNT = "devstoreaccount1"
 KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-CONTAINERS = ("corpus", "sink", "big", "restart")
+CONTAINERS = ("corpus", "sink", "big", "restart", "spool")
 DEFAULT_INSTALL = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "embedpipe" / "azurite"
 INSTALL_HINT = (f"Azurite is not installed: npm install --prefix {DEFAULT_INSTALL} azurite@3.35.0 "
                 "(.ci/run does), or set EMBEDPIPE_AZURITE to its azurite-blob")

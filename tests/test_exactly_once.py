@@ -112,6 +112,7 @@ def test_unchanged_files_cost_no_call_and_no_read(tmp_path: Path, emulator: Emul
         raise AssertionError(f"{obj.key} was read")
 
     monkeypatch.setattr(LocalConnector, "read", no_read)
+    monkeypatch.setattr(LocalConnector, "fetch", no_read)
     again = run_job(load_job(job))
     assert again.exit_code == EXIT_OK and again.stats.files_unchanged == 300
     assert emulator.state.stats.http_requests == calls_before
@@ -207,15 +208,15 @@ def test_an_unreadable_file_is_tried_again_next_run(tmp_path: Path,
 
     make_text_corpus(tmp_path / "src", 5)
     job = write_job(tmp_path, tmp_path / "src")
-    real_read = LocalConnector.read
+    real_fetch = LocalConnector.fetch
 
     def flaky(self, obj):  # type: ignore[no-untyped-def]
         if obj.key.endswith("0000003.txt"):
             raise ConnectorError(f"{obj.key}: cannot read: Input/output error", uri=obj.uri)
-        return real_read(self, obj)
+        return real_fetch(self, obj)
 
     with monkeypatch.context() as m:
-        m.setattr(LocalConnector, "read", flaky)
+        m.setattr(LocalConnector, "fetch", flaky)
         first = run_job(load_job(job))
     assert first.stats.reject_reasons == {"unreadable": 1} and first.stats.items_embedded == 4
     second = run_job(load_job(job))

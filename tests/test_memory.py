@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +41,53 @@ def test_the_users_own_arrow_pool_wins() -> None:
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the C library is not glibc")
 def test_glibc_is_found_on_linux() -> None:
     assert _probe()["glibc"] is True
+
+
+@pytest.mark.parametrize("mode", ["auto", "interactive"])
+def test_payloads_over_the_budget_all_arrive_and_every_part_is_let_go(
+        tmp_path: Path, corpus_dir: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """With a budget smaller than one part, validation waits for each part to leave before it
+    cuts the next: every file still arrives, nothing holds a part after its call (a held part
+    would stall the run: the stall escape is switched off and the run is timed out instead),
+    and the waits do not count against a file's time limit."""
+    import anyio
+
+    import pipeline.stages.budget as budget_module
+    from pipeline.config import load_job
+    from pipeline.run import EXIT_OK, Run
+    from pipeline.stages.budget import PayloadBudget
+    from tests.conftest import copy_corpus_files, write_job
+
+    budgets: list[PayloadBudget] = []
+    real_init = PayloadBudget.__init__
+
+    def recording_init(self: PayloadBudget, limit_bytes: int) -> None:
+        real_init(self, limit_bytes)
+        budgets.append(self)
+
+    monkeypatch.setattr(PayloadBudget, "__init__", recording_init)
+    monkeypatch.setattr(budget_module, "STALL_S", 3600.0)
+    monkeypatch.setattr(budget_module, "COUNTED_BYTES", 1)  # every media part counts
+    # files over 1 MB: validated one at a time, the budget checked between their steps
+    names = ["pdf/GeoTopo-komprimiert.pdf", "video/fire2.mp4", "video/car-detection.mp4",
+             "audio/with-attached-pic.mp3", "pdf/memman.pdf"]
+    copy_corpus_files(corpus_dir, names, tmp_path / "src")
+    job = write_job(tmp_path, tmp_path / "src", embed={
+        "provider": "emulator", "model": "gemini-embedding-2", "output_dimensionality": 128,
+        "concurrency": 2, "mode": mode, "emulator": {"latency_ms": 50}},
+        extra={"run": {"payload_memory_mb": 1}, "validate": {"file_timeout_s": 2}})
+
+    async def run() -> object:
+        with anyio.fail_after(60):
+            return await Run(load_job(job)).execute()
+
+    result = anyio.run(run)
+    assert result.exit_code == EXIT_OK  # type: ignore[attr-defined]
+    stats = result.stats  # type: ignore[attr-defined]
+    assert stats.rejects == 0 and stats.files_done == len(names)
+    (budget,) = budgets
+    assert budget.peak > budget.limit  # it was full: validation waited
+    import gc
+
+    gc.collect()
+    assert budget.held == 0  # every part let go

@@ -77,6 +77,7 @@ def test_job_over_a_bucket_then_etag_driven_increments(tmp_path: Path, object_se
 
     with monkeypatch.context() as m:
         m.setattr(server.connector, "read", no_read)
+        m.setattr(server.connector, "fetch", no_read)
         same = run_job(load_job(job))
     assert same.stats.api_calls == 0 and same.stats.files_unchanged == len(SAMPLE)
 
@@ -90,6 +91,72 @@ def test_job_over_a_bucket_then_etag_driven_increments(tmp_path: Path, object_se
     assert "video/chaplin.mp4" not in set(rows["key"]) and "notes/new.txt" in set(rows["key"])
     assert rows.filter(pl.col("key") == "image/smile.png").height == 1
     assert rows["id"].n_unique() == rows.height
+
+
+def test_large_objects_are_streamed_to_disk_once_and_embedded_the_same(
+        tmp_path: Path, object_server: Any, corpus_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """Objects over the spool size are downloaded in chunks to a temporary file (a 2 GB video
+    must not cost 2 GB of memory), each fetched once, and give the rows they give in memory."""
+    import connectors.blob as blob_module
+
+    server = object_server
+    media = ["video/chaplin.mp4", "audio/crunching.mp3", "pdf/tracemonkey.pdf"]
+    _put_many(server.store("spool"), {f"m/{n}": (corpus_dir / n).read_bytes() for n in media})
+    in_memory = write_job(tmp_path / "mem", tmp_path, extra={"source": server.source("spool", "m")})
+    assert run_job(load_job(in_memory)).exit_code == EXIT_OK
+
+    fetched: list[tuple[str, bool]] = []
+    real_fetch = server.connector.fetch
+
+    def counting_fetch(self, obj):  # type: ignore[no-untyped-def]
+        blob = real_fetch(self, obj)
+        fetched.append((obj.key, blob.in_memory))
+        return blob
+
+    monkeypatch.setattr(blob_module, "SPOOL_BYTES", 64 * 1024)
+    monkeypatch.setattr(server.connector, "fetch", counting_fetch)
+    spooled = write_job(tmp_path / "disk", tmp_path, extra={"source": server.source("spool", "m")})
+    assert run_job(load_job(spooled)).exit_code == EXIT_OK
+    assert sorted(fetched) == sorted((n, False) for n in media)  # once each, all on disk
+    cols = ["key", "part", "id", "vector"]
+    assert _rows(spooled).select(cols).sort("id").equals(_rows(in_memory).select(cols).sort("id"))
+
+
+def test_a_full_temporary_folder_fails_the_run_and_blames_no_file(
+        tmp_path: Path, object_server: Any, corpus_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """Spooling a large object to a full TMPDIR is not the object's fault: the run fails (exit
+    3) with one line that says where and what to do, no reject stored, the rows kept."""
+    import errno
+    import tempfile
+
+    import connectors.blob as blob_module
+    from pipeline.errors import ScratchError
+
+    server = object_server
+    _put_many(server.store("spool"), {"full/a.txt": b"a note about tides",
+                                      "full/v.mp4": (corpus_dir / "video/chaplin.mp4").read_bytes()})
+    job = write_job(tmp_path, tmp_path, extra={"source": server.source("spool", "full")})
+    assert run_job(load_job(job)).exit_code == EXIT_OK
+    before = _rows(job).height
+    obstore.put(server.store("spool"), "full/v.mp4",
+                (corpus_dir / "video/fire2.mp4").read_bytes())  # changed: fetched again
+
+    class Full:
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(blob_module, "SPOOL_BYTES", 1024)
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda **_: Full())
+    with pytest.raises(ScratchError, match=r"temporary folder .* point TMPDIR elsewhere"):
+        run_job(load_job(job))  # a PipelineError: the command's exit 3
+    assert lancedb.connect(load_job(job).sink.uri).open_table("rejects").count_rows() == 0
+    assert _rows(job).height == before
+    monkeypatch.undo()  # room again: the next run takes the lock and does the changed file
+    again = run_job(load_job(job))
+    assert again.exit_code == EXIT_OK and again.stats.files_changed == 1
 
 
 @pytest.mark.slow
@@ -106,6 +173,7 @@ def test_ten_thousand_objects_list_and_an_unchanged_night_costs_nothing(
         raise AssertionError(f"{obj.key} was read")
 
     monkeypatch.setattr(object_server.connector, "read", no_read)
+    monkeypatch.setattr(object_server.connector, "fetch", no_read)
     night = run_job(load_job(job))
     assert night.stats.files_unchanged == n and night.stats.api_calls == 0
     assert _rows(job).height == n

@@ -171,10 +171,10 @@ def test_a_validator_step_that_hangs_becomes_a_timeout_reject(tmp_path: Path, mi
 
     real_fit = Validator.fit
 
-    def fit(self, obj, data, extras=None):  # type: ignore[no-untyped-def]
+    def fit(self, obj, data, extras=None, deadline=None):  # type: ignore[no-untyped-def]
         if obj.key.endswith("stars.md"):
             time.sleep(10)
-        yield from real_fit(self, obj, data, extras)
+        yield from real_fit(self, obj, data, extras, deadline)
 
     monkeypatch.setattr(Validator, "fit", fit)
     # 2 s (a 4 s deadline): the real 14-page PDF beside it must not time out on a loaded machine

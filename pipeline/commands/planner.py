@@ -28,6 +28,7 @@ from typing import Any
 
 from connectors import connector_for
 from connectors.base import content_version
+from connectors.blob import Blob
 from pipeline.commands.plan_tables import (
     manifest_rows,
     move_stored,
@@ -40,7 +41,7 @@ from pipeline.config import JobConfig
 from pipeline.errors import ConnectorError
 from pipeline.gemini.client import content_key
 from pipeline.models import FACTS_AS_OF, SOURCES, cost_usd
-from pipeline.records import Reject
+from pipeline.records import Extras, Reject, SourceObject
 from pipeline.stages.companions import Companions
 from pipeline.stages.listing import Listing, Todo
 from pipeline.state.manifest import mass_delete_refusal
@@ -158,18 +159,24 @@ def _plan_one(entry: Todo) -> list[Planned] | None:
     w = _worker
     obj, prev = entry.obj, entry.prev
     try:
-        data = w["connector"].read(obj)
+        data = w["connector"].fetch(obj)
     except ConnectorError:
         return [("reject", "unreadable", 0, 0, 0.0, "", "")]
-    version = obj.version or content_version(data)
-    extras = None
-    if w["companions"].active:
-        version, extras = w["companions"].read(obj, version)
-    if (prev is not None and not w["retry_rejects"]
-            and prev.same_content(version, w["fingerprint"])):
-        return None
+    with data:
+        version = obj.version or content_version(data)
+        extras = None
+        if w["companions"].active:
+            version, extras = w["companions"].read(obj, version)
+        if (prev is not None and not w["retry_rejects"]
+                and prev.same_content(version, w["fingerprint"])):
+            return None
+        return _planned(obj.with_version(version), data, extras)
+
+
+def _planned(obj: SourceObject, data: Blob, extras: Extras | None) -> list[Planned]:
+    w = _worker
     out: list[Planned] = []
-    for item in w["validator"].plan(obj.with_version(version), data, extras):
+    for item in w["validator"].plan(obj, data, extras):
         if isinstance(item, Reject):
             out.append(("reject", item.reason, 0, 0, 0.0, "", ""))
             continue

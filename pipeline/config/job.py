@@ -190,6 +190,10 @@ class RunConfig(_Strict):
     """Files validated at once (threads, or Ray tasks)."""
     queue_size: int = Field(256, ge=1)
     """Items held between stages (back-pressure)."""
+    payload_memory_mb: int = Field(128, ge=1)
+    """Megabytes of memory for payloads (PDF parts, images, media segments) between validation
+    and the API, each counted at four times its size (its request's encodings): validation
+    waits above it, and a file's time limit stops while it waits."""
     flush_rows: int = Field(2000, ge=1)
     """Rows committed to the table at a time (what a killed run may redo)."""
     flush_interval_s: float = Field(5.0, gt=0)

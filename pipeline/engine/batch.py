@@ -32,6 +32,7 @@ from pipeline.outcome import RunOutcome
 from pipeline.records import BatchSupport, Collected, Item
 from pipeline.stages import Stages
 from pipeline.stages.batching import Batching, JobDraft, JobOutcome
+from pipeline.stages.budget import PayloadBudget
 from pipeline.stages.writing import Outcome
 from pipeline.state.batches import FAILED, PENDING, SUPERSEDED, BatchLog
 from pipeline.state.opened import Opened
@@ -181,8 +182,11 @@ class BatchRouter:
                  awaited: dict[str, tuple[str, str, str | None]], detach: bool,
                  support: BatchSupport | None = None,
                  ask: Callable[[], Awaitable[BatchSupport]] | None = None,
-                 refetch: Callable[[list[Item]], list[Item]] | None = None) -> None:
+                 refetch: Callable[[list[Item]], list[Item]] | None = None,
+                 budget: PayloadBudget | None = None) -> None:
         self.driver = driver
+        # items held here until the end are not counted: validation must go on meanwhile
+        self._budget = budget
         self.mode = mode  # "batch" or "auto"; decided to "batch" or "interactive"
         self.min_items = min_items
         # Whether the endpoint serves the Batch API: known, or asked (once) when an auto run
@@ -267,12 +271,16 @@ class BatchRouter:
             return False
         self._adopted.setdefault((display_name, name), {})[item.id] = item
         self._keys[item.id] = key
+        if self._budget is not None:
+            self._budget.exempt([item])
         return True
 
     async def _route(self, chunk: list[Item], pack: anyio.abc.ObjectSendStream[list[Item]]
                      ) -> None:
         if self.mode == "auto":
             self._held += chunk
+            if self._budget is not None:  # held until the run is known to be large or not
+                self._budget.exempt(chunk)
             if len(self._held) <= self.min_items:
                 return
             chunk, self._held = self._held, []
@@ -372,4 +380,5 @@ async def batch_router(job: JobConfig, client: GeminiClient, stages: Stages, sta
                          stats.run_id)
     return BatchRouter(driver, mode=embed.mode, min_items=embed.batch_min_items,
                        awaited=await open_jobs(api, state.batch_log), detach=detach,
-                       support=support, ask=ask, refetch=stages.validation.refetch)
+                       support=support, ask=ask, refetch=stages.validation.refetch,
+                       budget=stages.validation.budget)

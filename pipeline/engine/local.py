@@ -155,6 +155,8 @@ class LocalEngine:
                     self.outcome.stopped_by(exc, len(batch.items), embedder.max_attempts)
                     self._producers.cancel()
                     return
+                # the payloads go now, not when the next batch comes (the payload budget)
+                del batch
                 await out.send([*vectors, *rejects])
 
     def validate_slots(self) -> int:

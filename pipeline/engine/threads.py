@@ -101,12 +101,22 @@ async def validate_groups(stage: Validation, todo: ObjectReceiveStream[list[Todo
         async for group in todo:
             works = [stage.work(entry) for entry in group]
             if len(works) > 1:
+                await stage.budget.room()
                 found = Sorted()
                 works = await fit_group(stage, works, found)
                 await send(found)
+                del found  # downstream's now: not held here while waiting for room
             for work in works:
+                await stage.budget.room()
                 deadline = anyio.current_time() + stage.limit_s
                 done = False
                 while not done:
                     found, done = await fit_file(stage, work, deadline)
+                    # waiting for room downstream is not the file's time
+                    waited = anyio.current_time()
+                    own = stage.budget.footprint(found.items[-1:])  # the validator's last
                     await send(found)
+                    del found
+                    if not done:
+                        await stage.budget.room(own)
+                    deadline += anyio.current_time() - waited

@@ -96,5 +96,6 @@ async def pack(limits: BatchLimits, items: ObjectReceiveStream[list[Item]],
                 packer.add(item)
                 if packer.full:
                     await batches.send(packer.take())
+            del chunk, item  # the packer holds what waits; nothing else (the payload budget)
         if packer.items:
             await batches.send(packer.take())

@@ -210,10 +210,12 @@ async def reuse_items(reuse: Reuse, items: MemoryObjectReceiveStream[list[Item]]
                     break
             keys, found = await anyio.to_thread.run_sync(reuse.look_up, chunk)
             onward, done = reuse.route(chunk, keys, found)
+            del chunk, keys, found  # not held while the next chunk is awaited (payload budget)
             if done:
                 await out.send(list(done))
             if onward:
                 await sent.send(onward)
+            del onward, done
 
 
 def with_copies(reuse: Reuse, entry: WriterOutcome) -> list[WriterOutcome]:

@@ -24,14 +24,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 from connectors.base import Connector, content_version
+from connectors.blob import Blob
 from pipeline.config import JobConfig
 from pipeline.errors import ConnectorError, RejectReason
 from pipeline.records import Extras, FileEnd, Item, Reject, SourceObject
+from pipeline.stages.budget import PayloadBudget
 from pipeline.stages.companions import Companions
 from pipeline.stages.listing import Todo
 from pipeline.state.manifest import FileState
 from pipeline.stats import RunStats
 from pipeline.validate import Validator
+from pipeline.validate.deadline import Deadline
 
 log = logging.getLogger("embedpipe.validate")
 
@@ -84,6 +87,7 @@ class Validation:
         self.stats = stats
         self.retry_rejects = retry_rejects
         self.timeout_s = job.validate_.file_timeout_s
+        self.budget = PayloadBudget(job.run.payload_memory_mb * 2**20)
 
     @property
     def limit_s(self) -> float:
@@ -118,21 +122,26 @@ class Validation:
             work.count += 1
             if isinstance(entry, Item):
                 into.items.append(entry)
+                self.budget.count([entry])
                 self.stats.items_validated += 1
             else:
                 into.outcomes.append(entry)
         if finished:
             into.outcomes.append(FileEnd(work.obj, work.count, replaces=work.replaces))
 
-    def read(self, obj: SourceObject, listed: str | None) -> tuple[bytes, str, Extras | None]:
-        """A file's bytes, its version (``listed``, the listing's, else its content hash; with
-        its companions', when the job has any) and its companions' caption, title and columns.
-        Raises ConnectorError."""
-        data = self.connector.read(obj)
-        version = listed or content_version(data)
-        extras = None
-        if self.companions.active:
-            version, extras = self.companions.read(obj, version)
+    def read(self, obj: SourceObject, listed: str | None) -> tuple[Blob, str, Extras | None]:
+        """A file's bytes (a blob the caller closes), its version (``listed``, the listing's,
+        else its content hash; with its companions', when the job has any) and its companions'
+        caption, title and columns. Raises ConnectorError."""
+        data = self.connector.fetch(obj)
+        try:
+            version = listed or content_version(data)
+            extras = None
+            if self.companions.active:
+                version, extras = self.companions.read(obj, version)
+        except BaseException:
+            data.close()
+            raise
         return data, version, extras
 
     def refetch(self, items: list[Item]) -> list[Item]:
@@ -152,13 +161,14 @@ class Validation:
                     obj, None if obj.uri.startswith("file://") else obj.version)
             except ConnectorError:
                 continue
-            if version != version_then:
-                continue
-            try:
-                out += [e for e in self.validator.fit(obj.with_version(version), data, extras)
-                        if isinstance(e, Item) and e.id in ids]
-            except Exception:  # a parser bug: the next run meets it as a reject
-                log.exception("validator failed again on %s", obj.key)
+            with data:
+                if version != version_then:
+                    continue
+                try:
+                    out += [e for e in self.validator.fit(obj.with_version(version), data, extras)
+                            if isinstance(e, Item) and e.id in ids]
+                except Exception:  # a parser bug: the next run meets it as a reject
+                    log.exception("validator failed again on %s", obj.key)
         return out
 
     def validate(self, todo: Todo) -> Sorted:
@@ -187,6 +197,8 @@ class FileWork:
         self.items: Iterator[Item | Reject] | None = None
         self.emitted = 0
         self.count = 0  # items and part rejects sorted so far
+        self.deadline = Deadline(stage.timeout_s)
+        self.deadline.pause()
 
     def reject(self, reason: str, message: str, part: int) -> Reject:
         return Reject(self.obj, self.obj.version or "", reason, f"{self.obj.key}: {message}",
@@ -202,7 +214,15 @@ class FileWork:
         return entries
 
     def step(self) -> tuple[list[Entry], bool]:
-        """The next entries, and whether the file is done."""
+        """The next entries, and whether the file is done. The file's clock runs only in
+        here: not while its items wait for room downstream."""
+        self.deadline.resume()
+        try:
+            return self._step()
+        finally:
+            self.deadline.pause()
+
+    def _step(self) -> tuple[list[Entry], bool]:
         stage = self.stage
         if self.items is None:
             try:
@@ -214,8 +234,10 @@ class FileWork:
             prev = self.prev
             if (prev is not None and not stage.retry_rejects
                     and prev.same_content(version, stage.fingerprint)):
+                data.close()
                 return [_touched(prev, self.obj)], True
-            self.items = stage.validator.fit(self.obj, data, extras)
+            # the validator closes the blob when its items end (or it is given up on)
+            self.items = stage.validator.fit(self.obj, data, extras, self.deadline)
         chunk: list[Entry] = []
         size = 0
         try:

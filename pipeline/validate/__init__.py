@@ -10,9 +10,9 @@ Reject reasons are the closed list in :class:`pipeline.errors.RejectReason`.
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Iterator
 
+from connectors.blob import Blob
 from pipeline.config import JobConfig
 from pipeline.errors import ItemRejected, RejectReason
 from pipeline.gemini.tasks import MAX_TITLE_CHARS, TaskStyle
@@ -25,6 +25,7 @@ from pipeline.models import (
     text_tokens,
 )
 from pipeline.records import Extras, Item, Modality, Part, Reject, SourceObject, Span, item_id
+from pipeline.validate.deadline import Deadline
 from pipeline.validate.image import check_image, convert_to_png, probe_image
 from pipeline.validate.markup import MARKUP_MIMES, visible_text
 from pipeline.validate.media import (
@@ -54,25 +55,30 @@ class Validator(TimedMedia):
         self.text_budget = max(16, self.text_max_tokens - PREFIX_RESERVE_TOKENS)
         self._extras: Extras | None = None
         self._caption: str | None = None
+        self._deadline: Deadline | None = None
         self.dry = False  # plan mode: counts and spans, no payloads
         self.style = TaskStyle.for_job(job)
         self.title_from_name = job.embed.title_from == "name"
 
-    def fit(self, obj: SourceObject, data: bytes,
-            extras: Extras | None = None) -> Iterator[Item | Reject]:
+    def fit(self, obj: SourceObject, data: bytes | Blob, extras: Extras | None = None,
+            deadline: Deadline | None = None) -> Iterator[Item | Reject]:
         """The file's items, or one file-level reject. ``obj.version`` must be set. ``extras``
-        (a caption, a title, metadata columns) are combined into every item of the file."""
+        (a caption, a title, metadata columns) are combined into every item of the file. A
+        blob is the validator's from here: closed when the items end (or are given up on).
+        ``deadline`` (default: ``file_timeout_s`` from the first item on) is the caller's to
+        pause while it does not pull items."""
         assert obj.version is not None
-        if extras is not None:
-            # Validators are shared by worker threads: the file's extras go on a copy.
+        blob = data if isinstance(data, Blob) else Blob.of(data)
+        with blob:
+            # Validators are shared by worker threads: a file's settings go on a copy.
             per_file = copy.copy(self)
-            per_file._extras = extras
-            per_file._caption = self._fit_caption(extras.caption) if extras.caption else None
-            yield from per_file.fit(obj, data)
-            return
-        yield from self._fit(obj, data)
+            per_file._deadline = deadline
+            if extras is not None:
+                per_file._extras = extras
+                per_file._caption = self._fit_caption(extras.caption) if extras.caption else None
+            yield from per_file._fit(obj, blob)
 
-    def plan(self, obj: SourceObject, data: bytes,
+    def plan(self, obj: SourceObject, data: bytes | Blob,
              extras: Extras | None = None) -> Iterator[Item | Reject]:
         """What :meth:`fit` would yield, with the same counts, spans and token estimates, but
         without producing payloads: no PDF part is written, no media is cut or converted."""
@@ -80,7 +86,7 @@ class Validator(TimedMedia):
         dry.dry = True
         yield from dry.fit(obj, data, extras)
 
-    def _fit(self, obj: SourceObject, data: bytes) -> Iterator[Item | Reject]:
+    def _fit(self, obj: SourceObject, data: Blob) -> Iterator[Item | Reject]:
         assert obj.version is not None
         mime: str | None = None
         emitted = 0
@@ -100,12 +106,12 @@ class Validator(TimedMedia):
         raw = caption.encode("utf-8")
         return caption if len(raw) <= budget else raw[:budget].decode("utf-8", "ignore")
 
-    def _mime(self, obj: SourceObject, data: bytes) -> str:
+    def _mime(self, obj: SourceObject, data: Blob) -> str:
         claimed = extension_mime(obj.key)
         binary_claim = claimed is not None and claimed not in TEXT_EXTENSIONS.values()
-        if not data:
+        if not data.size:
             raise ItemRejected(RejectReason.EMPTY, "file is empty (0 bytes)")
-        mime = sniff(data[:4096], obj.key)
+        mime = sniff(data.head(4096), obj.key)
         if (mime.startswith("text/") or mime in TEXT_EXTENSIONS.values()) and binary_claim:
                 raise ItemRejected(
                     RejectReason.CORRUPT,
@@ -113,16 +119,25 @@ class Validator(TimedMedia):
                 )
         return mime
 
-    def _items(self, obj: SourceObject, data: bytes, mime: str) -> Iterator[Item]:
+    def _items(self, obj: SourceObject, blob: Blob, mime: str) -> Iterator[Item]:
         if mime.startswith("text/") or mime in TEXT_EXTENSIONS.values():
-            yield from self._text(obj, data, mime)
+            yield from self._text(obj, blob.read(), mime)
             return
         if not self.spec.multimodal:
             raise ItemRejected(
                 RejectReason.UNSUPPORTED,
                 f"{mime} cannot be embedded: {self.model} embeds text only",
             )
-        deadline = time.monotonic() + self.cfg.file_timeout_s
+        deadline = self._deadline or Deadline(self.cfg.file_timeout_s)
+        if mime.startswith(("audio/", "video/")) and mime not in NO_DECODER:
+            # media are read through the blob (a large one stays on disk)
+            info = probe(blob, deadline)
+            if info.kind == "audio":
+                yield from self._audio(obj, blob, _audio_mime(mime), info, deadline)
+            else:
+                yield from self._video(obj, blob, mime, info, deadline)
+            return
+        data = blob.read()  # the payload is the whole file (or made from all of it)
         if mime in IMAGE_MIMES:
             check_image(data, mime, self.cfg.max_image_pixels)
             yield self._image(obj, data, mime, mime)
@@ -139,12 +154,6 @@ class Validator(TimedMedia):
         elif mime in NO_DECODER:
             raise ItemRejected(RejectReason.UNSUPPORTED, f"{mime} has no decoder here and is not "
                                "accepted by the model")
-        elif mime.startswith(("audio/", "video/")):
-            info = probe(data, deadline)
-            if info.kind == "audio":
-                yield from self._audio(obj, data, _audio_mime(mime), info, deadline)
-            else:
-                yield from self._video(obj, data, mime, info, deadline)
         else:
             raise ItemRejected(
                 RejectReason.UNSUPPORTED,
@@ -158,8 +167,9 @@ class Validator(TimedMedia):
                 f"{mime} is not a format {self.model} accepts and converting it is off "
                 f"(validate.{kind}_policy: convert, validate.{kind}_convert_from)")
 
-    def _inline_ok(self, data: bytes) -> bool:
-        return (len(data) + 2) // 3 * 4 <= self.cfg.max_inline_bytes
+    def _inline_ok(self, size: int) -> bool:
+        """``size`` bytes fit the inline payload limit once base64-encoded."""
+        return (size + 2) // 3 * 4 <= self.cfg.max_inline_bytes
 
     def _too_large(self, what: str, size: int) -> ItemRejected:
         return ItemRejected(
@@ -168,7 +178,7 @@ class Validator(TimedMedia):
             f"{self.cfg.max_inline_bytes:,} bytes once base64-encoded (validate.max_inline_bytes)")
 
     def _image(self, obj: SourceObject, data: bytes, mime: str, source_mime: str) -> Item:
-        if not self._inline_ok(data):
+        if not self._inline_ok(len(data)):
             raise self._too_large("the image", len(data))
         return self._item(obj, 0, 1, Modality.IMAGE, mime, (Part(mime=mime, data=data),),
                           TOKENS_PER_IMAGE, Span(), source_mime=source_mime)
@@ -190,14 +200,14 @@ class Validator(TimedMedia):
                              text_tokens(chunk), Span(char_start=start, char_end=end), text=chunk,
                              doc_title=title)
 
-    def _pdf(self, obj: SourceObject, data: bytes, deadline: float) -> Iterator[Item]:
+    def _pdf(self, obj: SourceObject, data: bytes, deadline: Deadline) -> Iterator[Item]:
         doc = PdfDocument(data)
         count = doc.part_count(self.pdf_max_pages)
         parts = (doc.spans(self.pdf_max_pages) if self.dry
                  else doc.parts(self.pdf_max_pages, deadline))
         for index, part in enumerate(parts):
             pages = part.page_end - part.page_start + 1
-            if not self._inline_ok(part.data):
+            if not self._inline_ok(len(part.data)):
                 raise self._too_large(f"pages {part.page_start}-{part.page_end}", len(part.data))
             yield self._item(obj, index, count, Modality.DOCUMENT, PDF_MIME,
                              (Part(mime=PDF_MIME, data=part.data),), pages * TOKENS_PER_PDF_PAGE,

@@ -19,22 +19,25 @@ from __future__ import annotations
 import io
 import logging
 import math
-import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import Any, BinaryIO
 
 import av
 import mutagen
 
+from connectors.blob import Blob
 from pipeline.errors import ItemRejected, RejectReason
+from pipeline.validate.deadline import Deadline
 
 logging.getLogger("libav").setLevel(logging.CRITICAL)
 av.logging.set_level(av.logging.PANIC)
 
 AUDIO_RATE = 22_050
 TRUNCATION_RATIO = 0.8  # decoded / claimed below this (minus 1 s of slack) means truncated
+Media = bytes | Blob  # a file in memory, or a blob read through readers of its own
 VIDEO_CODECS = frozenset({"h264", "hevc", "av1", "vp9"})
 _AV_ERRORS = (av.error.FFmpegError, ValueError, OSError, IndexError, KeyError, ZeroDivisionError,
               EOFError, RuntimeError)
@@ -64,16 +67,26 @@ def _corrupt(message: str) -> ItemRejected:
     return ItemRejected(RejectReason.CORRUPT, message)
 
 
-def _open(data: bytes) -> Any:
-    try:
-        return av.open(io.BytesIO(data), mode="r", metadata_errors="ignore")
-    except _AV_ERRORS as exc:
-        raise _corrupt(f"the media container cannot be opened: {exc}") from exc
+def _reader(data: Media) -> BinaryIO:
+    return io.BytesIO(data) if isinstance(data, bytes) else data.open()
 
 
-def _header_seconds(data: bytes, container: Any) -> float | None:
+@contextmanager
+def _open(data: Media) -> Iterator[Any]:
+    """The container, read from memory or, for a blob on disk, through a reader of its own."""
+    with _reader(data) as reader:
+        try:
+            container = av.open(reader, mode="r", metadata_errors="ignore")
+        except _AV_ERRORS as exc:
+            raise _corrupt(f"the media container cannot be opened: {exc}") from exc
+        with container:
+            yield container
+
+
+def _header_seconds(data: Media, container: Any) -> float | None:
     try:
-        info = mutagen.File(io.BytesIO(data))
+        with _reader(data) as reader:
+            info = mutagen.File(reader)
         length = getattr(getattr(info, "info", None), "length", None)
         if length and length > 0:
             return float(length)
@@ -90,9 +103,10 @@ def _real_video_streams(container: Any) -> list[Any]:
             if not (s.disposition & attached) and s.codec_context.name not in ("png", "bmp")]
 
 
-def probe(data: bytes, deadline: float = math.inf) -> MediaInfo:
+def probe(data: Media, deadline: Deadline | None = None) -> MediaInfo:
     """What the media is and how long it lasts, measured from what demuxes or decodes. The
     emulator measures with this too, so the validator's verdict is the API's."""
+    deadline = deadline or Deadline.never()
     with _open(data) as container:
         header = _header_seconds(data, container)
         videos = _real_video_streams(container)
@@ -104,7 +118,8 @@ def probe(data: bytes, deadline: float = math.inf) -> MediaInfo:
     raise _corrupt("the container holds no audio or video stream")
 
 
-def _probe_audio(container: Any, stream: Any, header: float | None, deadline: float) -> MediaInfo:
+def _probe_audio(container: Any, stream: Any, header: float | None,
+                 deadline: Deadline) -> MediaInfo:
     samples = 0
     rate = stream.codec_context.sample_rate or stream.rate or 0
     error: str | None = None
@@ -112,7 +127,7 @@ def _probe_audio(container: Any, stream: Any, header: float | None, deadline: fl
         for frame in container.decode(stream):
             samples += frame.samples
             rate = frame.sample_rate or rate
-            if time.monotonic() > deadline:
+            if deadline.passed():
                 raise _timeout("measuring the audio")
     except _AV_ERRORS as exc:
         error = str(exc)
@@ -123,7 +138,8 @@ def _probe_audio(container: Any, stream: Any, header: float | None, deadline: fl
     return MediaInfo("audio", header, seconds, audio_codec=stream.codec_context.name)
 
 
-def _probe_video(container: Any, stream: Any, header: float | None, deadline: float) -> MediaInfo:
+def _probe_video(container: Any, stream: Any, header: float | None,
+                 deadline: Deadline) -> MediaInfo:
     info = MediaInfo("video", header, 0.0, video_codec=stream.codec_context.name,
                      width=stream.codec_context.width, height=stream.codec_context.height)
     if container.streams.audio:
@@ -140,7 +156,7 @@ def _probe_video(container: Any, stream: Any, header: float | None, deadline: fl
             end = max(end, t + float((packet.duration or 0) * tb))
             if packet.is_keyframe:
                 info.keyframes.append(t)
-            if time.monotonic() > deadline:
+            if deadline.passed():
                 raise _timeout("reading the video")
     except _AV_ERRORS as exc:
         if start is None:
@@ -184,7 +200,7 @@ def _timeout(doing: str) -> ItemRejected:
 # --- audio output -----------------------------------------------------------------------------
 
 
-def audio_segments(data: bytes, max_s: float, deadline: float) -> Iterator[Segment]:
+def audio_segments(data: Media, max_s: float, deadline: Deadline) -> Iterator[Segment]:
     """Decode and re-encode as MP3 segments of at most ``max_s`` seconds (mono, 22.05 kHz)."""
     limit = int(max_s * AUDIO_RATE)
     with _open(data) as container:
@@ -200,7 +216,7 @@ def audio_segments(data: bytes, max_s: float, deadline: float) -> Iterator[Segme
                         yield encoder.close(start / AUDIO_RATE, (start + written) / AUDIO_RATE)
                         start += written
                         encoder, written = None, 0
-                        if time.monotonic() > deadline:
+                        if deadline.passed():
                             raise _timeout("splitting the audio")
                     if encoder is None:
                         encoder = _Mp3Writer()
@@ -259,7 +275,7 @@ def cut_points(keyframes: list[float], duration: float, max_s: float) -> list[fl
     return cuts
 
 
-def video_segments(data: bytes, info: MediaInfo, max_s: float, deadline: float, *,
+def video_segments(data: Media, info: MediaInfo, max_s: float, deadline: Deadline, *,
                    limit_s: float | None = None) -> Iterator[Segment]:
     """Remux the video stream (no audio: the model ignores it) into MP4 segments cut at
     keyframes, without re-encoding. Segments are at most ``max_s``; ``limit_s`` is the model's
@@ -287,7 +303,7 @@ def video_segments(data: bytes, info: MediaInfo, max_s: float, deadline: float, 
                 if writer is not None:
                     yield writer.close(bounds[index], min(bounds[index + 1], info.measured_s))
                     writer = None
-                    if time.monotonic() > deadline:
+                    if deadline.passed():
                         raise _timeout("splitting the video")
                 index += 1
             if writer is None:
@@ -317,7 +333,7 @@ class _Remuxer:
         return Segment(start_s, end_s, self.buf.getvalue(), "video/mp4")
 
 
-def video_transcode(data: bytes, info: MediaInfo, max_s: float, deadline: float,
+def video_transcode(data: Media, info: MediaInfo, max_s: float, deadline: Deadline,
                     max_height: int = 720) -> Iterator[Segment]:
     """Re-encode to H.264 MP4 segments of at most ``max_s`` (for WebM, MKV, AVI, ...)."""
     with _open(data) as container:
@@ -335,7 +351,7 @@ def video_transcode(data: bytes, info: MediaInfo, max_s: float, deadline: float,
                 if writer is not None and rel - seg_start >= max_s:
                     yield writer.close(seg_start, rel)
                     seg_start, writer = rel, None
-                if time.monotonic() > deadline:
+                if deadline.passed():
                     raise _timeout("converting the video")
                 if writer is None:
                     writer = _H264Writer(frame.width, frame.height, rate, max_height)

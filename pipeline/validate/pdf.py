@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import logging
-import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pypdf import PdfReader, PdfWriter
 from pypdf.errors import DependencyError, FileNotDecryptedError, PdfReadError, PyPdfError
 
 from pipeline.errors import ItemRejected, RejectReason
+from pipeline.validate.deadline import Deadline
 
 # pypdf logs every repaired xref at WARNING; the reject message is the user-facing signal.
 logging.getLogger("pypdf").setLevel(logging.ERROR)
@@ -61,14 +61,14 @@ class PdfDocument:
     def part_count(self, max_pages: int) -> int:
         return -(-self.pages // max_pages)
 
-    def parts(self, max_pages: int, deadline: float) -> Iterator[PdfPart]:
+    def parts(self, max_pages: int, deadline: Deadline) -> Iterator[PdfPart]:
         """Consecutive parts of at most ``max_pages`` pages; the original bytes when one part
         suffices and the file needs no decryption."""
         if self.pages <= max_pages and not self.rewrite:
             yield PdfPart(1, self.pages, self.data)
             return
         for first in range(0, self.pages, max_pages):
-            if time.monotonic() > deadline:
+            if deadline.passed():
                 raise ItemRejected(
                     RejectReason.TIMEOUT,
                     f"splitting stopped at page {first + 1} of {self.pages}: "

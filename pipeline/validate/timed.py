@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 
+from connectors.blob import Blob
 from pipeline.config import ValidateConfig
 from pipeline.errors import ItemRejected, RejectReason
 from pipeline.models import (
@@ -19,6 +20,7 @@ from pipeline.models import (
     ModelSpec,
 )
 from pipeline.records import Item, Modality, Part, SourceObject, Span
+from pipeline.validate.deadline import Deadline
 from pipeline.validate.media import (
     VIDEO_CODECS,
     MediaInfo,
@@ -43,7 +45,7 @@ class TimedMedia:
               source_mime: str | None = None, doc_title: str | None = None) -> Item:
         raise NotImplementedError
 
-    def _inline_ok(self, data: bytes) -> bool:
+    def _inline_ok(self, size: int) -> bool:
         raise NotImplementedError
 
     def _too_large(self, what: str, size: int) -> ItemRejected:
@@ -63,20 +65,20 @@ class TimedMedia:
                                "of it are split (validate.too_long: split to cut it)")
         return True
 
-    def _whole(self, obj: SourceObject, data: bytes, mime: str, modality: Modality,
+    def _whole(self, obj: SourceObject, data: Blob, mime: str, modality: Modality,
                info: MediaInfo, tokens: int) -> Item:
         """A media file sent as it is: one item spanning its whole duration."""
-        return self._item(obj, 0, 1, modality, mime, (Part(mime=mime, data=data),), tokens,
+        return self._item(obj, 0, 1, modality, mime, (Part(mime=mime, data=data.read()),), tokens,
                           Span(time_start_s=0.0, time_end_s=info.measured_s))
 
-    def _audio(self, obj: SourceObject, data: bytes, mime: str, info: MediaInfo,
-               deadline: float) -> Iterator[Item]:
+    def _audio(self, obj: SourceObject, data: Blob, mime: str, info: MediaInfo,
+               deadline: Deadline) -> Iterator[Item]:
         max_s = self.cfg.audio_max_s or self.spec.max_audio_s
         as_is = mime in self.cfg.audio_formats
         if not as_is:
             self._may_convert(mime, self.cfg.audio_policy, self.cfg.audio_convert_from, "audio")
         too_long = self._too_long("audio", info, max_s)
-        if as_is and not too_long and self._inline_ok(data):
+        if as_is and not too_long and self._inline_ok(data.size):
             yield self._whole(obj, data, mime, Modality.AUDIO, info,
                               _audio_tokens(info.measured_s))
             return
@@ -87,20 +89,20 @@ class TimedMedia:
                     else audio_segments(data, length, deadline))
         yield from self._segments(obj, segments, count, Modality.AUDIO, _audio_tokens, mime)
 
-    def _video(self, obj: SourceObject, data: bytes, mime: str, info: MediaInfo,
-               deadline: float) -> Iterator[Item]:
+    def _video(self, obj: SourceObject, data: Blob, mime: str, info: MediaInfo,
+               deadline: Deadline) -> Iterator[Item]:
         max_s = self.cfg.video_max_s or self.spec.max_video_s
         native = mime in VIDEO_MIMES and info.video_codec in VIDEO_CODECS
         if not native:
             self._may_convert(mime, self.cfg.video_policy, self.cfg.video_convert_from, "video")
         too_long = self._too_long("video", info, max_s)
-        if native and not too_long and self._inline_ok(data):
+        if native and not too_long and self._inline_ok(data.size):
             yield self._whole(obj, data, mime, Modality.VIDEO, info,
                               _video_tokens(info.measured_s))
             return
         if native:
             # Shorter segments when the bytes, not the seconds, are over the limit.
-            per_s = len(data) / max(info.measured_s, 1e-3)
+            per_s = data.size / max(info.measured_s, 1e-3)
             by_size = 0.8 * self.cfg.max_inline_bytes * 3 / 4 / per_s
             # A second of slack: containers report a little more than the packets span.
             length = min(max(1.0, max_s - 1.0) if max_s > 2 else max_s, by_size)
@@ -120,7 +122,7 @@ class TimedMedia:
                   source_mime: str) -> Iterator[Item]:
         """One item per time segment of a media file."""
         for index, seg in enumerate(segments):
-            if not self._inline_ok(seg.data):
+            if not self._inline_ok(len(seg.data)):
                 raise self._too_large(f"{modality} {seg.start_s:.0f}-{seg.end_s:.0f} s",
                                       len(seg.data))
             yield self._item(obj, index, count, modality, seg.mime,
