@@ -8,6 +8,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,7 +50,8 @@ def test_payloads_over_the_budget_all_arrive_and_every_part_is_let_go(
     """With a budget smaller than one part, validation waits for each part to leave before it
     cuts the next: every file still arrives, nothing holds a part after its call (a held part
     would stall the run: the stall escape is switched off and the run is timed out instead),
-    and the waits do not count against a file's time limit."""
+    the waits do not count against a file's time limit, and auto mode, which holds items until
+    it knows the run's size, lets their payloads go and cuts them again once it knows."""
     import anyio
 
     import pipeline.stages.budget as budget_module
@@ -66,6 +68,17 @@ def test_payloads_over_the_budget_all_arrive_and_every_part_is_let_go(
         budgets.append(self)
 
     monkeypatch.setattr(PayloadBudget, "__init__", recording_init)
+    from pipeline.stages.validation import Validation
+
+    cut_again: list[str] = []
+    real_refetched = Validation.refetched
+
+    def counting_refetched(self: Validation, items: list[Any]) -> Any:
+        for item in real_refetched(self, items):
+            cut_again.append(item.id)
+            yield item
+
+    monkeypatch.setattr(Validation, "refetched", counting_refetched)
     monkeypatch.setattr(budget_module, "STALL_S", 3600.0)
     monkeypatch.setattr(budget_module, "COUNTED_BYTES", 1)  # every media part counts
     # files over 1 MB: validated one at a time, the budget checked between their steps
@@ -91,3 +104,6 @@ def test_payloads_over_the_budget_all_arrive_and_every_part_is_let_go(
 
     gc.collect()
     assert budget.held == 0  # every part let go
+    # auto mode holds the items until it knows the run is small: their payloads were let go
+    # and cut again from the files once it knew, not held over the budget
+    assert bool(cut_again) == (mode == "auto") and len(set(cut_again)) == len(cut_again)

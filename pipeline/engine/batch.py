@@ -17,13 +17,14 @@ from __future__ import annotations
 import functools
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import anyio
 import anyio.abc
 
 from pipeline.config import BatchSettings, JobConfig
+from pipeline.engine.holding import AutoHold
 from pipeline.errors import AccessError, EmbedError, TransientEmbedError
 from pipeline.gemini.batches import BatchApi, BatchJob, BatchResult
 from pipeline.gemini.client import GeminiClient
@@ -183,6 +184,7 @@ class BatchRouter:
                  support: BatchSupport | None = None,
                  ask: Callable[[], Awaitable[BatchSupport]] | None = None,
                  refetch: Callable[[list[Item]], list[Item]] | None = None,
+                 refetched: Callable[[list[Item]], Iterator[Item]] | None = None,
                  budget: PayloadBudget | None = None) -> None:
         self.driver = driver
         # items held here until the end are not counted: validation must go on meanwhile
@@ -201,7 +203,8 @@ class BatchRouter:
         # (display name, job name) of an earlier run's job -> the items validated for it
         self._adopted: dict[tuple[str, str], dict[str, Item]] = {}
         self._keys: dict[str, str] = {}  # content keys of the adopted items
-        self._held: list[Item] = []
+        # auto mode's items, held until the run is known to be large or not
+        self._held = AutoHold(budget, refetched)
 
     async def run(self, items: anyio.abc.ObjectReceiveStream[list[Item]],
                   pack: anyio.abc.ObjectSendStream[list[Item]],
@@ -234,12 +237,13 @@ class BatchRouter:
         async with items, pack, out:
             async for chunk in items:
                 rest = [i for i in chunk if not self._await(i)]
+                del chunk
                 await self._route(rest, pack)
+                del rest  # not held while the next chunk is awaited (the payload budget)
             if self.mode == "auto":  # the run stayed small: interactive it is
                 self._decide("interactive", f"embed.mode is auto and the run had no more than "
                                             f"{self.min_items:,} items (embed.batch_min_items)")
-                if self._held:
-                    await pack.send(self._held)
+                await self._held.release(self._send_decided, pack, self.driver.outcome)
             if (draft := self.driver.batching.take()) is not None:
                 await self.driver.submit(draft)
             for (display_name, name), found in self._adopted.items():
@@ -278,12 +282,9 @@ class BatchRouter:
     async def _route(self, chunk: list[Item], pack: anyio.abc.ObjectSendStream[list[Item]]
                      ) -> None:
         if self.mode == "auto":
-            self._held += chunk
-            if self._budget is not None:  # held until the run is known to be large or not
-                self._budget.exempt(chunk)
+            self._held.add(chunk)
             if len(self._held) <= self.min_items:
                 return
-            chunk, self._held = self._held, []
             if self.support is None and self._ask is not None:
                 self.support = await self._ask()
             big = f"embed.mode is auto and the run has more than {self.min_items:,} items"
@@ -292,6 +293,14 @@ class BatchRouter:
                                             f"Batch API: {self.support.why}")
             else:
                 self._decide("batch", big + (f"; {self.support.why}" if self.support else ""))
+            await self._held.release(self._send_decided, pack, self.driver.outcome)
+            return
+        await self._send_decided(chunk, pack)
+
+    async def _send_decided(self, chunk: list[Item],
+                            pack: anyio.abc.ObjectSendStream[list[Item]]) -> None:
+        if not chunk:
+            return
         if self.mode == "interactive":
             if chunk:
                 await pack.send(chunk)
@@ -381,4 +390,4 @@ async def batch_router(job: JobConfig, client: GeminiClient, stages: Stages, sta
     return BatchRouter(driver, mode=embed.mode, min_items=embed.batch_min_items,
                        awaited=await open_jobs(api, state.batch_log), detach=detach,
                        support=support, ask=ask, refetch=stages.validation.refetch,
-                       budget=stages.validation.budget)
+                       refetched=stages.validation.refetched, budget=stages.validation.budget)

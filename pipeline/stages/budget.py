@@ -66,6 +66,10 @@ class PayloadBudget:
             if key is not None:
                 self._counted.pop(key, None)
 
+    @property
+    def full(self) -> bool:
+        return self.held >= self.limit
+
     def footprint(self, items: list[Item]) -> int:
         """What these items' parts count for while they are held."""
         return sum(len(p.data) * FOOTPRINT for i in items for p in i.parts

@@ -148,7 +148,11 @@ class Validation:
         """Items whose payload went into a Batch API job that did not give their vectors,
         read and cut again (blocking): those whose file still holds the same version; the
         others (changed, gone, unreadable) are left to the next run."""
-        out: list[Item] = []
+        return list(self.refetched(items))
+
+    def refetched(self, items: list[Item]) -> Iterator[Item]:
+        """:meth:`refetch` one item at a time (a large file's parts are not all held at once).
+        No time limit: each of these files went through validation within it already."""
         by_file: dict[tuple[str, str], tuple[SourceObject, set[str]]] = {}
         for item in items:
             by_file.setdefault((item.source.uri, item.version), (item.source, set()))[1].add(
@@ -165,11 +169,13 @@ class Validation:
                 if version != version_then:
                     continue
                 try:
-                    out += [e for e in self.validator.fit(obj.with_version(version), data, extras)
-                            if isinstance(e, Item) and e.id in ids]
+                    for entry in self.validator.fit(obj.with_version(version), data, extras,
+                                                    Deadline.never()):
+                        if isinstance(entry, Item) and entry.id in ids:
+                            yield entry
+                        del entry
                 except Exception:  # a parser bug: the next run meets it as a reject
                     log.exception("validator failed again on %s", obj.key)
-        return out
 
     def validate(self, todo: Todo) -> Sorted:
         """A whole file, in this thread, with no deadline: for plain loops and tests."""
