@@ -181,9 +181,10 @@ def test_a_missing_source_fails_the_run_and_the_tables_stay_readable(tmp_path: P
     assert _cli("run", "-q", str(job)).returncode == EXIT_OK
     src.rename(tmp_path / "unmounted")
     run = _cli("run", "-q", str(job))
-    assert run.returncode == EXIT_FAILED
+    assert run.returncode == EXIT_FAILED, run.stderr
     lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and "does not exist" in lines[0] and "nothing was deleted" in lines[0]
+    assert len(lines) == 1 and "does not exist" in lines[0] and "nothing was deleted" in lines[0], \
+        run.stderr
     assert len(_table(tmp_path, "vectors")) == 5
     for command in READING:
         extra = ["text"] if command == "search" else []
