@@ -60,8 +60,14 @@ class Blob:
         try:
             size = 0
             for chunk in chunks:  # the store's errors go up as they are (the caller's)
-                size += _write(spooled, chunk, size_hint)
-            _write(spooled, b"", size_hint)  # and flushed
+                try:
+                    size += spooled.write(chunk)
+                except OSError as exc:
+                    raise _scratch_error(exc, size_hint) from None
+            try:
+                spooled.flush()  # readers read the file, not the buffer
+            except OSError as exc:
+                raise _scratch_error(exc, size_hint) from None
         except BaseException:
             spooled.close()
             raise
@@ -120,16 +126,6 @@ class Blob:
         if self._file.closed:
             raise ValueError("read from a closed blob")
         return os.pread(self._file.fileno(), n, offset)
-
-
-def _write(spooled: BinaryIO, chunk: bytes | memoryview, size_hint: int) -> int:
-    try:
-        if not chunk:
-            spooled.flush()
-            return 0
-        return spooled.write(chunk)
-    except OSError as exc:
-        raise _scratch_error(exc, size_hint) from None
 
 
 def _scratch_error(exc: OSError, size: int) -> ScratchError:

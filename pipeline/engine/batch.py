@@ -183,7 +183,6 @@ class BatchRouter:
                  awaited: dict[str, tuple[str, str, str | None]], detach: bool,
                  support: BatchSupport | None = None,
                  ask: Callable[[], Awaitable[BatchSupport]] | None = None,
-                 refetch: Callable[[list[Item]], list[Item]] | None = None,
                  refetched: Callable[[list[Item]], Iterator[Item]] | None = None,
                  budget: PayloadBudget | None = None) -> None:
         self.driver = driver
@@ -196,7 +195,7 @@ class BatchRouter:
         self.support = support
         self._ask = ask
         # items whose payload went into a job that gave no vector: read and cut again
-        self._refetch = refetch
+        self._refetched = refetched
         # item id -> (display name, job name, content key) of an earlier run's job
         self.awaited = awaited
         self.detach = detach
@@ -220,8 +219,8 @@ class BatchRouter:
             if result.collected is not None:
                 await out.send([Collected(result.collected)])
             retry, lost = list(result.retry), list(result.lost)
-            if lost and self._refetch is not None:
-                again = await anyio.to_thread.run_sync(self._refetch, lost)
+            if lost and (refetched := self._refetched) is not None:
+                again = await anyio.to_thread.run_sync(lambda: list(refetched(lost)))
                 found = {i.id for i in again}
                 retry += again
                 lost = [i for i in lost if i.id not in found]
@@ -302,8 +301,7 @@ class BatchRouter:
         if not chunk:
             return
         if self.mode == "interactive":
-            if chunk:
-                await pack.send(chunk)
+            await pack.send(chunk)
             return
         batching = self.driver.batching
         direct = []
@@ -389,5 +387,5 @@ async def batch_router(job: JobConfig, client: GeminiClient, stages: Stages, sta
                          stats.run_id)
     return BatchRouter(driver, mode=embed.mode, min_items=embed.batch_min_items,
                        awaited=await open_jobs(api, state.batch_log), detach=detach,
-                       support=support, ask=ask, refetch=stages.validation.refetch,
-                       refetched=stages.validation.refetched, budget=stages.validation.budget)
+                       support=support, ask=ask, refetched=stages.validation.refetched,
+                       budget=stages.validation.budget)

@@ -144,15 +144,11 @@ class Validation:
             raise
         return data, version, extras
 
-    def refetch(self, items: list[Item]) -> list[Item]:
-        """Items whose payload went into a Batch API job that did not give their vectors,
-        read and cut again (blocking): those whose file still holds the same version; the
-        others (changed, gone, unreadable) are left to the next run."""
-        return list(self.refetched(items))
-
     def refetched(self, items: list[Item]) -> Iterator[Item]:
-        """:meth:`refetch` one item at a time (a large file's parts are not all held at once).
-        No time limit: each of these files went through validation within it already."""
+        """Items whose payload was let go (auto mode's hold) or went into a Batch API job that
+        did not give their vectors, read and cut again (blocking), one at a time: those whose
+        file still holds the same version; the others (changed, gone, unreadable) are left to
+        the next run. No time limit: each of these files went through validation within it."""
         by_file: dict[tuple[str, str], tuple[SourceObject, set[str]]] = {}
         for item in items:
             by_file.setdefault((item.source.uri, item.version), (item.source, set()))[1].add(

@@ -55,7 +55,6 @@ class Validator(TimedMedia):
         self.text_budget = max(16, self.text_max_tokens - PREFIX_RESERVE_TOKENS)
         self._extras: Extras | None = None
         self._caption: str | None = None
-        self._deadline: Deadline | None = None
         self.dry = False  # plan mode: counts and spans, no payloads
         self.style = TaskStyle.for_job(job)
         self.title_from_name = job.embed.title_from == "name"
@@ -70,13 +69,14 @@ class Validator(TimedMedia):
         assert obj.version is not None
         blob = data if isinstance(data, Blob) else Blob.of(data)
         with blob:
-            # Validators are shared by worker threads: a file's settings go on a copy.
+            if extras is None:
+                yield from self._fit(obj, blob, deadline)
+                return
+            # Validators are shared by worker threads: the file's extras go on a copy.
             per_file = copy.copy(self)
-            per_file._deadline = deadline
-            if extras is not None:
-                per_file._extras = extras
-                per_file._caption = self._fit_caption(extras.caption) if extras.caption else None
-            yield from per_file._fit(obj, blob)
+            per_file._extras = extras
+            per_file._caption = self._fit_caption(extras.caption) if extras.caption else None
+            yield from per_file._fit(obj, blob, deadline)
 
     def plan(self, obj: SourceObject, data: bytes | Blob,
              extras: Extras | None = None) -> Iterator[Item | Reject]:
@@ -86,13 +86,14 @@ class Validator(TimedMedia):
         dry.dry = True
         yield from dry.fit(obj, data, extras)
 
-    def _fit(self, obj: SourceObject, data: Blob) -> Iterator[Item | Reject]:
+    def _fit(self, obj: SourceObject, data: Blob,
+             deadline: Deadline | None) -> Iterator[Item | Reject]:
         assert obj.version is not None
         mime: str | None = None
         emitted = 0
         try:
             mime = self._mime(obj, data)
-            for item in self._items(obj, data, mime):
+            for item in self._items(obj, data, mime, deadline):
                 emitted += 1
                 yield item
         except ItemRejected as exc:
@@ -119,7 +120,8 @@ class Validator(TimedMedia):
                 )
         return mime
 
-    def _items(self, obj: SourceObject, blob: Blob, mime: str) -> Iterator[Item]:
+    def _items(self, obj: SourceObject, blob: Blob, mime: str,
+               deadline: Deadline | None) -> Iterator[Item]:
         if mime.startswith("text/") or mime in TEXT_EXTENSIONS.values():
             yield from self._text(obj, blob.read(), mime)
             return
@@ -128,7 +130,7 @@ class Validator(TimedMedia):
                 RejectReason.UNSUPPORTED,
                 f"{mime} cannot be embedded: {self.model} embeds text only",
             )
-        deadline = self._deadline or Deadline(self.cfg.file_timeout_s)
+        deadline = deadline or Deadline(self.cfg.file_timeout_s)
         if mime.startswith(("audio/", "video/")) and mime not in NO_DECODER:
             # media are read through the blob (a large one stays on disk)
             info = probe(blob, deadline)
