@@ -12,7 +12,11 @@ Starts SeaweedFS (the dev dependency) on loopback, fills a bucket, then in one r
   19 MB/s) embedded from the bucket by ``embedpipe run`` as a whole process against the
   emulator: its peak RSS (``wait4``) with the object streamed to a temporary file, beside the
   same run with the object held whole in memory (as before streaming), and the object's bytes
-  the run fetched.
+  the run fetched;
+- ``embedpipe plan`` over the corpus's media (``../shared/corpus``: audio, video, images, PDFs,
+  the bad ones too) in the bucket, read by range: the bytes it read against the objects' bytes
+  (the target: at most 0.3), beside a plan of the same files on the local disk, and whether
+  both plans predict the same items and rejects.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ def main() -> int:
     parser.add_argument("--objects", type=int, default=10_000)
     parser.add_argument("--read-mb", type=int, default=64)
     parser.add_argument("--video-mb", type=int, default=1024, help="0: no video run")
+    parser.add_argument("--corpus", type=Path,
+                        default=Path(__file__).resolve().parents[2] / "shared" / "corpus")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     server = S3Server(Path(tempfile.mkdtemp(prefix="embedpipe-s3-bench-")))
@@ -104,6 +110,7 @@ def main() -> int:
                 "Body"].read()), list(big)))
         boto3_read_s = time.perf_counter() - t
         video = big_video_runs(server, args.video_mb) if args.video_mb else {}
+        media = plan_by_range(server, args.corpus) if args.corpus.is_dir() else {}
     finally:
         server.stop()
     figures = {
@@ -115,7 +122,7 @@ def main() -> int:
         "list_diff_vs_obstore": round(list_diff_s / bare_list_s, 2),
         "read_mb_per_s": round(read_bytes / 2**20 / read_s, 1),
         "boto3_read_mb_per_s": round(boto_bytes / 2**20 / boto3_read_s, 1),
-        **video,
+        **video, **media,
     }
     print(f"{'':36}{'embedpipe':>12}{'boto3':>12}")
     print(f"{f'list {args.objects:,} objects (+ diff), s':36}{figures['list_diff_s']:>12}"
@@ -131,10 +138,56 @@ def main() -> int:
               f"{video['video_rss_mb_streamed']:,} MB streamed to disk, "
               f"{video['video_rss_mb_whole']:,} MB held whole ({video['video_items']} items, "
               f"exit {video['video_exit_streamed']}/{video['video_exit_whole']}, "
-              f"{video['video_s_streamed']} s / {video['video_s_whole']} s)")
+              f"{video['video_s_streamed']} s / {video['video_s_whole']} s); plan read "
+              f"{video['video_plan_read_mb']} MB of it by range in {video['video_plan_s']} s "
+              f"and predicted {video['video_plan_items']} items")
+    if media:
+        print(f"plan over {media['plan_files']} media files in the bucket ({media['plan_mb']} MB): "
+              f"read {media['plan_read_mb']} MB by range = {media['plan_read_ratio']} of their "
+              f"bytes in {media['plan_s_range']} s (local plan {media['plan_s_local']} s); "
+              f"same items and rejects as the local plan: {media['plan_same_as_local']}")
+        if not media["plan_same_as_local"]:
+            print(f"  by range: {media['plan_by_range']}\n  local:    {media['plan_local']}")
     if args.json:
         print(json.dumps(figures))
     return 0
+
+
+def plan_by_range(server: S3Server, corpus: Path) -> dict[str, Any]:
+    """``plan`` over the corpus's media in the bucket (read by range) and on the local disk."""
+    from pipeline.commands.planner import make_plan
+    from pipeline.config import JobConfig
+
+    files = {f"media/{p.relative_to(corpus)}": p for p in sorted(corpus.rglob("*"))
+             if p.is_file() and p.parent != corpus}
+    _put_many(server.store("big"), {k: p.read_bytes() for k, p in files.items()})
+    folder = Path(tempfile.mkdtemp(prefix="embedpipe-s3-plan-"))
+    try:
+        embed = {"provider": "gemini", "api_key": "bench", "model": "gemini-embedding-2",
+                 "output_dimensionality": 128}
+        plans = {}
+        times = {}
+        for name, source in (("range", server.source("big", "media")),
+                             ("local", {"kind": "local", "root": str(corpus),
+                                        "exclude": ["*", "**/*.md", "**/*.tsv"]})):
+            job = JobConfig.model_validate({
+                "name": f"plan-{name}", "source": source, "embed": embed,
+                "sink": {"kind": "lance", "uri": str(folder / name)}})
+            t = time.perf_counter()
+            plans[name] = make_plan(job).as_dict(job)
+            times[name] = round(time.perf_counter() - t, 2)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    ranged = plans["range"]
+    outcome = {n: {"items": p["items"], "rejects": p["rejects"]} for n, p in plans.items()}
+    return {"plan_files": len(files),
+            "plan_mb": round(ranged["bytes_of_files_read"] / 1e6, 1),
+            "plan_read_mb": round(ranged["bytes_read"] / 1e6, 2),
+            "plan_read_ratio": round(ranged["bytes_read"] / max(ranged["bytes_of_files_read"], 1),
+                                     3),
+            "plan_s_range": times["range"], "plan_s_local": times["local"],
+            "plan_same_as_local": outcome["range"] == outcome["local"],
+            "plan_by_range": outcome["range"], "plan_local": outcome["local"]}
 
 
 def make_video(path: Path, mb: int) -> None:
@@ -172,6 +225,19 @@ def big_video_runs(server: S3Server, mb: int) -> dict[str, Any]:
         obstore.put(server.store("big"), "video/big.mp4", video)
         video.unlink()
         out: dict[str, Any] = {"video_mb": round(size / 2**20)}
+        from pipeline.commands.planner import make_plan
+        from pipeline.config import JobConfig
+
+        planned = JobConfig.model_validate({
+            "name": "video-plan", "source": server.source("big", "video"),
+            "embed": {"provider": "gemini", "api_key": "bench", "model": "gemini-embedding-2",
+                      "output_dimensionality": 128},
+            "sink": {"kind": "lance", "uri": str(folder / "plan")}})
+        t = time.perf_counter()
+        plan = make_plan(planned).as_dict(planned)
+        out |= {"video_plan_read_mb": round(plan["bytes_read"] / 2**20, 2),
+                "video_plan_items": sum(plan["items"].values()),
+                "video_plan_s": round(time.perf_counter() - t, 2)}
         with emulator_process() as base:
             for name, command in (("streamed", ["-m", "pipeline.cli"]),
                                   ("whole", ["-c", _HELD_WHOLE])):

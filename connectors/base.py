@@ -54,6 +54,11 @@ class Connector(Protocol):
         whole. Raises as :meth:`read` does."""
         ...
 
+    def ranged(self, obj: SourceObject) -> Blob:
+        """The object as a blob read by range as its readers ask (``plan`` reads a media
+        file's header, not its body); where reading is cheap (local disk), :meth:`fetch`."""
+        ...
+
     def stat(self, key: str) -> SourceObject | None:
         """One object by key (None if absent): for files that travel with another (sidecars)."""
         ...

@@ -188,6 +188,9 @@ class LocalConnector:
             f.close()
             raise
 
+    def ranged(self, obj: SourceObject) -> Blob:
+        return self.fetch(obj)
+
     def _open(self, obj: SourceObject) -> BinaryIO:
         """The regular file behind ``obj``, opened without following a link out of the root."""
         path = self._path(obj)

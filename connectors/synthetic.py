@@ -102,6 +102,9 @@ class SyntheticConnector:
     def fetch(self, obj: SourceObject) -> Blob:
         return Blob.of(self.read(obj))
 
+    def ranged(self, obj: SourceObject) -> Blob:
+        return self.fetch(obj)
+
     def stat(self, key: str) -> SourceObject | None:
         try:
             number = self._number(key)

@@ -98,3 +98,40 @@ def test_a_large_file_is_read_where_it_is_and_hashed_the_same(tmp_path, monkeypa
         (tmp_path / "big.bin").rename(tmp_path / "moved.bin")
         assert big.read() == data and content_version(big) == content_version(data)
         assert small.read() == b"small"
+
+
+def test_a_ranged_blob_fetches_blocks_once_and_counts_them():
+    """A blob read by range (plan over a store): blocks fetched on first use, a run of
+    missing blocks in one request, kept blocks not fetched again; a failed fetch is kept for
+    the caller even when a parser swallowed it."""
+    from connectors.blob import RANGE_BLOCK, Blob
+
+    data = os.urandom(10 * RANGE_BLOCK + 123)
+    requests: list[tuple[int, int]] = []
+
+    def fetch(start: int, end: int) -> bytes:
+        requests.append((start, end))
+        return data[start:end]
+
+    blob = Blob.ranged(fetch, len(data))
+    assert blob.is_ranged and blob.fetched == 0 and not requests
+    assert blob.head(10) == data[:10]
+    with blob.open() as reader:
+        reader.seek(5 * RANGE_BLOCK - 3)
+        assert reader.read(10) == data[5 * RANGE_BLOCK - 3:5 * RANGE_BLOCK + 7]
+        reader.seek(-50, os.SEEK_END)
+        assert reader.read() == data[-50:]
+    assert blob.head(100) == data[:100]  # kept
+    assert requests == [(0, RANGE_BLOCK), (4 * RANGE_BLOCK, 6 * RANGE_BLOCK),
+                        (10 * RANGE_BLOCK, len(data))]
+    assert blob.fetched == 3 * RANGE_BLOCK + 123
+    # one request for the rest: blocks 1 to 9 (4 and 5 again: they lie inside the run)
+    assert blob.read() == data and blob.fetched == 12 * RANGE_BLOCK + 123
+
+    def failing(start: int, end: int) -> bytes:
+        raise ConnectorError("the store went away")
+
+    broken = Blob.ranged(failing, 1000)
+    with pytest.raises(ConnectorError):
+        broken.head(10)
+    assert isinstance(broken.read_error, ConnectorError)

@@ -122,6 +122,53 @@ def test_large_objects_are_streamed_to_disk_once_and_embedded_the_same(
     assert _rows(spooled).select(cols).sort("id").equals(_rows(in_memory).select(cols).sort("id"))
 
 
+def test_plan_reads_media_by_range_and_predicts_what_a_local_plan_does(
+        tmp_path: Path, object_server: Any, corpus_dir: Path):
+    """``plan`` over a store reads media, PDFs and images from their headers and indexes
+    (fetched by range): under a third of the corpus's bytes, and the same items and rejects
+    (truncated media, lying headers included) as a plan of the same files on the local disk."""
+    from pipeline.commands.planner import make_plan
+
+    folders = ("audio", "video", "pdf", "image", "bad")
+    files = {p.relative_to(corpus_dir).as_posix(): p for folder in folders
+             for p in sorted((corpus_dir / folder).iterdir()) if p.is_file()}
+    _put_many(object_server.store("corpus"), {f"plan/{k}": p.read_bytes()
+                                              for k, p in files.items()})
+    local = {"kind": "local", "root": str(corpus_dir),
+             "include": [f"{folder}/**/*" for folder in folders]}
+    plans = {}
+    for name, source in (("store", object_server.source("corpus", "plan")), ("local", local)):
+        job = load_job(write_job(tmp_path / name, tmp_path, extra={"source": source}))
+        plans[name] = make_plan(job).as_dict(job)
+    store, disk = plans["store"], plans["local"]
+    total = sum(p.stat().st_size for p in files.values())
+    assert store["bytes_of_files_read"] == disk["bytes_of_files_read"] == total
+    assert disk["bytes_read"] == total  # the local plan reads every file, as a run does
+    assert 0 < store["bytes_read"] <= 0.3 * total, store["bytes_read"] / total
+    assert (store["items"], store["rejects"]) == (disk["items"], disk["rejects"])
+    assert store["rejects"]["corrupt"] >= 10  # truncated and broken files found by range too
+
+
+def test_an_object_changed_since_it_was_listed_is_not_read_by_range(tmp_path: Path,
+                                                                   object_server: Any):
+    from pipeline.errors import ConnectorError
+    from pipeline.records import SourceObject
+
+    store = object_server.store("corpus")
+    obstore.put(store, "changing/a.bin", b"first version " * 10_000)
+    job = load_job(write_job(tmp_path, tmp_path,
+                             extra={"source": object_server.source("corpus", "changing")}))
+    from connectors import connector_for
+
+    connector = connector_for(job)
+    [obj] = [o for o in connector.list() if isinstance(o, SourceObject)]
+    with connector.ranged(obj) as blob:
+        assert blob.head(5) == b"first" and blob.fetched < obj.size
+    obstore.put(store, "changing/a.bin", b"second version " * 10_000)
+    with connector.ranged(obj) as blob, pytest.raises(ConnectorError, match="since it was listed"):
+        blob.head(5)
+
+
 def test_a_full_temporary_folder_fails_the_run_and_blames_no_file(
         tmp_path: Path, object_server: Any, corpus_dir: Path, monkeypatch: pytest.MonkeyPatch):
     """Spooling a large object to a full TMPDIR is not the object's fault: the run fails (exit

@@ -16,7 +16,7 @@ from pypdf import PdfReader
 from pipeline.config import JobConfig
 from pipeline.models import conservative_text_tokens
 from pipeline.records import Item, Reject, SourceObject
-from pipeline.validate import Validator, media
+from pipeline.validate import Validator, measure, media
 from pipeline.validate.sniff import sniff
 from pipeline.validate.text import chunk_spans
 from tests.conftest import CorpusFile
@@ -133,8 +133,8 @@ def test_a_split_pdf_is_the_same_bytes_in_every_process(corpus_dir: Path):
 def test_the_same_frames_encode_to_the_same_bytes_every_time(corpus_dir: Path):
     """x264's lookahead gave other bytes from the same frames in about one encode in four of
     this file, in one process with one thread: twelve encodes must agree."""
-    with media._open((corpus_dir / "bad/Megamind_bugy.avi").read_bytes()) as container:
-        stream = media._real_video_streams(container)[0]
+    with measure.open_container((corpus_dir / "bad/Megamind_bugy.avi").read_bytes()) as container:
+        stream = measure.real_video_streams(container)[0]
         frames = list(container.decode(stream))
     rate = stream.average_rate
 
@@ -216,7 +216,7 @@ def test_qpdf_and_pypdf_split_alike_and_judge_alike(corpus: list[CorpusFile],
     assert len(pdfs) > 20
     with_qpdf = {row.path: fit(row.file, row.path) for row in pdfs}
     assert any(pdf._qpdf_open(row.file.read_bytes()) is not False for row in pdfs)
-    monkeypatch.setattr(pdf, "_qpdf_open", lambda data: False)
+    monkeypatch.setattr(pdf, "_qpdf_open", lambda data, by_header=False: False)
     for row in pdfs:
         plain = fit(row.file, row.path)
         assert outcome(plain) == outcome(with_qpdf[row.path]), row.path

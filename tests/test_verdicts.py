@@ -20,7 +20,7 @@ from pipeline.emulator.checks import ApiFault, parse_request
 from pipeline.models import MODELS
 from pipeline.records import Item, Reject, SourceObject
 from pipeline.validate import Validator
-from pipeline.validate.media import probe
+from pipeline.validate.measure import probe
 
 SPEC = MODELS["gemini-embedding-2"]
 

@@ -3,8 +3,11 @@
 It lists the source, diffs it against the manifest (read only: nothing is created or written),
 and runs the validator in plan mode over what is new or changed: the same items, spans and token
 estimates as a run, but no PDF part written and no media cut or converted. Unchanged files are
-not read. Costs come from the job's price table; the wall time is the quota's bound when the
-job states its quotas.
+not read. Objects in a store are read by range, as the parsers ask: a video's header and index,
+a PDF's trailer, cross-reference and page tree, an image's header (``bytes_read`` in the plan
+says what that cost), so a truncated media file is found by the run, not the plan; local files
+are read as a run reads them. Costs come from the job's price table; the wall time is the
+quota's bound when the job states its quotas.
 
 Validation runs in worker processes (parsing is CPU work), which nothing can hang: each file
 has a deadline enforced inside the worker by a timer signal, and a worker stuck where signals
@@ -70,6 +73,8 @@ class Plan:
     keyed: dict[str, tuple[str, int]] = field(default_factory=dict)  # key -> modality, tokens
     reuse: bool = True  # the job's embed.reuse
     dup_keys: set[str] = field(default_factory=set)
+    bytes_read: int = 0  # taken from the source to plan the files read
+    bytes_of_files_read: int = 0
     wall_s: float = 0.0
 
     def as_dict(self, job: JobConfig) -> dict[str, Any]:
@@ -101,6 +106,8 @@ class Plan:
             "items_awaited": self.awaited,
             "items_reused": sum(self.reused.values()),
             "cost_saved_usd": round(cost_usd(dict(self.reused_tokens), prices), 6),
+            "bytes_read": self.bytes_read,
+            "bytes_of_files_read": self.bytes_of_files_read,
             "plan_wall_s": round(self.wall_s, 2),
         }
 
@@ -136,41 +143,50 @@ def _file_limit_s(job: JobConfig) -> float:
 
 # (kind, modality or reason, tokens, pages, seconds, item id, content key or "")
 Planned = tuple[str, str, int, int, float, str, str]
+# a file's planned items (None: only touched), the bytes read to plan it, and its size
+FilePlan = tuple[list[Planned] | None, int, int]
 _TIMEOUT: list[Planned] = [("reject", "timeout", 0, 0, 0.0, "", "")]
+_UNREADABLE: list[Planned] = [("reject", "unreadable", 0, 0, 0.0, "", "")]
 
 
-def _plan_group(group: list[Todo]) -> list[list[Planned] | None]:
+def _plan_group(group: list[Todo]) -> list[FilePlan]:
     """Each file of a group planned under its own deadline (a timer signal: it interrupts
     Python code and blocking system calls alike)."""
-    out: list[list[Planned] | None] = []
+    out: list[FilePlan] = []
     for entry in group:
         signal.setitimer(signal.ITIMER_REAL, _worker["limit_s"])
         try:
             out.append(_plan_one(entry))
         except _FileTimeout:
-            out.append(_TIMEOUT)
+            out.append((_TIMEOUT, 0, entry.obj.size))
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
     return out
 
 
-def _plan_one(entry: Todo) -> list[Planned] | None:
-    """A file's planned items as small tuples, or None when it is only touched."""
+def _plan_one(entry: Todo) -> FilePlan:
+    """A file's planned items as small tuples (None when it is only touched), read by range
+    where the connector reads a store."""
     w = _worker
     obj, prev = entry.obj, entry.prev
     try:
-        data = w["connector"].fetch(obj)
+        data = w["connector"].ranged(obj)
     except ConnectorError:
-        return [("reject", "unreadable", 0, 0, 0.0, "", "")]
+        return _UNREADABLE, 0, obj.size
     with data:
-        version = obj.version or content_version(data)
-        extras = None
-        if w["companions"].active:
-            version, extras = w["companions"].read(obj, version)
-        if (prev is not None and not w["retry_rejects"]
-                and prev.same_content(version, w["fingerprint"])):
-            return None
-        return _planned(obj.with_version(version), data, extras)
+        try:
+            version = obj.version or content_version(data)
+            extras = None
+            if w["companions"].active:
+                version, extras = w["companions"].read(obj, version)
+            if (prev is not None and not w["retry_rejects"]
+                    and prev.same_content(version, w["fingerprint"])):
+                return None, data.fetched, obj.size
+            planned = _planned(obj.with_version(version), data, extras)
+        except ConnectorError:
+            return _UNREADABLE, data.fetched, obj.size
+        # a read that failed inside a parser (which may call it corrupt) is the store's fault
+        return (_UNREADABLE if data.read_error else planned), data.fetched, obj.size
 
 
 def _planned(obj: SourceObject, data: Blob, extras: Extras | None) -> list[Planned]:
@@ -250,7 +266,7 @@ def _groups(todo: list[Todo]) -> list[list[Todo]]:
 
 
 def _validate_all(job: JobConfig, retry_rejects: bool, todo: list[Todo],
-                  workers: int) -> Iterator[list[Planned] | None]:
+                  workers: int) -> Iterator[FilePlan]:
     """Every file's planned items, in worker processes, with at most ``2 x workers`` groups
     in flight. The oldest group in flight has had every chance to start: if it is not done
     within its files' deadlines (plus slack), its worker is stuck where the timer cannot reach
@@ -270,7 +286,7 @@ def _validate_all(job: JobConfig, retry_rejects: bool, todo: list[Todo],
                 try:
                     results = pending.get(timeout=limit_s * len(group) + 10.0)
                 except multiprocessing.TimeoutError:
-                    yield from (_TIMEOUT for _ in group)
+                    yield from ((_TIMEOUT, 0, e.obj.size) for e in group)
                     flight.popleft()
                     queue.extendleft(reversed([g for g, _ in flight]))
                     break  # leaving the with-block terminates the pool, stuck worker included
@@ -278,7 +294,10 @@ def _validate_all(job: JobConfig, retry_rejects: bool, todo: list[Todo],
                 yield from results
 
 
-def _add(plan: Plan, result: list[Planned] | None) -> None:
+def _add(plan: Plan, planned: FilePlan) -> None:
+    result, read, size = planned
+    plan.bytes_read += read
+    plan.bytes_of_files_read += size
     if result is None:
         plan.files["changed"] -= 1
         plan.files["unchanged"] += 1

@@ -37,7 +37,7 @@ from pipeline.models import (
 from pipeline.models import (
     TASK_TYPES as MODEL_TASK_TYPES,
 )
-from pipeline.validate.media import probe
+from pipeline.validate.measure import probe
 
 TASK_TYPES = frozenset({"TASK_TYPE_UNSPECIFIED", *MODEL_TASK_TYPES})
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from typing import BinaryIO
 
 from connectors.blob import Blob
 from pipeline.config import JobConfig
@@ -28,16 +29,17 @@ from pipeline.records import Extras, Item, Modality, Part, Reject, SourceObject,
 from pipeline.validate.deadline import Deadline
 from pipeline.validate.image import check_image, convert_to_png, probe_image
 from pipeline.validate.markup import MARKUP_MIMES, visible_text
-from pipeline.validate.media import (
-    probe,
-)
+from pipeline.validate.measure import probe, probe_header
 from pipeline.validate.pdf import PdfDocument
-from pipeline.validate.sniff import TEXT_EXTENSIONS, extension_mime, sniff, stem
+from pipeline.validate.sniff import TEXT_EXTENSIONS, extension_mime, sniffed_mime, stem
 from pipeline.validate.text import chunk_spans, decode_text
 from pipeline.validate.timed import TimedMedia
 
 # Types no decoder here opens (FFmpeg renders neither MIDI nor tracker modules by default).
 NO_DECODER = frozenset({"audio/midi", "audio/x-it"})
+
+# Plan reads a file in a store from its header and index only when it is larger than this.
+BY_HEADER_MIN_BYTES = 256 * 1024
 
 # Tokens kept free in every text chunk for a title or task prefix the embedder may add.
 PREFIX_RESERVE_TOKENS = 64
@@ -92,7 +94,7 @@ class Validator(TimedMedia):
         mime: str | None = None
         emitted = 0
         try:
-            mime = self._mime(obj, data)
+            mime = sniffed_mime(obj.key, data)
             for item in self._items(obj, data, mime, deadline):
                 emitted += 1
                 yield item
@@ -107,19 +109,6 @@ class Validator(TimedMedia):
         raw = caption.encode("utf-8")
         return caption if len(raw) <= budget else raw[:budget].decode("utf-8", "ignore")
 
-    def _mime(self, obj: SourceObject, data: Blob) -> str:
-        claimed = extension_mime(obj.key)
-        binary_claim = claimed is not None and claimed not in TEXT_EXTENSIONS.values()
-        if not data.size:
-            raise ItemRejected(RejectReason.EMPTY, "file is empty (0 bytes)")
-        mime = sniff(data.head(4096), obj.key)
-        if (mime.startswith("text/") or mime in TEXT_EXTENSIONS.values()) and binary_claim:
-                raise ItemRejected(
-                    RejectReason.CORRUPT,
-                    f"named as {claimed} but its bytes are plain text (no {claimed} header)",
-                )
-        return mime
-
     def _items(self, obj: SourceObject, blob: Blob, mime: str,
                deadline: Deadline | None) -> Iterator[Item]:
         if mime.startswith("text/") or mime in TEXT_EXTENSIONS.values():
@@ -131,13 +120,19 @@ class Validator(TimedMedia):
                 f"{mime} cannot be embedded: {self.model} embeds text only",
             )
         deadline = deadline or Deadline(self.cfg.file_timeout_s)
+        # plan over a store: headers and indexes, fetched by range (not the payload), for
+        # files large enough that this saves reading (a small one is read as a run reads it)
+        by_header = self.dry and blob.is_ranged and blob.size > BY_HEADER_MIN_BYTES
         if mime.startswith(("audio/", "video/")) and mime not in NO_DECODER:
             # media are read through the blob (a large one stays on disk)
-            info = probe(blob, deadline)
+            info = probe_header(blob) if by_header else probe(blob, deadline)
             if info.kind == "audio":
                 yield from self._audio(obj, blob, _audio_mime(mime), info, deadline)
             else:
                 yield from self._video(obj, blob, mime, info, deadline)
+            return
+        if by_header and (mime.startswith("image/") or mime == PDF_MIME):
+            yield from self._by_header(obj, blob, mime)
             return
         data = blob.read()  # the payload is the whole file (or made from all of it)
         if mime in IMAGE_MIMES:
@@ -162,22 +157,21 @@ class Validator(TimedMedia):
                 f"{mime} is not a supported input (supported: text, images, PDF, audio, video)",
             )
 
-    def _may_convert(self, mime: str, policy: str, allowed: list[str] | None, kind: str) -> None:
-        if policy == "reject" or (allowed is not None and mime not in allowed):
-            raise ItemRejected(
-                RejectReason.UNSUPPORTED,
-                f"{mime} is not a format {self.model} accepts and converting it is off "
-                f"(validate.{kind}_policy: convert, validate.{kind}_convert_from)")
-
-    def _inline_ok(self, size: int) -> bool:
-        """``size`` bytes fit the inline payload limit once base64-encoded."""
-        return (size + 2) // 3 * 4 <= self.cfg.max_inline_bytes
-
-    def _too_large(self, what: str, size: int) -> ItemRejected:
-        return ItemRejected(
-            RejectReason.TOO_LARGE,
-            f"{what} is {size:,} bytes, over the inline payload limit of "
-            f"{self.cfg.max_inline_bytes:,} bytes once base64-encoded (validate.max_inline_bytes)")
+    def _by_header(self, obj: SourceObject, blob: Blob, mime: str) -> Iterator[Item]:
+        """An image or PDF planned from what its header, trailer and index say (read by range):
+        its size in pixels, its page count. The item has no payload (nor content key)."""
+        with blob.open() as reader:
+            if mime == PDF_MIME:
+                yield from self._pdf(obj, reader, Deadline.never(), by_header=True)
+                return
+            native = mime in IMAGE_MIMES
+            if not native:
+                self._may_convert(mime, self.cfg.image_policy, self.cfg.image_convert_from,
+                                  "image")
+            probe_image(reader, mime, self.cfg.max_image_pixels, blob.size)
+        if native and not self._inline_ok(blob.size):
+            raise self._too_large("the image", blob.size)
+        yield self._image(obj, b"", mime if native else "image/png", mime)
 
     def _image(self, obj: SourceObject, data: bytes, mime: str, source_mime: str) -> Item:
         if not self._inline_ok(len(data)):
@@ -202,8 +196,9 @@ class Validator(TimedMedia):
                              text_tokens(chunk), Span(char_start=start, char_end=end), text=chunk,
                              doc_title=title)
 
-    def _pdf(self, obj: SourceObject, data: bytes, deadline: Deadline) -> Iterator[Item]:
-        doc = PdfDocument(data)
+    def _pdf(self, obj: SourceObject, data: bytes | BinaryIO, deadline: Deadline,
+             by_header: bool = False) -> Iterator[Item]:
+        doc = PdfDocument(data, by_header)
         count = doc.part_count(self.pdf_max_pages)
         parts = (doc.spans(self.pdf_max_pages) if self.dry
                  else doc.parts(self.pdf_max_pages, deadline))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -13,11 +14,15 @@ from pipeline.errors import ItemRejected, RejectReason
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError)
 
 
-def _open(data: bytes, mime: str, max_pixels: int, formats: list[str] | None) -> Image.Image:
+def _open(data: bytes | BinaryIO, mime: str, max_pixels: int, formats: list[str] | None,
+          size: int | None = None) -> Image.Image:
+    """The image opened (its header read), ``data`` in memory or a reader of ``size`` bytes."""
+    size = len(data) if isinstance(data, bytes) else size or 0
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=formats)
+            img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data,
+                             formats=formats)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ItemRejected(RejectReason.CORRUPT, f"decompression bomb refused: {exc}") from exc
     except UnidentifiedImageError as exc:
@@ -31,7 +36,7 @@ def _open(data: bytes, mime: str, max_pixels: int, formats: list[str] | None) ->
     pixels = width * height
     if pixels > max_pixels:
         # A few bytes claiming billions of pixels is an attack, not a big photo.
-        reason = RejectReason.CORRUPT if len(data) * 1000 < pixels else RejectReason.TOO_LARGE
+        reason = RejectReason.CORRUPT if size * 1000 < pixels else RejectReason.TOO_LARGE
         raise ItemRejected(reason, f"image declares {width}x{height} = {pixels:,} pixels; the "
                                    f"limit is {max_pixels:,} (validate.max_image_pixels)")
     return img
@@ -60,10 +65,12 @@ def check_image(data: bytes, mime: str, max_pixels: int) -> tuple[int, int]:
     return width, height
 
 
-def probe_image(data: bytes, mime: str, max_pixels: int) -> tuple[int, int]:
-    """The declared size of any image a decoder opens, read from its header (plan mode)."""
-    size: tuple[int, int] = _open(data, mime, max_pixels, None).size
-    return size
+def probe_image(data: bytes | BinaryIO, mime: str, max_pixels: int,
+                size: int | None = None) -> tuple[int, int]:
+    """The declared size of any image a decoder opens, read from its header (plan mode);
+    ``data`` may be a reader of ``size`` bytes, of which only the header is read."""
+    dims: tuple[int, int] = _open(data, mime, max_pixels, None, size).size
+    return dims
 
 
 def convert_to_png(data: bytes, mime: str, max_pixels: int) -> bytes:

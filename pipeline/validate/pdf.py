@@ -18,7 +18,7 @@ import logging
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 from pypdf import PdfReader, PdfWriter
 from pypdf.errors import DependencyError, FileNotDecryptedError, PdfReadError, PyPdfError
@@ -41,12 +41,17 @@ class PdfPart:
 
 
 class PdfDocument:
-    def __init__(self, data: bytes) -> None:
+    """A PDF opened from its bytes, or, ``by_header``, from a reader (``plan`` over a store,
+    read by range): then the page count is the page tree's /Count, read from the trailer, the
+    cross-reference and the tree's root, not from every page (which lie all over the file);
+    only :meth:`spans` is offered."""
+
+    def __init__(self, data: bytes | BinaryIO, by_header: bool = False) -> None:
         self.data = data
-        self._qpdf: Any = _qpdf_open(data)  # False: pypdf's
+        self._qpdf: Any = _qpdf_open(data, by_header)  # False: pypdf's
         self._reader: PdfReader | None = None
         if self._qpdf is not False:
-            self.pages = len(self._qpdf.pages)
+            self.pages = _root_count(self._qpdf) if by_header else len(self._qpdf.pages)
             self.rewrite = bool(self._qpdf.is_encrypted)
         else:
             self._reader, self.rewrite = _open(data)
@@ -64,6 +69,7 @@ class PdfDocument:
     def parts(self, max_pages: int, deadline: Deadline) -> Iterator[PdfPart]:
         """Consecutive parts of at most ``max_pages`` pages; the original bytes when one part
         suffices and the file needs no decryption."""
+        assert isinstance(self.data, bytes), "parts are cut from a PDF in memory"
         if self.pages <= max_pages and not self.rewrite:
             yield PdfPart(1, self.pages, self.data)
             return
@@ -103,22 +109,39 @@ class PdfDocument:
         return buf.getvalue()
 
 
-def _qpdf_open(data: bytes) -> Any:
+def _stream(data: bytes | BinaryIO) -> BinaryIO:
+    if isinstance(data, bytes):
+        return io.BytesIO(data)
+    data.seek(0)
+    return data
+
+
+def _qpdf_open(data: bytes | BinaryIO, by_header: bool = False) -> Any:
     """The document opened by qpdf (with the empty password, as pypdf opened it), or False
-    where pikepdf is not installed or qpdf cannot open it."""
+    where pikepdf is not installed or qpdf cannot open it. ``by_header``: the page tree is
+    not walked (pages do not take their inherited attributes: nothing is written)."""
     try:
         import pikepdf
     except ImportError:
         return False
     try:
-        pdf = pikepdf.open(io.BytesIO(data), password="")
-        if pdf.get_warnings() or len(pdf.pages) == 0:
+        pdf = pikepdf.open(_stream(data), password="", inherit_page_attributes=not by_header)
+        if pdf.get_warnings() or (_root_count(pdf) if by_header else len(pdf.pages)) == 0:
             # qpdf repaired it (or found no page): pypdf's verdict on a damaged file stands
             pdf.close()
             return False
         return pdf
     except Exception:  # any failure of qpdf: pypdf does it
         return False
+
+
+def _root_count(pdf: Any) -> int:
+    """The page count the page tree's root states; the pages counted where it states none."""
+    count = pdf.Root.Pages.get("/Count")
+    try:
+        return int(count) if count is not None and int(count) >= 0 else len(pdf.pages)
+    except (TypeError, ValueError):
+        return len(pdf.pages)
 
 
 def _qpdf_part(pdf: Any, first: int, last: int) -> bytes:
@@ -135,9 +158,9 @@ def _qpdf_part(pdf: Any, first: int, last: int) -> bytes:
     return buf.getvalue()
 
 
-def _open(data: bytes) -> tuple[PdfReader, bool]:
+def _open(data: bytes | BinaryIO) -> tuple[PdfReader, bool]:
     try:
-        reader = PdfReader(io.BytesIO(data), strict=False)
+        reader = PdfReader(_stream(data), strict=False)
     except _PARSE_ERRORS as exc:
         raise ItemRejected(RejectReason.CORRUPT, f"not a readable PDF: {exc}") from exc
     if not reader.is_encrypted:

@@ -6,6 +6,9 @@ say "text", and to name what the file claimed to be in a reject message.
 
 from __future__ import annotations
 
+from connectors.blob import Blob
+from pipeline.errors import ItemRejected, RejectReason
+
 OCTET = "application/octet-stream"
 
 TEXT_EXTENSIONS = {
@@ -236,3 +239,19 @@ def sniff(head: bytes, name: str) -> str:
 def _text_flavour(name: str) -> str:
     claimed = extension_mime(name)
     return claimed if claimed is not None and claimed in TEXT_EXTENSIONS.values() else "text/plain"
+
+
+def sniffed_mime(key: str, data: Blob) -> str:
+    """The file's type from its first bytes; an empty file, or plain text named as a binary
+    format, is rejected."""
+    claimed = extension_mime(key)
+    binary_claim = claimed is not None and claimed not in TEXT_EXTENSIONS.values()
+    if not data.size:
+        raise ItemRejected(RejectReason.EMPTY, "file is empty (0 bytes)")
+    mime = sniff(data.head(4096), key)
+    if (mime.startswith("text/") or mime in TEXT_EXTENSIONS.values()) and binary_claim:
+        raise ItemRejected(
+            RejectReason.CORRUPT,
+            f"named as {claimed} but its bytes are plain text (no {claimed} header)",
+        )
+    return mime

@@ -21,9 +21,9 @@ from pipeline.models import (
 )
 from pipeline.records import Item, Modality, Part, SourceObject, Span
 from pipeline.validate.deadline import Deadline
+from pipeline.validate.measure import MediaInfo
 from pipeline.validate.media import (
     VIDEO_CODECS,
-    MediaInfo,
     Segment,
     audio_segments,
     cut_points,
@@ -33,11 +33,13 @@ from pipeline.validate.media import (
 
 
 class TimedMedia:
-    """The audio and video half of the validator; the validator provides what is declared
-    here (its settings, the model, and how it makes items)."""
+    """The audio and video half of the validator, and the limits every payload is held to;
+    the validator provides what is declared here (its settings, the model, and how it makes
+    items)."""
 
     cfg: ValidateConfig
     spec: ModelSpec
+    model: str
     dry: bool
 
     def _item(self, obj: SourceObject, part: int, count: int, modality: Modality, mime: str,
@@ -45,14 +47,23 @@ class TimedMedia:
               source_mime: str | None = None, doc_title: str | None = None) -> Item:
         raise NotImplementedError
 
+    def _may_convert(self, mime: str, policy: str, allowed: list[str] | None, kind: str) -> None:
+        if policy == "reject" or (allowed is not None and mime not in allowed):
+            raise ItemRejected(
+                RejectReason.UNSUPPORTED,
+                f"{mime} is not a format {self.model} accepts and converting it is off "
+                f"(validate.{kind}_policy: convert, validate.{kind}_convert_from)")
+
     def _inline_ok(self, size: int) -> bool:
-        raise NotImplementedError
+        """``size`` bytes fit the inline payload limit once base64-encoded."""
+        return (size + 2) // 3 * 4 <= self.cfg.max_inline_bytes
 
     def _too_large(self, what: str, size: int) -> ItemRejected:
-        raise NotImplementedError
+        return ItemRejected(
+            RejectReason.TOO_LARGE,
+            f"{what} is {size:,} bytes, over the inline payload limit of "
+            f"{self.cfg.max_inline_bytes:,} bytes once base64-encoded (validate.max_inline_bytes)")
 
-    def _may_convert(self, mime: str, policy: str, allowed: list[str] | None, kind: str) -> None:
-        raise NotImplementedError
 
     def _too_long(self, kind: str, info: MediaInfo, max_s: float) -> bool:
         """Over the limit (less the margin measures differ by): True (to split), or a
@@ -67,8 +78,10 @@ class TimedMedia:
 
     def _whole(self, obj: SourceObject, data: Blob, mime: str, modality: Modality,
                info: MediaInfo, tokens: int) -> Item:
-        """A media file sent as it is: one item spanning its whole duration."""
-        return self._item(obj, 0, 1, modality, mime, (Part(mime=mime, data=data.read()),), tokens,
+        """A media file sent as it is: one item spanning its whole duration (planned from a
+        store's header: no payload read)."""
+        payload = b"" if self.dry and data.is_ranged else data.read()
+        return self._item(obj, 0, 1, modality, mime, (Part(mime=mime, data=payload),), tokens,
                           Span(time_start_s=0.0, time_end_s=info.measured_s))
 
     def _audio(self, obj: SourceObject, data: Blob, mime: str, info: MediaInfo,
@@ -106,10 +119,14 @@ class TimedMedia:
             by_size = 0.8 * self.cfg.max_inline_bytes * 3 / 4 / per_s
             # A second of slack: containers report a little more than the packets span.
             length = min(max(1.0, max_s - 1.0) if max_s > 2 else max_s, by_size)
-            cuts = cut_points(info.keyframes, info.measured_s, length)
-            count = len(cuts) if cuts is not None else 1
-            segments = (_cut_spans(cuts, info.measured_s) if self.dry and cuts is not None
-                        else video_segments(data, info, length, deadline, limit_s=max_s))
+            if info.from_header:  # plan from the header: keyframes unread, cut by length
+                count = max(1, math.ceil(info.measured_s / length - 1e-9))
+                segments = _spans(info.measured_s, length, "video/mp4")
+            else:
+                cuts = cut_points(info.keyframes, info.measured_s, length)
+                count = len(cuts) if cuts is not None else 1
+                segments = (_cut_spans(cuts, info.measured_s) if self.dry and cuts is not None
+                            else video_segments(data, info, length, deadline, limit_s=max_s))
         else:
             length = max(1.0, max_s - 1.0) if max_s > 2 else max_s
             count = max(1, math.ceil(info.measured_s / length - 1e-9))
