@@ -31,6 +31,7 @@ from pipeline.engine.batch import batch_router
 from pipeline.engine.local import LocalEngine
 from pipeline.errors import ConfigError, PipelineError, QuotaExhausted
 from pipeline.gemini.endpoint import embedding_client
+from pipeline.memory import in_thread
 from pipeline.outcome import EXIT_FAILED as EXIT_FAILED
 from pipeline.outcome import EXIT_INTERRUPTED as EXIT_INTERRUPTED
 from pipeline.outcome import EXIT_OK as EXIT_OK
@@ -106,27 +107,27 @@ class Run:
     async def execute(self) -> RunResult:
         self.lock = JobLock(self.job.sink.uri, self.stats.run_id, self.job.name,
                             store=sink_object_store(self.job))
-        await anyio.to_thread.run_sync(self.lock.acquire)
+        await in_thread(self.lock.acquire)
         try:
             return await self._locked()
         finally:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self.lock.release)
+                await in_thread(self.lock.release)
 
     async def _locked(self) -> RunResult:
         if self.lock.took_over is not None:
             held = self.lock.took_over
             log.warning("took over a stale lock of run %s (pid %s on %s)", held.run_id,
                         held.pid, held.host)
-        state = await anyio.to_thread.run_sync(open_run_state, self.job, self.stats)
+        state = await in_thread(open_run_state, self.job, self.stats)
         self.books = books = Books(self.job, self.stats, self.outcome, state)
-        committed = await anyio.to_thread.run_sync(self._resume, state)
+        committed = await in_thread(self._resume, state)
         ended_by: BaseException | None = None
         try:
             with ExitStack() as sort, ExitStack() as cluster:
                 # the manifest's sort is closed once the listing is done
-                known = await anyio.to_thread.run_sync(state.manifest.count)
-                rows = await anyio.to_thread.run_sync(sort.enter_context,
+                known = await in_thread(state.manifest.count)
+                rows = await in_thread(sort.enter_context,
                                                       state.manifest.sorted_rows())
                 async with embedding_client(self.job) as client:
                     stages = build_stages(
@@ -166,7 +167,7 @@ class Run:
             code = (self.outcome.exit_code(self.stats.batch_jobs_pending) if ended_by is None
                     else exit_code_for(ended_by))
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(books.close, code)
+                await in_thread(books.close, code)
         return RunResult(self.stats, code, self.outcome.problems, books.final_report)
 
     def _listed(self, sort: ExitStack) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -36,9 +37,18 @@ def azurite_blob() -> str | None:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below the kernel's ephemeral range (32768 up), so that no outgoing
+    connection takes it while the server restarts on it; apart from SeaweedFS's (11000 up)."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(5000, 10999)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
 
 
 class AzuriteServer:

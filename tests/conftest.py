@@ -127,13 +127,16 @@ _S3_IAM = {"identities": [
 
 
 def _free_port_pair() -> int:
-    """A port p with p and p + 10000 free (SeaweedFS puts gRPC at +10000)."""
+    """A port p with p and p + 10000 free (SeaweedFS puts gRPC at +10000), both below the
+    kernel's ephemeral range (32768 up): a port from that range can be taken by any outgoing
+    connection between the check and the bind, or while the server restarts (seen with two
+    suites side by side: the volume server's gRPC port was taken on restart)."""
     import random
     import socket
 
     rng = random.Random()
     for _ in range(200):
-        port = rng.randint(20000, 29999)
+        port = rng.randint(11000, 22000)
         try:
             for p in (port, port + 10000):
                 with socket.socket() as s:

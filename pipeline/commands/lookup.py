@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import anyio
-
 from connectors.sink_options import sink_object_store, sink_storage_options
 from pipeline.config import ArrowSinkConfig, JobConfig
 from pipeline.errors import ConfigError, NotRunYet, SinkError
 from pipeline.gemini.endpoint import embedding_client
 from pipeline.gemini.tasks import TaskStyle
+from pipeline.memory import in_thread
 from pipeline.models import model_spec
 from pipeline.records import Part
 from pipeline.sinks.lance import first_model, open_db, sql_str, table_figures, vector_dims
@@ -91,7 +90,7 @@ async def search(job: JobConfig, query: str | None, *, k: int = 5, where: str | 
         if not Path(job.sink.path).is_dir():
             raise NotRunYet(f"no vectors in {job.sink.path}")
     else:
-        table, space = await anyio.to_thread.run_sync(_open_vectors, job)
+        table, space = await in_thread(_open_vectors, job)
         if space is not None and space.fingerprint != job.fingerprint():
             # An upgrade under way (or the job changed since): the table answers in its own
             # space, so the query is embedded as its vectors were.
@@ -104,7 +103,7 @@ async def search(job: JobConfig, query: str | None, *, k: int = 5, where: str | 
                 f"asks for {job.embed.output_dimensionality} (embed.output_dimensionality): "
                 "search with the settings the table was written with, or run the job to "
                 "re-embed it")
-        await anyio.to_thread.run_sync(_same_model, table, job)
+        await in_thread(_same_model, table, job)
     async with embedding_client(job) as client:
         response = await client.embed(TaskStyle.for_job(job).query(tuple(parts)))
     vector = response.vectors[0]
@@ -130,7 +129,7 @@ async def search(job: JobConfig, query: str | None, *, k: int = 5, where: str | 
             row["where"] = _where(row)
         return rows
 
-    return await anyio.to_thread.run_sync(nearest)
+    return await in_thread(nearest)
 
 
 _COLUMNS = ["uri", "key", "part", "modality", "mime", "text", "page_start", "page_end",

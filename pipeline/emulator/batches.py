@@ -37,6 +37,7 @@ from pipeline.emulator.checks import ApiFault, invalid, parse_request
 from pipeline.emulator.files import FileStore, not_found, page, rfc3339
 from pipeline.emulator.options import EmulatorOptions, Stats
 from pipeline.emulator.vectors import request_vector
+from pipeline.memory import in_thread
 from pipeline.models import ModelSpec
 
 BATCH_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1beta.EmbedContentBatch"
@@ -163,7 +164,7 @@ class BatchJobs:
             self._set(job, "BATCH_STATE_FAILED" if o.batch_outcome == "fail"
                       else "BATCH_STATE_EXPIRED")
             return
-        results = await anyio.to_thread.run_sync(self._embed_all, job)
+        results = await in_thread(self._embed_all, job)
         if job.state in DONE:
             return
         if job.input_file is None:

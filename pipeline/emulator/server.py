@@ -44,6 +44,7 @@ from pipeline.emulator.options import EmulatorOptions as EmulatorOptions
 from pipeline.emulator.options import Stats
 from pipeline.emulator.quota import Quotas
 from pipeline.emulator.vectors import request_vector
+from pipeline.memory import in_thread
 from pipeline.models import MAX_BATCH_REQUESTS, MODELS, ModelSpec
 
 log = logging.getLogger("embedpipe.emulator")
@@ -252,7 +253,7 @@ async def _work(payload_bytes: int, fn: Callable[[], T]) -> T:
     megabytes of media), inline when small (a thread hop would only fight over the GIL)."""
     if payload_bytes < 256_000:
         return fn()
-    return await anyio.to_thread.run_sync(fn)
+    return await in_thread(fn)
 
 
 class _Json(JSONResponse):

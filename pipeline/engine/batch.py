@@ -29,6 +29,7 @@ from pipeline.errors import AccessError, EmbedError, TransientEmbedError
 from pipeline.gemini.batches import BatchApi, BatchJob, BatchResult
 from pipeline.gemini.client import GeminiClient
 from pipeline.gemini.probe import declared_batch_support, probe_batch_api
+from pipeline.memory import in_thread
 from pipeline.outcome import RunOutcome
 from pipeline.records import BatchSupport, Collected, Item
 from pipeline.stages import Stages
@@ -65,18 +66,18 @@ class BatchDriver:
         self.open: list[_Open] = []
 
     async def submit(self, draft: JobDraft) -> None:
-        await anyio.to_thread.run_sync(self.log.submitting, draft.display_name, self.run_id,
+        await in_thread(self.log.submitting, draft.display_name, self.run_id,
                                        list(draft.items), [draft.keys[i] for i in draft.items])
         file_name = None
         if draft.bytes <= self.settings.max_inline_bytes:
             job = await self.api.create(display_name=draft.display_name, inline=draft.entries)
         else:
-            data = await anyio.to_thread.run_sync(self.api.jsonl, draft.entries)
+            data = await in_thread(self.api.jsonl, draft.entries)
             draft.entries.clear()  # the payloads are in the file now
             file_name = await self.api.upload(data, display_name=draft.display_name)
             del data
             job = await self.api.create(display_name=draft.display_name, file_name=file_name)
-        await anyio.to_thread.run_sync(lambda: self.log.set(
+        await in_thread(lambda: self.log.set(
             draft.display_name, status=PENDING, name=job.name, input_file=file_name))
         self.stats.batch_jobs += 1
         self.stats.items_batch_submitted += len(draft.items)
@@ -100,7 +101,7 @@ class BatchDriver:
             if exc.http_status != 404:
                 log.warning("superseded job %s: %s", name, exc)
                 return  # tried again by the next run
-        await anyio.to_thread.run_sync(lambda: self.log.set(display_name, status=SUPERSEDED))
+        await in_thread(lambda: self.log.set(display_name, status=SUPERSEDED))
         self.stats.items_superseded += items
         log.info("batch %s (%s): no item of it is wanted any more: superseded", name,
                  display_name)
@@ -151,7 +152,7 @@ class BatchDriver:
                 self.outcome.problems.append(
                     f"batch {info.name} ({job.display_name}) ended {info.state}: its "
                     f"{n:,} items are submitted again by the next run")
-            await anyio.to_thread.run_sync(lambda: self.log.set(job.display_name,
+            await in_thread(lambda: self.log.set(job.display_name,
                                                                 status=FAILED))
             return
         chunk: list[tuple[str, BatchResult]] = []
@@ -220,7 +221,7 @@ class BatchRouter:
                 await out.send([Collected(result.collected)])
             retry, lost = list(result.retry), list(result.lost)
             if lost and (refetched := self._refetched) is not None:
-                again = await anyio.to_thread.run_sync(lambda: list(refetched(lost)))
+                again = await in_thread(lambda: list(refetched(lost)))
                 found = {i.id for i in again}
                 retry += again
                 lost = [i for i in lost if i.id not in found]
@@ -321,7 +322,7 @@ async def open_jobs(api: BatchApi, batch_log: BatchLog
     of its request; None in jobs of older versions)). A job recorded as ``submitting`` (the
     run was killed before it heard back) is looked up by its display name: found, it is
     awaited like the others; not found, it was never created."""
-    records = await anyio.to_thread.run_sync(batch_log.open)
+    records = await in_thread(batch_log.open)
     awaited: dict[str, tuple[str, str, str | None]] = {}
     listed: dict[str | None, str] | None = None
     for record in records:
@@ -331,7 +332,7 @@ async def open_jobs(api: BatchApi, batch_log: BatchLog
                 listed = {job.display_name: job.name for job in await api.list()}
             name = listed.get(record.display_name)
             found = {"status": FAILED} if name is None else {"status": PENDING, "name": name}
-            await anyio.to_thread.run_sync(
+            await in_thread(
                 functools.partial(batch_log.set, record.display_name, **found))
             if name is None:
                 continue
@@ -352,9 +353,9 @@ async def batch_router(job: JobConfig, client: GeminiClient, stages: Stages, sta
         stats.mode_why = "embed.mode is interactive"
         # Jobs an earlier run left open are still collected (what matches is adopted, not
         # paid again; the rest superseded), where the endpoint serves the Batch API.
-        if not await anyio.to_thread.run_sync(state.batch_log.open):
+        if not await in_thread(state.batch_log.open):
             return None
-    support = declared_batch_support(embed) or await anyio.to_thread.run_sync(
+    support = declared_batch_support(embed) or await in_thread(
         state.endpoints.recall, client.base)
     if embed.mode == "interactive" and support is not None and not support.served:
         return None
@@ -362,7 +363,7 @@ async def batch_router(job: JobConfig, client: GeminiClient, stages: Stages, sta
     async def ask() -> BatchSupport:
         found = await probe_batch_api(client)
         if found.definite:
-            await anyio.to_thread.run_sync(state.endpoints.remember, client.base, found)
+            await in_thread(state.endpoints.remember, client.base, found)
         return found
 
     if embed.mode == "batch":

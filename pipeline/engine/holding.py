@@ -15,6 +15,7 @@ from dataclasses import replace
 import anyio
 import anyio.abc
 
+from pipeline.memory import in_thread
 from pipeline.outcome import RunOutcome
 from pipeline.records import Item
 from pipeline.stages.budget import PayloadBudget
@@ -63,7 +64,7 @@ class AutoHold:
         found = own = 0
         while True:
             await self.budget.room(own)  # the generator holds the last item it made
-            item = await anyio.to_thread.run_sync(next, cut, None)
+            item = await in_thread(next, cut, None)
             if item is None:
                 break
             self.budget.count([item])

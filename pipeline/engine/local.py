@@ -29,7 +29,7 @@ from pipeline.config import JobConfig
 from pipeline.engine.batch import BatchRouter
 from pipeline.engine.threads import validate_groups
 from pipeline.errors import EmbedError
-from pipeline.memory import release_free_memory
+from pipeline.memory import in_thread, release_free_memory
 from pipeline.outcome import EXIT_INTERRUPTED, RunOutcome
 from pipeline.records import Batch, Item, Reject, Vector
 from pipeline.stages import Stages
@@ -114,7 +114,7 @@ class LocalEngine:
                     out: ObjectSendStream[list[Outcome]]) -> None:
         listing = self.stages.listing
         async with todo, out:
-            while (chunk := await anyio.to_thread.run_sync(listing.next_chunk)) is not None:
+            while (chunk := await in_thread(listing.next_chunk)) is not None:
                 found, rejects = listing.diff(chunk)
                 for group in groups(found):
                     await todo.send(group)
@@ -125,7 +125,7 @@ class LocalEngine:
         log.info("listing done: %d files listed, %d new, %d changed, %d unchanged", s.files_seen,
                  s.files_new, s.files_changed, s.files_unchanged)
         # What the run has to do is known now: a run killed from here on shows it in `status`.
-        await anyio.to_thread.run_sync(self.on_listed)
+        await in_thread(self.on_listed)
 
     async def _validating_one(self, todo: ObjectReceiveStream[list[Todo]],
                               items: ObjectSendStream[list[Item]],
@@ -188,10 +188,10 @@ class LocalEngine:
                             writer.add(row)
                     due = anyio.current_time() - flushed >= cfg.flush_interval_s
                     if due or writer.rows >= cfg.flush_rows:
-                        await anyio.to_thread.run_sync(self._flush)
+                        await in_thread(self._flush)
                         self.stages.reuse.retire(writer.take_flushed_keys())
                         flushed = anyio.current_time()
-            await anyio.to_thread.run_sync(self._flush)
+            await in_thread(self._flush)
             self.stages.reuse.retire(writer.take_flushed_keys())
             if self.stages.reuse.waiting:
                 log.info("%d items wait for the vector of the same content sent by another "
@@ -202,7 +202,7 @@ class LocalEngine:
             if (self.stats.listing_done and cfg.on_delete == "delete"
                     and self.outcome.fatal is None and not self.outcome.interrupted):
                 listing = self.stages.listing
-                refusal = await anyio.to_thread.run_sync(
+                refusal = await in_thread(
                     writer.delete, listing.gone(), listing.known, self.stats.files_seen)
                 if refusal is not None:
                     self.outcome.deletion_refused = True
@@ -234,7 +234,7 @@ class LocalEngine:
     async def _heartbeat(self) -> None:
         while True:
             await anyio.sleep(self.lock.heartbeat_s)
-            await anyio.to_thread.run_sync(self.lock.beat)
+            await in_thread(self.lock.beat)
 
     async def _tick(self, on_progress: Callable[[RunStats], None]) -> None:
         while True:

@@ -16,6 +16,7 @@ from typing import TypeVar
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
+from pipeline.memory import in_thread
 from pipeline.records import Item
 from pipeline.stages.listing import Todo
 from pipeline.stages.validation import FileWork, GroupWork, Sorted, Validation
@@ -62,7 +63,7 @@ async def fit_group(stage: Validation, works: list[FileWork],
             tg.cancel_scope.cancel()
 
         tg.start_soon(watch)
-        await anyio.to_thread.run_sync(_CALLS, group.run, abandon_on_cancel=True)
+        await in_thread(_CALLS, group.run, abandon_on_cancel=True)
         tg.cancel_scope.cancel()
     finished, rest = group.stop()
     for work, entries in finished:
@@ -78,7 +79,7 @@ async def fit_file(stage: Validation, work: FileWork, deadline: float) -> tuple[
     (anyio's clock) the hop is abandoned and the file ends with a timeout reject."""
     out = Sorted()
     with anyio.move_on_after(max(0.0, deadline - anyio.current_time())) as scope:
-        chunk, done = await anyio.to_thread.run_sync(_CALLS, work.step, abandon_on_cancel=True)
+        chunk, done = await in_thread(_CALLS, work.step, abandon_on_cancel=True)
     if scope.cancelled_caught:
         chunk, done = [stage.timeout(work, work.count)], True
     stage.sort(work, chunk, done, out)

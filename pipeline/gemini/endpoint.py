@@ -10,10 +10,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import anyio
-
 from pipeline.config import EmulatorEmbedConfig, JobConfig
 from pipeline.gemini.client import GeminiClient
+from pipeline.memory import in_thread
 
 
 @asynccontextmanager
@@ -29,13 +28,13 @@ async def embedding_client(job: JobConfig) -> AsyncIterator[GeminiClient]:
         key = embed.emulator.api_key.get_secret_value() if embed.emulator.api_key else None
         settings = embed.emulator.model_dump(exclude={"api_key"})
         emulator = Emulator(EmulatorOptions(api_key=key, auth="google", **settings))
-        await anyio.to_thread.run_sync(emulator.start)
+        await in_thread(emulator.start)
         try:
             async with GeminiClient(base_url=emulator.base_url, api_key=key, auth="google",
                                     **common) as client:  # type: ignore[arg-type]
                 yield client
         finally:
-            await anyio.to_thread.run_sync(emulator.stop)
+            await in_thread(emulator.stop)
         return
     key = embed.api_key.get_secret_value() if embed.api_key else None
     async with GeminiClient(base_url=embed.base_url, api_key=key, auth=embed.auth,

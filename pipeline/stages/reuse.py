@@ -36,6 +36,7 @@ import numpy as np
 from anyio.abc import ObjectSendStream
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from pipeline.memory import in_thread
 from pipeline.records import Committed, Item, Reject, Vector
 from pipeline.stages.embedding import make_vector
 from pipeline.stages.writing import Outcome as WriterOutcome
@@ -208,7 +209,7 @@ async def reuse_items(reuse: Reuse, items: MemoryObjectReceiveStream[list[Item]]
                     chunk = chunk + items.receive_nowait()
                 except (anyio.WouldBlock, anyio.EndOfStream):
                     break
-            keys, found = await anyio.to_thread.run_sync(reuse.look_up, chunk)
+            keys, found = await in_thread(reuse.look_up, chunk)
             onward, done = reuse.route(chunk, keys, found)
             del chunk, keys, found  # not held while the next chunk is awaited (payload budget)
             if done:
