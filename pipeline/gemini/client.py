@@ -29,7 +29,6 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, Literal
 
 import httpx
-import orjson
 
 from pipeline.errors import (
     EmbedError,
@@ -37,6 +36,7 @@ from pipeline.errors import (
 )
 from pipeline.gemini.answers import TRANSIENT_STATUS, ErrorBody, error_for
 from pipeline.gemini.wire import (
+    Body,
     EmbedRequest,
     EmbedResponse,
     content_key,
@@ -109,12 +109,11 @@ class GeminiClient:
     # --- public calls -------------------------------------------------------------------------
 
     async def embed(self, request: EmbedRequest) -> EmbedResponse:
-        raw = await self._post("embedContent", self.request_json(request))
+        raw = await self._post("embedContent", [request], single=True)
         return self._decode(raw, "embedding", 1)
 
     async def batch_embed(self, requests: Sequence[EmbedRequest]) -> EmbedResponse:
-        body = {"requests": [self.request_json(r) for r in requests]}
-        raw = await self._post("batchEmbedContents", body)
+        raw = await self._post("batchEmbedContents", list(requests), single=False)
         return self._decode(raw, "embeddings", len(requests))
 
     # --- request and response -----------------------------------------------------------------
@@ -132,16 +131,15 @@ class GeminiClient:
 
     # --- transport ----------------------------------------------------------------------------
 
-    async def _post(self, method: str, body: dict[str, Any]) -> bytes:
-        """The body of a 200 answer; any other answer raised as an :mod:`pipeline.errors` error."""
-        content = [await in_thread(orjson.dumps, body)]
-        # Sent as a stream of known length that lets go of the body once sent: an httpx
-        # response and its stream refer to each other, so a response (and the request it
-        # keeps, body and all) lives until the cyclic collector runs, which large bytes do not
-        # prompt: over a video, ten 16 MB bodies were kept with one call in flight.
-        length = str(len(content[0]))
-        response = await self.request("POST", f"{self._root}:{method}", content=_once(content),
-                                      headers={"Content-Length": length})
+    async def _post(self, method: str, requests: list[EmbedRequest], single: bool) -> bytes:
+        """The body of a 200 answer; any other answer raised as an :mod:`pipeline.errors` error.
+        The request goes as a stream of known length, its payloads base64-encoded as they are
+        sent (:class:`~pipeline.gemini.wire.Body`); a stream also keeps no body once sent,
+        where an httpx response and its stream, which refer to each other, would keep their
+        request, body and all, until the cyclic collector ran."""
+        body = await in_thread(Body, requests, self.model, self.dims, single)
+        response = await self.request("POST", f"{self._root}:{method}", content=body.stream(),
+                                      headers={"Content-Length": str(body.length)})
         return response.content
 
     async def request(self, method: str, url: str, *,
@@ -201,7 +199,3 @@ class GeminiClient:
         return error_for(code, raw, retry_after, base=self._base, model=self.model,
                          scrub=self._scrub)
 
-
-async def _once(box: list[bytes]) -> AsyncIterator[bytes]:
-    """The box's bytes, yielded once and kept no longer."""
-    yield box.pop()

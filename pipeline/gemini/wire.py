@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import secrets
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 import simdjson
 
 from pipeline.errors import (
@@ -97,16 +100,22 @@ def content_key(request: EmbedRequest, model: str, dims: int) -> str:
     return h.hexdigest()
 
 
-def request_json(request: EmbedRequest, model: str, dims: int) -> dict[str, Any]:
-    """An EmbedContentRequest as JSON (camelCase), as every endpoint takes it."""
+def request_json(request: EmbedRequest, model: str, dims: int,
+                 inline: list[bytes] | None = None) -> dict[str, Any]:
+    """An EmbedContentRequest as JSON (camelCase), as every endpoint takes it. With ``inline``,
+    each inline payload is appended there and its ``data`` is a slot for :class:`Body`."""
     parts: list[dict[str, Any]] = []
     for part in request.parts:
         if part.text is not None:
             parts.append({"text": part.text})
         else:
             assert part.data is not None and part.mime is not None
-            parts.append({"inlineData": {"mimeType": part.mime,
-                                         "data": base64.b64encode(part.data).decode("ascii")}})
+            if inline is not None:
+                data = _SLOT % len(inline)
+                inline.append(part.data)
+            else:
+                data = base64.b64encode(part.data).decode("ascii")
+            parts.append({"inlineData": {"mimeType": part.mime, "data": data}})
     body: dict[str, Any] = {"model": f"models/{model}", "content": {"parts": parts},
                             "outputDimensionality": dims}
     if request.task_type:
@@ -114,6 +123,43 @@ def request_json(request: EmbedRequest, model: str, dims: int) -> dict[str, Any]
     if request.title and request.task_type == "RETRIEVAL_DOCUMENT":
         body["title"] = request.title
     return body
+
+
+# Where a payload's base64 goes in a Body's JSON (nothing in it is escaped in JSON; the random
+# part keeps a text from ever holding it).
+_SLOT = f"embedpipe-inline-{secrets.token_hex(8)}-%d"
+BASE64_CHUNK = 3 * 256 * 1024  # raw bytes encoded at a time: 1 MB of base64
+
+
+class Body:
+    """A call's JSON body with each inline payload's base64 encoded as it is sent: the request
+    never exists whole in memory (a 12 MB video segment held once, not also as 16 MB of base64
+    and 16 MB of JSON), and its length is known up front."""
+
+    def __init__(self, requests: list[EmbedRequest], model: str, dims: int,
+                 single: bool) -> None:
+        self._payloads: list[bytes] = []
+        bodies = [request_json(r, model, dims, self._payloads) for r in requests]
+        text = orjson.dumps(bodies[0] if single else {"requests": bodies})
+        self._pieces = [text]
+        for index in range(len(self._payloads)):
+            head, tail = self._pieces[-1].split(b'"%s"' % (_SLOT % index).encode(), 1)
+            self._pieces[-1:] = [head + b'"', b'"' + tail]
+        self.length = (sum(len(p) for p in self._pieces)
+                       + sum((len(d) + 2) // 3 * 4 for d in self._payloads))
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        """The body, piece by piece; what is sent is let go."""
+        pieces, payloads = self._pieces, self._payloads
+        self._pieces, self._payloads = [], []
+        for index, piece in enumerate(pieces):
+            yield piece
+            if index < len(payloads):
+                data = memoryview(payloads[index])
+                for start in range(0, len(data), BASE64_CHUNK):
+                    yield base64.b64encode(data[start:start + BASE64_CHUNK])
+                del data
+                payloads[index] = b""
 
 
 def decode(raw: bytes, key: str, count: int, dims: int, base: str) -> EmbedResponse:

@@ -18,19 +18,26 @@ import logging
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO
-
-from pypdf import PdfReader, PdfWriter
-from pypdf.errors import DependencyError, FileNotDecryptedError, PdfReadError, PyPdfError
+from functools import cache
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pipeline.errors import ItemRejected, RejectReason
 from pipeline.validate.deadline import Deadline
 
+if TYPE_CHECKING:
+    from pypdf import PdfReader
+
 # pypdf logs every repaired xref at WARNING; the reject message is the user-facing signal.
 logging.getLogger("pypdf").setLevel(logging.ERROR)
 
-_PARSE_ERRORS = (PyPdfError, PdfReadError, ValueError, KeyError, TypeError, AttributeError,
-                 IndexError, RecursionError, AssertionError, ZeroDivisionError, OSError)
+@cache
+def _parse_errors() -> tuple[type[BaseException], ...]:
+    """What pypdf raises on a damaged file (pypdf is imported with the first PDF: a run without
+    one does not pay its memory)."""
+    from pypdf.errors import PdfReadError, PyPdfError
+
+    return (PyPdfError, PdfReadError, ValueError, KeyError, TypeError, AttributeError,
+            IndexError, RecursionError, AssertionError, ZeroDivisionError, OSError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +64,7 @@ class PdfDocument:
             self._reader, self.rewrite = _open(data)
             try:
                 self.pages = len(self._reader.pages)
-            except _PARSE_ERRORS as exc:
+            except _parse_errors() as exc:
                 raise ItemRejected(RejectReason.CORRUPT,
                                    f"PDF page tree is unreadable: {exc}") from exc
         if self.pages == 0:
@@ -96,13 +103,15 @@ class PdfDocument:
                 pass
         if self._reader is None:
             self._reader, _ = _open(self.data)
+        from pypdf import PdfWriter
+
         writer = PdfWriter()
         try:
             for index in range(first, last):
                 writer.add_page(self._reader.pages[index])
             buf = io.BytesIO()
             writer.write(buf)
-        except _PARSE_ERRORS as exc:
+        except _parse_errors() as exc:
             raise ItemRejected(
                 RejectReason.CORRUPT, f"pages {first + 1}-{last} cannot be extracted: {exc}"
             ) from exc
@@ -159,17 +168,21 @@ def _qpdf_part(pdf: Any, first: int, last: int) -> bytes:
 
 
 def _open(data: bytes | BinaryIO) -> tuple[PdfReader, bool]:
+    from pypdf import PdfReader
+    from pypdf.errors import DependencyError, FileNotDecryptedError
+
     try:
         reader = PdfReader(_stream(data), strict=False)
-    except _PARSE_ERRORS as exc:
+    except _parse_errors() as exc:
         raise ItemRejected(RejectReason.CORRUPT, f"not a readable PDF: {exc}") from exc
     if not reader.is_encrypted:
         return reader, False
+    broken: tuple[type[BaseException], ...] = (FileNotDecryptedError, *_parse_errors())
     try:
         opened = reader.decrypt("")
     except (DependencyError, NotImplementedError) as exc:
         raise ItemRejected(RejectReason.ENCRYPTED, f"PDF uses unsupported encryption: {exc}") from exc
-    except (FileNotDecryptedError, *_PARSE_ERRORS) as exc:
+    except broken as exc:
         raise ItemRejected(RejectReason.CORRUPT, f"PDF encryption dictionary is broken: {exc}") from exc
     if not opened:
         raise ItemRejected(
