@@ -69,11 +69,9 @@ class ObjectConnector:
 
     def _object(self, meta: Any) -> SourceObject:
         path = str(meta["path"])
-        version = meta.get("version") or (meta.get("e_tag") or "").strip('"') or None
         return SourceObject(uri=f"{self.scheme}://{self.bucket}/{path}",
                             key=path[len(self.prefix):], size=int(meta["size"]),
-                            mtime=meta["last_modified"],
-                            version=f"etag:{version}" if version else None)
+                            mtime=meta["last_modified"], version=_version(meta))
 
     def list(self) -> Iterator[SourceObject | Reject]:
         try:
@@ -169,9 +167,7 @@ class ObjectConnector:
                                      "before it could be read", uri=obj.uri) from None
             except BaseError as exc:
                 raise self._error("cannot read", exc, obj.key) from None
-            # the version as the listing reads it (an object version, else the ETag)
-            tag = got.meta.get("version") or (got.meta.get("e_tag") or "").replace('"', "")
-            if obj.version not in (None, f"etag:{tag}"):
+            if obj.version not in (None, _version(got.meta)):
                 raise ConnectorError(f"{obj.key}: changed in {self.scheme}://{self.bucket} "
                                      "since it was listed", uri=obj.uri)
             return data
@@ -194,3 +190,9 @@ class ObjectConnector:
         except BaseError as exc:
             raise self._error("cannot list", exc, folder) from None
         return frozenset(str(m["path"]).rsplit("/", 1)[-1] for m in listing["objects"])
+
+
+def _version(meta: Any) -> str | None:
+    """An object's version as the listing gives it: its object version, else its ETag."""
+    version = meta.get("version") or (meta.get("e_tag") or "").strip('"') or None
+    return f"etag:{version}" if version else None

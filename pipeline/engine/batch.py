@@ -67,7 +67,7 @@ class BatchDriver:
 
     async def submit(self, draft: JobDraft) -> None:
         await in_thread(self.log.submitting, draft.display_name, self.run_id,
-                                       list(draft.items), [draft.keys[i] for i in draft.items])
+                        list(draft.items), [draft.keys[i] for i in draft.items])
         file_name = None
         if draft.bytes <= self.settings.max_inline_bytes:
             job = await self.api.create(display_name=draft.display_name, inline=draft.entries)
@@ -152,8 +152,7 @@ class BatchDriver:
                 self.outcome.problems.append(
                     f"batch {info.name} ({job.display_name}) ended {info.state}: its "
                     f"{n:,} items are submitted again by the next run")
-            await in_thread(lambda: self.log.set(job.display_name,
-                                                                status=FAILED))
+            await in_thread(lambda: self.log.set(job.display_name, status=FAILED))
             return
         chunk: list[tuple[str, BatchResult]] = []
         try:

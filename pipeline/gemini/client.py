@@ -198,4 +198,3 @@ class GeminiClient:
     def _error(self, code: int, raw: bytes, retry_after: str | None) -> EmbedError:
         return error_for(code, raw, retry_after, base=self._base, model=self.model,
                          scrub=self._scrub)
-
