@@ -187,6 +187,9 @@ def _thread_died(hook: threading.ExceptHookArgs) -> None:
 
 
 def _entry() -> Any:
+    # The process's own: vectors are small, and OpenBLAS's idle threads spin on the CPU a
+    # run needs (1 % of a text run's); set before numpy is imported. The user's setting wins.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     code = main()
     from pipeline.engine.threads import threads_left
 

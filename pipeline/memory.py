@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 import os
 import sys
@@ -39,6 +40,8 @@ log = logging.getLogger("embedpipe.memory")
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
 ARENAS = 2
+# Allocations between two collections of the young generation during a run (Python's: 700).
+GC_GEN0 = 10_000
 
 
 @cache
@@ -63,6 +66,18 @@ def tune_for_long_run() -> None:
     if (libc is not None and "MALLOC_ARENA_MAX" not in os.environ
             and not libc.mallopt(M_ARENA_MAX, ARENAS)):
         log.debug("mallopt(M_ARENA_MAX) refused")
+
+
+def freeze_startup_objects(gen0: int = GC_GEN0) -> None:
+    """Call once the run's modules are imported and its state is open, before its work: what
+    exists then lives as long as the process, so the cyclic collector stops walking it (a full
+    collection visited every object of pydantic's, Lance's and DuckDB's imports: ~10 % of the
+    CPU of a text run), and collects the young generation less often (``gen0`` allocations
+    instead of 700: a run allocates a few records per item, almost none of them in cycles)."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(gen0, gen1, gen2)
 
 
 def release_free_memory() -> None:

@@ -26,7 +26,7 @@ from connectors import connector_for
 from connectors.base import Connector
 from connectors.sink_options import sink_object_store
 from pipeline.config import JobConfig
-from pipeline.engine import ray as ray_engine
+from pipeline.engine import ray_wanted
 from pipeline.engine.batch import batch_router
 from pipeline.engine.local import LocalEngine
 from pipeline.errors import ConfigError, PipelineError, QuotaExhausted
@@ -140,7 +140,8 @@ class Run:
                         "batch": await batch_router(self.job, client, stages, state,
                                                     self.stats, self.outcome,
                                                     detach=self.detach)}
-                    if ray_engine.wanted(self.job.run.engine):
+                    if ray_wanted(self.job.run.engine):
+                        from pipeline.engine import ray as ray_engine
                         # Joined from this thread: Ray sets its signal handlers in the main one.
                         ray = cluster.enter_context(ray_engine.cluster(
                             self.job, client.options, self.job.run.ray_address))

@@ -135,3 +135,18 @@ def test_a_ranged_blob_fetches_blocks_once_and_counts_them():
     with pytest.raises(ConnectorError):
         broken.head(10)
     assert isinstance(broken.read_error, ConnectorError)
+
+
+def test_a_small_file_that_grew_or_shrank_since_its_size_was_read_is_read_whole(tmp_path: Path):
+    """One read for a small file whose size is as fstat said; one that changed meanwhile is
+    read to its end as it is now."""
+    from connectors.local import _read_all
+
+    path = tmp_path / "f.txt"
+    path.write_bytes(b"x" * 3_000_000)
+    for told in (3_000_000, 10, 5_000_000, 0):  # as it is, grown, shrunk, empty when listed
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert _read_all(fd, told) == b"x" * 3_000_000
+        finally:
+            os.close(fd)

@@ -193,3 +193,29 @@ def test_writing_commits_rows_then_the_manifest_and_guards_deletions(tmp_path: P
     assert table.open_table("vectors").count_rows() == 3
     assert writer.delete([items[0].source.uri], known=10, listed=9) is None
     assert table.open_table("vectors").count_rows() == 2 and stats.files_deleted == 1
+
+
+def test_a_sink_that_began_empty_finds_the_keys_it_wrote_as_a_query_of_the_table_does(
+        tmp_path: Path):
+    """A backfill's table holds only what the run wrote: find_keys answers from the keys the
+    sink wrote (no query per chunk of items), and gives what a query of the table gives."""
+    import numpy as np
+
+    src = tmp_path / "src"
+    make_text_corpus(src, 4)
+    job = _job(tmp_path, src)
+    items, _ = _validate_all(job, src)
+    db = open_db(str(tmp_path / "lance"))
+    fresh = LanceSink(db, "vectors", "rejects", 256, job.embed.model)
+    keys = [f"{n:032x}" for n in range(len(items))]
+    assert fresh.find_keys(keys) == {}
+    written = [Vector(item, np.full(256, n / 16, np.float32), 4 + n, key=keys[n])
+               for n, item in enumerate(items[:3])]
+    fresh.write(written, [], "r1", {})
+    reopened = LanceSink(db, "vectors", "rejects", 256, job.embed.model)  # queries the table
+    for sink in (fresh, reopened):
+        found = sink.find_keys(keys)
+        assert sorted(found) == keys[:3]
+        for n, key in enumerate(keys[:3]):
+            values, tokens = found[key]
+            assert tokens == 4 + n and np.allclose(values, n / 16)

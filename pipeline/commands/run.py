@@ -69,7 +69,7 @@ def main(args: argparse.Namespace) -> int:
         settings[("run", "ray_address")] = args.address
     import anyio
 
-    from pipeline.memory import tune_for_long_run
+    from pipeline.memory import freeze_startup_objects, tune_for_long_run
     from pipeline.run import Run
 
     # SIGTERM before the engine takes over its signals (joining a cluster, opening the sink)
@@ -83,6 +83,7 @@ def main(args: argparse.Namespace) -> int:
     run = Run(job, retry_rejects=args.retry_rejects, allow_mass_delete=args.allow_mass_delete,
               detach=args.detach, on_progress=update)
     CONTEXT["run_id"] = run.stats.run_id
+    freeze_startup_objects()  # what exists now lives as long as the run
     if progress is not None:
         with progress:
             result = anyio.run(run.execute)

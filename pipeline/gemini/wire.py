@@ -182,7 +182,7 @@ def decode(raw: bytes, key: str, count: int, dims: int, base: str) -> EmbedRespo
     if not isinstance(embeddings, simdjson.Array | list) or len(embeddings) != count:
         got = len(embeddings) if isinstance(embeddings, simdjson.Array) else "no"
         raise _malformed(f"{got} embeddings for {count} requests")
-    matrix = np.empty((count, dims), dtype=np.float32)
+    wide = np.empty((count, dims), dtype=np.float64)
     for index, emb in enumerate(embeddings):
         values = emb.get("values") if isinstance(emb, simdjson.Object) else None
         if not isinstance(values, simdjson.Array):
@@ -192,11 +192,12 @@ def decode(raw: bytes, key: str, count: int, dims: int, base: str) -> EmbedRespo
                 f"embedding {index} has {len(values)} dimensions, {dims} were requested",
                 status="BAD_RESPONSE")
         try:
-            row = np.frombuffer(values.as_buffer(of_type="d"), dtype=np.float64)
+            wide[index] = np.frombuffer(values.as_buffer(of_type="d"), dtype=np.float64)
         except (TypeError, ValueError):
-            row = _special_floats(values.as_list(), index)
-        with np.errstate(over="ignore"):  # too large for float32: caught as infinity below
-            matrix[index] = row
+            wide[index] = _special_floats(values.as_list(), index)
+    with np.errstate(over="ignore"):  # too large for float32: caught as infinity below
+        matrix = wide.astype(np.float32)
+    del wide
     bad = ~np.isfinite(matrix).all(axis=1)
     if bad.any():  # finite in float64 but not in float32
         raise TerminalEmbedError(f"embedding {int(np.argmax(bad))} contains NaN or infinity",

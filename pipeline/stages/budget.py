@@ -10,6 +10,7 @@ Small payloads are not counted: the queues' lengths bound them.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import weakref
@@ -80,6 +81,10 @@ class PayloadBudget:
         suspended validator keeps the last item it made), are under the limit (parts leave from
         other threads); or once none has left for :data:`STALL_S` (whatever holds them waits for
         more work: a slower run, never a stuck one)."""
+        if self.held - own >= self.limit:
+            # parts held only by garbage in a reference cycle go with it (young cycles are
+            # collected rarely in a run: memory.freeze_startup_objects)
+            gc.collect(1)
         held, since = self.held, anyio.current_time()
         while self.held - own >= self.limit:
             await anyio.sleep(0.02)

@@ -33,8 +33,8 @@ Ray is an optional extra (``pip install 'embedpipe[ray]'``); it is imported when
 for ``engine: ray``.
 """
 
-from pipeline.engine.ray.cluster import Cluster, cluster, import_ray, reachable, wanted
+from pipeline.engine.ray.cluster import Cluster, cluster, import_ray, reachable
 from pipeline.engine.ray.driver import RayEngine
 from pipeline.engine.ray.limiter import Limiter
 
-__all__ = ["Cluster", "Limiter", "RayEngine", "cluster", "import_ray", "reachable", "wanted"]
+__all__ = ["Cluster", "Limiter", "RayEngine", "cluster", "import_ray", "reachable"]

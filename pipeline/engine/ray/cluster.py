@@ -37,12 +37,6 @@ def import_ray() -> Any:
     return ray
 
 
-def wanted(engine: str) -> bool:
-    """Whether a run with ``run.engine: engine`` uses Ray (``auto``: when RAY_ADDRESS names a
-    cluster)."""
-    return engine == "ray" or (engine == "auto" and bool(os.environ.get("RAY_ADDRESS")))
-
-
 
 class Cluster:
     """The run's handle on Ray: joins ``address`` (or ``RAY_ADDRESS``, or a cluster this
