@@ -198,7 +198,8 @@ def test_writing_commits_rows_then_the_manifest_and_guards_deletions(tmp_path: P
 def test_a_sink_that_began_empty_finds_the_keys_it_wrote_as_a_query_of_the_table_does(
         tmp_path: Path):
     """A backfill's table holds only what the run wrote: find_keys answers from the keys the
-    sink wrote (no query per chunk of items), and gives what a query of the table gives."""
+    sink wrote (no query per chunk of items), and gives what a query of the table gives; rows
+    are appended while their ids are new, and merged once one was written before."""
     import numpy as np
 
     src = tmp_path / "src"
@@ -212,6 +213,8 @@ def test_a_sink_that_began_empty_finds_the_keys_it_wrote_as_a_query_of_the_table
     written = [Vector(item, np.full(256, n / 16, np.float32), 4 + n, key=keys[n])
                for n, item in enumerate(items[:3])]
     fresh.write(written, [], "r1", {})
+    fresh.write(written[1:], [], "r1", {})  # written again: merged, not appended twice
+    assert fresh.vectors.count_rows() == 3
     reopened = LanceSink(db, "vectors", "rejects", 256, job.embed.model)  # queries the table
     for sink in (fresh, reopened):
         found = sink.find_keys(keys)

@@ -26,6 +26,7 @@ from pipeline.sinks.rows import (
     vectors_schema,
 )
 from pipeline.sinks.tables import (
+    Written,
     first_model,
     index_config,
     index_on,
@@ -108,11 +109,6 @@ class CacheTable:
             raise SinkError(f"embed.reuse_from: reading {self.uri} failed: {exc}") from exc
 
 
-# How many content keys a sink that began empty keeps to answer find_keys without a query
-# (~100 bytes each); a longer backfill queries the table as a nightly run does.
-WRITTEN_KEYS_KEPT = 1_000_000
-
-
 class LanceSink:
     def __init__(self, db: Any, table: str, rejects_table: str, dims: int, model: str,
                  columns: dict[str, str] | None = None, *, mirror: Any = None) -> None:
@@ -127,10 +123,7 @@ class LanceSink:
         self.vectors = open_table(db, table, self.schema)
         self._check_schema(table)
         self.rejects = open_table(db, rejects_table, REJECTS_SCHEMA)
-        # The content keys this sink wrote, while they are all the table holds (it was empty
-        # when opened): find_keys answers from them without a query (one per chunk of items,
-        # about 1 ms of CPU each, on every backfill). None once the table held rows of its own.
-        self._written: set[str] | None = (set() if self.vectors.count_rows() == 0 else None)
+        self._fresh = Written.if_empty(self.vectors)
 
     def _check_schema(self, table: str) -> None:
         size = vector_dims(self.vectors.schema)
@@ -159,15 +152,21 @@ class LanceSink:
         version, or parts the new split no longer has) and is removed in the same commit as the
         merge."""
         now = datetime.now(UTC)
-        if self._written is not None:
-            self._written.update(v.key for v in vectors if v.key is not None)
-            if len(self._written) > WRITTEN_KEYS_KEPT:
-                self._written = None  # the index answers from here on
+        fresh = self._fresh
+        # recorded before the commit: what it wrongly claims costs a query or a merge, never a
+        # missed row or a duplicate
+        appended = fresh is not None and not replaced and fresh.add(
+            [v.item.id for v in vectors], [v.key for v in vectors if v.key is not None])
+        if fresh is not None and fresh.full:
+            self._fresh = None  # queries and merges from here on, as on any table
         try:
             stale = self._stale(self.vectors, {u: keep for u, (keep, _) in replaced.items()})
             stale_rejects = self._stale(self.rejects, {u: keep for u, (_, keep) in replaced.items()})
-            merge_rows(self.vectors, self._vector_table(vectors, run_id, now) if vectors else None,
-                   stale)
+            if appended:
+                self.vectors.add(self._vector_table(vectors, run_id, now))
+            else:
+                merge_rows(self.vectors,
+                           self._vector_table(vectors, run_id, now) if vectors else None, stale)
             merge_rows(self.rejects, self._reject_table(rejects, run_id, now) if rejects else None,
                    stale_rejects)
         except (OSError, ValueError, RuntimeError) as exc:
@@ -198,8 +197,8 @@ class LanceSink:
 
     def find_keys(self, keys: Sequence[str]) -> dict[str, tuple[np.ndarray, int]]:
         """Stored vectors of these content keys in the job's table (see :func:`find_keys`)."""
-        if self._written is not None:  # all the table holds is what this sink wrote
-            keys = [k for k in keys if k in self._written]
+        if self._fresh is not None:  # all the table holds is what this sink wrote
+            keys = [k for k in keys if k in self._fresh.keys]
             if not keys:
                 return {}
         try:

@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from pipeline.errors import SinkError
 from pipeline.sinks.lance import keep_btree, open_table, sql_str, upsert
+from pipeline.sinks.tables import Written
 
 MANIFEST_SCHEMA = pa.schema([
     pa.field("uri", pa.string(), nullable=False),
@@ -74,6 +75,8 @@ URI_INDEX_MIN_ROWS = 50_000
 class Manifest:
     def __init__(self, db: Any, table: str, read_only: bool = False) -> None:
         self.table = db.open_table(table) if read_only else open_table(db, table, MANIFEST_SCHEMA)
+        # a first run's files are new: their rows are appended, not merged on uri
+        self._fresh = None if read_only else Written.if_empty(self.table)
 
     def count(self) -> int:
         try:
@@ -146,7 +149,11 @@ class Manifest:
             "run_id": [run_id] * len(rows),
             "updated_at": [now] * len(rows),
         }, schema=MANIFEST_SCHEMA)
-        upsert(self.table, "uri", table, "manifest")
+        fresh = self._fresh
+        new = fresh is not None and fresh.add([s.uri for s in rows])
+        if fresh is not None and fresh.full:
+            self._fresh = None
+        upsert(self.table, "uri", table, "manifest", new=new)
 
     def forget(self, uris: list[str]) -> None:
         for start in range(0, len(uris), 500):
