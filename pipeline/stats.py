@@ -53,6 +53,10 @@ class RunStats:
     # results of earlier jobs not adopted: made from another request (template, task, cut)
     items_stale_results: int = 0
     items_superseded: int = 0  # in earlier jobs no item of which was wanted: paid, unused
+    # seconds spent making jobs' input, submitting them (upload, create), collecting results
+    batch_prepare_s: float = 0.0
+    batch_upload_s: float = 0.0
+    batch_collect_s: float = 0.0
     tokens_batch_by_modality: Counter[str] = field(default_factory=Counter)
     tokens_by_modality: Counter[str] = field(default_factory=Counter)
     tokens_reused_by_modality: Counter[str] = field(default_factory=Counter)  # not paid

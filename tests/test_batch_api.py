@@ -8,11 +8,13 @@ from typing import Any, TypeVar
 
 import anyio
 import numpy as np
+import orjson
 import pytest
 
 from pipeline.emulator.server import Emulator, EmulatorOptions
 from pipeline.errors import AccessError, TerminalEmbedError
-from pipeline.gemini.batches import BatchApi, BatchJob
+from pipeline.gemini import batches
+from pipeline.gemini.batches import BatchApi, BatchJob, JobInput
 from pipeline.gemini.client import EmbedRequest, GeminiClient
 from pipeline.records import Part
 
@@ -59,6 +61,37 @@ def test_a_file_job_returns_every_vector_by_key_as_embedcontent_would():
     assert sorted(results) == sorted(f"id-{i}" for i in range(250))
     assert all(r.values is not None and r.values.shape == (128,) for r in results.values())
     assert np.allclose(results["id-7"].values, out["direct"], atol=1e-6)
+
+
+def test_a_job_input_spooled_to_disk_is_uploaded_a_chunk_at_a_time(
+        monkeypatch: pytest.MonkeyPatch):
+    """A job's lines go to a temporary file beyond spool_bytes and are read from it as they are
+    uploaded; what the service gets is what the lines say, and each result line read straight
+    into numpy equals the same line read the slow way."""
+    monkeypatch.setattr(batches, "UPLOAD_CHUNK", 4096)
+
+    async def flow(api: BatchApi, client: GeminiClient) -> dict[str, Any]:
+        lines = JobInput(spool_bytes=2048)
+        for i, t in enumerate(TEXTS):
+            lines.add(*api.entry(f"id-{i}", _request(t)))
+        assert lines.count == 250 and lines.size > 10 * 4096
+        assert lines.entries()[3] == api.entry("id-3", _request(TEXTS[3]))
+        name = await api.upload(lines, display_name="spooled")
+        lines.close()
+        job = await _wait(api, await api.create(display_name="spooled", file_name=name))
+        raw = [line async for line in client.stream_lines(
+            f"{job.responses_file}:download", params={"alt": "media"}) if line.strip()]
+        return {"results": {key: r async for key, r in api.results(job)},
+                "slow": dict(api._result_of(orjson.loads(line)) for line in raw)}
+
+    with Emulator(EmulatorOptions(batch_delay_s=0.1)) as emu:
+        out = _with_api(emu, flow)
+        assert emu.state.stats.batch_items == 250
+    results, slow = out["results"], out["slow"]
+    assert sorted(results) == sorted(slow) == sorted(f"id-{i}" for i in range(250))
+    for key, result in results.items():
+        assert result.values is not None and result.values.dtype == np.float32
+        assert np.array_equal(result.values, slow[key].values)
 
 
 def test_inline_jobs_carry_their_keys_in_metadata_and_failures_come_back_per_request():

@@ -62,6 +62,29 @@ def test_batch_mode_embeds_every_item_once_at_half_the_interactive_cost(tmp_path
     assert reports[0]["cost_usd"] == pytest.approx(reports[1]["cost_usd"] / 2, rel=0.1)
 
 
+def test_jobs_finished_while_others_are_filled_are_collected_meanwhile(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """A backfill does not hold every item until its last job is submitted: a job that has
+    finished is collected (its items let go) while later jobs are still being filled."""
+    src = tmp_path / "src"
+    make_text_corpus(src, 300)
+    caplog.set_level("INFO", logger="embedpipe.batch")
+    with Emulator(EmulatorOptions(batch_delay_s=0)) as emu:
+        result = run_job(load_job(write_job(tmp_path, src, embed=_embed(
+            emu, batch={"poll_initial_s": 0.001, "poll_max_s": 0.002, "max_requests": 25}))))
+        assert emu.state.stats.batch_jobs == 12
+    assert result.exit_code == EXIT_OK and result.stats.items_batch == 300
+    events = [r.getMessage().split()[0] for r in caplog.records
+              if r.getMessage().startswith(("submitted", "collected"))]
+    assert events.count("submitted") == events.count("collected") == 12
+    last_submitted = len(events) - 1 - events[::-1].index("submitted")
+    assert events.index("collected") < last_submitted
+    ids = _ids(tmp_path)
+    assert len(ids) == len(set(ids)) == 300
+    stats = result.stats
+    assert stats.batch_prepare_s > 0 and stats.batch_upload_s > 0 and stats.batch_collect_s > 0
+
+
 def test_auto_mode_uses_the_batch_api_only_for_a_large_run(tmp_path: Path):
     make_text_corpus(tmp_path / "src", 30)
     with Emulator(EmulatorOptions(batch_delay_s=0.1)) as emu:

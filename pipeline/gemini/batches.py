@@ -2,7 +2,8 @@
 (same base URL, auth style and error mapping), with the Files API it needs.
 
     api = BatchApi(client)
-    name = await api.upload(jsonl_bytes, display_name="run-…-0")      # resumable protocol
+    lines = JobInput(); lines.add(key, client.request_json(request))  # the JSONL, spooled
+    name = await api.upload(lines, display_name="run-…-0")           # resumable protocol
     job = await api.create(file_name=name, display_name="run-…-0")   # or requests=[…]
     job = await api.get(job.name)                                     # until job.done
     async for key, result in api.results(job): ...                   # streamed, by key
@@ -12,23 +13,34 @@ Wire shapes follow the google-genai SDK (``batches.py``, ``files.py``): inline i
 ``{"key", "request"}``; results are ``output.inlinedEmbedContentResponses.inlinedResponses[]``
 (in input order, with the request's metadata) or a ``responsesFile`` of ``{"key", "response" |
 "error"}`` lines, downloaded as a stream so a large one is never held whole.
+
+A job's input is written line by line as its requests come (:class:`JobInput`: in memory while
+small, in an anonymous temporary file beyond that, since a job of videos is gigabytes of
+base64) and uploaded from there a chunk at a time; each result line is read by simdjson
+straight into numpy (no Python float per value).
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import numpy.typing as npt
 import orjson
+import simdjson
 
+from pipeline.errors import ScratchError, TerminalEmbedError
 from pipeline.gemini.client import EmbedRequest, GeminiClient, vector_from
+from pipeline.memory import in_thread
 
 DONE_STATES = frozenset({"BATCH_STATE_SUCCEEDED", "BATCH_STATE_FAILED",
                          "BATCH_STATE_CANCELLED", "BATCH_STATE_EXPIRED"})
 UPLOAD_CHUNK = 8 * 1024 * 1024
+# A job's input stays in memory up to this size (an inline job's, at most), else goes to disk.
+SPOOL_BYTES = 20_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +82,57 @@ class BatchResult:
     error: dict[str, Any] | None = None
 
 
+class JobInput:
+    """A job's requests as the lines of its JSONL input file, written as they are added."""
+
+    def __init__(self, spool_bytes: int = SPOOL_BYTES) -> None:
+        self._file: IO[bytes] = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed by close()
+            max_size=spool_bytes, prefix="embedpipe-batch-")
+        self.count = 0
+        self.size = 0
+
+    @classmethod
+    def of(cls, data: bytes) -> JobInput:
+        """JSONL bytes already made."""
+        lines = cls(spool_bytes=len(data) + 1)
+        lines._write(data)
+        lines.count = data.count(b"\n")
+        return lines
+
+    def add(self, key: str, request: dict[str, Any]) -> int:
+        """One request, keyed (the key comes back with its result); its line's length."""
+        line = orjson.dumps({"key": key, "request": request}) + b"\n"
+        self._write(line)
+        self.count += 1
+        return len(line)
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise ScratchError(
+                f"cannot spool a Batch API job's input to the temporary folder "
+                f"{tempfile.gettempdir()} ({exc.strerror or exc}): free space there or point "
+                "TMPDIR elsewhere") from None
+        self.size += len(data)
+
+    def entries(self) -> list[tuple[str, dict[str, Any]]]:
+        """The requests by key (an inline job's: small)."""
+        self._file.seek(0)
+        entries = [orjson.loads(line) for line in self._file]
+        return [(e["key"], e["request"]) for e in entries]
+
+    def read(self, size: int) -> bytes:
+        """The next ``size`` bytes of the file from the start (blocking)."""
+        return self._file.read(size)
+
+    def rewind(self) -> None:
+        self._file.seek(0)
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class BatchApi:
     def __init__(self, client: GeminiClient) -> None:
         self.client = client
@@ -83,24 +146,26 @@ class BatchApi:
         """A job's input file: one ``{"key", "request"}`` line per request."""
         return b"\n".join(orjson.dumps({"key": k, "request": r}) for k, r in entries) + b"\n"
 
-    async def upload(self, data: bytes, *, display_name: str,
+    async def upload(self, data: bytes | JobInput, *, display_name: str,
                      mime_type: str = "application/jsonl") -> str:
-        """Upload with the resumable protocol (start, then chunks, the last one finalizing);
-        returns the file's name (``files/…``)."""
+        """Upload with the resumable protocol (start, then chunks read as they are sent, the
+        last one finalizing); returns the file's name (``files/…``)."""
+        lines = data if isinstance(data, JobInput) else JobInput.of(data)
+        lines.rewind()
         root = self.client.base.rsplit("/", 1)
         start = await self.client.request(
             "POST", f"{root[0]}/upload/{root[1]}/files",
             content=orjson.dumps({"file": {"displayName": display_name}}),
             headers={"x-goog-upload-protocol": "resumable", "x-goog-upload-command": "start",
-                     "x-goog-upload-header-content-length": str(len(data)),
+                     "x-goog-upload-header-content-length": str(lines.size),
                      "x-goog-upload-header-content-type": mime_type})
         url = start.headers.get("x-goog-upload-url")
         if not url:
             raise ValueError("the upload was not given an upload URL")
         offset = 0
         while True:
-            chunk = data[offset:offset + UPLOAD_CHUNK]
-            last = offset + len(chunk) >= len(data)
+            chunk = await in_thread(lines.read, UPLOAD_CHUNK)
+            last = offset + len(chunk) >= lines.size
             answer = await self.client.request(
                 "POST", url, content=chunk,
                 headers={"x-goog-upload-command": "upload, finalize" if last else "upload",
@@ -157,14 +222,44 @@ class BatchApi:
             return
         if job.responses_file is None:
             return
+        parser = simdjson.Parser()
         async for line in self.client.stream_lines(f"{job.responses_file}:download",
                                                    params={"alt": "media"}):
             if line.strip():
-                entry = orjson.loads(line)
-                yield str(entry.get("key")), self._result(entry)
+                yield self._line(parser, line)
+
+    def _result_of(self, entry: dict[str, Any]) -> tuple[str, BatchResult]:
+        """A responses file's line, read by orjson: by key."""
+        return str(entry.get("key")), self._result(entry)
 
     def _result(self, entry: dict[str, Any]) -> BatchResult:
         values = ((entry.get("response") or {}).get("embedding") or {}).get("values")
         if values is None:
             return BatchResult(None, entry.get("error") or {"message": "no embedding returned"})
         return BatchResult(vector_from(values, self.client.dims))
+
+    def _line(self, parser: simdjson.Parser, line: bytes) -> tuple[str, BatchResult]:
+        """A responses file's line: its values read straight into numpy; a line that is not
+        the usual shape (an error, special floats) the slow way."""
+        try:
+            entry = parser.parse(line)
+            if not isinstance(entry, simdjson.Object):
+                raise ValueError("not an object")
+            values = entry.at_pointer("/response/embedding/values")
+            if not isinstance(values, simdjson.Array) or len(values) != self.client.dims:
+                raise ValueError("not the values asked for")
+            row = np.frombuffer(values.as_buffer(of_type="d"), dtype=np.float64)
+            key = str(entry.get("key"))
+            del entry, values  # the parser is used again for the next line
+        except (ValueError, TypeError, KeyError):
+            try:
+                whole = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                raise TerminalEmbedError("a Batch API responses file holds a line that is "
+                                         "not JSON", status="BAD_RESPONSE") from None
+            return self._result_of(whole)
+        with np.errstate(over="ignore"):
+            vector = row.astype(np.float32)
+        if not np.isfinite(vector).all():
+            return key, self._result(orjson.loads(line))  # says what is wrong with it
+        return key, BatchResult(vector)

@@ -167,8 +167,9 @@ class GeminiClient:
         return response
 
     async def stream_lines(self, url: str, *,
-                           params: dict[str, str] | None = None) -> AsyncIterator[str]:
-        """A download's lines, streamed (a large responses file is never held whole)."""
+                           params: dict[str, str] | None = None) -> AsyncIterator[bytes]:
+        """A download's lines (bytes, without their end), streamed: a large responses file is
+        never held whole."""
         url = self._url(url)
         try:
             async with self._http.stream("GET", url, params=params) as response:
@@ -176,8 +177,14 @@ class GeminiClient:
                     raw = await response.aread()
                     raise self._error(response.status_code, raw,
                                       response.headers.get("retry-after"))
-                async for line in response.aiter_lines():
-                    yield line
+                rest = b""
+                async for chunk in response.aiter_bytes():
+                    lines = (rest + chunk).split(b"\n")
+                    rest = lines.pop()
+                    for line in lines:
+                        yield line
+                if rest:
+                    yield rest
         except httpx.TransportError as exc:
             raise TransientEmbedError(
                 self._scrub(f"transport error on a download: {type(exc).__name__}: {exc}"),

@@ -152,21 +152,15 @@ class LanceSink:
         version, or parts the new split no longer has) and is removed in the same commit as the
         merge."""
         now = datetime.now(UTC)
-        fresh = self._fresh
-        # recorded before the commit: what it wrongly claims costs a query or a merge, never a
-        # missed row or a duplicate
-        appended = fresh is not None and not replaced and fresh.add(
+        fresh = self._fresh  # recorded before the commit (see Written)
+        new = fresh is not None and not replaced and fresh.add(
             [v.item.id for v in vectors], [v.key for v in vectors if v.key is not None])
-        if fresh is not None and fresh.full:
-            self._fresh = None  # queries and merges from here on, as on any table
+        self._fresh = None if fresh is None or fresh.full else fresh
         try:
             stale = self._stale(self.vectors, {u: keep for u, (keep, _) in replaced.items()})
             stale_rejects = self._stale(self.rejects, {u: keep for u, (_, keep) in replaced.items()})
-            if appended:
-                self.vectors.add(self._vector_table(vectors, run_id, now))
-            else:
-                merge_rows(self.vectors,
-                           self._vector_table(vectors, run_id, now) if vectors else None, stale)
+            merge_rows(self.vectors, self._vector_table(vectors, run_id, now) if vectors else None,
+                       stale, new=new)
             merge_rows(self.rejects, self._reject_table(rejects, run_id, now) if rejects else None,
                    stale_rejects)
         except (OSError, ValueError, RuntimeError) as exc:

@@ -51,11 +51,16 @@ def index_config(kind: str) -> Any:
     return configs[kind](distance_type="cosine")
 
 
-def merge_rows(table: Any, rows: pa.Table | None, stale: list[str]) -> None:
-    """Merge ``rows`` on ``id`` and delete the ``stale`` ids, in one commit."""
+def merge_rows(table: Any, rows: pa.Table | None, stale: list[str], *,
+               new: bool = False) -> None:
+    """Merge ``rows`` on ``id`` and delete the ``stale`` ids, in one commit (``new``: no row
+    has an id the table holds, none is stale: appended)."""
     if rows is None:
         if stale:
             table.delete(id_in(stale))
+        return
+    if new and not stale:
+        table.add(rows)
         return
     merge = table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all()
     if stale:

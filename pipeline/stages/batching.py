@@ -12,7 +12,8 @@
   as interactive ones are), ``api_rejected`` rejects for requests the API refused, and the items
   worth trying again interactively (a transient error, or no result at all).
 
-Blocking and stream-free; the engine submits, polls and collects (:mod:`pipeline.engine.batch`).
+Blocking and stream-free; the engine submits, polls and collects
+(:mod:`pipeline.engine.batch_driver`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 from pipeline.config import BatchSettings
 from pipeline.errors import RejectReason, TerminalEmbedError
-from pipeline.gemini.batches import BatchResult
+from pipeline.gemini.batches import BatchResult, JobInput
 from pipeline.gemini.client import EmbedRequest
 from pipeline.records import Item, Reject, Vector
 from pipeline.stages.embedding import make_vector
@@ -33,13 +34,17 @@ TRANSIENT_CODES = frozenset({408, 429, 500, 502, 503, 504})
 
 @dataclass
 class JobDraft:
-    """A Batch API job being filled: its requests (key = item id) and the items they are for."""
+    """A Batch API job being filled: its requests (key = item id) as the lines of its input
+    file, and the items they are for."""
 
     display_name: str
-    entries: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    lines: JobInput
     items: dict[str, Item] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)  # item id -> its request's content key
-    bytes: int = 0
+
+    @property
+    def bytes(self) -> int:
+        return self.lines.size
 
 
 @dataclass
@@ -77,29 +82,28 @@ class Batching:
     def add(self, item: Item) -> JobDraft | None:
         """Add an item; returns the job it closed, if adding it closed one."""
         sent = self._request(item)
-        key, request = self._entry(item.id, sent)
-        size = len(key) + (item.payload_bytes + 2) // 3 * 4 + 256  # about its JSONL line
+        size = len(item.id) + (item.payload_bytes + 2) // 3 * 4 + 256  # about its JSONL line
         full = None
         draft = self.draft
-        if draft is not None and draft.entries and (
-                len(draft.entries) >= self.settings.max_requests
+        if draft is not None and draft.lines.count and (
+                draft.lines.count >= self.settings.max_requests
                 or draft.bytes + size > self.settings.max_file_bytes):
             full, draft = draft, None
         if draft is None:
-            draft = self.draft = JobDraft(f"{self.prefix}-{self._count:04d}")
+            draft = self.draft = JobDraft(f"{self.prefix}-{self._count:04d}",
+                                          JobInput(self.settings.max_inline_bytes))
             self._count += 1
-        draft.entries.append((key, request))
+        draft.lines.add(*self._entry(item.id, sent))
         draft.keys[item.id] = self._key(sent)
-        # The request holds the payload until the job is sent: the item need not.
+        # The job's input holds the payload until the job is sent: the item need not.
         draft.items[item.id] = replace(item, parts=()) if any(
             p.data is not None for p in item.parts) else item
-        draft.bytes += size
         return full
 
     def take(self) -> JobDraft | None:
         """The job being filled, if it holds anything."""
         draft, self.draft = self.draft, None
-        return draft if draft is not None and draft.entries else None
+        return draft if draft is not None and draft.lines.count else None
 
     def outcomes(self, items: dict[str, Item], keys: dict[str, str],
                  results: Iterable[tuple[str, BatchResult]]) -> JobOutcome:
