@@ -2,10 +2,18 @@
 under a per-minute quota, then a batch run killed with SIGKILL between submit and collect.
 
     python bench/batchmode.py [--n 20000] [--rpm 3000] [--window-s 15] [--json]
+    python bench/batchmode.py --n 1000000 [--dims 768] [--json]     # the throughput variant
 
 Each run is a whole `embedpipe run` process. `interactive_quota_calls` is how many calls the
 batch-mode run made against the interactive (per-minute quota) endpoint; `resumed_paid_twice`
 is how many items the Batch API embedded more than once across the killed run and its resume.
+
+The throughput variant (``--throughput``, and any N over 100,000, whose interactive run would
+take hours under the quota) is one batch-mode run of N texts against an emulator whose jobs
+finish at once: how many items a second its Batch API path prepares (requests into each job's
+JSONL input), submits (upload and create) and collects (results read, rows handed to the
+writer), from the run's own report; the items a minute prepared and collected together; the
+run's peak RSS (its own, by ``wait4``); and whether every item is in the table once.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import lancedb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import emulator_process, workdir, write_job
+from bench.common import LAUNCHER, emulator_process, workdir, write_job
 from pipeline.commands.sample_files import make_text_corpus
 
 MAX_REQUESTS = 5000
@@ -57,6 +65,59 @@ def _dup_lost(ids: list[str], expected: set[str]) -> tuple[int, int]:
     return len(ids) - len(set(ids)), len(expected - set(ids))
 
 
+def throughput(n: int, dims: int) -> dict[str, Any]:
+    """One batch-mode run of ``n`` texts, jobs finished at once: its Batch API path's rates."""
+    folder = workdir()
+    try:
+        made = time.perf_counter()
+        make_text_corpus(folder / "src", n)
+        made_s = time.perf_counter() - made
+        with emulator_process("--batch-delay-s", "0") as base:
+            (folder / "job").mkdir()
+            job = write_job(folder / "job", folder / "src", {
+                "provider": "gemini", "api_key": "k", "base_url": base,
+                "model": "gemini-embedding-2", "output_dimensionality": dims, "mode": "batch",
+                "batch": {"poll_initial_s": 0.2, "poll_max_s": 1}})
+            report_path = folder / "report.json"
+            proc = subprocess.run([sys.executable, "-c", LAUNCHER, sys.executable, "-m",
+                                   "pipeline.cli", "run", "-q", "--report", str(report_path),
+                                   str(job)], capture_output=True, text=True, check=True)
+        launched = json.loads(proc.stdout.strip().splitlines()[-1])
+        report = json.loads(report_path.read_text())
+        ids = _ids(folder / "job")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    prepare, upload, collect = (report[f"batch_{k}_s"] for k in ("prepare", "upload", "collect"))
+    items = report["items_batch"]
+    return {
+        "n": n, "dims": dims, "corpus_made_s": round(made_s, 1), "exit": launched["code"],
+        "items_batch": items, "batch_jobs": report["batch_jobs"],
+        "rows": len(ids), "duplicates": len(ids) - len(set(ids)), "lost": n - len(set(ids)),
+        "prepare_s": round(prepare, 2), "upload_s": round(upload, 2),
+        "collect_s": round(collect, 2),
+        "prepare_items_per_s": round(items / prepare) if prepare else None,
+        "upload_items_per_s": round(items / upload) if upload else None,
+        "collect_items_per_s": round(items / collect) if collect else None,
+        "prepared_and_collected_per_min": (round(items / (prepare + collect) * 60)
+                                           if prepare + collect else None),
+        "run_wall_s": round(launched["wall_s"], 1), "run_items_per_s": round(n / launched["wall_s"]),
+        "peak_rss_mb": round(launched["maxrss_kb"] / 1024),
+    }
+
+
+def print_throughput(f: dict[str, Any]) -> None:
+    print(f"{f['n']:,} texts, {f['dims']} dimensions, batch mode, jobs finished at once "
+          f"({f['batch_jobs']} jobs; the corpus took {f['corpus_made_s']} s to write)")
+    print(f"{'':12}{'seconds':>10}{'items/s':>12}")
+    for phase in ("prepare", "upload", "collect"):
+        print(f"{phase:12}{f[phase + '_s']:>10}{f[phase + '_items_per_s']:>12,}")
+    print(f"prepared and collected: {f['prepared_and_collected_per_min']:,} items a minute "
+          f"(target 1,000,000); peak RSS {f['peak_rss_mb']} MB (target 1,024)")
+    print(f"the whole run (list, validate, batch, write): {f['run_wall_s']} s, "
+          f"{f['run_items_per_s']:,} items/s, exit {f['exit']}; rows {f['rows']:,}, "
+          f"duplicates {f['duplicates']}, lost {f['lost']}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=20_000)
@@ -64,8 +125,17 @@ def main() -> int:
     parser.add_argument("--window-s", type=float, default=15.0)
     parser.add_argument("--corpus", type=Path, default=CORPUS,
                         help="its PDFs and images join the texts (skipped if absent)")
+    parser.add_argument("--throughput", action="store_true",
+                        help="only the batch run's rates (implied for --n over 100,000)")
+    parser.add_argument("--dims", type=int, default=768, help="of the throughput variant")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.throughput or args.n > 100_000:
+        figures = throughput(args.n, args.dims)
+        print_throughput(figures)
+        if args.json:
+            print(json.dumps(figures))
+        return 0
     folder = workdir()
     src = folder / "src"
     make_text_corpus(src, args.n)

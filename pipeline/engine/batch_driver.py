@@ -39,6 +39,7 @@ from pipeline.stats import RunStats
 
 log = logging.getLogger("embedpipe.batch")
 RESULTS_CHUNK = 1000
+RESULT_VALUE_BYTES = 12  # a value of a vector as JSON text, with its comma
 
 
 @dataclass
@@ -86,7 +87,11 @@ class BatchDriver:
                         list(draft.items), [draft.keys[i] for i in draft.items])
         file_name = None
         try:
-            if draft.bytes <= self.settings.max_inline_bytes:
+            # inline when the whole exchange is small: an inline job's results come back in
+            # one answer (10,000 vectors of 768 dimensions are ~90 MB of JSON), a file's are
+            # streamed
+            answer = draft.lines.count * (self.api.client.dims * RESULT_VALUE_BYTES + 64)
+            if max(draft.bytes, answer) <= self.settings.max_inline_bytes:
                 inline = await in_thread(draft.lines.entries)
                 job = await self.api.create(display_name=draft.display_name, inline=inline)
                 del inline

@@ -192,7 +192,7 @@ class LanceSink:
     def find_keys(self, keys: Sequence[str]) -> dict[str, tuple[np.ndarray, int]]:
         """Stored vectors of these content keys in the job's table (see :func:`find_keys`)."""
         if self._fresh is not None:  # all the table holds is what this sink wrote
-            keys = [k for k in keys if k in self._fresh.keys]
+            keys = self._fresh.may_hold(keys)
             if not keys:
                 return {}
         try:

@@ -114,15 +114,15 @@ class Written:
     among those written are new: appended, since a merge joins them against every key of the
     table (three times the CPU of an append). A content key not among those written is not in
     the table: reuse looks it up without a query (~1 ms of CPU per chunk of items). Kept for the
-    first :data:`KEPT` rows (~100 bytes a key); a longer backfill queries and merges from there
-    on, as a nightly run does. What is recorded before a commit that fails costs a merge or a
-    query, never a duplicate or a missed row."""
+    first :data:`KEPT` rows, as hashes (~60 bytes a key): a hash two keys share, or one
+    recorded before a commit that failed, costs a merge or a query, never a duplicate or a
+    missed row. A longer backfill queries and merges from there on, as a nightly run does."""
 
     KEPT = 1_000_000
 
     def __init__(self) -> None:
-        self.ids: set[str] = set()
-        self.keys: set[str] = set()
+        self.ids: set[int] = set()
+        self.keys: set[int] = set()
 
     @classmethod
     def if_empty(cls, table: Any) -> Written | None:
@@ -135,10 +135,15 @@ class Written:
     def add(self, ids: list[str], keys: Iterable[str] = ()) -> bool:
         """Record rows about to be written; whether they are all new (no id written before,
         none twice among them)."""
-        new = bool(ids) and len(set(ids)) == len(ids) and self.ids.isdisjoint(ids)
-        self.ids.update(ids)
-        self.keys.update(keys)
+        hashed = {hash(i) for i in ids}
+        new = bool(ids) and len(hashed) == len(ids) and self.ids.isdisjoint(hashed)
+        self.ids |= hashed
+        self.keys.update(map(hash, keys))
         return new
+
+    def may_hold(self, keys: Iterable[str]) -> list[str]:
+        """Those of ``keys`` the table may hold (all the others it does not)."""
+        return [k for k in keys if hash(k) in self.keys]
 
 
 def naive(at: datetime) -> datetime:
