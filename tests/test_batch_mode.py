@@ -85,6 +85,26 @@ def test_jobs_finished_while_others_are_filled_are_collected_meanwhile(
     assert stats.batch_prepare_s > 0 and stats.batch_upload_s > 0 and stats.batch_collect_s > 0
 
 
+@pytest.mark.parametrize(("max_inline_bytes", "uploaded"), [(20_000_000, 0), (100_000, 3)])
+def test_a_job_goes_inline_only_when_its_answer_is_small_too(
+        tmp_path: Path, max_inline_bytes: int, uploaded: int):
+    """300 texts of 128 dimensions: a few kB of requests, ~480 kB of answer. Inline under a
+    20 MB limit; under a 100 kB one the results would come back in one answer too large for
+    it: file jobs, whose results are streamed."""
+    src = tmp_path / "src"
+    make_text_corpus(src, 300)
+    with Emulator(EmulatorOptions(batch_delay_s=0)) as emu:
+        result = run_job(load_job(write_job(tmp_path, src, embed=_embed(
+            emu, batch={**FAST_POLL, "max_requests": 100,
+                        "max_inline_bytes": max_inline_bytes}))))
+        files = [f for f in emu.state.files.files.values() if f.source == "UPLOADED"]
+        assert emu.state.stats.batch_jobs == 3
+    assert result.exit_code == EXIT_OK and result.stats.items_batch == 300
+    assert len(files) == uploaded
+    ids = _ids(tmp_path)
+    assert len(ids) == len(set(ids)) == 300
+
+
 def test_auto_mode_uses_the_batch_api_only_for_a_large_run(tmp_path: Path):
     make_text_corpus(tmp_path / "src", 30)
     with Emulator(EmulatorOptions(batch_delay_s=0.1)) as emu:
