@@ -57,7 +57,7 @@ def _run(job: Path) -> tuple[float, int, dict[str, Any]]:
 
 def _ids(folder: Path) -> list[str]:
     ids: list[str] = lancedb.connect(str(folder / "lance")).open_table(
-        "vectors").to_arrow()["id"].to_pylist()
+        "vectors").search().select(["id"]).limit(None).to_arrow()["id"].to_pylist()
     return ids
 
 

@@ -65,6 +65,9 @@ class LocalConnector:
         self.exclude = config.exclude
         self.follow = config.follow_symlinks
         self.skipped = 0  # links to folders passed over by design (not rejects)
+        # Reading a small file from a local disk is CPU work under the GIL (page cache, a few
+        # system calls): threads only trade it. From a network share each read waits.
+        self.reads_wait = on_network_share(self._root)
 
     def list(self) -> Iterator[SourceObject | Reject]:
         try:
@@ -238,6 +241,27 @@ class LocalConnector:
             return read()
         except OSError as exc:
             raise ConnectorError(f"{obj.key}: cannot read: {exc.strerror}", uri=obj.uri) from exc
+
+
+# File systems whose reads wait on a network (or a user-space daemon): worth reading in parallel.
+NETWORK_FILE_SYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs",
+                                  "9p", "afs", "lustre", "gpfs", "beegfs", "virtiofs"})
+
+
+def on_network_share(path: str, mounts: str = "/proc/self/mounts") -> bool:
+    """Whether ``path`` lies on a network or FUSE file system, by the mount table (where there
+    is none to read, as off Linux: assumed so, which keeps reads parallel)."""
+    try:
+        with open(mounts, encoding="utf-8", errors="replace") as f:
+            table = [line.split()[1:3] for line in f if len(line.split()) >= 3]
+    except OSError:
+        return True
+    best, kind = "", ""
+    for point, fs in table:
+        point = point.replace("\\040", " ")
+        if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+            best, kind = point, fs
+    return kind in NETWORK_FILE_SYSTEMS or kind.startswith("fuse")
 
 
 def _read_all(fd: int, size: int) -> bytes:

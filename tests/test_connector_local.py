@@ -150,3 +150,24 @@ def test_a_small_file_that_grew_or_shrank_since_its_size_was_read_is_read_whole(
             assert _read_all(fd, told) == b"x" * 3_000_000
         finally:
             os.close(fd)
+
+
+def test_a_folder_on_a_network_share_is_told_from_one_on_a_local_disk(tmp_path: Path):
+    """Small files from a local disk are read in turn (no thread gains), from a network or
+    FUSE share in parallel (each read waits); by the mount table's longest matching mount."""
+    from connectors.local import on_network_share
+
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/vda / ext4 rw 0 0\n"
+                      "server:/export /mnt/nfs nfs4 rw 0 0\n"
+                      "/dev/vdb /mnt/nfs/local ext4 rw 0 0\n"
+                      "//host/share /mnt/my\\040share cifs rw 0 0\n"
+                      "user@host: /mnt/sshfs fuse.sshfs rw 0 0\n")
+    table = str(mounts)
+    assert not on_network_share("/home/me/corpus", table)
+    assert on_network_share("/mnt/nfs/corpus", table)
+    assert not on_network_share("/mnt/nfs/local/corpus", table)  # a disk mounted inside
+    assert on_network_share("/mnt/my share/corpus", table)
+    assert on_network_share("/mnt/sshfs", table)
+    assert not on_network_share("/mnt/nfsx", table)  # a prefix of the name is no match
+    assert on_network_share("/anywhere", str(tmp_path / "absent"))  # unknown: in parallel

@@ -222,3 +222,28 @@ def test_a_sink_that_began_empty_finds_the_keys_it_wrote_as_a_query_of_the_table
         for n, key in enumerate(keys[:3]):
             values, tokens = found[key]
             assert tokens == 4 + n and np.allclose(values, n / 16)
+
+
+def test_leads_go_once_their_rows_are_committed_and_no_item_will_come(tmp_path: Path):
+    """A lead holds its vector until its row is committed and the next routing; once no item
+    will come any more (a Batch API backfill collects most results after its last item was
+    routed), a committed lead goes at once: the run does not keep every vector it made."""
+    import numpy as np
+
+    src = tmp_path / "src"
+    make_text_corpus(src, 4)
+    job = _job(tmp_path, src)
+    items, _ = _validate_all(job, src)
+    reuse = Reuse(lambda item: f"key-{item.id}", [], {}, RunStats(run_id="test"))
+    keys, found = reuse.look_up(items)
+    send, _ = reuse.route(items[:2], keys[:2], found)
+    assert len(send) == 2 and len(reuse.leads) == 2
+    for item, key in zip(items[:2], keys[:2], strict=True):
+        reuse.answered(Vector(item, np.ones(256, np.float32), 4, key=key))
+    reuse.retire(keys[:1])
+    assert len(reuse.leads) == 2  # until the next routing (a look-up may be under way)
+    reuse.route(items[2:3], keys[2:3], found)
+    assert set(reuse.leads) == {keys[1], keys[2]}
+    reuse.close()
+    reuse.retire(keys[1:2])
+    assert set(reuse.leads) == {keys[2]}  # at once: no look-up can be under way

@@ -61,6 +61,8 @@ class LocalEngine:
         self._producers = anyio.CancelScope()
         self._first_call = False
         self._validating = 0
+        # groups of small files take turns where reading them waits on nothing (local disk)
+        self._small_groups = None if stages.validation.reads_wait else anyio.Lock()
 
     def stop(self) -> None:
         """Stop early and cleanly: producers are cancelled, what is done is still committed."""
@@ -139,7 +141,7 @@ class LocalEngine:
     async def _validate(self, todo: ObjectReceiveStream[list[Todo]],
                         items: ObjectSendStream[list[Item]],
                         out: ObjectSendStream[list[Outcome]]) -> None:
-        await validate_groups(self.stages.validation, todo, items, out)
+        await validate_groups(self.stages.validation, todo, items, out, self._small_groups)
 
     async def _embed(self, batches: ObjectReceiveStream[Batch],
                      out: ObjectSendStream[list[Outcome]]) -> None:

@@ -9,6 +9,7 @@ tells the CLI, which ends the process itself once everything is committed and pr
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -88,9 +89,12 @@ async def fit_file(stage: Validation, work: FileWork, deadline: float) -> tuple[
 
 async def validate_groups(stage: Validation, todo: ObjectReceiveStream[list[Todo]],
                           items: ObjectSendStream[list[Item]],
-                          out: ObjectSendStream[list[Outcome]]) -> None:
+                          out: ObjectSendStream[list[Outcome]],
+                          groups_one_at_a_time: anyio.Lock | None = None) -> None:
     """A validation task of the local engine: groups of files in, items and file outcomes out,
-    each file held to its deadline."""
+    each file held to its deadline. With ``groups_one_at_a_time`` (shared by the tasks), groups
+    of small files take turns: where reading them waits on nothing, threads would only pass
+    the GIL to one another (4 threads cost 15 % more CPU than 1 over 20,000 texts)."""
 
     async def send(sorted_: Sorted) -> None:
         if sorted_.items:
@@ -104,7 +108,8 @@ async def validate_groups(stage: Validation, todo: ObjectReceiveStream[list[Todo
             if len(works) > 1:
                 await stage.budget.room()
                 found = Sorted()
-                works = await fit_group(stage, works, found)
+                async with groups_one_at_a_time or contextlib.nullcontext():
+                    works = await fit_group(stage, works, found)
                 await send(found)
                 del found  # downstream's now: not held here while waiting for room
             for work in works:

@@ -80,6 +80,7 @@ class Reuse:
         self._retiring: list[str] = []
         self._cache: OrderedDict[str, tuple[np.ndarray, int]] = OrderedDict()
         self._cached_values = 0
+        self.closed = False
 
     # --- in a worker thread --------------------------------------------------------------------
 
@@ -129,11 +130,7 @@ class Reuse:
                 continue
             self.leads[key] = _Lead()
             send.append(item)
-        for key in self._retiring:
-            lead = self.leads.get(key)
-            if lead is not None and not lead.waiting:
-                del self.leads[key]
-        self._retiring = []
+        self._retire()
         return send, done
 
     def answered(self, vector: Vector) -> list[Vector]:
@@ -157,8 +154,24 @@ class Reuse:
         return [_same_refusal(item, reject) for item in waiting]
 
     def retire(self, keys: Sequence[str]) -> None:
-        """These keys' rows are committed: from the next routing on, the table answers them."""
+        """These keys' rows are committed: from the next routing on, the table answers them.
+        Once no item will come any more (:meth:`close`), at once: a lead holds its vector,
+        and a Batch API backfill commits most of its rows after its last item was routed."""
         self._retiring.extend(k for k in keys if k in self.leads)
+        if self.closed:
+            self._retire()
+
+    def close(self) -> None:
+        """No item comes any more: no look-up can be under way."""
+        self.closed = True
+        self._retire()
+
+    def _retire(self) -> None:
+        for key in self._retiring:
+            lead = self.leads.get(key)
+            if lead is not None and not lead.waiting:
+                del self.leads[key]
+        self._retiring = []
 
     @property
     def waiting(self) -> int:
@@ -217,6 +230,7 @@ async def reuse_items(reuse: Reuse, items: MemoryObjectReceiveStream[list[Item]]
             if onward:
                 await sent.send(onward)
             del onward, done
+    reuse.close()
 
 
 def with_copies(reuse: Reuse, entry: WriterOutcome) -> list[WriterOutcome]:
