@@ -103,7 +103,9 @@ class BatchSettings(_Strict):
     max_file_bytes: int = Field(2_000_000_000, ge=1024)
     """The largest JSONL input file of a job, in bytes."""
     max_inline_bytes: int = Field(20_000_000, ge=1024)
-    """A job this small (in bytes) is sent inline, with no file upload."""
+    """A job this small (in bytes: its requests, and the answer its vectors make) is sent
+    inline, with no file upload; a larger one's input is spooled to a temporary file and its
+    results are streamed."""
     max_request_bytes: int = Field(20_000_000, ge=1024)
     """An item whose request is larger than this is embedded interactively."""
     modalities: list[BatchModality] = Field(default_factory=lambda: list(BATCH_MODALITIES))

@@ -187,7 +187,9 @@ class RunConfig(_Strict):
     """How a run goes: workers, flushes, deletions, the table's upkeep, the engine."""
 
     validate_workers: int = Field(4, ge=1, le=64)
-    """Files validated at once (threads, or Ray tasks)."""
+    """Files validated at once (threads, or Ray tasks). Groups of small files from a local disk
+    take turns (reading them is CPU work under the GIL); from a network share or an object
+    store they are read in parallel."""
     queue_size: int = Field(256, ge=1)
     """Items held between stages (back-pressure)."""
     payload_memory_mb: int = Field(128, ge=1)
