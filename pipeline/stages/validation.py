@@ -234,7 +234,8 @@ class FileWork:
             except ConnectorError as exc:  # its message names the file
                 return [Reject(self.obj, self.obj.version or "", RejectReason.UNREADABLE,
                                str(exc))], True
-            self.obj = self.obj.with_version(version)
+            if self.obj.version != version:
+                self.obj = self.obj.with_version(version)
             prev = self.prev
             if (prev is not None and not stage.retry_rejects
                     and prev.same_content(version, stage.fingerprint)):

@@ -138,9 +138,11 @@ class Writer:
 
     def _pending(self, obj: SourceObject) -> _Pending:
         key = (obj.uri, obj.version or "")
-        if key not in self.pending:
-            self.pending[key] = _Pending(obj.with_version(obj.version or ""))
-        return self.pending[key]
+        p = self.pending.get(key)
+        if p is None:
+            p = self.pending[key] = _Pending(obj if obj.version is not None
+                                             else obj.with_version(""))
+        return p
 
     def _complete(self, p: _Pending) -> None:
         if p.expected is None or p.embedded + p.rejected < p.expected:
