@@ -184,6 +184,7 @@ def test_writing_commits_rows_then_the_manifest_and_guards_deletions(tmp_path: P
     for outcome in out.outcomes:
         writer.add(outcome)
     assert len(writer.completed) == 3 and stats.files_done == 3
+    assert writer.rows == 3  # three rows for the table, three for the manifest: run.flush_rows
     writer.flush()
     table = lancedb.connect(str(tmp_path / "lance"))
     assert table.open_table("vectors").count_rows() == 3

@@ -197,7 +197,8 @@ class RunConfig(_Strict):
     and the API, each counted at four times its size (its request's encodings): validation
     waits above it, and a file's time limit stops while it waits."""
     flush_rows: int = Field(2000, ge=1)
-    """Rows committed to the table at a time (what a killed run may redo)."""
+    """Rows committed to the table (or files to the manifest) at a time: what a killed run
+    may redo."""
     flush_interval_s: float = Field(5.0, gt=0)
     """Seconds at most between commits."""
     on_delete: Literal["delete", "keep"] = "delete"

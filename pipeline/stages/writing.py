@@ -48,7 +48,7 @@ MOVED_CHUNK = 500  # gone uris whose content is looked for at a time
 HOLD_MAX = 20_000  # held rows of incomplete changed files beyond which they are written anyway
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     """A file whose items are on their way to the table."""
 
@@ -89,8 +89,10 @@ class Writer:
 
     @property
     def rows(self) -> int:
-        """Rows waiting for the next flush."""
-        return len(self.vectors) + len(self.rejects) + len(self.completed) + len(self.collected)
+        """Rows waiting for the next flush: the table's or the manifest's, whichever are more
+        (``flush_rows`` rows of a table per commit, not half as many, when each file is one
+        row)."""
+        return max(len(self.vectors) + len(self.rejects), len(self.completed) + len(self.collected))
 
     def add(self, entry: Outcome) -> None:
         if isinstance(entry, Collected):
