@@ -33,11 +33,12 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
-import lancedb
-import polars as pl
-from pypdf import PdfReader
+# imported after the path is fixed
+import lancedb  # noqa: E402
+import polars as pl  # noqa: E402
+from pypdf import PdfReader  # noqa: E402
 
-from bench.common import emulator_process, run, workdir, write_job
+from bench.common import emulator_process, run, workdir, write_job  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 
