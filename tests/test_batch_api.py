@@ -46,8 +46,10 @@ def _request(text: str) -> EmbedRequest:
 
 def test_a_file_job_returns_every_vector_by_key_as_embedcontent_would():
     async def flow(api: BatchApi, client: GeminiClient) -> dict[str, Any]:
-        data = api.jsonl([api.entry(f"id-{i}", _request(t)) for i, t in enumerate(TEXTS)])
-        name = await api.upload(data, display_name="run-1-0")
+        lines = JobInput()
+        for i, t in enumerate(TEXTS):
+            lines.add(*api.entry(f"id-{i}", _request(t)))
+        name = await api.upload(lines, display_name="run-1-0")
         job = await _wait(api, await api.create(display_name="run-1-0", file_name=name))
         results = {key: r async for key, r in api.results(job)}
         direct = await client.embed(_request(TEXTS[7]))
@@ -138,7 +140,9 @@ def test_cancel_list_and_delete():
 
 def test_a_wrong_key_and_an_oversized_file_are_refused():
     async def upload(api: BatchApi, client: GeminiClient) -> str:
-        return await api.upload(b"x" * 5000, display_name="big")
+        lines = JobInput()
+        lines.add("big", {"content": {"parts": [{"text": "x" * 5000}]}})  # over 4,096 bytes
+        return await api.upload(lines, display_name="big")
 
     with Emulator(EmulatorOptions(api_key="right", max_file_bytes=4096)) as emu:
         with pytest.raises(AccessError):

@@ -91,14 +91,6 @@ class JobInput:
         self.count = 0
         self.size = 0
 
-    @classmethod
-    def of(cls, data: bytes) -> JobInput:
-        """JSONL bytes already made."""
-        lines = cls(spool_bytes=len(data) + 1)
-        lines._write(data)
-        lines.count = data.count(b"\n")
-        return lines
-
     def add(self, key: str, request: dict[str, Any]) -> int:
         """One request, keyed (the key comes back with its result); its line's length."""
         line = orjson.dumps({"key": key, "request": request}) + b"\n"
@@ -141,16 +133,10 @@ class BatchApi:
         """A request of a job, keyed (the key comes back with its result)."""
         return key, self.client.request_json(request)
 
-    @staticmethod
-    def jsonl(entries: list[tuple[str, dict[str, Any]]]) -> bytes:
-        """A job's input file: one ``{"key", "request"}`` line per request."""
-        return b"\n".join(orjson.dumps({"key": k, "request": r}) for k, r in entries) + b"\n"
-
-    async def upload(self, data: bytes | JobInput, *, display_name: str,
+    async def upload(self, lines: JobInput, *, display_name: str,
                      mime_type: str = "application/jsonl") -> str:
         """Upload with the resumable protocol (start, then chunks read as they are sent, the
         last one finalizing); returns the file's name (``files/…``)."""
-        lines = data if isinstance(data, JobInput) else JobInput.of(data)
         lines.rewind()
         root = self.client.base.rsplit("/", 1)
         start = await self.client.request(
