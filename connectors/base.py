@@ -37,6 +37,11 @@ LISTING_BATCH = 4096
 
 
 class Connector(Protocol):
+    # Whether reading an object waits (on a network, a store, a FUSE daemon) rather than being
+    # CPU work under the GIL (a local disk's page cache): groups of small files are read in
+    # parallel only where reads wait.
+    reads_wait: bool
+
     def list(self) -> Iterator[SourceObject | Reject]:
         """Every object under the source, one at a time, in ``uri`` order."""
         ...

@@ -40,6 +40,7 @@ class ObjectConnector:
     scheme = ""
     hints: Mapping[str, str] = {}  # the store's error codes, and what they mean
     transient: frozenset[str] = frozenset()
+    reads_wait = True  # each read is a request to the store
 
     def __init__(self, store: Any, bucket: str, prefix: str, include: list[str],
                  exclude: list[str], endpoint: str, secrets: list[str]) -> None:

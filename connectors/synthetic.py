@@ -44,6 +44,8 @@ def _mix(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
 
 
 class SyntheticConnector:
+    reads_wait = True  # its bodies are made in memory; read in parallel, as the scale bench ran
+
     def __init__(self, config: SyntheticSourceConfig) -> None:
         self.config = config
         self.base = f"synthetic://seed-{config.seed}/"

@@ -62,7 +62,7 @@ class LocalEngine:
         self._first_call = False
         self._validating = 0
         # groups of small files take turns where reading them waits on nothing (local disk)
-        self._small_groups = None if stages.validation.reads_wait else anyio.Lock()
+        self._small_groups = None if stages.validation.connector.reads_wait else anyio.Lock()
 
     def stop(self) -> None:
         """Stop early and cleanly: producers are cancelled, what is done is still committed."""

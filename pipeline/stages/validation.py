@@ -82,8 +82,6 @@ class Validation:
                  stats: RunStats, *, retry_rejects: bool = False) -> None:
         self.validator = Validator(job)
         self.connector = connector
-        # whether reading a file waits (a network, a store) or is CPU work (a local disk)
-        self.reads_wait: bool = getattr(connector, "reads_wait", True)
         self.companions = companions
         self.fingerprint = job.fingerprint()
         self.stats = stats
