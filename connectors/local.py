@@ -253,7 +253,7 @@ def on_network_share(path: str, mounts: str = "/proc/self/mounts") -> bool:
     is none to read, as off Linux: assumed so, which keeps reads parallel)."""
     try:
         with open(mounts, encoding="utf-8", errors="replace") as f:
-            table = [line.split()[1:3] for line in f if len(line.split()) >= 3]
+            table = [fields[1:3] for fields in map(str.split, f) if len(fields) >= 3]
     except OSError:
         return True
     best, kind = "", ""
