@@ -138,10 +138,13 @@ def listing_batches(entries: Iterable[SourceObject | Reject],
         ], schema=LISTING_SCHEMA)
 
 
+# A listing row without a modification time (a store that gives none)
+EPOCH = datetime.fromtimestamp(0, tz=UTC)
+
+
 def listed_objects(batch: pa.RecordBatch | pa.Table) -> Iterator[SourceObject | Reject]:
     """Rows of a listing batch as records (for the few that need Python: files to read)."""
-    epoch = datetime.fromtimestamp(0, tz=UTC)
     cols = [batch.column(n).to_pylist() for n in LISTING_SCHEMA.names]
     for uri, key, version, size, mtime, reason, message in zip(*cols, strict=True):
-        obj = SourceObject(uri, key, size or 0, mtime or epoch, version)
+        obj = SourceObject(uri, key, size or 0, mtime or EPOCH, version)
         yield obj if reason is None else Reject(obj, None, reason, message or reason)

@@ -55,8 +55,10 @@ class Part:
 
     @property
     def payload_bytes(self) -> int:
-        if self.text is not None:
-            return len(self.text.encode("utf-8"))
+        text = self.text
+        if text is not None:
+            # an ASCII text's length is its size in UTF-8 (and isascii() is one flag's read)
+            return len(text) if text.isascii() else len(text.encode("utf-8"))
         assert self.data is not None
         return (len(self.data) + 2) // 3 * 4  # base64 size
 
@@ -101,7 +103,10 @@ class Item:
 
     @property
     def payload_bytes(self) -> int:
-        return sum(p.payload_bytes for p in self.parts) + 200  # JSON envelope
+        parts = self.parts
+        if len(parts) == 1:  # most items: no generator to run
+            return parts[0].payload_bytes + 200  # JSON envelope
+        return sum(p.payload_bytes for p in parts) + 200
 
 
 @dataclass(frozen=True, slots=True)

@@ -124,9 +124,9 @@ def test_packing_respects_the_bounds_and_the_quota_share(tmp_path: Path):
     packer = Packer(limits)
     batches: list[Batch] = []
     for item in items:
-        if not packer.fits(item):
+        if not packer.fits(item, item.payload_bytes):
             batches.append(packer.take())
-        packer.add(item)
+        packer.add(item, item.payload_bytes)
         if packer.full:
             batches.append(packer.take())
     batches.append(packer.take())

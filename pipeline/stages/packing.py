@@ -35,17 +35,18 @@ class Packer:
         self.bytes = 0
         self.tokens = 0
 
-    def fits(self, item: Item) -> bool:
+    def fits(self, item: Item, size: int) -> bool:
+        """``item`` (of ``size`` payload bytes) goes in the open batch."""
         if not self.items:
             return True  # an item over a bound alone still goes, alone
         lim = self.limits
         return (len(self.items) < lim.max_requests
-                and self.bytes + item.payload_bytes <= lim.max_bytes
+                and self.bytes + size <= lim.max_bytes
                 and self.tokens + item.est_tokens <= lim.max_tokens)
 
-    def add(self, item: Item) -> None:
+    def add(self, item: Item, size: int) -> None:
         self.items.append(item)
-        self.bytes += item.payload_bytes
+        self.bytes += size
         self.tokens += item.est_tokens
 
     @property
@@ -91,9 +92,10 @@ async def pack(limits: BatchLimits, items: ObjectReceiveStream[list[Item]],
                 await batches.send(packer.take())
                 continue
             for item in chunk:
-                if not packer.fits(item):
+                size = item.payload_bytes  # once: it is counted, not cached
+                if not packer.fits(item, size):
                     await batches.send(packer.take())
-                packer.add(item)
+                packer.add(item, size)
                 if packer.full:
                     await batches.send(packer.take())
             del chunk, item  # the packer holds what waits; nothing else (the payload budget)

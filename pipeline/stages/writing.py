@@ -95,31 +95,32 @@ class Writer:
         return max(len(self.vectors) + len(self.rejects), len(self.completed) + len(self.collected))
 
     def add(self, entry: Outcome) -> None:
-        if isinstance(entry, Collected):
-            self.collected.append(entry.display_name)
-            return
-        if isinstance(entry, FileState):
-            self.completed.append(entry)  # touched, not changed: its row is all there is
-            return
-        if isinstance(entry, FileEnd):
+        # the most frequent first: this runs for every row and every file
+        if isinstance(entry, Vector):
+            self.vectors.append(entry)
+            stats, item = self.stats, entry.item
+            if entry.reused:
+                stats.items_reused += 1
+                stats.tokens_reused_by_modality[str(item.modality)] += entry.tokens
+            else:
+                stats.items_embedded += 1
+                stats.tokens += entry.tokens
+                stats.tokens_by_modality[str(item.modality)] += entry.tokens
+            p = self._pending(item.source)
+            p.embedded += 1
+            p.ids.add(item.id)
+        elif isinstance(entry, FileEnd):
             p = self._pending(entry.source)
             p.expected = entry.count
             p.replaces |= entry.replaces
+        elif isinstance(entry, FileState):
+            self.completed.append(entry)  # touched, not changed: its row is all there is
+            return
+        elif isinstance(entry, Collected):
+            self.collected.append(entry.display_name)
+            return
         elif isinstance(entry, Committed):
             self.stats.items_resumed += 1
-            p = self._pending(entry.item.source)
-            p.embedded += 1
-            p.ids.add(entry.item.id)
-        elif isinstance(entry, Vector):
-            self.vectors.append(entry)
-            modality = str(entry.item.modality)
-            if entry.reused:
-                self.stats.items_reused += 1
-                self.stats.tokens_reused_by_modality[modality] += entry.tokens
-            else:
-                self.stats.items_embedded += 1
-                self.stats.tokens += entry.tokens
-                self.stats.tokens_by_modality[modality] += entry.tokens
             p = self._pending(entry.item.source)
             p.embedded += 1
             p.ids.add(entry.item.id)
@@ -136,7 +137,8 @@ class Writer:
             p.replaces |= entry.replaces and entry.reason != RejectReason.UNREADABLE
             if entry.part is None:
                 p.expected = 1
-        self._complete(p)
+        if p.expected is not None and p.embedded + p.rejected >= p.expected:
+            self._complete(p)
 
     def _pending(self, obj: SourceObject) -> _Pending:
         key = (obj.uri, obj.version or "")
@@ -147,8 +149,7 @@ class Writer:
         return p
 
     def _complete(self, p: _Pending) -> None:
-        if p.expected is None or p.embedded + p.rejected < p.expected:
-            return
+        """``p`` has all its rows: its manifest row is due."""
         del self.pending[(p.obj.uri, p.obj.version or "")]
         if p.replaces:
             self.replaced[p.obj.uri] = (p.ids, p.reject_ids)
