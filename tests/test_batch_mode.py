@@ -85,6 +85,32 @@ def test_jobs_finished_while_others_are_filled_are_collected_meanwhile(
     assert stats.batch_prepare_s > 0 and stats.batch_upload_s > 0 and stats.batch_collect_s > 0
 
 
+@pytest.mark.parametrize(("max_held_bytes", "most_open"), [(1, 1), (2 * 25 * 1024, 2)])
+def test_a_backfill_holds_no_more_than_max_held_bytes_while_jobs_run(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, max_held_bytes: int, most_open: int):
+    """Jobs that take their time: the run fills no more jobs while those submitted hold
+    ``max_held_bytes`` (each of these holds 25 items of ~1.3 kB), waits for one to finish,
+    collects it, and goes on; every item is written once."""
+    src = tmp_path / "src"
+    make_text_corpus(src, 300)
+    caplog.set_level("INFO", logger="embedpipe.batch")
+    with Emulator(EmulatorOptions(batch_delay_s=0.3)) as emu:
+        result = run_job(load_job(write_job(tmp_path, src, embed=_embed(
+            emu, batch={**FAST_POLL, "max_requests": 25, "max_held_bytes": max_held_bytes}))))
+        assert emu.state.stats.batch_jobs == 12 and emu.state.stats.items == 0
+    assert result.exit_code == EXIT_OK and result.stats.items_batch == 300
+    events = [r.getMessage().split()[0] for r in caplog.records
+              if r.getMessage().startswith(("submitted", "collected"))]
+    assert events.count("submitted") == events.count("collected") == 12
+    open_jobs = [events[:i + 1].count("submitted") - events[:i + 1].count("collected")
+                 for i in range(len(events))]
+    assert max(open_jobs) <= most_open
+    if most_open == 1:  # every job holds more than that: the run waited, and said so
+        assert any("waiting for jobs to finish" in r.getMessage() for r in caplog.records)
+    ids = _ids(tmp_path)
+    assert len(ids) == len(set(ids)) == 300
+
+
 @pytest.mark.parametrize(("max_inline_bytes", "uploaded"), [(20_000_000, 0), (100_000, 3)])
 def test_a_job_goes_inline_only_when_its_answer_is_small_too(
         tmp_path: Path, max_inline_bytes: int, uploaded: int):

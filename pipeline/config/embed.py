@@ -110,6 +110,11 @@ class BatchSettings(_Strict):
     """An item whose request is larger than this is embedded interactively."""
     modalities: list[BatchModality] = Field(default_factory=lambda: list(BATCH_MODALITIES))
     """The modalities sent to the Batch API; items of others are embedded interactively."""
+    max_held_bytes: int = Field(512_000_000, ge=1)
+    """Memory the items of submitted, unfinished jobs may hold, in bytes (their records, about
+    1 KB an item, and their texts; media hold no payload once submitted). When it is reached,
+    the run waits for a job to finish before it fills the next, so a backfill's memory stays
+    bounded however long the Batch API takes; more means more jobs in flight."""
     poll_initial_s: float = Field(5.0, gt=0)
     """First wait between polls of a running job, in seconds (it doubles)."""
     poll_max_s: float = Field(60.0, gt=0)

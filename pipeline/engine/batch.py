@@ -178,6 +178,7 @@ class BatchRouter:
                 await self.driver.submit(draft)
                 if self._send is not None:
                     await self.driver.look(self._send)
+                    await self.driver.make_room(self._send)
                 started = time.perf_counter()
         stats.batch_prepare_s += time.perf_counter() - started
         if self._send is not None:

@@ -48,6 +48,7 @@ class _Open:
     name: str
     items: dict[str, Item]  # by id: what this run writes when the results come
     keys: dict[str, str]  # by id: the content key of each item's request
+    held_bytes: int = 0  # what its items hold in memory (about)
 
 
 class BatchDriver:
@@ -62,6 +63,8 @@ class BatchDriver:
         self.outcome = outcome
         self.run_id = run_id
         self.open: list[_Open] = []
+        self.held_bytes = 0  # what the open jobs' items hold in memory (about)
+        self._waited = False  # whether the run has waited for room yet (said once)
         # jobs finished while others are still being filled are collected meanwhile, so their
         # items are not held until the last job is submitted; looked at with collect's backoff
         self._look_at: float | None = None
@@ -105,10 +108,31 @@ class BatchDriver:
             draft.display_name, status=PENDING, name=job.name, input_file=file_name))
         self.stats.batch_jobs += 1
         self.stats.items_batch_submitted += len(draft.items)
-        self.open.append(_Open(draft.display_name, job.name, draft.items, draft.keys))
+        self.open.append(_Open(draft.display_name, job.name, draft.items, draft.keys,
+                               draft.held_bytes))
+        self.held_bytes += draft.held_bytes
         if self._look_at is None:
             self._look_at = anyio.current_time() + self._look_delay
         log.info("submitted %s (%s): %d items", job.name, draft.display_name, len(draft.items))
+
+    async def make_room(self, send: Callable[[JobOutcome], Awaitable[None]]) -> None:
+        """While the open jobs' items hold more than ``max_held_bytes``: wait for jobs to
+        finish, collecting them (polled with collect's backoff), before another is filled. A
+        backfill's memory stays bounded however long the Batch API takes."""
+        limit = self.settings.max_held_bytes
+        if self.held_bytes <= limit:
+            return
+        if not self._waited:
+            self._waited = True
+            log.info("the items of %d open jobs hold ~%d MB (embed.batch.max_held_bytes: %d "
+                     "MB): waiting for jobs to finish before filling more", len(self.open),
+                     self.held_bytes // 1_000_000, limit // 1_000_000)
+        delay = self.settings.poll_initial_s
+        while self.open and self.held_bytes > limit:
+            await self.collect(send, wait=False)
+            if self.held_bytes > limit:
+                await anyio.sleep(delay)
+                delay = min(delay * 1.5, self.settings.poll_max_s)
 
     def adopt(self, display_name: str, name: str, items: dict[str, Item],
               keys: dict[str, str]) -> None:
@@ -152,6 +176,7 @@ class BatchDriver:
                 if info.done or info.state == "BATCH_STATE_NOT_FOUND":
                     await self._finish(job, info, send)
                     self.open.remove(job)
+                    self.held_bytes -= job.held_bytes
             if not wait:
                 return
             if self.open:
