@@ -149,3 +149,27 @@ def test_a_wrong_key_and_an_oversized_file_are_refused():
             _with_api(emu, upload, key="wrong")
         with pytest.raises(TerminalEmbedError, match="maximum size"):
             _with_api(emu, upload, key="right")
+
+
+@pytest.mark.parametrize("garbage", [b"[1, 2]", b'"a string"', b"7", b"{not json"])
+def test_a_responses_line_that_is_no_result_is_a_bad_response_not_a_crash(garbage: bytes):
+    """A responses file with a line that is no JSON object (a proxy's page, a file cut short)
+    fails as the service's fault, TerminalEmbedError, which leaves the job pending for the next
+    run, after the good lines before it."""
+    async def flow(api: BatchApi, client: GeminiClient) -> list[str]:
+        lines = JobInput()
+        for i, t in enumerate(TEXTS[:3]):
+            lines.add(*api.entry(f"id-{i}", _request(t)))
+        job = await _wait(api, await api.create(
+            display_name="x", file_name=await api.upload(lines, display_name="x")))
+        assert job.responses_file is not None
+        stored = emu.state.files.files[job.responses_file]
+        stored.data = stored.data.split(b"\n", 1)[0] + b"\n" + garbage + b"\n"
+        got: list[str] = []
+        with pytest.raises(TerminalEmbedError, match=r"not JSON|not a result"):
+            async for key, _ in api.results(job):
+                got.append(key)
+        return got
+
+    with Emulator(EmulatorOptions(batch_delay_s=0)) as emu:
+        assert _with_api(emu, flow) == ["id-0"]

@@ -243,6 +243,10 @@ class BatchApi:
             except orjson.JSONDecodeError:
                 raise TerminalEmbedError("a Batch API responses file holds a line that is "
                                          "not JSON", status="BAD_RESPONSE") from None
+            if not isinstance(whole, dict):  # JSON, but no result: "[1, 2]", a string
+                raise TerminalEmbedError("a Batch API responses file holds a line that is not "
+                                         "a result (a JSON object)", status="BAD_RESPONSE"
+                                         ) from None
             return self._result_of(whole)
         with np.errstate(over="ignore"):
             vector = row.astype(np.float32)
