@@ -85,11 +85,11 @@ def test_jobs_finished_while_others_are_filled_are_collected_meanwhile(
     assert stats.batch_prepare_s > 0 and stats.batch_upload_s > 0 and stats.batch_collect_s > 0
 
 
-@pytest.mark.parametrize(("max_held_bytes", "most_open"), [(1, 1), (2 * 25 * 1024, 2)])
+@pytest.mark.parametrize(("max_held_bytes", "most_open"), [(1, 1), (2 * 25 * 2400, 2)])
 def test_a_backfill_holds_no_more_than_max_held_bytes_while_jobs_run(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, max_held_bytes: int, most_open: int):
     """Jobs that take their time: the run fills no more jobs while those submitted hold
-    ``max_held_bytes`` (each of these holds 25 items of ~1.3 kB), waits for one to finish,
+    ``max_held_bytes`` (each of these holds 25 items of ~2.7 kB), waits for one to finish,
     collects it, and goes on; every item is written once."""
     src = tmp_path / "src"
     make_text_corpus(src, 300)

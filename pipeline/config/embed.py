@@ -112,7 +112,7 @@ class BatchSettings(_Strict):
     """The modalities sent to the Batch API; items of others are embedded interactively."""
     max_held_bytes: int = Field(512_000_000, ge=1)
     """Memory the items of submitted, unfinished jobs may hold, in bytes (their records, about
-    1 KB an item, and their texts; media hold no payload once submitted). When it is reached,
+    2.4 kB an item, and their texts; media hold no payload once submitted). When it is reached,
     the run waits for a job to finish before it fills the next, so a backfill's memory stays
     bounded however long the Batch API takes; more means more jobs in flight."""
     poll_initial_s: float = Field(5.0, gt=0)

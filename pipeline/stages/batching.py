@@ -31,9 +31,10 @@ from pipeline.stages.embedding import make_vector
 
 TRANSIENT_CODES = frozenset({408, 429, 500, 502, 503, 504})
 # What an item awaiting its job's results holds beside its text: its records (item, source,
-# span), its id and content key, and their places in the job's dicts (measured: a 300,000-text
-# backfill held ~1.2 KB an item, ~130 bytes of it text)
-HELD_ITEM_BYTES = 1024
+# span), its id and content key, and their places in the job's dicts (measured: 1,000,000
+# texts of ~130 bytes against jobs that took 120 s, all held at once: peak RSS 2,987 MB, ~2.6
+# kB an item over the run's ~0.4 GB without them)
+HELD_ITEM_BYTES = 2400
 
 
 @dataclass
