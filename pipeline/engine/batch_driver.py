@@ -63,7 +63,6 @@ class BatchDriver:
         self.outcome = outcome
         self.run_id = run_id
         self.open: list[_Open] = []
-        self.held_bytes = 0  # what the open jobs' items hold in memory (about)
         self._waited = False  # whether the run has waited for room yet (said once)
         # jobs finished while others are still being filled are collected meanwhile, so their
         # items are not held until the last job is submitted; looked at with collect's backoff
@@ -110,10 +109,14 @@ class BatchDriver:
         self.stats.items_batch_submitted += len(draft.items)
         self.open.append(_Open(draft.display_name, job.name, draft.items, draft.keys,
                                draft.held_bytes))
-        self.held_bytes += draft.held_bytes
         if self._look_at is None:
             self._look_at = anyio.current_time() + self._look_delay
         log.info("submitted %s (%s): %d items", job.name, draft.display_name, len(draft.items))
+
+    @property
+    def held_bytes(self) -> int:
+        """What the open jobs' items hold in memory (about)."""
+        return sum(job.held_bytes for job in self.open)
 
     async def make_room(self, send: Callable[[JobOutcome], Awaitable[None]]) -> None:
         """While the open jobs' items hold more than ``max_held_bytes``: wait for jobs to
@@ -176,7 +179,6 @@ class BatchDriver:
                 if info.done or info.state == "BATCH_STATE_NOT_FOUND":
                     await self._finish(job, info, send)
                     self.open.remove(job)
-                    self.held_bytes -= job.held_bytes
             if not wait:
                 return
             if self.open:

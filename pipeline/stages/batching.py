@@ -88,7 +88,8 @@ class Batching:
     def add(self, item: Item) -> JobDraft | None:
         """Add an item; returns the job it closed, if adding it closed one."""
         sent = self._request(item)
-        size = len(item.id) + (item.payload_bytes + 2) // 3 * 4 + 256  # about its JSONL line
+        payload = item.payload_bytes
+        size = len(item.id) + (payload + 2) // 3 * 4 + 256  # about its JSONL line
         full = None
         draft = self.draft
         if draft is not None and draft.lines.count and (
@@ -107,7 +108,7 @@ class Batching:
             draft.held_bytes += HELD_ITEM_BYTES
         else:  # texts: kept for the table's text column, and to embed again if need be
             draft.items[item.id] = item
-            draft.held_bytes += HELD_ITEM_BYTES + item.payload_bytes
+            draft.held_bytes += HELD_ITEM_BYTES + payload
         return full
 
     def take(self) -> JobDraft | None:
