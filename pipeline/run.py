@@ -158,6 +158,10 @@ class Run:
                         await self.engine.run()
                     except BaseExceptionGroup as group:
                         raise _first_pipeline_error(group) from None
+                    router = common["batch"]
+                    if router is not None and not self.outcome.interrupted:
+                        # the jobs whose rows the end of the run committed: their files
+                        await router.driver.release(last=True)
         except BaseException as exc:
             ended_by = exc
             raise

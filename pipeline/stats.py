@@ -53,6 +53,7 @@ class RunStats:
     # results of earlier jobs not adopted: made from another request (template, task, cut)
     items_stale_results: int = 0
     items_superseded: int = 0  # in earlier jobs no item of which was wanted: paid, unused
+    batch_files_released: int = 0  # closed jobs whose files on the service this run deleted
     # seconds spent making jobs' input, submitting them (upload, create), collecting results
     batch_prepare_s: float = 0.0
     batch_upload_s: float = 0.0

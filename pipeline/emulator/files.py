@@ -74,12 +74,31 @@ class FileStore:
         self.files: dict[str, StoredFile] = {}
         self._uploads: dict[str, StoredFile] = {}  # upload id -> file being uploaded
         self._lock = threading.Lock()
+        # the bytes of the files kept: now, at most so far (what a project's storage holds),
+        # and all together
+        self.stored_bytes = 0
+        self.peak_bytes = 0
+        self.total_bytes = 0
+
+    def _keep(self, stored: StoredFile) -> None:
+        """Keep a complete file (under the lock)."""
+        self.files[stored.name] = stored
+        self.stored_bytes += len(stored.data)
+        self.total_bytes += len(stored.data)
+        self.peak_bytes = max(self.peak_bytes, self.stored_bytes)
+
+    def usage(self) -> dict[str, int]:
+        """What the store holds (files, their bytes), the most bytes it has held, and the bytes
+        of every file it was given."""
+        with self._lock:
+            return {"files": len(self.files), "files_bytes": self.stored_bytes,
+                    "files_peak_bytes": self.peak_bytes, "files_total_bytes": self.total_bytes}
 
     def add_generated(self, data: bytes, mime_type: str, display_name: str) -> StoredFile:
         stored = StoredFile(f"files/{secrets.token_hex(8)}", mime_type, len(data), display_name,
                             "GENERATED", bytearray(data), complete=True)
         with self._lock:
-            self.files[stored.name] = stored
+            self._keep(stored)
         return stored
 
     def get(self, name: str) -> StoredFile:
@@ -113,7 +132,7 @@ class FileStore:
         stored.complete = True
         with self._lock:
             del self._uploads[upload_id]
-            self.files[stored.name] = stored
+            self._keep(stored)
         return JSONResponse({"file": stored.resource(_base(request))},
                             headers={"x-goog-upload-status": "final"})
 
@@ -157,7 +176,8 @@ class FileStore:
             raise not_found(f"Method {method}")
         if request.method == "DELETE":
             with self._lock:
-                self.files.pop(stored.name, None)
+                if self.files.pop(stored.name, None) is not None:
+                    self.stored_bytes -= len(stored.data)
             return JSONResponse({})
         return JSONResponse(stored.resource(_base(request)))
 

@@ -100,7 +100,8 @@ class EmulatorApp:
 
     async def get_stats(self, request: Request) -> Response:
         with self._lock:
-            return JSONResponse(self.stats.as_dict())
+            stats = self.stats.as_dict()
+        return JSONResponse({**stats, **self.files.usage()})
 
     async def reset(self, request: Request) -> Response:
         with self._lock:

@@ -9,12 +9,17 @@ them (``failed``: its items are submitted again), or when no run wants its resul
 used). A run killed at any moment leaves rows the next run
 reads: a ``pending`` job's items are awaited, not submitted again; a ``submitting`` one is
 looked up by its display name (the kill may have landed after the service created it).
+
+Once a job is closed, its files on the service (its uploaded input, its responses) are
+deleted and the row says so (``files_released``): see
+:meth:`pipeline.engine.batch_driver.BatchDriver.release`.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
@@ -28,6 +33,7 @@ COLLECTED = "collected"
 FAILED = "failed"
 SUPERSEDED = "superseded"
 OPEN = (SUBMITTING, PENDING)
+CLOSED = (COLLECTED, FAILED, SUPERSEDED)
 
 BATCHES_SCHEMA = pa.schema([
     pa.field("display_name", pa.string(), nullable=False),
@@ -41,6 +47,8 @@ BATCHES_SCHEMA = pa.schema([
     # a result is adopted only for an item whose request would be the same now.
     pa.field("content_keys", pa.list_(pa.string())),
     pa.field("created", pa.timestamp("us", tz="UTC")),
+    # the job's files on the service (input, responses) are deleted (or were gone already)
+    pa.field("files_released", pa.bool_()),
 ])
 
 
@@ -59,6 +67,8 @@ class BatchRecord:
 class BatchLog:
     def __init__(self, db: Any, table: str = "batches") -> None:
         self.table = open_table(db, table, BATCHES_SCHEMA)
+        # the writer's thread (collected) and the driver's (the rest) write it: one at a time
+        self._writing = threading.Lock()
 
     def open(self) -> list[BatchRecord]:
         """Jobs submitted (or being submitted) whose results are not written yet."""
@@ -72,6 +82,34 @@ class BatchLog:
                             tuple(r.get("content_keys") or ()), r["created"])
                 for r in sorted(rows, key=lambda r: r["created"])]
 
+    def releasable(self, within: timedelta) -> list[BatchRecord]:
+        """Closed jobs created within ``within`` whose files are not released yet (older
+        ones' files the service has deleted by itself)."""
+        cond = (f"status IN ({', '.join(sql_str(s) for s in CLOSED)}) "
+                "AND (files_released IS NULL OR NOT files_released)")
+        try:
+            rows = (self.table.search().where(cond)
+                    .select(["display_name", "name", "run_id", "status", "input_file",
+                             "created"]).to_arrow().to_pylist())
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise SinkError(f"cannot read the batch log: {exc}") from exc
+        since = datetime.now(UTC) - within
+        return [BatchRecord(r["display_name"], r["name"], r["run_id"], r["status"],
+                            r["input_file"], (), (), r["created"])
+                for r in sorted(rows, key=lambda r: r["created"]) if r["created"] >= since]
+
+    def released(self, display_names: list[str]) -> None:
+        """These jobs' files are deleted from the service."""
+        if not display_names:
+            return
+        names = ", ".join(sql_str(n) for n in display_names)
+        try:
+            with self._writing:
+                self.table.update(where=f"display_name IN ({names})",
+                                  values_sql={"files_released": "true"})
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise SinkError(f"cannot write the batch log: {exc}") from exc
+
     def all(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = self.table.to_arrow().drop_columns(
             ["item_ids", "content_keys"]).to_pylist()
@@ -82,7 +120,8 @@ class BatchLog:
         now = datetime.now(UTC)
         self._merge({"display_name": display_name, "name": None, "run_id": run_id,
                      "status": SUBMITTING, "input_file": None, "items": len(item_ids),
-                     "item_ids": item_ids, "content_keys": content_keys, "created": now})
+                     "item_ids": item_ids, "content_keys": content_keys, "created": now,
+                     "files_released": None})
 
     def collected(self, display_names: list[str]) -> None:
         """These jobs' rows are committed: they are done."""
@@ -93,11 +132,13 @@ class BatchLog:
         """Update a row's ``status``, ``name`` or ``input_file``."""
         assigned = {k: ("NULL" if v is None else sql_str(v)) for k, v in values.items()}
         try:
-            self.table.update(where=f"display_name = {sql_str(display_name)}",
-                              values_sql=assigned)
+            with self._writing:
+                self.table.update(where=f"display_name = {sql_str(display_name)}",
+                                  values_sql=assigned)
         except (OSError, ValueError, RuntimeError) as exc:
             raise SinkError(f"cannot write the batch log: {exc}") from exc
 
     def _merge(self, row: dict[str, Any]) -> None:
         data = pa.table({f.name: [row[f.name]] for f in BATCHES_SCHEMA}, schema=BATCHES_SCHEMA)
-        upsert(self.table, "display_name", data, "batch log")
+        with self._writing:
+            upsert(self.table, "display_name", data, "batch log")
