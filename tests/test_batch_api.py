@@ -173,3 +173,32 @@ def test_a_responses_line_that_is_no_result_is_a_bad_response_not_a_crash(garbag
 
     with Emulator(EmulatorOptions(batch_delay_s=0)) as emu:
         assert _with_api(emu, flow) == ["id-0"]
+
+
+@pytest.mark.parametrize(("values", "why"), [
+    ([0.5] * 127, "127 dimensions"), (["NaN"] + [0.5] * 127, "NaN or infinity"),
+    ([1e39] + [0.5] * 127, "NaN or infinity"), ("0.5", "not a list")])
+def test_a_result_whose_vector_is_no_vector_is_that_requests_error(values: Any, why: str):
+    """A well-formed line whose vector is not one (the wrong size, values no float32 holds,
+    no list) is the error of that request alone: the job's other results come, and the job is
+    not left pending for a next run that would download the same line again."""
+    async def flow(api: BatchApi, client: GeminiClient) -> dict[str, Any]:
+        lines = JobInput()
+        for i, t in enumerate(TEXTS[:3]):
+            lines.add(*api.entry(f"id-{i}", _request(t)))
+        job = await _wait(api, await api.create(
+            display_name="x", file_name=await api.upload(lines, display_name="x")))
+        assert job.responses_file is not None
+        stored = emu.state.files.files[job.responses_file]
+        rows = [orjson.loads(line) for line in bytes(stored.data).splitlines()]
+        rows[1]["response"]["embedding"]["values"] = values
+        stored.data = bytearray(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+        return {key: r async for key, r in api.results(job)}
+
+    with Emulator(EmulatorOptions(batch_delay_s=0)) as emu:
+        results = _with_api(emu, flow)
+    assert sorted(results) == ["id-0", "id-1", "id-2"]
+    assert results["id-0"].values is not None and results["id-2"].values is not None
+    bad = results["id-1"]
+    assert bad.values is None and bad.error is not None
+    assert bad.error["status"] == "BAD_RESPONSE" and why in bad.error["message"]

@@ -219,10 +219,20 @@ class BatchApi:
         return str(entry.get("key")), self._result(entry)
 
     def _result(self, entry: dict[str, Any]) -> BatchResult:
+        """A request's result; a vector that is not one (the wrong size, values that are no
+        finite numbers) is that request's error, as a bad vector in an interactive answer is
+        (the rest of the job is written, and the next download would hold it again)."""
         values = ((entry.get("response") or {}).get("embedding") or {}).get("values")
         if values is None:
             return BatchResult(None, entry.get("error") or {"message": "no embedding returned"})
-        return BatchResult(vector_from(values, self.client.dims))
+        try:
+            if not isinstance(values, list):
+                raise TerminalEmbedError("an embedding's values are not a list",
+                                         status="BAD_RESPONSE")
+            return BatchResult(vector_from(values, self.client.dims))
+        except TerminalEmbedError as exc:
+            return BatchResult(None, {"code": 200, "status": exc.status,
+                                      "message": exc.message})
 
     def _line(self, parser: simdjson.Parser, line: bytes) -> tuple[str, BatchResult]:
         """A responses file's line: its values read straight into numpy; a line that is not
