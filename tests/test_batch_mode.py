@@ -15,7 +15,7 @@ import lancedb
 import pytest
 
 from pipeline.commands.sample_files import make_quickstart_media, make_text_corpus
-from pipeline.config import load_job
+from pipeline.config import JobConfig, load_job
 from pipeline.emulator.checks import ApiFault
 from pipeline.emulator.files import FileStore
 from pipeline.emulator.server import Emulator, EmulatorOptions
@@ -241,6 +241,34 @@ def test_detach_exits_pending_and_the_next_run_collects(tmp_path: Path):
         _, err = collected.communicate(timeout=60)
         assert collected.returncode == EXIT_OK, err
         assert emu.state.stats.batch_jobs == 1 and len(_ids(tmp_path)) == 40
+
+
+def test_a_resumed_backfill_collects_each_earlier_job_once_its_items_are_validated(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """The run after a detached (or killed) backfill validates the files again: the items of
+    an earlier job go to it as soon as they have all come, not when the last file is done, so
+    they count against ``max_held_bytes`` and the job is collected while validation goes on
+    (a 10M-item backfill resumed would otherwise hold every item until the end)."""
+    src = tmp_path / "src"
+    make_text_corpus(src, 300)
+    with Emulator(EmulatorOptions(batch_delay_s=2)) as emu:  # none finished while submitting
+        def job(max_held_bytes: int) -> JobConfig:
+            return load_job(write_job(tmp_path, src, embed=_embed(emu, batch={
+                **FAST_POLL, "max_requests": 25, "max_held_bytes": max_held_bytes})))
+
+        detached = run_job(job(512_000_000), detach=True)
+        assert detached.exit_code == EXIT_PENDING and detached.stats.batch_jobs == 12
+        caplog.set_level("INFO", logger="embedpipe.batch")
+        resumed = run_job(job(1))  # one job's items held at a time
+        assert emu.state.stats.batch_jobs == 12  # nothing submitted twice
+    assert resumed.exit_code == EXIT_OK
+    assert resumed.stats.items_batch_awaited == 300 and resumed.stats.batch_jobs == 0
+    messages = [r.getMessage() for r in caplog.records]
+    # no job is submitted in this run: only jobs handed over early hold items before the end
+    assert any("waiting for jobs to finish" in m for m in messages)
+    assert sum(m.startswith("collected") for m in messages) == 12
+    ids = _ids(tmp_path)
+    assert len(ids) == len(set(ids)) == 300
 
 
 def test_a_failed_job_falls_back_to_interactive_in_the_same_run(tmp_path: Path):

@@ -25,7 +25,7 @@ from pipeline.memory import in_thread
 from pipeline.outcome import RunOutcome
 from pipeline.records import BatchSupport, Collected, Item
 from pipeline.stages import Stages
-from pipeline.stages.batching import Batching, JobOutcome
+from pipeline.stages.batching import Batching, JobOutcome, held_item
 from pipeline.stages.budget import PayloadBudget
 from pipeline.stages.writing import Outcome
 from pipeline.state.opened import Opened
@@ -61,8 +61,13 @@ class BatchRouter:
         # item id -> (display name, job name, content key) of an earlier run's job
         self.awaited = awaited
         self.detach = detach
-        # (display name, job name) of an earlier run's job -> the items validated for it
+        # (display name, job name) of an earlier run's job -> the items validated for it,
+        # (about) what they hold in memory, and how many items the job holds in all
         self._adopted: dict[tuple[str, str], dict[str, Item]] = {}
+        self._adopted_bytes: Counter[tuple[str, str]] = Counter()
+        self._expected = Counter((display_name, name)
+                                 for display_name, name, _ in awaited.values())
+        self._handed: set[tuple[str, str]] = set()  # adopted whole: the driver's now
         self._keys: dict[str, str] = {}  # content keys of the adopted items
         # auto mode's items, held until the run is known to be large or not
         self._held = AutoHold(budget, refetched)
@@ -103,18 +108,17 @@ class BatchRouter:
                 del chunk
                 await self._route(rest, pack)
                 del rest  # not held while the next chunk is awaited (the payload budget)
+                await self._hand_over_whole()
             if self.mode == "auto":  # the run stayed small: interactive it is
                 self._decide("interactive", f"embed.mode is auto and the run had no more than "
                                             f"{self.min_items:,} items (embed.batch_min_items)")
                 await self._held.release(self._send_decided, pack, self.driver.outcome)
             if (draft := self.driver.batching.take()) is not None:
                 await self.driver.submit(draft)
-            for (display_name, name), found in self._adopted.items():
-                self.driver.adopt(display_name, name, found,
-                                  {i: self._keys[i] for i in found})
-            jobs = Counter((display_name, name) for display_name, name, _ in self.awaited.values())
-            for (display_name, name), count in jobs.items():
-                if (display_name, name) not in self._adopted:
+            for job in list(self._adopted):  # those some of whose items did not come
+                self._hand_over(job)
+            for (display_name, name), count in self._expected.items():
+                if (display_name, name) not in self._handed:
                     await self.driver.supersede(display_name, name, count)
             await self.driver.collect(send, wait=not self.detach)
             stats.batch_jobs_pending = len(self.driver.open)
@@ -136,11 +140,35 @@ class BatchRouter:
         if recorded is not None and recorded != key:  # the template, task or cut changed
             self.driver.stats.items_stale_results += 1
             return False
-        self._adopted.setdefault((display_name, name), {})[item.id] = item
-        self._keys[item.id] = key
+        adopted = (display_name, name)
+        if adopted in self._handed:  # met twice: its result is the driver's to write once
+            return True
         if self._budget is not None:
             self._budget.exempt([item])
+        self._adopted.setdefault(adopted, {})[item.id], held = held_item(item)
+        self._adopted_bytes[adopted] += held
+        self._keys[item.id] = key
         return True
+
+    def _hand_over(self, job: tuple[str, str]) -> None:
+        """The items validated for an earlier run's job go to the driver, which collects it."""
+        found = self._adopted.pop(job)
+        self.driver.adopt(*job, found, {i: self._keys.pop(i) for i in found},
+                          self._adopted_bytes.pop(job, 0))
+        self._handed.add(job)
+
+    async def _hand_over_whole(self) -> None:
+        """Earlier runs' jobs all of whose items have come are handed to the driver at once,
+        not at the end of the run: collected as soon as they are finished (a resumed backfill
+        does not hold every item it awaits until its last file is validated), their items
+        counted against ``max_held_bytes``."""
+        whole = [job for job, found in self._adopted.items()
+                 if len(found) >= self._expected[job]]
+        for job in whole:
+            self._hand_over(job)
+        if whole and self._send is not None:
+            await self.driver.look(self._send)
+            await self.driver.make_room(self._send)
 
     async def _route(self, chunk: list[Item], pack: anyio.abc.ObjectSendStream[list[Item]]
                      ) -> None:

@@ -155,9 +155,12 @@ class BatchDriver:
                 delay = min(delay * 1.5, self.settings.poll_max_s)
 
     def adopt(self, display_name: str, name: str, items: dict[str, Item],
-              keys: dict[str, str]) -> None:
+              keys: dict[str, str], held_bytes: int = 0) -> None:
+        """Take over an earlier run's job, with the items validated for it."""
         self.stats.items_batch_awaited += len(items)
-        self.open.append(_Open(display_name, name, items, keys))
+        self.open.append(_Open(display_name, name, items, keys, held_bytes))
+        if self._look_at is None:
+            self._look_at = anyio.current_time()
 
     async def supersede(self, display_name: str, name: str, items: int) -> None:
         """A job none of whose results this run wants (its files changed or went, or the

@@ -37,6 +37,15 @@ TRANSIENT_CODES = frozenset({408, 429, 500, 502, 503, 504})
 HELD_ITEM_BYTES = 2400
 
 
+def held_item(item: Item, payload: int | None = None) -> tuple[Item, int]:
+    """``item`` as a job holds it until its results come, and what that holds in memory
+    (about). A payload of bytes is in the job's input (or the service's): the item need not
+    keep it; a text is kept for the table's text column, and to embed again if need be."""
+    if any(p.data is not None for p in item.parts):
+        return replace(item, parts=()), HELD_ITEM_BYTES
+    return item, HELD_ITEM_BYTES + (item.payload_bytes if payload is None else payload)
+
+
 @dataclass
 class JobDraft:
     """A Batch API job being filled: its requests (key = item id) as the lines of its input
@@ -102,13 +111,8 @@ class Batching:
             self._count += 1
         draft.lines.add(*self._entry(item.id, sent))
         draft.keys[item.id] = self._key(sent)
-        # The job's input holds the payload until the job is sent: the item need not.
-        if any(p.data is not None for p in item.parts):
-            draft.items[item.id] = replace(item, parts=())
-            draft.held_bytes += HELD_ITEM_BYTES
-        else:  # texts: kept for the table's text column, and to embed again if need be
-            draft.items[item.id] = item
-            draft.held_bytes += HELD_ITEM_BYTES + payload
+        draft.items[item.id], held = held_item(item, payload)
+        draft.held_bytes += held
         return full
 
     def take(self) -> JobDraft | None:
