@@ -161,7 +161,7 @@ class Run:
                     router = common["batch"]
                     if router is not None and not self.outcome.interrupted:
                         # the jobs whose rows the end of the run committed: their files
-                        await router.driver.release(last=True)
+                        await router.driver.files.release(last=True)
         except BaseException as exc:
             ended_by = exc
             raise

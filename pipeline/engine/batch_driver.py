@@ -14,8 +14,8 @@ batching stage's (:mod:`pipeline.stages.batching`); the exactly-once log is
   to the writer. A job that ends FAILED, EXPIRED or CANCELLED leaves its items to the next run.
   :meth:`BatchDriver.look` does the same while jobs are still being filled, so a job finished
   early lets go of its items before the last one is submitted.
-- :meth:`BatchDriver.release` deletes the files of closed jobs from the service, as their rows
-  are committed.
+- :class:`pipeline.engine.batch_files.ServiceFiles` deletes the files of closed jobs from the
+  service, as their rows are committed; the driver has it look after each poll.
 - :func:`open_jobs`: the items earlier runs' open jobs hold.
 """
 
@@ -26,11 +26,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
 
 import anyio
 
 from pipeline.config import BatchSettings
+from pipeline.engine.batch_files import ServiceFiles
 from pipeline.errors import EmbedError, TransientEmbedError
 from pipeline.gemini.batches import BatchApi, BatchJob, BatchResult
 from pipeline.memory import in_thread
@@ -43,16 +43,6 @@ from pipeline.stats import RunStats
 log = logging.getLogger("embedpipe.batch")
 RESULTS_CHUNK = 1000
 RESULT_VALUE_BYTES = 12  # a value of a vector as JSON text, with its comma
-# How long Google keeps a Files API file: older jobs' files are gone without being deleted.
-FILE_RETENTION = timedelta(hours=48)
-
-
-def _gone(exc: EmbedError) -> bool:
-    """Whether the service no longer has what was asked for: 404, or Google's 403 for a file
-    it has deleted ("You do not have permission to access the File ... or it may not
-    exist"), not a 403 about the key."""
-    return exc.http_status == 404 or (exc.http_status == 403
-                                      and "not exist" in exc.message.lower())
 
 
 @dataclass
@@ -81,8 +71,7 @@ class BatchDriver:
         # items are not held until the last job is submitted; looked at with collect's backoff
         self._look_at: float | None = None
         self._look_delay = settings.poll_initial_s
-        self._release_failed = False  # deleting files failed: not tried again this run
-        self._release_errors = 0
+        self.files = ServiceFiles(api, batch_log, stats)  # of jobs closed: deleted
 
     async def submit(self, draft: JobDraft) -> None:
         started = time.perf_counter()
@@ -96,7 +85,7 @@ class BatchDriver:
         if not self.open or self._look_at is None or anyio.current_time() < self._look_at:
             return
         await self.collect(send, wait=False)
-        await self.release()
+        await self.files.release()
         self._look_delay = min(self._look_delay * 1.5, self.settings.poll_max_s)
         self._look_at = anyio.current_time() + self._look_delay
 
@@ -149,7 +138,7 @@ class BatchDriver:
         delay = self.settings.poll_initial_s
         while self.open and self.held_bytes > limit:
             await self.collect(send, wait=False)
-            await self.release()
+            await self.files.release()
             if self.held_bytes > limit:
                 await anyio.sleep(delay)
                 delay = min(delay * 1.5, self.settings.poll_max_s)
@@ -202,7 +191,7 @@ class BatchDriver:
             if not wait:
                 return
             if self.open:
-                await self.release()
+                await self.files.release()
                 await anyio.sleep(delay)
                 delay = min(delay * 1.5, self.settings.poll_max_s)
 
@@ -248,60 +237,6 @@ class BatchDriver:
         log.info("collected %s (%s)", info.name, job.display_name)
         # collected once the writer has committed every row sent before this
         await send(JobOutcome(collected=job.display_name))
-
-    async def release(self, *, last: bool = False) -> None:
-        """Delete from the service the files of the jobs the batch log has closed: a job's
-        uploaded input and its responses, once its rows are committed (``collected``: not
-        before, or a run killed in between could not collect them again), or once it ended
-        without them (``failed``, ``superseded``). Google keeps a file 48 hours and caps a
-        project's files (20 GB), so a backfill that left them would have its uploads refused
-        before it ended. A file already gone counts as deleted. Any other failure leaves the
-        files for a later call (after an error that is not transient, three that are, or one
-        in the run's ``last`` call: the next run's), with a warning, not a failed run: the
-        results are safe, and Google deletes the files in time."""
-        if self._release_failed:
-            return
-        released: list[str] = []
-        try:
-            for record in await in_thread(self.log.releasable, FILE_RETENTION):
-                files = [record.input_file] if record.input_file else []
-                if record.name is not None:
-                    info = await self._job_or_none(record.name)
-                    if info is not None and info.responses_file:
-                        files.append(info.responses_file)
-                for name in files:
-                    await self._delete(name)
-                released.append(record.display_name)
-        except EmbedError as exc:
-            self._release_errors += 1
-            if (last or not isinstance(exc, TransientEmbedError)
-                    or self._release_errors >= 3):
-                self._release_failed = True
-                message = (f"could not delete the files of finished Batch API jobs from the "
-                           f"service ({exc}): the next run tries again; Google deletes them "
-                           "after 48 h")
-                log.warning("%s", message)
-                self.stats.upkeep_warnings.append(message)
-        if released:
-            await in_thread(self.log.released, released)
-            self.stats.batch_files_released += len(released)
-            log.info("deleted the files of %d finished Batch API jobs from the service",
-                     len(released))
-
-    async def _job_or_none(self, name: str) -> BatchJob | None:
-        try:
-            return await self.api.get(name)
-        except EmbedError as exc:
-            if _gone(exc):
-                return None
-            raise
-
-    async def _delete(self, name: str) -> None:
-        try:
-            await self.api.delete(name)
-        except EmbedError as exc:
-            if not _gone(exc):
-                raise
 
 
 async def open_jobs(api: BatchApi, batch_log: BatchLog

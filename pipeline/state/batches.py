@@ -12,7 +12,7 @@ looked up by its display name (the kill may have landed after the service create
 
 Once a job is closed, its files on the service (its uploaded input, its responses) are
 deleted and the row says so (``files_released``): see
-:meth:`pipeline.engine.batch_driver.BatchDriver.release`.
+:mod:`pipeline.engine.batch_files`.
 """
 
 from __future__ import annotations
