@@ -196,6 +196,37 @@ def test_writing_commits_rows_then_the_manifest_and_guards_deletions(tmp_path: P
     assert table.open_table("vectors").count_rows() == 2 and stats.files_deleted == 1
 
 
+def test_a_new_file_waiting_for_its_rows_keeps_no_ids_a_changed_one_does(tmp_path: Path):
+    """While its rows are on their way (a backfill's files wait for Batch API results by the
+    hundred thousand), a new file's pending entry holds no id sets; a changed file's keeps the
+    ids of its new rows, so that the commit deletes only its old rows that were not
+    overwritten."""
+    import dataclasses
+
+    import numpy as np
+
+    src = tmp_path / "src"
+    make_text_corpus(src, 2)
+    job = _job(tmp_path, src)
+    items, out = _validate_all(job, src)
+    ends = [o for o in out.outcomes if isinstance(o, FileEnd)]
+    assert len(ends) == 2 and not any(e.replaces for e in ends)
+    db = open_db(str(tmp_path / "lance"))
+    writer = Writer(LanceSink(db, "vectors", "rejects", 256, job.embed.model),
+                    Manifest(db, "files"), RunStats(run_id="r1"), job.fingerprint(), "r1")
+    new, changed = ends[0], dataclasses.replace(ends[1], replaces=True)
+    writer.add(new)
+    writer.add(changed)
+    pending = {p.obj.uri: p for p in writer.pending.values()}
+    assert pending[new.source.uri].ids is None and pending[new.source.uri].reject_ids is None
+    assert pending[changed.source.uri].ids == set()
+    for item in items:
+        writer.add(Vector(item, np.ones(256, np.float32) / 16, 4))
+    assert writer.pending == {} and len(writer.completed) == 2
+    assert writer.replaced == {changed.source.uri: (
+        {i.id for i in items if i.source.uri == changed.source.uri}, set())}
+
+
 def test_a_sink_that_began_empty_finds_the_keys_it_wrote_as_a_query_of_the_table_does(
         tmp_path: Path):
     """A backfill's table holds only what the run wrote: find_keys answers from the keys the

@@ -54,8 +54,12 @@ class _Pending:
 
     obj: SourceObject
     expected: int | None = None  # known once the validator is done with the file
-    ids: set[str] = field(default_factory=set)  # of its vector rows
-    reject_ids: set[str] = field(default_factory=set)
+    # The ids of its vector rows and of its rejects: kept while the file may replace earlier
+    # rows (those not overwritten are deleted), dropped once its FileEnd says it does not (a
+    # backfill's files wait for their Batch API results by the hundred thousand: two empty
+    # sets are 432 bytes a file).
+    ids: set[str] | None = field(default_factory=set)
+    reject_ids: set[str] | None = field(default_factory=set)
     embedded: int = 0
     rejected: int = 0
     reason: str | None = None
@@ -108,11 +112,14 @@ class Writer:
                 stats.tokens_by_modality[str(item.modality)] += entry.tokens
             p = self._pending(item.source)
             p.embedded += 1
-            p.ids.add(item.id)
+            if p.ids is not None:
+                p.ids.add(item.id)
         elif isinstance(entry, FileEnd):
             p = self._pending(entry.source)
             p.expected = entry.count
             p.replaces |= entry.replaces
+            if not p.replaces:
+                p.ids = p.reject_ids = None
         elif isinstance(entry, FileState):
             self.completed.append(entry)  # touched, not changed: its row is all there is
             return
@@ -123,14 +130,16 @@ class Writer:
             self.stats.items_resumed += 1
             p = self._pending(entry.item.source)
             p.embedded += 1
-            p.ids.add(entry.item.id)
+            if p.ids is not None:
+                p.ids.add(entry.item.id)
         else:
             self.rejects.append(entry)
             self.stats.rejects += 1
             self.stats.reject_reasons[entry.reason] += 1
             p = self._pending(entry.source)
             p.rejected += 1
-            p.reject_ids.add(reject_id(entry.source.uri, entry.version, entry.part))
+            if p.reject_ids is not None:
+                p.reject_ids.add(reject_id(entry.source.uri, entry.version, entry.part))
             p.reason = p.reason or entry.reason
             # A reject removes the file's old rows, unless the file could not be read:
             # nothing is known of its content then (it is tried again next run).
@@ -152,6 +161,8 @@ class Writer:
         """``p`` has all its rows: its manifest row is due."""
         del self.pending[(p.obj.uri, p.obj.version or "")]
         if p.replaces:
+            # a file that replaces rows keeps its ids (a FileEnd saying so, or none yet)
+            assert p.ids is not None and p.reject_ids is not None
             self.replaced[p.obj.uri] = (p.ids, p.reject_ids)
         status = (EMBEDDED if p.embedded else
                   UNREADABLE if p.reason == RejectReason.UNREADABLE else REJECTED)
