@@ -9,6 +9,7 @@ from pathlib import Path
 
 import anyio
 import lancedb
+import pytest
 
 from connectors.local import LocalConnector
 from pipeline.commands.sample_files import make_quickstart_media, make_text_corpus
@@ -19,6 +20,7 @@ from pipeline.gemini.tasks import TaskStyle
 from pipeline.models import model_spec
 from pipeline.records import Batch, Committed, FileEnd, Item, Vector
 from pipeline.sinks.lance import LanceSink, open_db
+from pipeline.sinks.tables import Hashes
 from pipeline.stages.companions import Companions
 from pipeline.stages.embedding import Embedder
 from pipeline.stages.listing import Listing, Todo
@@ -254,6 +256,25 @@ def test_a_sink_that_began_empty_finds_the_keys_it_wrote_as_a_query_of_the_table
         for n, key in enumerate(keys[:3]):
             values, tokens = found[key]
             assert tokens == 4 + n and np.allclose(values, n / 16)
+
+
+def test_hashes_answer_as_a_set_does_across_their_merges(monkeypatch: pytest.MonkeyPatch):
+    """The compact set of hashes a fresh table's writer keeps (sorted array + the latest in a
+    set, merged in as they grow) says what a Python set says, before and after each merge."""
+    import numpy as np
+
+    monkeypatch.setattr(Hashes, "MERGE_AT", 8)
+    rng = np.random.default_rng(7)
+    hashes, reference = Hashes(), set()
+    for _ in range(60):
+        chunk = rng.integers(-2**63, 2**63 - 1, size=int(rng.integers(0, 12)), dtype=np.int64)
+        probe = np.concatenate([chunk, rng.integers(-2**63, 2**63 - 1, size=5, dtype=np.int64),
+                                np.array(sorted(reference)[:3], dtype=np.int64)])
+        assert hashes.contains(probe).tolist() == [int(h) in reference for h in probe]
+        hashes.add(chunk)
+        reference |= set(chunk.tolist())
+        assert len(hashes) == len(reference)
+    assert hashes.contains(np.array(sorted(reference), dtype=np.int64)).all()
 
 
 def test_leads_go_once_their_rows_are_committed_and_no_item_will_come(tmp_path: Path):
