@@ -72,43 +72,28 @@ class BatchLog:
 
     def open(self) -> list[BatchRecord]:
         """Jobs submitted (or being submitted) whose results are not written yet."""
-        cond = f"status IN ({', '.join(sql_str(s) for s in OPEN)})"
-        try:
-            rows = self.table.search().where(cond).to_arrow().to_pylist()
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise SinkError(f"cannot read the batch log: {exc}") from exc
+        rows = self._select(f"status IN ({', '.join(sql_str(s) for s in OPEN)})")
         return [BatchRecord(r["display_name"], r["name"], r["run_id"], r["status"],
                             r["input_file"], tuple(r["item_ids"] or ()),
-                            tuple(r.get("content_keys") or ()), r["created"])
-                for r in sorted(rows, key=lambda r: r["created"])]
+                            tuple(r.get("content_keys") or ()), r["created"]) for r in rows]
 
     def releasable(self, within: timedelta) -> list[BatchRecord]:
         """Closed jobs created within ``within`` whose files are not released yet (older
         ones' files the service has deleted by itself)."""
-        cond = (f"status IN ({', '.join(sql_str(s) for s in CLOSED)}) "
-                "AND (files_released IS NULL OR NOT files_released)")
-        try:
-            rows = (self.table.search().where(cond)
-                    .select(["display_name", "name", "run_id", "status", "input_file",
-                             "created"]).to_arrow().to_pylist())
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise SinkError(f"cannot read the batch log: {exc}") from exc
+        rows = self._select(f"status IN ({', '.join(sql_str(s) for s in CLOSED)}) "
+                            "AND (files_released IS NULL OR NOT files_released)",
+                            ["display_name", "name", "run_id", "status", "input_file",
+                             "created"])
         since = datetime.now(UTC) - within
         return [BatchRecord(r["display_name"], r["name"], r["run_id"], r["status"],
                             r["input_file"], (), (), r["created"])
-                for r in sorted(rows, key=lambda r: r["created"]) if r["created"] >= since]
+                for r in rows if r["created"] >= since]
 
     def released(self, display_names: list[str]) -> None:
         """These jobs' files are deleted from the service."""
-        if not display_names:
-            return
-        names = ", ".join(sql_str(n) for n in display_names)
-        try:
-            with self._writing:
-                self.table.update(where=f"display_name IN ({names})",
-                                  values_sql={"files_released": "true"})
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise SinkError(f"cannot write the batch log: {exc}") from exc
+        if display_names:
+            names = ", ".join(sql_str(n) for n in display_names)
+            self._update(f"display_name IN ({names})", {"files_released": "true"})
 
     def all(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = self.table.to_arrow().drop_columns(
@@ -130,11 +115,24 @@ class BatchLog:
 
     def set(self, display_name: str, **values: str | None) -> None:
         """Update a row's ``status``, ``name`` or ``input_file``."""
-        assigned = {k: ("NULL" if v is None else sql_str(v)) for k, v in values.items()}
+        self._update(f"display_name = {sql_str(display_name)}",
+                     {k: ("NULL" if v is None else sql_str(v)) for k, v in values.items()})
+
+    def _select(self, cond: str, columns: list[str] | None = None) -> list[dict[str, Any]]:
+        """The rows matching ``cond`` (their ``columns``, or all), oldest first."""
+        try:
+            query = self.table.search().where(cond)
+            if columns is not None:
+                query = query.select(columns)
+            rows: list[dict[str, Any]] = query.to_arrow().to_pylist()
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise SinkError(f"cannot read the batch log: {exc}") from exc
+        return sorted(rows, key=lambda r: r["created"])
+
+    def _update(self, where: str, values_sql: dict[str, str]) -> None:
         try:
             with self._writing:
-                self.table.update(where=f"display_name = {sql_str(display_name)}",
-                                  values_sql=assigned)
+                self.table.update(where=where, values_sql=values_sql)
         except (OSError, ValueError, RuntimeError) as exc:
             raise SinkError(f"cannot write the batch log: {exc}") from exc
 
