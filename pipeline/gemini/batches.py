@@ -81,6 +81,12 @@ class BatchResult:
     values: npt.NDArray[np.float32] | None
     error: dict[str, Any] | None = None
 
+    @classmethod
+    def bad(cls, exc: TerminalEmbedError) -> BatchResult:
+        """The error of a request whose vector is not one: the service's answer was 200."""
+        return cls(None, {"code": 200, "status": exc.status or "BAD_RESPONSE",
+                          "message": exc.message})
+
 
 class JobInput:
     """A job's requests as the lines of its JSONL input file, written as they are added."""
@@ -231,8 +237,7 @@ class BatchApi:
                                          status="BAD_RESPONSE")
             return BatchResult(vector_from(values, self.client.dims))
         except TerminalEmbedError as exc:
-            return BatchResult(None, {"code": 200, "status": exc.status,
-                                      "message": exc.message})
+            return BatchResult.bad(exc)
 
     def _line(self, parser: simdjson.Parser, line: bytes) -> tuple[str, BatchResult]:
         """A responses file's line: its values read straight into numpy; a line that is not

@@ -136,8 +136,7 @@ class Batching:
                                                    self.normalise, keys.get(item.id)))
                     continue
                 except TerminalEmbedError as exc:
-                    result = BatchResult(None, {"code": 200, "status": "BAD_RESPONSE",
-                                                "message": exc.message})
+                    result = BatchResult.bad(exc)
             error = result.error or {}
             if int(error.get("code") or 0) in TRANSIENT_CODES:
                 (out.retry if item.parts else out.lost).append(item)
