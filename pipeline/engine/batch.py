@@ -67,7 +67,8 @@ class BatchRouter:
         self._adopted_bytes: Counter[tuple[str, str]] = Counter()
         self._expected = Counter((display_name, name)
                                  for display_name, name, _ in awaited.values())
-        self._handed: set[tuple[str, str]] = set()  # adopted whole: the driver's now
+        self._whole: list[tuple[str, str]] = []  # all of whose items came: to hand over
+        self._handed: set[tuple[str, str]] = set()  # the driver's now
         self._keys: dict[str, str] = {}  # content keys of the adopted items
         # auto mode's items, held until the run is known to be large or not
         self._held = AutoHold(budget, refetched)
@@ -145,9 +146,12 @@ class BatchRouter:
             return True
         if self._budget is not None:
             self._budget.exempt([item])
-        self._adopted.setdefault(adopted, {})[item.id], held = held_item(item)
+        found = self._adopted.setdefault(adopted, {})
+        found[item.id], held = held_item(item)
         self._adopted_bytes[adopted] += held
         self._keys[item.id] = key
+        if len(found) == self._expected[adopted]:
+            self._whole.append(adopted)
         return True
 
     def _hand_over(self, job: tuple[str, str]) -> None:
@@ -162,11 +166,12 @@ class BatchRouter:
         not at the end of the run: collected as soon as they are finished (a resumed backfill
         does not hold every item it awaits until its last file is validated), their items
         counted against ``max_held_bytes``."""
-        whole = [job for job, found in self._adopted.items()
-                 if len(found) >= self._expected[job]]
+        if not self._whole:
+            return
+        whole, self._whole = self._whole, []
         for job in whole:
             self._hand_over(job)
-        if whole and self._send is not None:
+        if self._send is not None:
             await self.driver.look(self._send)
             await self.driver.make_room(self._send)
 
