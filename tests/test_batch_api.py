@@ -11,6 +11,7 @@ import numpy as np
 import orjson
 import pytest
 
+from pipeline.emulator.files import StoredFile
 from pipeline.emulator.server import Emulator, EmulatorOptions
 from pipeline.errors import AccessError, TerminalEmbedError
 from pipeline.gemini import batches
@@ -151,19 +152,25 @@ def test_a_wrong_key_and_an_oversized_file_are_refused():
             _with_api(emu, upload, key="right")
 
 
+async def _three_text_job(api: BatchApi, emu: Emulator) -> tuple[BatchJob, StoredFile]:
+    """A finished file job of three texts (keys id-0..id-2), and its responses file as the
+    emulator stores it (to be corrupted)."""
+    lines = JobInput()
+    for i, t in enumerate(TEXTS[:3]):
+        lines.add(*api.entry(f"id-{i}", _request(t)))
+    job = await _wait(api, await api.create(
+        display_name="x", file_name=await api.upload(lines, display_name="x")))
+    assert job.responses_file is not None
+    return job, emu.state.files.files[job.responses_file]
+
+
 @pytest.mark.parametrize("garbage", [b"[1, 2]", b'"a string"', b"7", b"{not json"])
 def test_a_responses_line_that_is_no_result_is_a_bad_response_not_a_crash(garbage: bytes):
     """A responses file with a line that is no JSON object (a proxy's page, a file cut short)
     fails as the service's fault, TerminalEmbedError, which leaves the job pending for the next
     run, after the good lines before it."""
     async def flow(api: BatchApi, client: GeminiClient) -> list[str]:
-        lines = JobInput()
-        for i, t in enumerate(TEXTS[:3]):
-            lines.add(*api.entry(f"id-{i}", _request(t)))
-        job = await _wait(api, await api.create(
-            display_name="x", file_name=await api.upload(lines, display_name="x")))
-        assert job.responses_file is not None
-        stored = emu.state.files.files[job.responses_file]
+        job, stored = await _three_text_job(api, emu)
         stored.data = stored.data.split(b"\n", 1)[0] + b"\n" + garbage + b"\n"
         got: list[str] = []
         with pytest.raises(TerminalEmbedError, match=r"not JSON|not a result"):
@@ -183,13 +190,7 @@ def test_a_result_whose_vector_is_no_vector_is_that_requests_error(values: Any, 
     no list) is the error of that request alone: the job's other results come, and the job is
     not left pending for a next run that would download the same line again."""
     async def flow(api: BatchApi, client: GeminiClient) -> dict[str, Any]:
-        lines = JobInput()
-        for i, t in enumerate(TEXTS[:3]):
-            lines.add(*api.entry(f"id-{i}", _request(t)))
-        job = await _wait(api, await api.create(
-            display_name="x", file_name=await api.upload(lines, display_name="x")))
-        assert job.responses_file is not None
-        stored = emu.state.files.files[job.responses_file]
+        job, stored = await _three_text_job(api, emu)
         rows = [orjson.loads(line) for line in bytes(stored.data).splitlines()]
         rows[1]["response"]["embedding"]["values"] = values
         stored.data = bytearray(b"".join(orjson.dumps(r) + b"\n" for r in rows))
