@@ -97,3 +97,58 @@ def test_flush_interval_is_a_maximum_age_under_a_steady_trickle(tmp_path: Path):
     table = lancedb.connect(str(tmp_path / "lance")).open_table("vectors")
     # ~5 s of rows committed at least once a second (an idle timer committed once, at the end)
     assert len(table.list_versions()) >= 4
+
+
+def _fragments(table: object) -> int:
+    return int(table.stats()["fragment_stats"]["num_fragments"])  # type: ignore[attr-defined]
+
+
+def test_the_jobs_own_tables_are_compacted_once_fragments_pile_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import pipeline.state.upkeep as upkeep
+
+    monkeypatch.setattr(upkeep, "SMALL_FRAGMENTS", 4)  # 32 and 64: too many nights for a test
+    monkeypatch.setattr(upkeep, "VERSIONS", 5)
+    src = tmp_path / "src"
+    make_text_corpus(src, 20)
+    blobs = [src / f"blob{i}.bin" for i in range(4)]  # unsupported: a reject row each
+    # run.compact stays off: it is about the vectors table, the user's; not the job's own tables
+    job = load_job(write_job(tmp_path, src, extra={"run": {"keep_days": 1e-6}}))
+    db = lancedb.connect(str(tmp_path / "lance"))
+    compacted = 0
+    for night in range(8):
+        if night:
+            _change(src, night, 0.1)
+        for i, blob in enumerate(blobs):
+            blob.write_bytes(bytes([0, 159, 146, 150, night, i]) * 40)
+        result = run_job(job)
+        assert result.exit_code == EXIT_OK and result.stats.upkeep_warnings == []
+        files, rejects = db.open_table("files"), db.open_table("rejects")
+        for table in (files, rejects, db.open_table("runs")):
+            assert upkeep.small_fragments(table) < 4 and len(table.list_versions()) < 5, night
+        # merged into one fragment, and the versions before the one compacted removed
+        compacted += _fragments(files) == 1 and len(files.list_versions()) <= 2
+    assert compacted >= 2
+    assert files.count_rows() == 24 and rejects.count_rows() == 4
+    assert len(db.open_table("vectors").list_versions()) >= 8  # run.compact is off: all kept
+    again = run_job(job)  # the compacted manifest is what the next night diffs against
+    assert again.exit_code == EXIT_OK
+    assert again.stats.files_unchanged == 24 and again.stats.files_new == 0
+
+
+def test_a_failed_state_upkeep_is_a_warning_and_the_run_is_still_tagged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import pipeline.state.upkeep as upkeep
+
+    def broken(table: object) -> int:
+        raise OSError("disk quota exceeded")
+
+    monkeypatch.setattr(upkeep, "small_fragments", broken)
+    src = tmp_path / "src"
+    make_text_corpus(src, 10)
+    result = run_job(load_job(write_job(tmp_path, src)))
+    assert result.exit_code == EXIT_OK and result.report["status"] == "finished"
+    assert any("state table upkeep failed" in w and "disk quota exceeded" in w
+               for w in result.report["upkeep_warnings"]), result.report["upkeep_warnings"]
+    table = lancedb.connect(str(tmp_path / "lance")).open_table("vectors")
+    assert f"run-{result.stats.run_id}" in table.tags.list()

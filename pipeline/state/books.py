@@ -19,6 +19,7 @@ from pipeline.outcome import EXIT_OK, RunOutcome, run_status
 from pipeline.sinks.lance import LanceSink, sql_str
 from pipeline.state.opened import Opened
 from pipeline.state.tables import switch
+from pipeline.state.upkeep import compact_state
 from pipeline.stats import RunStats
 
 log = logging.getLogger("embedpipe.run")
@@ -54,6 +55,12 @@ class Books:
                 self.stats.upkeep_warnings.append(str(exc))
                 log.warning("table upkeep failed after the run's rows were committed (the "
                             "run stands): %s", exc)
+            try:
+                for done in compact_state(self._state_tables(), self.job.run.keep_days):
+                    log.info("state upkeep: %s", done)
+            except PipelineError as exc:
+                self.stats.upkeep_warnings.append(str(exc))
+                log.warning("%s (the run stands)", exc)
         self.final_report = self.report(status, code)  # the run's figures, final: made once
         try:
             self.record(self.final_report)
@@ -110,6 +117,15 @@ class Books:
             log.info("table upkeep: %s", done)
         if changed:  # the version the run leaves (compacted, if it was): the one to name
             sink.tag(f"run-{self.stats.run_id}")
+
+    def _state_tables(self) -> dict[str, Any]:
+        """The job's own tables, by name (the rejects live beside a Lance sink only)."""
+        state, names = self.state, self.job.sink
+        tables = {names.manifest_table: state.manifest.table, names.runs_table: state.runlog.table,
+                  names.batches_table: state.batch_log.table}
+        if isinstance(state.sink, LanceSink):
+            tables[names.rejects_table] = state.sink.rejects
+        return tables
 
     def _write_metrics(self, report: dict[str, Any]) -> None:
         target = self.job.run.metrics_textfile
