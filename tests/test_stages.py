@@ -268,6 +268,9 @@ def test_hashes_answer_as_a_set_does_across_their_merges(monkeypatch: pytest.Mon
     hashes, reference = Hashes(), set()
     for _ in range(60):
         chunk = rng.integers(-2**63, 2**63 - 1, size=int(rng.integers(0, 12)), dtype=np.int64)
+        # some added again: merged already or not (a replaced file's ids are), counted once
+        again = rng.permutation(np.array(sorted(reference), dtype=np.int64))[:3]
+        chunk = np.concatenate([chunk, again])
         probe = np.concatenate([chunk, rng.integers(-2**63, 2**63 - 1, size=5, dtype=np.int64),
                                 np.array(sorted(reference)[:3], dtype=np.int64)])
         assert hashes.contains(probe).tolist() == [int(h) in reference for h in probe]

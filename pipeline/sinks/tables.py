@@ -126,20 +126,25 @@ class Hashes:
 
     def contains(self, hashes: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
         """Which of ``hashes`` are in the set."""
-        found = np.zeros(len(hashes), dtype=np.bool_)
-        if len(self._sorted):
-            at = np.searchsorted(self._sorted, hashes).clip(max=len(self._sorted) - 1)
-            found = self._sorted[at] == hashes
+        found = self._in_sorted(hashes)
         if self._latest:
             latest = self._latest
             found |= np.fromiter((h in latest for h in hashes.tolist()), np.bool_, len(hashes))
         return found
 
     def add(self, hashes: npt.NDArray[np.int64]) -> None:
-        self._latest.update(hashes.tolist())
+        # one already merged stays out of the set, or len() would count it twice
+        self._latest.update(hashes[~self._in_sorted(hashes)].tolist())
         if len(self._latest) > max(self.MERGE_AT, len(self._sorted) // 8):
             latest = np.fromiter(self._latest, np.int64, len(self._latest))
             self._sorted, self._latest = _sorted_once(np.concatenate([self._sorted, latest])), set()
+
+    def _in_sorted(self, hashes: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+        if not len(self._sorted):
+            return np.zeros(len(hashes), dtype=np.bool_)
+        at = np.searchsorted(self._sorted, hashes).clip(max=len(self._sorted) - 1)
+        found: npt.NDArray[np.bool_] = self._sorted[at] == hashes
+        return found
 
 
 def _sorted_once(values: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
