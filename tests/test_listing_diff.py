@@ -225,3 +225,44 @@ def test_nights_over_a_synthetic_source_embed_only_what_changed(tmp_path: Path):
     ids = table.to_arrow().column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 3000
     assert table.count_rows("version = 'g1'") == expected
+
+
+def test_a_killed_runs_sort_folder_is_removed_by_the_next_sort(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A run killed while its manifest sort had spilled cannot remove its folder (gigabytes at
+    ten million files); the next sort on the host removes the folders of processes gone, and
+    only those: a live run's, or another host's, stay."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    from pipeline.state.manifest import SPILL_PREFIX
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    host = socket.gethostname()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead, live = int(gone.stdout), subprocess.Popen([sys.executable, "-c",
+                                                     "import time; time.sleep(60)"])
+    try:
+        left = tmp_path / f"{SPILL_PREFIX}{host}-{dead}-abc"
+        (left / "sub").mkdir(parents=True)
+        (left / "sub" / "spill.tmp").write_bytes(b"x" * 1024)
+        kept = [tmp_path / f"{SPILL_PREFIX}{host}-{live.pid}-def",
+                tmp_path / f"{SPILL_PREFIX}other-host-{dead}-ghi"]
+        for folder in kept:
+            folder.mkdir()
+        manifest = Manifest(lancedb.connect(tmp_path / "db"), "files")
+        manifest.record([FileState("s3://b/a", "a", "v", 1, T0, FP, EMBEDDED, 1, 0, None)],
+                        "r1")
+        with manifest.sorted_rows() as batches:
+            ours = [p for p in tmp_path.iterdir() if p.name.startswith(
+                f"{SPILL_PREFIX}{host}-{os.getpid()}-")]
+            assert [u for b in batches for u in b.column("uri").to_pylist()] == ["s3://b/a"]
+        assert len(ours) == 1 and not ours[0].exists()  # its own, while it sorts, then gone
+        assert not left.exists() and all(folder.is_dir() for folder in kept)
+    finally:
+        live.kill()
+        live.wait()

@@ -10,6 +10,10 @@ redone rows single).
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -72,6 +76,40 @@ SORT_MEMORY = "100MB"  # DuckDB's share for sorting the manifest; beyond it the 
 URI_INDEX_MIN_ROWS = 50_000
 
 
+SPILL_PREFIX = "embedpipe-sort-"
+
+
+@contextmanager
+def spill_folder() -> Iterator[str]:
+    """A temporary folder for the manifest's sort to spill into (gigabytes at ten million
+    files), named after this host and process. A run killed while sorting (SIGKILL: an OOM
+    kill, a scheduler's timeout) cannot remove its own, so each sort first removes those of
+    this host's processes that are gone."""
+    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+    root = tempfile.gettempdir()
+    own = re.compile(rf"{re.escape(SPILL_PREFIX + host)}-(\d+)-")
+    try:
+        names = os.listdir(root) if os.name == "posix" else []  # pids are checked by signal 0
+    except OSError:
+        names = []
+    for name in names:
+        found = own.match(name)
+        if found and not _alive(int(found.group(1))):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=f"{SPILL_PREFIX}{host}-{os.getpid()}-") as spill:
+        yield spill
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
 class Manifest:
     def __init__(self, db: Any, table: str, read_only: bool = False) -> None:
         self.table = db.open_table(table) if read_only else open_table(db, table, MANIFEST_SCHEMA)
@@ -102,7 +140,7 @@ class Manifest:
             raise SinkError(f"cannot read the manifest: {exc}") from exc
         # A manifest older than a column reads it as empty.
         columns = ", ".join(c if c in present else f"NULL::VARCHAR AS {c}" for c in DIFF_COLUMNS)
-        with tempfile.TemporaryDirectory(prefix="embedpipe-sort-") as spill:
+        with spill_folder() as spill:
             con = duckdb.connect(config={"memory_limit": SORT_MEMORY, "threads": 1,
                                          "temp_directory": spill,
                                          "preserve_insertion_order": False})
