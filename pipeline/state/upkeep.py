@@ -10,8 +10,8 @@ row with all its item ids (a 1M-text backfill leaves ~38 MB of old copies in the
 its versions older than :data:`KEEP` (or ``run.keep_days``, if shorter) removed. Nobody reads an
 old version of these tables on purpose (runs, resumes and commands read the newest); a reader
 that opened one just before, such as ``embedpipe status`` while a run ends, keeps it: it is
-younger than that. Looking costs a few ms a table; doing, ~0.5 s for a 300,000-row manifest in
-150 fragments. Blocking.
+younger than that. Looking costs a few ms a table; doing, 0.5 s for a 300,000-row manifest in
+150 fragments, 0.8 s for 1,000,000 rows in 500. Blocking.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ def small_fragments(table: Any) -> int:
 
 def compact_state(tables: dict[str, Any], keep_days: float) -> list[str]:
     """Compact each of ``tables`` (name -> lancedb table) that has :data:`SMALL_FRAGMENTS`
-    small fragments or :data:`VERSIONS` versions, and remove its versions older than :data:`KEEP`
-    or ``keep_days``, whichever is shorter; what was done, one line per table. A table that fails raises
-    :class:`SinkError` after the others are done."""
+    small fragments or :data:`VERSIONS` versions, and remove its versions older than
+    :data:`KEEP` or ``keep_days``, whichever is shorter; what was done, one line per table. A
+    table that fails raises :class:`SinkError` after the others are done."""
     done, failed = [], []
     keep = min(KEEP, timedelta(days=keep_days))
     for name, table in tables.items():
