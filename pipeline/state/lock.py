@@ -36,16 +36,21 @@ class Holder:
     heartbeat: float
 
     def alive(self, stale_s: float) -> bool:
-        if time.time() - self.heartbeat > stale_s:
-            return False
-        if self.host == socket.gethostname():
-            try:
-                os.kill(self.pid, 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                return True
+        return time.time() - self.heartbeat <= stale_s and not gone(self.host, self.pid)
+
+
+def gone(host: str, pid: int) -> bool:
+    """Whether process ``pid`` of ``host`` is known to have ended. Only this host's can be
+    checked (by signal 0); another host's, or another user's, may be alive."""
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return True
+    except (PermissionError, OverflowError):  # OverflowError: no such pid can exist
+        return False
+    return False
 
 
 class _Backend(Protocol):

@@ -26,6 +26,7 @@ import pyarrow as pa
 from pipeline.errors import SinkError
 from pipeline.sinks.lance import keep_btree, open_table, sql_str, upsert
 from pipeline.sinks.tables import Written
+from pipeline.state.lock import gone
 
 MANIFEST_SCHEMA = pa.schema([
     pa.field("uri", pa.string(), nullable=False),
@@ -85,7 +86,7 @@ def spill_folder() -> Iterator[str]:
     files), named after this host and process. A run killed while sorting (SIGKILL: an OOM
     kill, a scheduler's timeout) cannot remove its own, so each sort first removes those of
     this host's processes that are gone."""
-    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())  # as a file name
     root = tempfile.gettempdir()
     own = re.compile(rf"{re.escape(SPILL_PREFIX + host)}-(\d+)-")
     try:
@@ -94,20 +95,10 @@ def spill_folder() -> Iterator[str]:
         names = []
     for name in names:
         found = own.match(name)
-        if found and not _alive(int(found.group(1))):
+        if found and gone(socket.gethostname(), int(found.group(1))):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix=f"{SPILL_PREFIX}{host}-{os.getpid()}-") as spill:
         yield spill
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process: alive
-        return True
-    return True
 
 
 class Manifest:
