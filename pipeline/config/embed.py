@@ -71,6 +71,9 @@ class EmulatorSettings(_Strict):
     """Batch API: the largest inline job it accepts, in bytes."""
     max_file_bytes: int = Field(2_000_000_000, ge=1024)
     """Files API: the largest upload it accepts, in bytes."""
+    upload_mb_per_s: float | None = Field(None, gt=0)
+    """Files API: how fast uploads come in, in MB/s, as over a real link (none: as fast as
+    the machine takes them)."""
 
 
 class QuotaConfig(_Strict):

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import anyio
 import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -69,8 +70,9 @@ class StoredFile:
 
 
 class FileStore:
-    def __init__(self, max_file_bytes: int) -> None:
+    def __init__(self, max_file_bytes: int, upload_mb_per_s: float | None = None) -> None:
         self.max_file_bytes = max_file_bytes
+        self.upload_mb_per_s = upload_mb_per_s
         self.files: dict[str, StoredFile] = {}
         self._uploads: dict[str, StoredFile] = {}  # upload id -> file being uploaded
         self._lock = threading.Lock()
@@ -120,6 +122,8 @@ class FileStore:
         if stored is None:
             raise not_found(f"Upload {upload_id}")
         body = await request.body()
+        if self.upload_mb_per_s:  # the time these bytes take on a link that fast
+            await anyio.sleep(len(body) / (self.upload_mb_per_s * 1e6))
         offset = request.headers.get("x-goog-upload-offset")
         if offset is None or not offset.isdigit() or int(offset) != len(stored.data):
             raise invalid(f"X-Goog-Upload-Offset {offset!r} does not match the "

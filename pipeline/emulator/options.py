@@ -41,6 +41,8 @@ class EmulatorOptions:
     batch_error_rate: float = 0.0  # requests answered with a transient per-request error
     max_batch_inline_bytes: int = 20_000_000
     max_file_bytes: int = 2_000_000_000
+    # Files API: how fast an upload's bytes come in (none: as fast as the machine takes them)
+    upload_mb_per_s: float | None = None
 
 
 @dataclass
