@@ -2,7 +2,8 @@
 under a per-minute quota, then a batch run killed with SIGKILL between submit and collect.
 
     python bench/batchmode.py [--n 20000] [--rpm 3000] [--window-s 15] [--json]
-    python bench/batchmode.py --n 1000000 [--dims 768] [--json]     # the throughput variant
+    python bench/batchmode.py --n 1000000 [--dims 768] [--upload-mb-per-s R] [--json]
+                                                                    # the throughput variant
 
 Each run is a whole `embedpipe run` process. `interactive_quota_calls` is how many calls the
 batch-mode run made against the interactive (per-minute quota) endpoint; `resumed_paid_twice`
@@ -13,7 +14,10 @@ take hours under the quota) is one batch-mode run of N texts against an emulator
 finish at once: how many items a second its Batch API path prepares (requests into each job's
 JSONL input), submits (upload and create) and collects (results read, rows handed to the
 writer), from the run's own report; the items a minute prepared and collected together; the
-run's peak RSS (its own, by ``wait4``); and whether every item is in the table once.
+run's peak RSS (its own, by ``wait4``); and whether every item is in the table once. With
+``--upload-mb-per-s`` the emulator takes uploads in at that pace, as over a real link: the report
+says how much of the uploads' time the routing waited for (a job is uploaded while the next one is
+filled; before that, it waited for all of it).
 """
 
 from __future__ import annotations
@@ -65,14 +69,15 @@ def _dup_lost(ids: list[str], expected: set[str]) -> tuple[int, int]:
     return len(ids) - len(set(ids)), len(expected - set(ids))
 
 
-def throughput(n: int, dims: int) -> dict[str, Any]:
+def throughput(n: int, dims: int, upload_mb_per_s: float | None = None) -> dict[str, Any]:
     """One batch-mode run of ``n`` texts, jobs finished at once: its Batch API path's rates."""
     folder = workdir()
     try:
         made = time.perf_counter()
         make_text_corpus(folder / "src", n)
         made_s = time.perf_counter() - made
-        with emulator_process("--batch-delay-s", "0") as base:
+        link = ["--upload-mb-per-s", str(upload_mb_per_s)] if upload_mb_per_s else []
+        with emulator_process("--batch-delay-s", "0", *link) as base:
             (folder / "job").mkdir()
             job = write_job(folder / "job", folder / "src", {
                 "provider": "gemini", "api_key": "k", "base_url": base,
@@ -94,7 +99,8 @@ def throughput(n: int, dims: int) -> dict[str, Any]:
         "items_batch": items, "batch_jobs": report["batch_jobs"],
         "rows": len(ids), "duplicates": len(ids) - len(set(ids)), "lost": n - len(set(ids)),
         "prepare_s": round(prepare, 2), "upload_s": round(upload, 2),
-        "collect_s": round(collect, 2),
+        "collect_s": round(collect, 2), "upload_mb_per_s": upload_mb_per_s,
+        "upload_waited_s": round(report["batch_upload_wait_s"], 2),
         "prepare_items_per_s": round(items / prepare) if prepare else None,
         "upload_items_per_s": round(items / upload) if upload else None,
         "collect_items_per_s": round(items / collect) if collect else None,
@@ -111,6 +117,9 @@ def print_throughput(f: dict[str, Any]) -> None:
     print(f"{'':12}{'seconds':>10}{'items/s':>12}")
     for phase in ("prepare", "upload", "collect"):
         print(f"{phase:12}{f[phase + '_s']:>10}{f[phase + '_items_per_s']:>12,}")
+    link = f"{f['upload_mb_per_s']} MB/s" if f["upload_mb_per_s"] else "no limit"
+    print(f"uploads ({link}): {f['upload_s']} s, of which the routing waited {f['upload_waited_s']} "
+          "s (it waited for all of it when it submitted jobs itself)")
     print(f"prepared and collected: {f['prepared_and_collected_per_min']:,} items a minute "
           f"(target 1,000,000); peak RSS {f['peak_rss_mb']} MB (target 1,024)")
     print(f"the whole run (list, validate, batch, write): {f['run_wall_s']} s, "
@@ -128,10 +137,12 @@ def main() -> int:
     parser.add_argument("--throughput", action="store_true",
                         help="only the batch run's rates (implied for --n over 100,000)")
     parser.add_argument("--dims", type=int, default=768, help="of the throughput variant")
+    parser.add_argument("--upload-mb-per-s", type=float, default=None,
+                        help="of the throughput variant: the emulator's upload link")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.throughput or args.n > 100_000:
-        figures = throughput(args.n, args.dims)
+        figures = throughput(args.n, args.dims, args.upload_mb_per_s)
         print_throughput(figures)
         if args.json:
             print(json.dumps(figures))

@@ -58,6 +58,8 @@ class RunStats:
     batch_prepare_s: float = 0.0
     batch_upload_s: float = 0.0
     batch_collect_s: float = 0.0
+    # of batch_upload_s, what routing waited for (a job is uploaded while the next is filled)
+    batch_upload_wait_s: float = 0.0
     tokens_batch_by_modality: Counter[str] = field(default_factory=Counter)
     tokens_by_modality: Counter[str] = field(default_factory=Counter)
     tokens_reused_by_modality: Counter[str] = field(default_factory=Counter)  # not paid

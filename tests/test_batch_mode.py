@@ -114,6 +114,25 @@ def test_a_backfill_holds_no_more_than_max_held_bytes_while_jobs_run(
     assert len(ids) == len(set(ids)) == 300
 
 
+
+def test_a_job_is_filled_while_the_one_before_it_is_uploaded(tmp_path: Path):
+    """Over a slow link (the emulator takes uploads in at 0.5 MB/s), each job's input is on
+    the wire while the routing fills the next: the routing waits only when the next job is
+    full before the last one is submitted, never for a whole upload of its own, and every item
+    is written once."""
+    src = tmp_path / "src"
+    make_text_corpus(src, 300)
+    with Emulator(EmulatorOptions(batch_delay_s=0.05, upload_mb_per_s=0.5)) as emu:
+        result = run_job(load_job(write_job(tmp_path, src, embed=_embed(
+            emu, batch={**FAST_POLL, "max_requests": 50, "max_inline_bytes": 1024}))))
+        assert all(j.input_file is not None for j in emu.state.batches.jobs.values())
+    stats = result.stats
+    assert result.exit_code == EXIT_OK and stats.items_batch == 300 and stats.batch_jobs == 6
+    # a hand-over waits at most for the upload before it, and the last upload for none
+    assert 0 < stats.batch_upload_wait_s < stats.batch_upload_s
+    ids = _ids(tmp_path)
+    assert len(ids) == len(set(ids)) == 300
+
 def test_a_backfill_deletes_a_jobs_files_from_the_service_once_its_rows_are_committed(
         tmp_path: Path):
     """Google keeps a project's files (20 GB at most) for 48 h: a backfill that left each job's

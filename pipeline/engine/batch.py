@@ -104,18 +104,21 @@ class BatchRouter:
 
         self._send = send
         async with items, pack, out:
-            async for chunk in items:
-                rest = [i for i in chunk if not self._await(i)]
-                del chunk
-                await self._route(rest, pack)
-                del rest  # not held while the next chunk is awaited (the payload budget)
-                await self._hand_over_whole()
-            if self.mode == "auto":  # the run stayed small: interactive it is
-                self._decide("interactive", f"embed.mode is auto and the run had no more than "
-                                            f"{self.min_items:,} items (embed.batch_min_items)")
-                await self._held.release(self._send_decided, pack, self.driver.outcome)
-            if (draft := self.driver.batching.take()) is not None:
-                await self.driver.submit(draft)
+            # a job is uploaded while the next is filled; all are submitted on leaving
+            async with self.driver.uploads.running():
+                async for chunk in items:
+                    rest = [i for i in chunk if not self._await(i)]
+                    del chunk
+                    await self._route(rest, pack)
+                    del rest  # not held while the next chunk is awaited (the payload budget)
+                    await self._hand_over_whole()
+                if self.mode == "auto":  # the run stayed small: interactive it is
+                    self._decide("interactive", f"embed.mode is auto and the run had no more "
+                                                f"than {self.min_items:,} items "
+                                                "(embed.batch_min_items)")
+                    await self._held.release(self._send_decided, pack, self.driver.outcome)
+                if (draft := self.driver.batching.take()) is not None:
+                    await self.driver.submit(draft)
             for job in list(self._adopted):  # those some of whose items did not come
                 self._hand_over(job)
             for (display_name, name), count in self._expected.items():

@@ -31,6 +31,7 @@ import anyio
 
 from pipeline.config import BatchSettings
 from pipeline.engine.batch_files import ServiceFiles
+from pipeline.engine.batch_uploads import Uploader
 from pipeline.errors import EmbedError, TransientEmbedError
 from pipeline.gemini.batches import BatchApi, BatchJob, BatchResult
 from pipeline.memory import in_thread
@@ -72,8 +73,19 @@ class BatchDriver:
         self._look_at: float | None = None
         self._look_delay = settings.poll_initial_s
         self.files = ServiceFiles(api, batch_log, stats)  # of jobs closed: deleted
+        # jobs are submitted by a task of their own while BatchRouter.run routes items
+        self.uploads = Uploader(self._submit_timed)
 
     async def submit(self, draft: JobDraft) -> None:
+        """Submit ``draft``: handed to the uploading task while :meth:`Uploader.running`
+        (waiting only while the job before it is on the wire), else here."""
+        started = time.perf_counter()
+        try:
+            await self.uploads.hand(draft)
+        finally:
+            self.stats.batch_upload_wait_s += time.perf_counter() - started
+
+    async def _submit_timed(self, draft: JobDraft) -> None:
         started = time.perf_counter()
         try:
             await self._submit(draft)
@@ -120,8 +132,9 @@ class BatchDriver:
 
     @property
     def held_bytes(self) -> int:
-        """What the open jobs' items hold in memory (about)."""
-        return sum(job.held_bytes for job in self.open)
+        """What the items of the open jobs, and of those being submitted, hold in memory
+        (about)."""
+        return sum(job.held_bytes for job in self.open) + self.uploads.held_bytes
 
     async def make_room(self, send: Callable[[JobOutcome], Awaitable[None]]) -> None:
         """While the open jobs' items hold more than ``max_held_bytes``: wait for jobs to
@@ -136,7 +149,10 @@ class BatchDriver:
                      "MB): waiting for jobs to finish before filling more", len(self.open),
                      self.held_bytes // 1_000_000, limit // 1_000_000)
         delay = self.settings.poll_initial_s
-        while self.open and self.held_bytes > limit:
+        while (self.open or self.uploads.busy) and self.held_bytes > limit:
+            if not self.open:  # what holds them is on the wire: open once submitted
+                await self.uploads.submitted()
+                continue
             await self.collect(send, wait=False)
             await self.files.release()
             if self.held_bytes > limit:
