@@ -114,7 +114,6 @@ def test_a_backfill_holds_no_more_than_max_held_bytes_while_jobs_run(
     assert len(ids) == len(set(ids)) == 300
 
 
-
 def test_a_job_is_filled_while_the_one_before_it_is_uploaded(tmp_path: Path):
     """Over a slow link (the emulator takes uploads in at 0.5 MB/s), each job's input is on
     the wire while the routing fills the next: the routing waits only when the next job is
@@ -132,6 +131,7 @@ def test_a_job_is_filled_while_the_one_before_it_is_uploaded(tmp_path: Path):
     assert 0 < stats.batch_upload_wait_s < stats.batch_upload_s
     ids = _ids(tmp_path)
     assert len(ids) == len(set(ids)) == 300
+
 
 def test_a_backfill_deletes_a_jobs_files_from_the_service_once_its_rows_are_committed(
         tmp_path: Path):

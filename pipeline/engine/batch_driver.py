@@ -137,16 +137,18 @@ class BatchDriver:
         return sum(job.held_bytes for job in self.open) + self.uploads.held_bytes
 
     async def make_room(self, send: Callable[[JobOutcome], Awaitable[None]]) -> None:
-        """While the open jobs' items hold more than ``max_held_bytes``: wait for jobs to
-        finish, collecting them (polled with collect's backoff), before another is filled. A
-        backfill's memory stays bounded however long the Batch API takes."""
+        """While the items of the open jobs (and of those being submitted) hold more than
+        ``max_held_bytes``: wait for jobs to finish, collecting them (polled with collect's
+        backoff), before another is filled. A backfill's memory stays bounded however long the
+        Batch API takes."""
         limit = self.settings.max_held_bytes
         if self.held_bytes <= limit:
             return
         if not self._waited:
             self._waited = True
             log.info("the items of %d open jobs hold ~%d MB (embed.batch.max_held_bytes: %d "
-                     "MB): waiting for jobs to finish before filling more", len(self.open),
+                     "MB): waiting for jobs to finish before filling more",
+                     len(self.open) + self.uploads.busy,
                      self.held_bytes // 1_000_000, limit // 1_000_000)
         delay = self.settings.poll_initial_s
         while (self.open or self.uploads.busy) and self.held_bytes > limit:
