@@ -11,6 +11,7 @@ import numpy as np
 import orjson
 import pytest
 
+from pipeline.emulator import files as emulator_files
 from pipeline.emulator.files import StoredFile
 from pipeline.emulator.server import Emulator, EmulatorOptions
 from pipeline.errors import AccessError, TerminalEmbedError
@@ -45,13 +46,18 @@ def _request(text: str) -> EmbedRequest:
     return EmbedRequest((Part(text=text),), task_type="RETRIEVAL_DOCUMENT")
 
 
+async def _file_job(api: BatchApi, display_name: str, texts: list[str] = TEXTS) -> BatchJob:
+    """A file job of ``texts`` (keys ``id-{i}``), submitted and waited for."""
+    lines = JobInput()
+    for i, t in enumerate(texts):
+        lines.add(*api.entry(f"id-{i}", _request(t)))
+    name = await api.upload(lines, display_name=display_name)
+    return await _wait(api, await api.create(display_name=display_name, file_name=name))
+
+
 def test_a_file_job_returns_every_vector_by_key_as_embedcontent_would():
     async def flow(api: BatchApi, client: GeminiClient) -> dict[str, Any]:
-        lines = JobInput()
-        for i, t in enumerate(TEXTS):
-            lines.add(*api.entry(f"id-{i}", _request(t)))
-        name = await api.upload(lines, display_name="run-1-0")
-        job = await _wait(api, await api.create(display_name="run-1-0", file_name=name))
+        job = await _file_job(api, "run-1-0")
         results = {key: r async for key, r in api.results(job)}
         direct = await client.embed(_request(TEXTS[7]))
         return {"job": job, "results": results, "direct": direct.vectors[0]}
@@ -95,6 +101,26 @@ def test_a_job_input_spooled_to_disk_is_uploaded_a_chunk_at_a_time(
     for key, result in results.items():
         assert result.values is not None and result.values.dtype == np.float32
         assert np.array_equal(result.values, slow[key].values)
+
+
+def test_the_emulator_sends_a_download_at_a_links_pace(monkeypatch: pytest.MonkeyPatch):
+    """``download_mb_per_s``: a job's responses file comes in, a chunk at a time, no faster
+    than the link allows, and whole (every result)."""
+    monkeypatch.setattr(emulator_files, "DOWNLOAD_CHUNK", 16_384)
+
+    async def flow(api: BatchApi, client: GeminiClient) -> dict[str, Any]:
+        job = await _file_job(api, "slow-down")
+        started = anyio.current_time()
+        results = {key: r async for key, r in api.results(job)}
+        return {"results": results, "took": anyio.current_time() - started,
+                "file": job.responses_file}
+
+    with Emulator(EmulatorOptions(batch_delay_s=0.1, download_mb_per_s=0.4)) as emu:
+        out = _with_api(emu, flow)
+        size = len(emu.state.files.get(out["file"]).data)
+    assert size > 10 * 16_384  # 250 vectors of 128 dimensions
+    assert out["took"] >= size / 0.4e6 * 0.99
+    assert sorted(out["results"]) == sorted(f"id-{i}" for i in range(250))
 
 
 def test_inline_jobs_carry_their_keys_in_metadata_and_failures_come_back_per_request():
@@ -155,11 +181,7 @@ def test_a_wrong_key_and_an_oversized_file_are_refused():
 async def _three_text_job(api: BatchApi, emu: Emulator) -> tuple[BatchJob, StoredFile]:
     """A finished file job of three texts (keys id-0..id-2), and its responses file as the
     emulator stores it (to be corrupted)."""
-    lines = JobInput()
-    for i, t in enumerate(TEXTS[:3]):
-        lines.add(*api.entry(f"id-{i}", _request(t)))
-    job = await _wait(api, await api.create(
-        display_name="x", file_name=await api.upload(lines, display_name="x")))
+    job = await _file_job(api, "x", TEXTS[:3])
     assert job.responses_file is not None
     return job, emu.state.files.files[job.responses_file]
 

@@ -44,6 +44,8 @@ def arguments(emu: argparse.ArgumentParser) -> None:
                      help="Batch API: share of requests answered with a transient error")
     emu.add_argument("--upload-mb-per-s", type=float, default=None, metavar="MB_S",
                      help="Files API: how fast uploads come in (default: as fast as they can)")
+    emu.add_argument("--download-mb-per-s", type=float, default=None, metavar="MB_S",
+                     help="Files API: how fast downloads go out (default: as fast as they can)")
     gw = emu.add_argument_group(
         "playing a gateway", "serve as an OpenAI-style gateway (new-api / one-api) in front of "
         "the emulator: only embedContent and batchEmbedContents are routed, errors come in "
@@ -74,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
         error_503=args.error_503, reset=args.reset, stall=args.stall, stall_s=args.stall_s,
         truncate=args.truncate, seed=args.seed, batch_delay_s=args.batch_delay_s,
         batch_outcome=args.batch_outcome, batch_error_rate=args.batch_error_rate,
-        upload_mb_per_s=args.upload_mb_per_s)
+        upload_mb_per_s=args.upload_mb_per_s, download_mb_per_s=args.download_mb_per_s)
     gateway = None
     if args.gateway:
         from pipeline.emulator.gateway import GatewayOptions

@@ -74,6 +74,9 @@ class EmulatorSettings(_Strict):
     upload_mb_per_s: float | None = Field(None, gt=0)
     """Files API: how fast uploads come in, in MB/s, as over a real link (none: as fast as
     the machine takes them)."""
+    download_mb_per_s: float | None = Field(None, gt=0)
+    """Files API: how fast downloads (a Batch API job's results) go out, in MB/s, as over a
+    real link (none: as fast as the machine sends them)."""
 
 
 class QuotaConfig(_Strict):

@@ -21,17 +21,19 @@ import hashlib
 import secrets
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
 import orjson
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from pipeline.emulator.checks import ApiFault, invalid
 
 T = TypeVar("T")
+DOWNLOAD_CHUNK = 1 << 20  # what a paced download sends at a time
 
 
 def rfc3339(ts: float) -> str:
@@ -70,9 +72,11 @@ class StoredFile:
 
 
 class FileStore:
-    def __init__(self, max_file_bytes: int, upload_mb_per_s: float | None = None) -> None:
+    def __init__(self, max_file_bytes: int, upload_mb_per_s: float | None = None,
+                 download_mb_per_s: float | None = None) -> None:
         self.max_file_bytes = max_file_bytes
         self.upload_mb_per_s = upload_mb_per_s
+        self.download_mb_per_s = download_mb_per_s
         self.files: dict[str, StoredFile] = {}
         self._uploads: dict[str, StoredFile] = {}  # upload id -> file being uploaded
         self._lock = threading.Lock()
@@ -175,6 +179,10 @@ class FileStore:
         file_id, _, method = target.partition(":")
         stored = self.get(f"files/{file_id}")
         if method == "download":
+            if self.download_mb_per_s:
+                return StreamingResponse(self._paced(bytes(stored.data), self.download_mb_per_s),
+                                         media_type=stored.mime_type,
+                                         headers={"content-length": str(len(stored.data))})
             return Response(bytes(stored.data), media_type=stored.mime_type)
         if method:
             raise not_found(f"Method {method}")
@@ -184,6 +192,15 @@ class FileStore:
                     self.stored_bytes -= len(stored.data)
             return JSONResponse({})
         return JSONResponse(stored.resource(_base(request)))
+
+    @staticmethod
+    async def _paced(data: bytes, mb_per_s: float) -> AsyncIterator[bytes]:
+        """``data`` a chunk at a time, each after the time it takes on a link that fast."""
+        view = memoryview(data)
+        for start in range(0, len(data), DOWNLOAD_CHUNK):
+            chunk = view[start:start + DOWNLOAD_CHUNK]
+            await anyio.sleep(len(chunk) / (mb_per_s * 1e6))
+            yield bytes(chunk)
 
     async def list(self, request: Request) -> Response:
         with self._lock:

@@ -43,6 +43,8 @@ class EmulatorOptions:
     max_file_bytes: int = 2_000_000_000
     # Files API: how fast an upload's bytes come in (none: as fast as the machine takes them)
     upload_mb_per_s: float | None = None
+    # ... and how fast a download's bytes go out (none: as fast as the machine sends them)
+    download_mb_per_s: float | None = None
 
 
 @dataclass

@@ -73,7 +73,8 @@ class EmulatorApp:
         self._lock = threading.Lock()
         self.faults = Faults(self.options, self.stats, self._lock)
         self.quotas = Quotas(self.options, self.stats, self._lock)
-        self.files = FileStore(self.options.max_file_bytes, self.options.upload_mb_per_s)
+        self.files = FileStore(self.options.max_file_bytes, self.options.upload_mb_per_s,
+                               self.options.download_mb_per_s)
         self.batches = BatchJobs(self.options, self.files, self.stats, self._lock)
         api = self._api
         self.app = Starlette(routes=[
