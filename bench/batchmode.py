@@ -2,7 +2,8 @@
 under a per-minute quota, then a batch run killed with SIGKILL between submit and collect.
 
     python bench/batchmode.py [--n 20000] [--rpm 3000] [--window-s 15] [--json]
-    python bench/batchmode.py --n 1000000 [--dims 768] [--upload-mb-per-s R] [--json]
+    python bench/batchmode.py --n 1000000 [--dims 768] [--upload-mb-per-s R]
+                              [--download-mb-per-s R] [--json]
                                                                     # the throughput variant
 
 Each run is a whole `embedpipe run` process. `interactive_quota_calls` is how many calls the
@@ -17,7 +18,9 @@ writer), from the run's own report; the items a minute prepared and collected to
 run's peak RSS (its own, by ``wait4``); and whether every item is in the table once. With
 ``--upload-mb-per-s`` the emulator takes uploads in at that pace, as over a real link: the report
 says how much of the uploads' time the routing waited for (a job is uploaded while the next one is
-filled; before that, it waited for all of it).
+filled; before that, it waited for all of it). With ``--download-mb-per-s`` it sends the results
+files at that pace: finished jobs are collected by a task of their own while the next ones are
+filled (before that, the routing collected them itself, and nothing was filled meanwhile).
 """
 
 from __future__ import annotations
@@ -69,7 +72,8 @@ def _dup_lost(ids: list[str], expected: set[str]) -> tuple[int, int]:
     return len(ids) - len(set(ids)), len(expected - set(ids))
 
 
-def throughput(n: int, dims: int, upload_mb_per_s: float | None = None) -> dict[str, Any]:
+def throughput(n: int, dims: int, upload_mb_per_s: float | None = None,
+               download_mb_per_s: float | None = None) -> dict[str, Any]:
     """One batch-mode run of ``n`` texts, jobs finished at once: its Batch API path's rates."""
     folder = workdir()
     try:
@@ -77,6 +81,7 @@ def throughput(n: int, dims: int, upload_mb_per_s: float | None = None) -> dict[
         make_text_corpus(folder / "src", n)
         made_s = time.perf_counter() - made
         link = ["--upload-mb-per-s", str(upload_mb_per_s)] if upload_mb_per_s else []
+        link += ["--download-mb-per-s", str(download_mb_per_s)] if download_mb_per_s else []
         with emulator_process("--batch-delay-s", "0", *link) as base:
             (folder / "job").mkdir()
             job = write_job(folder / "job", folder / "src", {
@@ -100,6 +105,7 @@ def throughput(n: int, dims: int, upload_mb_per_s: float | None = None) -> dict[
         "rows": len(ids), "duplicates": len(ids) - len(set(ids)), "lost": n - len(set(ids)),
         "prepare_s": round(prepare, 2), "upload_s": round(upload, 2),
         "collect_s": round(collect, 2), "upload_mb_per_s": upload_mb_per_s,
+        "download_mb_per_s": download_mb_per_s,
         "upload_waited_s": round(report["batch_upload_wait_s"], 2),
         "prepare_items_per_s": round(items / prepare) if prepare else None,
         "upload_items_per_s": round(items / upload) if upload else None,
@@ -120,6 +126,8 @@ def print_throughput(f: dict[str, Any]) -> None:
     link = f"{f['upload_mb_per_s']} MB/s" if f["upload_mb_per_s"] else "no limit"
     print(f"uploads ({link}): {f['upload_s']} s, of which the routing waited {f['upload_waited_s']} "
           "s (it waited for all of it when it submitted jobs itself)")
+    if f["download_mb_per_s"]:
+        print(f"downloads at {f['download_mb_per_s']} MB/s: collecting took {f['collect_s']} s")
     print(f"prepared and collected: {f['prepared_and_collected_per_min']:,} items a minute "
           f"(target 1,000,000); peak RSS {f['peak_rss_mb']} MB (target 1,024)")
     print(f"the whole run (list, validate, batch, write): {f['run_wall_s']} s, "
@@ -139,10 +147,12 @@ def main() -> int:
     parser.add_argument("--dims", type=int, default=768, help="of the throughput variant")
     parser.add_argument("--upload-mb-per-s", type=float, default=None,
                         help="of the throughput variant: the emulator's upload link")
+    parser.add_argument("--download-mb-per-s", type=float, default=None,
+                        help="of the throughput variant: the emulator's download link")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.throughput or args.n > 100_000:
-        figures = throughput(args.n, args.dims, args.upload_mb_per_s)
+        figures = throughput(args.n, args.dims, args.upload_mb_per_s, args.download_mb_per_s)
         print_throughput(figures)
         if args.json:
             print(json.dumps(figures))

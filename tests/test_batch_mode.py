@@ -8,9 +8,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import lancedb
 import pytest
 
@@ -19,6 +21,7 @@ from pipeline.config import JobConfig, load_job
 from pipeline.emulator.checks import ApiFault
 from pipeline.emulator.files import FileStore
 from pipeline.emulator.server import Emulator, EmulatorOptions
+from pipeline.gemini.batches import BatchApi
 from pipeline.outcome import EXIT_FAILED, EXIT_OK, EXIT_PENDING
 from pipeline.run import run_job
 from pipeline.state.batches import BatchLog
@@ -129,6 +132,43 @@ def test_a_job_is_filled_while_the_one_before_it_is_uploaded(tmp_path: Path):
     assert result.exit_code == EXIT_OK and stats.items_batch == 300 and stats.batch_jobs == 6
     # a hand-over waits at most for the upload before it, and the last upload for none
     assert 0 < stats.batch_upload_wait_s < stats.batch_upload_s
+    ids = _ids(tmp_path)
+    assert len(ids) == len(set(ids)) == 300
+
+
+def test_jobs_are_filled_and_submitted_while_a_finished_one_is_collected(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A finished job's results are downloaded by a task of their own: the routing goes on
+    filling and submitting jobs meanwhile. Here the first download does not begin until all 6
+    jobs of the run are created; were the routing collecting itself, it would stop at that
+    download, the other jobs would never be filled, and the run would fail. Every item is
+    written once."""
+    src = tmp_path / "src"
+    make_text_corpus(src, 300)
+    created: list[str] = []
+    create, results = BatchApi.create, BatchApi.results
+
+    async def counted(self: BatchApi, **kwargs: Any) -> Any:
+        job = await create(self, **kwargs)
+        created.append(job.name)
+        return job
+
+    async def after_every_job(self: BatchApi, job: Any) -> AsyncIterator[Any]:
+        with anyio.fail_after(60):  # no job filled while a download waits: fail, not hang
+            while len(created) < 6:
+                await anyio.sleep(0.01)
+        async for result in results(self, job):
+            yield result
+
+    monkeypatch.setattr(BatchApi, "create", counted)
+    monkeypatch.setattr(BatchApi, "results", after_every_job)
+    with Emulator(EmulatorOptions(batch_delay_s=0)) as emu:
+        result = run_job(load_job(write_job(tmp_path, src, embed=_embed(
+            emu, batch={"poll_initial_s": 0.01, "poll_max_s": 0.05, "max_requests": 50,
+                        "max_inline_bytes": 1024}))))
+    stats = result.stats
+    assert result.exit_code == EXIT_OK, result.problems
+    assert len(created) == stats.batch_jobs == 6 and stats.items_batch == 300
     ids = _ids(tmp_path)
     assert len(ids) == len(set(ids)) == 300
 

@@ -6,6 +6,7 @@ for a run, with earlier runs' open jobs. Submitting, polling and collecting jobs
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import Counter
@@ -72,7 +73,6 @@ class BatchRouter:
         self._keys: dict[str, str] = {}  # content keys of the adopted items
         # auto mode's items, held until the run is known to be large or not
         self._held = AutoHold(budget, refetched)
-        self._send: Callable[[JobOutcome], Awaitable[None]] | None = None
 
     async def run(self, items: anyio.abc.ObjectReceiveStream[list[Item]],
                   pack: anyio.abc.ObjectSendStream[list[Item]],
@@ -102,10 +102,11 @@ class BatchRouter:
                     f"{len(lost)} items failed in a Batch API job and their files could not be "
                     "read again as they were (changed or gone): the next run embeds them")
 
-        self._send = send
         async with items, pack, out:
-            # a job is uploaded while the next is filled; all are submitted on leaving
-            async with self.driver.uploads.running():
+            # A job is uploaded, and those finished are collected, while the next is filled.
+            # On leaving, all are submitted; the collector's look under way has ended.
+            async with self.driver.collector.running(functools.partial(self.driver.look, send)
+                                                     ), self.driver.uploads.running():
                 async for chunk in items:
                     rest = [i for i in chunk if not self._await(i)]
                     del chunk
@@ -174,9 +175,7 @@ class BatchRouter:
         whole, self._whole = self._whole, []
         for job in whole:
             self._hand_over(job)
-        if self._send is not None:
-            await self.driver.look(self._send)
-            await self.driver.make_room(self._send)
+        await self.driver.make_room()
 
     async def _route(self, chunk: list[Item], pack: anyio.abc.ObjectSendStream[list[Item]]
                      ) -> None:
@@ -212,13 +211,9 @@ class BatchRouter:
             elif (draft := batching.add(item)) is not None:
                 stats.batch_prepare_s += time.perf_counter() - started
                 await self.driver.submit(draft)
-                if self._send is not None:
-                    await self.driver.look(self._send)
-                    await self.driver.make_room(self._send)
+                await self.driver.make_room()
                 started = time.perf_counter()
         stats.batch_prepare_s += time.perf_counter() - started
-        if self._send is not None:
-            await self.driver.look(self._send)
         if direct:
             self.driver.stats.items_fallback += len(direct)
             await pack.send(direct)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import anyio
 
 from pipeline.config import BatchSettings
+from pipeline.engine.batch_collect import Collector
 from pipeline.engine.batch_files import ServiceFiles
 from pipeline.engine.batch_uploads import Uploader
 from pipeline.errors import EmbedError, TransientEmbedError
@@ -68,13 +69,12 @@ class BatchDriver:
         self.run_id = run_id
         self.open: list[_Open] = []
         self._waited = False  # whether the run has waited for room yet (said once)
-        # jobs finished while others are still being filled are collected meanwhile, so their
-        # items are not held until the last job is submitted; looked at with collect's backoff
-        self._look_at: float | None = None
-        self._look_delay = settings.poll_initial_s
         self.files = ServiceFiles(api, batch_log, stats)  # of jobs closed: deleted
-        # jobs are submitted by a task of their own while BatchRouter.run routes items
+        # While BatchRouter.run routes items, jobs are submitted by a task of their own, and
+        # those finished are collected by another (their items are not held until the last
+        # job is submitted).
         self.uploads = Uploader(self._submit_timed)
+        self.collector = Collector(settings.poll_initial_s, settings.poll_max_s)
 
     async def submit(self, draft: JobDraft) -> None:
         """Submit ``draft``: handed to the uploading task while :meth:`Uploader.running`
@@ -92,14 +92,11 @@ class BatchDriver:
         finally:
             self.stats.batch_upload_s += time.perf_counter() - started
 
-    async def look(self, send: Callable[[JobOutcome], Awaitable[None]]) -> None:
-        """While jobs are still being submitted: collect those finished, if it is time."""
-        if not self.open or self._look_at is None or anyio.current_time() < self._look_at:
-            return
+    async def look(self, send: Callable[[JobOutcome], Awaitable[None]]) -> bool:
+        """One look of the collector's: collect the jobs finished; whether any is still open."""
         await self.collect(send, wait=False)
         await self.files.release()
-        self._look_delay = min(self._look_delay * 1.5, self.settings.poll_max_s)
-        self._look_at = anyio.current_time() + self._look_delay
+        return bool(self.open)
 
     async def _submit(self, draft: JobDraft) -> None:
         await in_thread(self.log.submitting, draft.display_name, self.run_id,
@@ -126,8 +123,7 @@ class BatchDriver:
         self.stats.items_batch_submitted += len(draft.items)
         self.open.append(_Open(draft.display_name, job.name, draft.items, draft.keys,
                                draft.held_bytes))
-        if self._look_at is None:
-            self._look_at = anyio.current_time() + self._look_delay
+        self.collector.look_soon()
         log.info("submitted %s (%s): %d items", job.name, draft.display_name, len(draft.items))
 
     @property
@@ -136,11 +132,11 @@ class BatchDriver:
         (about)."""
         return sum(job.held_bytes for job in self.open) + self.uploads.held_bytes
 
-    async def make_room(self, send: Callable[[JobOutcome], Awaitable[None]]) -> None:
+    async def make_room(self) -> None:
         """While the items of the open jobs (and of those being submitted) hold more than
-        ``max_held_bytes``: wait for jobs to finish, collecting them (polled with collect's
-        backoff), before another is filled. A backfill's memory stays bounded however long the
-        Batch API takes."""
+        ``max_held_bytes``: wait for the collector (running) to collect jobs finished, before
+        another is filled. A backfill's memory stays bounded however long the Batch API
+        takes."""
         limit = self.settings.max_held_bytes
         if self.held_bytes <= limit:
             return
@@ -150,24 +146,18 @@ class BatchDriver:
                      "MB): waiting for jobs to finish before filling more",
                      len(self.open) + self.uploads.busy,
                      self.held_bytes // 1_000_000, limit // 1_000_000)
-        delay = self.settings.poll_initial_s
+        if not self.collector.active:
+            raise RuntimeError("make_room waits for the collector: run it within "
+                               "BatchDriver.collector.running")
         while (self.open or self.uploads.busy) and self.held_bytes > limit:
-            if not self.open:  # what holds them is on the wire: open once submitted
-                await self.uploads.submitted()
-                continue
-            await self.collect(send, wait=False)
-            await self.files.release()
-            if self.held_bytes > limit:
-                await anyio.sleep(delay)
-                delay = min(delay * 1.5, self.settings.poll_max_s)
+            await self.collector.looked()  # a job on the wire is looked at once submitted
 
     def adopt(self, display_name: str, name: str, items: dict[str, Item],
               keys: dict[str, str], held_bytes: int = 0) -> None:
         """Take over an earlier run's job, with the items validated for it."""
         self.stats.items_batch_awaited += len(items)
         self.open.append(_Open(display_name, name, items, keys, held_bytes))
-        if self._look_at is None:
-            self._look_at = anyio.current_time()
+        self.collector.look_soon(0)  # it may have finished long ago
 
     async def supersede(self, display_name: str, name: str, items: int) -> None:
         """A job none of whose results this run wants (its files changed or went, or the
