@@ -122,7 +122,8 @@ class BatchSettings(_Strict):
     the run waits for a job to finish before it fills the next, so a backfill's memory stays
     bounded however long the Batch API takes; more means more jobs in flight."""
     poll_initial_s: float = Field(5.0, gt=0)
-    """First wait between polls of a running job, in seconds (it doubles)."""
+    """First wait between polls of a running job, in seconds (each wait after it is half as
+    long again, up to poll_max_s)."""
     poll_max_s: float = Field(60.0, gt=0)
     """Longest wait between polls, in seconds."""
     fallback: Literal["interactive", "next_run"] = "interactive"
