@@ -12,8 +12,10 @@ batching stage's (:mod:`pipeline.stages.batching`); the exactly-once log is
 - :meth:`BatchDriver.collect` polls every open job, backing off from ``poll_initial_s`` to
   ``poll_max_s`` and riding out transient errors and 429s, and hands each finished job's rows
   to the writer. A job that ends FAILED, EXPIRED or CANCELLED leaves its items to the next run.
-  :meth:`BatchDriver.look` does the same while jobs are still being filled, so a job finished
-  early lets go of its items before the last one is submitted.
+  :meth:`BatchDriver.look` does the same once, for the collector
+  (:mod:`pipeline.engine.batch_collect`), which looks from a task of its own while jobs are
+  still being filled: a job finished early lets go of its items before the last one is
+  submitted, and the routing goes on while its results are downloaded.
 - :class:`pipeline.engine.batch_files.ServiceFiles` deletes the files of closed jobs from the
   service, as their rows are committed; the driver has it look after each poll.
 - :func:`open_jobs`: the items earlier runs' open jobs hold.
@@ -150,7 +152,7 @@ class BatchDriver:
             raise RuntimeError("make_room waits for the collector: run it within "
                                "BatchDriver.collector.running")
         while (self.open or self.uploads.busy) and self.held_bytes > limit:
-            await self.collector.looked()  # a job on the wire is looked at once submitted
+            await self.collector.looked()  # a job on the wire: looked at once it is open
 
     def adopt(self, display_name: str, name: str, items: dict[str, Item],
               keys: dict[str, str], held_bytes: int = 0) -> None:

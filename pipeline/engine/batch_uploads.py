@@ -31,7 +31,6 @@ class Uploader:
         self._drafts: ObjectSendStream[JobDraft] | None = None
         self.held_bytes = 0  # what the items of the jobs handed over and not submitted hold
         self.busy = 0  # jobs handed over and not submitted yet
-        self._done = anyio.Event()  # set when a submission ends; a fresh one for the next
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -66,11 +65,6 @@ class Uploader:
             draft.lines.close()
             raise
 
-    async def submitted(self) -> None:
-        """Return once a job being submitted has been (at once if none is)."""
-        if self.busy:
-            await self._done.wait()
-
     async def _upload(self, drafts: ObjectReceiveStream[JobDraft]) -> None:
         async for draft in drafts:
             try:
@@ -78,5 +72,3 @@ class Uploader:
             finally:
                 self.held_bytes -= draft.held_bytes
                 self.busy -= 1
-                self._done.set()
-                self._done = anyio.Event()
