@@ -164,8 +164,10 @@ class LocalConnector:
 
     def _path(self, obj: SourceObject) -> str:
         """Where the object is: its uri holds the name's raw bytes (its key may not)."""
-        if obj.uri.startswith("file://"):
-            return os.fsdecode(unquote_to_bytes(obj.uri.removeprefix("file://")))
+        uri = obj.uri
+        if uri.startswith("file://"):
+            # nothing escaped (most names): the rest of the uri is the path as it is
+            return uri[7:] if "%" not in uri else os.fsdecode(unquote_to_bytes(uri[7:]))
         return os.path.join(self._root, obj.key)
 
     @lru_cache(maxsize=64)  # noqa: B019 - one connector per run; a folder's names are reused

@@ -114,13 +114,13 @@ def text_tokens(text: str) -> int:
     Real tokenizers average about 4 characters per token for English; counting bytes makes
     non-Latin scripts cost more, as they do in practice.
     """
-    n = len(text.encode("utf-8"))
+    n = len(text) if text.isascii() else len(text.encode("utf-8"))  # isascii: a flag's read
     return max(1, -(-n // 4))
 
 
 def conservative_text_tokens(text: str) -> int:
     """An upper bound used to chunk text under a model's limit: one token per 3 UTF-8 bytes."""
-    n = len(text.encode("utf-8"))
+    n = len(text) if text.isascii() else len(text.encode("utf-8"))
     return max(1, -(-n // 3))
 
 

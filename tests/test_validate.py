@@ -260,6 +260,42 @@ def test_sniff_ignores_extensions():
     assert sniff(b"\x00\x01\x02binary", "x.txt") == "application/octet-stream"
 
 
+# One head for each signature sniff_bytes knows, as a file of that kind begins.
+SIGNATURES = [
+    b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", b"\xff\xd8\xff\xe0\x00\x10JFIF", b"GIF89a\x01\x00",
+    b"GIF87a\x01\x00", b"BM" + bytes(30), b"II*\x00\x08\x00", b"MM\x00*\x00\x08",
+    b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom", b"\x00\x00\x00\x20ftypheic",
+    b"\x00\x00\x00\x1cftypavif", b"\x00\x00\x00\x14ftypqt  ", b"\x00\x00\x00\x1cftypM4A ",
+    b"\x00\x00\x01\x00moov", b"\x00\x00\x00\x08mdat", b"\x00\x00\x00\x08wide",
+    b"\x00\x00\x00\x08free", b"\x00\x00\x00\x08skip", b"RIFF\x24\x00\x00\x00WAVEfmt ",
+    b"RIFF\x24\x00\x00\x00WEBPVP8 ", b"RIFF\x24\x00\x00\x00AVI LIST", b"RIFX\x00\x00\x00\x00WAVE",
+    b"FORM\x00\x00\x00\x00AIFF", b"FORM\x00\x00\x00\x00AIFC", b"OggS\x00\x02", b"fLaC\x00\x00",
+    b"\x1a\x45\xdf\xa3\x9fB\x86\x81\x01webm", b"\x1a\x45\xdf\xa3\x9fB\x86matroska", b"MThd\x00\x00",
+    bytes.fromhex("3026b2758e66cf11a6d900aa0062ce6c"), b"IMPMsong", b"wvpk\x00\x00",
+    b"PK\x03\x04\x14\x00", b"\x1f\x8b\x08\x00", b"7z\xbc\xaf\x27\x1c", b"Rar!\x1a\x07",
+    b"ID3\x04\x00", b"\xff\xfb\x90\x64", b"\xff\xf1\x50\x80", b"%PDF-1.7\n",
+    b"junk before the marker\n%PDF-1.4\n", b"hello world", b"# Notes\n\nsome text",
+]
+
+
+def test_the_sniffing_shortcut_agrees_with_every_signature(corpus: list[CorpusFile]):
+    """sniff_bytes lets a head through with two tests when its first byte begins no signature
+    and bytes 4-8 name no ISO box: it must say what trying every signature says, on every
+    corpus file, on every known signature, and on random heads of every first byte."""
+    from pipeline.validate.sniff import _signature, sniff_bytes
+    heads = [f.file.read_bytes()[:4096] for f in corpus if f.file.is_file()]
+    heads += SIGNATURES + [s[:n] for s in SIGNATURES for n in range(1, len(s))]
+    rng = __import__("random").Random(7)
+    heads += [bytes([first]) + rng.randbytes(rng.choice((3, 7, 15, 63)))
+              for first in range(256) for _ in range(40)]
+    heads += [rng.randbytes(4) + box + rng.randbytes(8) for box in
+              (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip") for _ in range(20)]
+    known = {_signature(h) for h in SIGNATURES}
+    assert len(known) >= 24  # the list above reaches the signatures it is meant to
+    disagree = [h[:16] for h in heads if sniff_bytes(h) != _signature(h)]
+    assert not disagree
+
+
 def test_text_is_chunked_under_the_limit_with_overlap(tmp_path: Path):
     text = "".join(f"Paragraph {i}. " + "word " * 300 + "\n\n" for i in range(40)) + "é" * 3000
     path = tmp_path / "long.txt"
@@ -277,6 +313,23 @@ def test_text_is_chunked_under_the_limit_with_overlap(tmp_path: Path):
 
 def test_chunk_spans_short_text_is_one_chunk():
     assert list(chunk_spans("short", 100, 10)) == [(0, 5)]
+    assert list(chunk_spans("", 100, 10)) == []
+
+
+@pytest.mark.parametrize("char", ["a", "é", "語", "😀"])
+def test_a_text_near_the_limit_is_cut_where_the_general_rule_cuts(char: str):
+    """A text short enough to fit at 4 bytes a character is taken whole at once: around that
+    length, the spans are those the byte-measuring rule gives."""
+    from pipeline.validate.text import _break_at, _fit
+    budget = 100 * 3  # 100 tokens at 3 bytes each
+    for n in range(60, 320):
+        text = ("word " * 80)[:n // 2] + char * (n - n // 2)
+        spans, start = [], 0
+        while start < len(text):  # the general rule, without overlap
+            end = _break_at(text, start, _fit(text, start, budget))
+            spans.append((start, end))
+            start = end
+        assert list(chunk_spans(text, 100, 0)) == spans, n
 
 
 @pytest.mark.parametrize(("content", "name", "reason"), [

@@ -140,8 +140,22 @@ def _png_kind(head: bytes) -> str:
     return "image/png"
 
 
+# The first byte of each signature tested from the start of the file, and the box names an
+# ISO/QuickTime file has at bytes 4-8: a head with neither can only be a PDF (its marker may
+# come later), which lets most text files through with two tests.
+_FIRST_BYTES = frozenset(b"\x89\xff\x1f\x1a\x30GBIMRFOfPw7")
+_BOXES = frozenset((b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip"))
+
+
 def sniff_bytes(head: bytes) -> str | None:
     """The MIME type the leading bytes prove, or None if they prove no binary format."""
+    if head and head[0] not in _FIRST_BYTES and head[4:8] not in _BOXES:
+        return "application/pdf" if b"%PDF-" in head[:1024] else None
+    return _signature(head)
+
+
+def _signature(head: bytes) -> str | None:
+    """:func:`sniff_bytes`, every signature tried in turn."""
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return _png_kind(head)
     if head.startswith(b"\xff\xd8\xff"):
@@ -201,8 +215,13 @@ _BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe\x00\x00", "utf-32"),
          (b"\x00\x00\xfe\xff", "utf-32"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
 
 
+_BOM_FIRST = frozenset(bom[0] for bom, _ in _BOMS)
+
+
 def bom_encoding(head: bytes) -> str | None:
     """The encoding a byte-order mark names (Python's codec, which strips the mark)."""
+    if not head or head[0] not in _BOM_FIRST:  # most files: no mark (this runs for each)
+        return None
     return next((enc for bom, enc in _BOMS if head.startswith(bom)), None)
 
 
@@ -210,7 +229,7 @@ def utf16_without_bom(head: bytes) -> str | None:
     """'utf-16-le' or 'utf-16-be' for text written in UTF-16 without a BOM, told by its zero
     bytes: mostly-Latin text has a zero in every other byte, on one side only."""
     pairs = len(head) // 2
-    if pairs < 2:
+    if pairs < 2 or b"\x00" not in head:  # no zero byte: not UTF-16 (most files)
         return None
     even = head[0:pairs * 2:2].count(0)
     odd = head[1:pairs * 2:2].count(0)
@@ -226,30 +245,37 @@ def utf16_without_bom(head: bytes) -> str | None:
 def sniff(head: bytes, name: str) -> str:
     """The file's real MIME type; for text, the flavour its extension names (else text/plain).
     A byte-order mark is text before anything else (UTF-16 LE's looks like an MP3 frame)."""
+    return _sniff(head, extension_mime(name))
+
+
+def _sniff(head: bytes, claimed: str | None) -> str:
+    """:func:`sniff`, given what the name claims."""
     if bom_encoding(head) is not None:
-        return _text_flavour(name)
+        return _text_flavour(claimed)
     kind = sniff_bytes(head)
     if kind is not None:
         return kind
     if utf16_without_bom(head) is not None or looks_like_text(head):
-        return _text_flavour(name)
+        return _text_flavour(claimed)
     return OCTET
 
 
-def _text_flavour(name: str) -> str:
-    claimed = extension_mime(name)
-    return claimed if claimed is not None and claimed in TEXT_EXTENSIONS.values() else "text/plain"
+TEXT_MIMES = frozenset(TEXT_EXTENSIONS.values())
+
+
+def _text_flavour(claimed: str | None) -> str:
+    return claimed if claimed in TEXT_MIMES else "text/plain"
 
 
 def sniffed_mime(key: str, data: Blob) -> str:
     """The file's type from its first bytes; an empty file, or plain text named as a binary
     format, is rejected."""
     claimed = extension_mime(key)
-    binary_claim = claimed is not None and claimed not in TEXT_EXTENSIONS.values()
+    binary_claim = claimed is not None and claimed not in TEXT_MIMES
     if not data.size:
         raise ItemRejected(RejectReason.EMPTY, "file is empty (0 bytes)")
-    mime = sniff(data.head(4096), key)
-    if (mime.startswith("text/") or mime in TEXT_EXTENSIONS.values()) and binary_claim:
+    mime = _sniff(data.head(4096), claimed)
+    if binary_claim and (mime.startswith("text/") or mime in TEXT_MIMES):
         raise ItemRejected(
             RejectReason.CORRUPT,
             f"named as {claimed} but its bytes are plain text (no {claimed} header)",

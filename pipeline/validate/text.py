@@ -88,6 +88,10 @@ def _break_at(text: str, start: int, end: int) -> int:
 def chunk_spans(text: str, max_tokens: int, overlap_tokens: int) -> Iterator[tuple[int, int]]:
     """Character ranges [start, end) covering ``text``, each within ``max_tokens``."""
     budget = max_tokens * BYTES_PER_TOKEN
+    if len(text) * 4 <= budget:  # whole at 4 UTF-8 bytes a character: most texts, at once
+        if text:
+            yield 0, len(text)
+        return
     overlap = min(overlap_tokens * BYTES_PER_TOKEN, budget // 2)
     start = 0
     while start < len(text):
