@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import anyio
+import httpcore
 import httpx
 import numpy as np
 import pytest
@@ -254,3 +255,53 @@ def test_request_body_is_camel_case():
     assert req["title"] == "doc"
     assert req["content"]["parts"][0]["inlineData"] == {"mimeType": "image/png",
                                                         "data": "iVBORw=="}
+
+
+class _CountingBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's own backend, noting the size each read asks for."""
+
+    def __init__(self) -> None:
+        self.inner = httpcore.AnyIOBackend()
+        self.asked: list[int] = []
+
+    async def connect_tcp(self, *args, **kwargs) -> httpcore.AsyncNetworkStream:
+        stream = await self.inner.connect_tcp(*args, **kwargs)
+        backend = self
+
+        class Counted(httpcore.AsyncNetworkStream):
+            async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+                backend.asked.append(max_bytes)
+                return await stream.read(max_bytes, timeout)
+
+            async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+                await stream.write(buffer, timeout)
+
+            async def aclose(self) -> None:
+                await stream.aclose()
+
+            def get_extra_info(self, info: str) -> object:
+                return stream.get_extra_info(info)
+
+        return Counted()
+
+
+def test_an_answer_is_read_in_reads_of_a_megabyte(emulator: Emulator):
+    """httpcore reads 64 KiB at a time unless told otherwise; the client tells it 1 MiB, so an
+    answer of 100 vectors of 3,072 dimensions can come in a few reads, not dozens (how many
+    depends on how the bytes arrive: only the size asked is checked)."""
+    from pipeline.gemini.client import READ_BYTES
+    backend = _CountingBackend()
+    transport = httpx.AsyncHTTPTransport()
+    transport._pool = httpcore.AsyncConnectionPool(network_backend=backend)
+
+    async def call() -> int:
+        async with GeminiClient(base_url=emulator.base_url, model="gemini-embedding-2",
+                                dims=3072, api_key=KEY, transport=transport) as client:
+            body = await client._post("batchEmbedContents",
+                                      [_text(f"text {i} " * 50) for i in range(100)], False)
+            assert len(client._decode(body, "embeddings", 100).vectors) == 100
+            return len(body)
+
+    size = anyio.run(call)
+    assert size > 1_000_000
+    assert backend.asked and set(backend.asked) == {READ_BYTES}
