@@ -14,10 +14,10 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from itertools import islice
-from typing import Protocol
+from typing import Any, Protocol
 
 import pyarrow as pa
 
@@ -142,9 +142,25 @@ def listing_batches(entries: Iterable[SourceObject | Reject],
 EPOCH = datetime.fromtimestamp(0, tz=UTC)
 
 
+_US = pa.timestamp("us", tz="UTC")
+
+
+def datetimes(column: pa.Array | pa.ChunkedArray) -> list[datetime | None]:
+    """A timestamp column's values (UTC), built from their microseconds: Arrow's own
+    ``to_pylist`` takes ~2.4 us a value, this ~0.4 (it runs for every file to do)."""
+    micros = column.cast(_US).cast(pa.int64()).to_pylist()
+    return [None if us is None else EPOCH + timedelta(microseconds=us) for us in micros]
+
+
+def pylists(table: pa.RecordBatch | pa.Table, names: Iterable[str]) -> list[list[Any]]:
+    """The columns ``names`` as Python lists, timestamps by :func:`datetimes`."""
+    return [datetimes(col) if pa.types.is_timestamp(col.type) else col.to_pylist()
+            for col in map(table.column, names)]
+
+
 def listed_objects(batch: pa.RecordBatch | pa.Table) -> Iterator[SourceObject | Reject]:
     """Rows of a listing batch as records (for the few that need Python: files to read)."""
-    cols = [batch.column(n).to_pylist() for n in LISTING_SCHEMA.names]
+    cols = pylists(batch, LISTING_SCHEMA.names)
     for uri, key, version, size, mtime, reason, message in zip(*cols, strict=True):
         obj = SourceObject(uri, key, size or 0, mtime or EPOCH, version)
         yield obj if reason is None else Reject(obj, None, reason, message or reason)

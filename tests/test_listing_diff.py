@@ -266,3 +266,17 @@ def test_a_killed_runs_sort_folder_is_removed_by_the_next_sort(
     finally:
         live.kill()
         live.wait()
+
+
+@pytest.mark.parametrize("unit", ["s", "ms", "us"])
+def test_timestamps_are_read_back_as_arrow_reads_them(unit: str):
+    """Listing and manifest rows turn their timestamps into datetimes from the microseconds
+    (faster than Arrow's to_pylist): the same instants, None kept, before 1970 too."""
+    from connectors.base import datetimes
+    values = [datetime(2026, 12, 7, 8, 47, 8, 226353, tzinfo=UTC), None,
+              datetime(1969, 7, 20, 20, 17, 40, 5, tzinfo=UTC),
+              datetime(1970, 1, 1, tzinfo=UTC), datetime(2262, 4, 11, tzinfo=UTC)]
+    column = pa.array(values, pa.timestamp(unit, tz="UTC"))
+    assert datetimes(column) == column.to_pylist()
+    assert datetimes(pa.chunked_array([column, column])) == column.to_pylist() * 2
+    assert all(v is None or v.utcoffset().total_seconds() == 0 for v in datetimes(column))

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from connectors.base import EPOCH, LISTING_SCHEMA, Connector, listed_objects
+from connectors.base import EPOCH, LISTING_SCHEMA, Connector, listed_objects, pylists
 from pipeline.errors import SinkError
 from pipeline.records import Reject, SourceObject
 from pipeline.stages.companions import Companions
@@ -249,8 +249,7 @@ def _equal_or_both_null(a: pa.ChunkedArray | pa.Array, b: pa.ChunkedArray | pa.A
 def _objects(rows: pa.Table) -> Iterator[SourceObject]:
     """The rows to do (none a reject) as records, with their sidecars and companions: built
     once from the columns (this runs for every file to do)."""
-    columns = [rows.column(n).to_pylist() for n in ("uri", "key", "version", "size", "mtime",
-                                                     "sidecar", "companions")]
+    columns = pylists(rows, ("uri", "key", "version", "size", "mtime", "sidecar", "companions"))
     for uri, key, version, size, mtime, sidecar, companions in zip(*columns, strict=True):
         yield SourceObject(uri, key, size or 0, mtime or EPOCH, version, sidecar, companions)
 

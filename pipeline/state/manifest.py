@@ -23,6 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from connectors.base import pylists
 from pipeline.errors import SinkError
 from pipeline.sinks.lance import keep_btree, open_table, sql_str, upsert
 from pipeline.sinks.tables import Written
@@ -195,7 +196,7 @@ class Manifest:
 
 def states_of(rows: pa.RecordBatch | pa.Table) -> Iterator[FileState]:
     """Rows of :data:`DIFF_COLUMNS` as FileStates (only for the files a run must look at)."""
-    cols = [rows.column(name).to_pylist() for name in DIFF_COLUMNS]
+    cols = pylists(rows, DIFF_COLUMNS)
     for values in zip(*cols, strict=True):
         yield FileState(*values)
 
