@@ -8,7 +8,10 @@ glibc gives each thread an arena of its own (up to 8 per core) and keeps what is
 them, and Arrow's mimalloc pool keeps its pages. Measured with ``embedpipe run`` as a process over a
 1M-file manifest with 100,000 files changed: 875 MB peak with the defaults, growing all run
 long; 626 MB with Arrow on the system allocator, two glibc arenas and the free memory handed
-back after each flush. A 10M-file night with 1 % changed: 961 -> 694 MB, 46.6 -> 50.6 s.
+back after each flush. A 10M-file night with 1 % changed: 961 -> 694 MB, 46.6 -> 50.6 s. Since
+2026-12-07 the heap is handed back after a flush only once resident memory grew by 32 MB since
+the last time: 1M files with 100,000 changed, 23.6-24.0 -> 21.5-21.7 s, peak 666-676 ->
+678-687 MB; 20,000 texts, ~2.5 % less CPU.
 
 Each setting yields to the user's own (``ARROW_DEFAULT_MEMORY_POOL``, ``MALLOC_ARENA_MAX``) and
 is skipped where the C library is not glibc.
@@ -40,6 +43,9 @@ log = logging.getLogger("embedpipe.memory")
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
 ARENAS = 2
+# Growth of resident memory since the C heap was last trimmed below which a flush does not
+# trim it again (what was freed is soon used again).
+TRIM_MIN_GROWTH = 32 << 20
 # Allocations between two collections of the young generation during a run (Python's: 700).
 GC_GEN0 = 10_000
 
@@ -80,11 +86,35 @@ def freeze_startup_objects(gen0: int = GC_GEN0) -> None:
     gc.set_threshold(gen0, gen1, gen2)
 
 
-def release_free_memory() -> None:
-    """Hand the C heap's free pages back to the system (after a flush: a few ms)."""
+def resident_bytes() -> int | None:
+    """This process's resident memory now (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_resident_after_trim: int | None = None
+
+
+def release_free_memory(min_growth: int = TRIM_MIN_GROWTH) -> bool:
+    """Hand the C heap's free pages back to the system (after a flush: a few ms) once resident
+    memory has grown by ``min_growth`` since the last time, and say whether it did. Between
+    those, what the flushes free is reused by the next batches, where handing it back only
+    had it faulted in again: a run of 20,000 texts handed ~30 MB back at each of its 11
+    flushes, 16,000 page faults and ~2.5 % of its CPU, with no lower peak."""
+    global _resident_after_trim
     libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    if libc is None:
+        return False
+    now = resident_bytes()
+    if (now is not None and _resident_after_trim is not None
+            and now - _resident_after_trim < min_growth):
+        return False
+    libc.malloc_trim(0)
+    _resident_after_trim = resident_bytes()
+    return True
 
 
 async def in_thread(fn: Callable[..., _T], *args: Any, limiter: Any = None,

@@ -44,6 +44,35 @@ def test_glibc_is_found_on_linux() -> None:
     assert _probe()["glibc"] is True
 
 
+TRIM_PROBE = """
+import json
+from pipeline.memory import release_free_memory, resident_bytes
+first, again = release_free_memory(), release_free_memory()
+held = [bytes(1000) for _ in range(200_000)]
+kept = held[::50]  # what is freed lies between live blocks: only a trim hands it back
+del held
+before = resident_bytes()
+grown = release_free_memory()
+print(json.dumps({"first": first, "again": again, "grown": grown,
+                  "freed_mb": (before - resident_bytes()) / 2**20}))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the C library is not glibc")
+def test_the_heap_is_trimmed_once_resident_memory_grew_not_at_every_flush() -> None:
+    """A flush hands free heap back only when resident memory grew by 32 MB since the last
+    time: not again right after a trim (a text run's flushes each freed ~30 MB that the next
+    batches faulted in again), but after 190 MB were allocated and freed between live blocks,
+    and then the resident memory drops."""
+    out = subprocess.run([sys.executable, "-c", TRIM_PROBE], check=True, capture_output=True,
+                         text=True)
+    import json
+
+    result = json.loads(out.stdout)
+    assert result["first"] is True and result["again"] is False
+    assert result["grown"] is True and result["freed_mb"] > 100
+
+
 @pytest.mark.parametrize("mode", ["auto", "interactive"])
 def test_payloads_over_the_budget_all_arrive_and_every_part_is_let_go(
         tmp_path: Path, corpus_dir: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
