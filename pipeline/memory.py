@@ -9,9 +9,10 @@ them, and Arrow's mimalloc pool keeps its pages. Measured with ``embedpipe run``
 1M-file manifest with 100,000 files changed: 875 MB peak with the defaults, growing all run
 long; 626 MB with Arrow on the system allocator, two glibc arenas and the free memory handed
 back after each flush. A 10M-file night with 1 % changed: 961 -> 694 MB, 46.6 -> 50.6 s. Since
-2026-12-07 the heap is handed back after a flush only once resident memory grew by 32 MB since
-the last time: 1M files with 100,000 changed, 23.6-24.0 -> 21.5-21.7 s, peak 666-676 ->
-678-687 MB; 20,000 texts, ~2.5 % less CPU.
+2026-12-07 a flush hands the heap back at most once a second, unless resident memory grew by
+32 MB since the last time: 20,000 texts, ~2.5-4 % less CPU; 1M files with 100,000 changed,
+22.6-23.1 s and 665-669 MB before, 22.9 s and 674-686 MB after; 1M texts in Batch API mode,
+860 MB before, 799 MB after (handed back only on growth, it had peaked at 1,186 MB).
 
 Each setting yields to the user's own (``ARROW_DEFAULT_MEMORY_POOL``, ``MALLOC_ARENA_MAX``) and
 is skipped where the C library is not glibc.
@@ -31,6 +32,7 @@ import gc
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from functools import cache
 from typing import Any, TypeVar
@@ -43,8 +45,9 @@ log = logging.getLogger("embedpipe.memory")
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
 ARENAS = 2
-# Growth of resident memory since the C heap was last trimmed below which a flush does not
-# trim it again (what was freed is soon used again).
+# How often a flush hands the C heap's free pages back at most, unless resident memory grew
+# by TRIM_MIN_GROWTH since (what a flush frees is mostly used again by the next batches).
+TRIM_INTERVAL_S = 1.0
 TRIM_MIN_GROWTH = 32 << 20
 # Allocations between two collections of the young generation during a run (Python's: 700).
 GC_GEN0 = 10_000
@@ -95,25 +98,33 @@ def resident_bytes() -> int | None:
         return None
 
 
-_resident_after_trim: int | None = None
+class _Trims:
+    """When the C heap was last handed back, and the resident memory just after."""
+
+    at: float | None = None
+    resident: int | None = None
 
 
-def release_free_memory(min_growth: int = TRIM_MIN_GROWTH) -> bool:
-    """Hand the C heap's free pages back to the system (after a flush: a few ms) once resident
-    memory has grown by ``min_growth`` since the last time, and say whether it did. Between
-    those, what the flushes free is reused by the next batches, where handing it back only
-    had it faulted in again: a run of 20,000 texts handed ~30 MB back at each of its 11
-    flushes, 16,000 page faults and ~2.5 % of its CPU, with no lower peak."""
-    global _resident_after_trim
+def release_free_memory(min_interval_s: float = TRIM_INTERVAL_S,
+                        min_growth: int = TRIM_MIN_GROWTH) -> bool:
+    """Hand the C heap's free pages back to the system (after a flush: a few ms), and say
+    whether it did: at most once every ``min_interval_s``, unless resident memory grew by
+    ``min_growth`` since the last time. What the flushes in between free is mostly used again
+    by the next batches, where handing it back after each one had it faulted in again: a run
+    of 20,000 texts handed ~30 MB back at each of its 11 flushes (16,000 page faults, ~2.5 %
+    of its CPU). Never more rarely than that: in a long run the two arenas' free pages pile
+    up (handed back only on growth, a 1M-text Batch API run peaked at 1,186 MB, not 860)."""
     libc = _glibc()
     if libc is None:
         return False
-    now = resident_bytes()
-    if (now is not None and _resident_after_trim is not None
-            and now - _resident_after_trim < min_growth):
-        return False
+    now = time.monotonic()
+    if _Trims.at is not None and now - _Trims.at < min_interval_s:
+        resident = resident_bytes()
+        if (resident is None or _Trims.resident is None
+                or resident - _Trims.resident < min_growth):
+            return False
     libc.malloc_trim(0)
-    _resident_after_trim = resident_bytes()
+    _Trims.at, _Trims.resident = time.monotonic(), resident_bytes()
     return True
 
 
