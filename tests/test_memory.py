@@ -47,13 +47,15 @@ def test_glibc_is_found_on_linux() -> None:
 TRIM_PROBE = """
 import json
 from pipeline.memory import release_free_memory, resident_bytes
-first, again = release_free_memory(), release_free_memory()
+HOUR = 3600.0  # the interval: only growth may trim again (whatever the machine's speed)
+first, again = release_free_memory(HOUR), release_free_memory(HOUR)
 held = [bytes(1000) for _ in range(200_000)]
 kept = held[::50]  # what is freed lies between live blocks: only a trim hands it back
 del held
 before = resident_bytes()
-grown = release_free_memory()
-print(json.dumps({"first": first, "again": again, "grown": grown,
+grown = release_free_memory(HOUR)
+after_interval = release_free_memory(0.0)  # the interval passed: due without growth
+print(json.dumps({"first": first, "again": again, "grown": grown, "due": after_interval,
                   "freed_mb": (before - resident_bytes()) / 2**20}))
 """
 
@@ -71,6 +73,7 @@ def test_the_heap_is_trimmed_once_a_second_or_when_resident_memory_grew() -> Non
     result = json.loads(out.stdout)
     assert result["first"] is True and result["again"] is False
     assert result["grown"] is True and result["freed_mb"] > 100
+    assert result["due"] is True
 
 
 @pytest.mark.parametrize("mode", ["auto", "interactive"])
