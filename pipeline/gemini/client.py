@@ -55,7 +55,7 @@ AuthStyle = Literal["google", "bearer", "raw"]
 # httpcore reads an answer 64 KiB at a time, and each read goes up through anyio, httpcore and
 # h11 in Python: an answer of 100 vectors (0.4-1.2 MB of JSON) took 7-19 reads. A read returns
 # what the socket has, so a larger size only takes fewer trips (a class attribute: this
-# process's every HTTP/1.1 connection; tests/test_client.py checks httpcore still has it).
+# process's every HTTP/1.1 connection; tests/test_gemini.py checks the reads ask for it).
 READ_BYTES = 1 << 20
 httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = READ_BYTES
 
