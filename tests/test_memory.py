@@ -21,10 +21,12 @@ print(json.dumps({"pool": pa.default_memory_pool().backend_name, "glibc": _glibc
 """
 
 
-def _probe(**env: str) -> dict[str, object]:
+def _probe(code: str = PROBE, **env: str) -> dict[str, object]:
+    """What ``code`` prints (one JSON object), run in a process of its own without the user's
+    allocator settings (plus ``env``)."""
     clean = {k: v for k, v in os.environ.items()
              if k not in ("ARROW_DEFAULT_MEMORY_POOL", "MALLOC_ARENA_MAX")}
-    out = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, check=True,
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, check=True,
                          capture_output=True, text=True)
     import json
 
@@ -66,11 +68,7 @@ def test_the_heap_is_trimmed_once_a_second_or_when_resident_memory_grew() -> Non
     32 MB since the last time: not again right after a trim (a text run's flushes each freed
     ~30 MB that the next batches faulted in again), but at once after 190 MB were allocated
     and freed between live blocks, and then the resident memory drops."""
-    out = subprocess.run([sys.executable, "-c", TRIM_PROBE], check=True, capture_output=True,
-                         text=True)
-    import json
-
-    result = json.loads(out.stdout)
+    result = _probe(TRIM_PROBE)
     assert result["first"] is True and result["again"] is False
     assert result["grown"] is True and result["freed_mb"] > 100
     assert result["due"] is True

@@ -20,7 +20,7 @@ MODALITIES = ("text", "pdf", "image", "audio", "video", "other")
 
 
 def modality_of(key: str) -> str:
-    from pipeline.validate.sniff import TEXT_EXTENSIONS, extension_mime
+    from pipeline.validate.sniff import TEXT_MIMES, extension_mime
 
     mime = extension_mime(key) or ""
     if mime == "application/pdf":
@@ -28,7 +28,7 @@ def modality_of(key: str) -> str:
     for prefix in ("image", "audio", "video"):
         if mime.startswith(prefix + "/"):
             return prefix
-    return "text" if mime in TEXT_EXTENSIONS.values() else "other"
+    return "text" if mime in TEXT_MIMES else "other"
 
 
 def source_block(source: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from connectors.base import Connector, content_version
 from pipeline.config import MetadataConfig
 from pipeline.errors import ConfigError, ConnectorError, ItemRejected
 from pipeline.records import Extras, SourceObject
-from pipeline.validate.sniff import TEXT_EXTENSIONS, extension_mime
+from pipeline.validate.sniff import TEXT_MIMES, extension_mime
 from pipeline.validate.text import decode_text
 
 log = logging.getLogger("embedpipe.companions")
@@ -94,7 +94,7 @@ class Companions:
                     PurePosixPath(n).stem == stem and n != key.name
                     and self._sidecar_stem(n) is None for n in names):
                 return None  # a caption: embedded with its media
-            if extension_mime(key.name) not in TEXT_EXTENSIONS.values():
+            if extension_mime(key.name) not in TEXT_MIMES:
                 name = self.sidecar.replace("{stem}", key.stem)
                 if name in names:
                     sidecar_key = f"{folder}/{name}" if folder else name

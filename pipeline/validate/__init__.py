@@ -31,7 +31,7 @@ from pipeline.validate.image import check_image, convert_to_png, probe_image
 from pipeline.validate.markup import MARKUP_MIMES, visible_text
 from pipeline.validate.measure import probe, probe_header
 from pipeline.validate.pdf import PdfDocument
-from pipeline.validate.sniff import TEXT_MIMES, extension_mime, sniffed_mime, stem
+from pipeline.validate.sniff import extension_mime, is_text, sniffed_mime, stem
 from pipeline.validate.text import chunk_spans, decode_text
 from pipeline.validate.timed import TimedMedia
 
@@ -111,7 +111,7 @@ class Validator(TimedMedia):
 
     def _items(self, obj: SourceObject, blob: Blob, mime: str,
                deadline: Deadline | None) -> Iterator[Item]:
-        if mime.startswith("text/") or mime in TEXT_MIMES:
+        if is_text(mime):
             yield from self._text(obj, blob.read(), mime)
             return
         if not self.spec.multimodal:

@@ -29,6 +29,14 @@ TEXT_EXTENSIONS = {
     ".log": "text/plain",
 }
 
+TEXT_MIMES = frozenset(TEXT_EXTENSIONS.values())
+
+
+def is_text(mime: str) -> bool:
+    """Whether files of ``mime`` are read as text (JSON and YAML too)."""
+    return mime.startswith("text/") or mime in TEXT_MIMES
+
+
 EXTENSION_MIMES = {
     **TEXT_EXTENSIONS,
     ".pdf": "application/pdf",
@@ -260,9 +268,6 @@ def _sniff(head: bytes, claimed: str | None) -> str:
     return OCTET
 
 
-TEXT_MIMES = frozenset(TEXT_EXTENSIONS.values())
-
-
 def _text_flavour(claimed: str | None) -> str:
     return claimed if claimed in TEXT_MIMES else "text/plain"
 
@@ -275,7 +280,7 @@ def sniffed_mime(key: str, data: Blob) -> str:
     if not data.size:
         raise ItemRejected(RejectReason.EMPTY, "file is empty (0 bytes)")
     mime = _sniff(data.head(4096), claimed)
-    if binary_claim and (mime.startswith("text/") or mime in TEXT_MIMES):
+    if binary_claim and is_text(mime):
         raise ItemRejected(
             RejectReason.CORRUPT,
             f"named as {claimed} but its bytes are plain text (no {claimed} header)",
