@@ -198,6 +198,46 @@ def test_writing_commits_rows_then_the_manifest_and_guards_deletions(tmp_path: P
     assert table.open_table("vectors").count_rows() == 2 and stats.files_deleted == 1
 
 
+@pytest.mark.parametrize("older", [False, True])
+def test_digest_columns_are_stored_uncompressed_and_older_tables_keep_theirs(
+        tmp_path: Path, older: bool):
+    """New tables store hex digests (ids, versions, content keys) without compressing them; a
+    table made before the hint (plain fields) takes the same rows, and keeps its schema."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.sinks.rows import vectors_schema
+    from pipeline.state.manifest import MANIFEST_SCHEMA
+    src = tmp_path / "src"
+    make_text_corpus(src, 3)
+    job = _job(tmp_path, src)
+    items, out = _validate_all(job, src)
+    db = open_db(str(tmp_path / "lance"))
+    plain = {"vectors": vectors_schema(256), "files": MANIFEST_SCHEMA}
+    if older:
+        for name, schema in plain.items():
+            db.create_table(name, schema=pa.schema([f.remove_metadata() for f in schema]))
+    sink = LanceSink(db, "vectors", "rejects", 256, job.embed.model)
+    writer = Writer(sink, Manifest(db, "files"), RunStats(run_id="r1"), job.fingerprint(), "r1")
+    for item in items:
+        writer.add(Vector(item, np.ones(256, np.float32) / 16, 4, key=f"{len(item.id):032x}"))
+    for outcome in out.outcomes:
+        writer.add(outcome)
+    writer.flush()
+    tables = lancedb.connect(str(tmp_path / "lance"))
+    hinted = {"vectors": {"id", "version", "content_key"}, "files": {"version", "fingerprint"}}
+    for name, digests in hinted.items():
+        table = tables.open_table(name)
+        rows = table.to_arrow().to_pylist()
+        assert len(rows) == 3 and all(r["version"].startswith("sha256:") for r in rows)
+        stored = {f.name for f in table.schema
+                  if (f.metadata or {}).get(b"lance-encoding:compression") == b"none"}
+        assert stored == (set() if older else digests), (name, stored)
+    vectors = tables.open_table("vectors").to_arrow()
+    assert sorted(vectors["id"].to_pylist()) == sorted(i.id for i in items)
+    assert set(vectors["content_key"].to_pylist()) == {f"{len(items[0].id):032x}"}
+
+
 def test_a_new_file_waiting_for_its_rows_keeps_no_ids_a_changed_one_does(tmp_path: Path):
     """While its rows are on their way (a backfill's files wait for Batch API results by the
     hundred thousand), a new file's pending entry holds no id sets; a changed file's keeps the

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.records import Reject, Vector
+from pipeline.sinks.tables import digest_field
 
 ARROW_TYPES = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(),
                 "bool": pa.bool_()}
@@ -23,10 +24,10 @@ SQL_TYPES = {"string": "STRING", "int64": "BIGINT", "float64": "DOUBLE", "bool":
 def vectors_schema(dims: int, columns: dict[str, str] | None = None) -> pa.Schema:
     extra = [pa.field(name, ARROW_TYPES[kind]) for name, kind in (columns or {}).items()]
     return pa.schema([
-        pa.field("id", pa.string(), nullable=False),
+        digest_field("id", nullable=False),
         pa.field("uri", pa.string(), nullable=False),
         pa.field("key", pa.string()),
-        pa.field("version", pa.string(), nullable=False),
+        digest_field("version", nullable=False),
         pa.field("part", pa.int32()),
         pa.field("part_count", pa.int32()),
         pa.field("modality", pa.string()),
@@ -49,7 +50,7 @@ def vectors_schema(dims: int, columns: dict[str, str] | None = None) -> pa.Schem
         pa.field("embedded_at", pa.timestamp("us", tz="UTC")),
         # What was sent for the row (GeminiClient.content_key): resume adopts a row only for
         # an item whose request would be the same now. Empty in rows of older versions.
-        pa.field("content_key", pa.string()),
+        digest_field("content_key"),
         *extra,
     ])
 

@@ -26,16 +26,16 @@ import pyarrow as pa
 from connectors.base import pylists
 from pipeline.errors import SinkError
 from pipeline.sinks.lance import keep_btree, open_table, sql_str, upsert
-from pipeline.sinks.tables import Written
+from pipeline.sinks.tables import Written, digest_field
 from pipeline.state.lock import gone
 
 MANIFEST_SCHEMA = pa.schema([
     pa.field("uri", pa.string(), nullable=False),
     pa.field("key", pa.string()),
-    pa.field("version", pa.string()),
+    digest_field("version"),
     pa.field("size", pa.int64()),
     pa.field("mtime", pa.timestamp("us", tz="UTC")),
-    pa.field("fingerprint", pa.string()),
+    digest_field("fingerprint"),
     pa.field("status", pa.string()),
     pa.field("parts", pa.int32()),
     pa.field("rejected_parts", pa.int32()),
