@@ -201,12 +201,14 @@ def test_writing_commits_rows_then_the_manifest_and_guards_deletions(tmp_path: P
 @pytest.mark.parametrize("older", [False, True])
 def test_digest_columns_are_stored_uncompressed_and_older_tables_keep_theirs(
         tmp_path: Path, older: bool):
-    """New tables store hex digests (ids, versions, content keys) without compressing them; a
+    """New tables store hex digests (ids, versions, content keys, the batch log's lists of them)
+    without compressing them; a
     table made before the hint (plain fields) takes the same rows, and keeps its schema."""
     import numpy as np
     import pyarrow as pa
 
     from pipeline.sinks.rows import vectors_schema
+    from pipeline.state.batches import BATCHES_SCHEMA, BatchLog
     from pipeline.state.manifest import MANIFEST_SCHEMA
     src = tmp_path / "src"
     make_text_corpus(src, 3)
@@ -217,6 +219,9 @@ def test_digest_columns_are_stored_uncompressed_and_older_tables_keep_theirs(
     if older:
         for name, schema in plain.items():
             db.create_table(name, schema=pa.schema([f.remove_metadata() for f in schema]))
+        db.create_table("batches", schema=pa.schema([
+            pa.field(f.name, pa.list_(pa.string())) if pa.types.is_list(f.type) else f
+            for f in BATCHES_SCHEMA]))
     sink = LanceSink(db, "vectors", "rejects", 256, job.embed.model)
     writer = Writer(sink, Manifest(db, "files"), RunStats(run_id="r1"), job.fingerprint(), "r1")
     for item in items:
@@ -224,7 +229,13 @@ def test_digest_columns_are_stored_uncompressed_and_older_tables_keep_theirs(
     for outcome in out.outcomes:
         writer.add(outcome)
     writer.flush()
+    log = BatchLog(db)
+    log.submitting("job-0", "r1", [i.id for i in items], ["k"] * 3)
+    log.set("job-0", status="pending", name="batches/1")  # the lists are written again
+    assert [r.item_ids for r in log.open()] == [tuple(i.id for i in items)]
     tables = lancedb.connect(str(tmp_path / "lance"))
+    item_hint = tables.open_table("batches").schema.field("item_ids").type.value_field.metadata
+    assert item_hint == (None if older else {b"lance-encoding:compression": b"none"})
     hinted = {"vectors": {"id", "version", "content_key"}, "files": {"version", "fingerprint"}}
     for name, digests in hinted.items():
         table = tables.open_table(name)

@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from pipeline.errors import SinkError
 from pipeline.sinks.lance import open_table, sql_str, upsert
+from pipeline.sinks.tables import digest_field
 
 SUBMITTING = "submitting"
 PENDING = "pending"
@@ -42,10 +43,12 @@ BATCHES_SCHEMA = pa.schema([
     pa.field("status", pa.string()),
     pa.field("input_file", pa.string()),
     pa.field("items", pa.int64()),
-    pa.field("item_ids", pa.list_(pa.string())),
+    # item_ids and content_keys are rewritten with each change of the row's status:
+    # uncompressed, like every column of digests (digest_field)
+    pa.field("item_ids", pa.list_(digest_field("item"))),
     # The content key of each item's request (GeminiClient.content_key), in item_ids' order:
     # a result is adopted only for an item whose request would be the same now.
-    pa.field("content_keys", pa.list_(pa.string())),
+    pa.field("content_keys", pa.list_(digest_field("item"))),
     pa.field("created", pa.timestamp("us", tz="UTC")),
     # the job's files on the service (input, responses) are deleted (or were gone already)
     pa.field("files_released", pa.bool_()),
