@@ -202,8 +202,8 @@ def test_writing_commits_rows_then_the_manifest_and_guards_deletions(tmp_path: P
 def test_digest_columns_are_stored_uncompressed_and_older_tables_keep_theirs(
         tmp_path: Path, older: bool):
     """New tables store hex digests (ids, versions, content keys, the batch log's lists of them)
-    without compressing them; a
-    table made before the hint (plain fields) takes the same rows, and keeps its schema."""
+    without compressing them; a table made before the hint (plain fields) takes the same rows,
+    and keeps its schema."""
     import numpy as np
     import pyarrow as pa
 
