@@ -241,6 +241,9 @@ def test_digest_columns_are_stored_uncompressed_and_older_tables_keep_theirs(
         table = tables.open_table(name)
         rows = table.to_arrow().to_pylist()
         assert len(rows) == 3 and all(r["version"].startswith("sha256:") for r in rows)
+        assert {r["run_id"] for r in rows} == {"r1"}  # a flush's constant columns
+        written = {r["embedded_at" if name == "vectors" else "updated_at"] for r in rows}
+        assert len(written) == 1 and abs(datetime.now(UTC) - written.pop()).total_seconds() < 60
         stored = {f.name for f in table.schema
                   if (f.metadata or {}).get(b"lance-encoding:compression") == b"none"}
         assert stored == (set() if older else digests), (name, stored)

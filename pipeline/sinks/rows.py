@@ -12,8 +12,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.records import Reject, Vector
-from pipeline.sinks.tables import digest_field
+from pipeline.sinks.tables import digest_field, repeated
 
+TIMESTAMP = pa.timestamp("us", tz="UTC")
 ARROW_TYPES = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64(),
                 "bool": pa.bool_()}
 
@@ -47,7 +48,7 @@ def vectors_schema(dims: int, columns: dict[str, str] | None = None) -> pa.Schem
         pa.field("vector", pa.list_(pa.float32(), dims)),
         pa.field("tokens", pa.int32()),
         pa.field("run_id", pa.string()),
-        pa.field("embedded_at", pa.timestamp("us", tz="UTC")),
+        pa.field("embedded_at", TIMESTAMP),
         # What was sent for the row (GeminiClient.content_key): resume adopts a row only for
         # an item whose request would be the same now. Empty in rows of older versions.
         digest_field("content_key"),
@@ -65,7 +66,7 @@ REJECTS_SCHEMA = pa.schema([
     pa.field("message", pa.string()),
     pa.field("mime", pa.string()),
     pa.field("run_id", pa.string()),
-    pa.field("rejected_at", pa.timestamp("us", tz="UTC")),
+    pa.field("rejected_at", TIMESTAMP),
 ])
 
 
@@ -98,12 +99,12 @@ def vector_table(vectors: Sequence[Vector], run_id: str, now: datetime, schema: 
         "time_start_s": [i.span.time_start_s for i in items],
         "time_end_s": [i.span.time_end_s for i in items],
         "text": [i.text for i in items],
-        "model": [model] * len(items),
-        "dims": [dims] * len(items),
+        "model": repeated(model, pa.string(), len(items)),
+        "dims": repeated(dims, pa.int32(), len(items)),
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dims),
         "tokens": [v.tokens for v in vectors],
-        "run_id": [run_id] * len(items),
-        "embedded_at": [now] * len(items),
+        "run_id": repeated(run_id, pa.string(), len(items)),
+        "embedded_at": repeated(now, TIMESTAMP, len(items)),
         "content_key": [v.key for v in vectors],
     }
     for name in schema.names:
@@ -122,6 +123,6 @@ def rejects_table(rejects: Sequence[Reject], run_id: str, now: datetime) -> pa.T
         "reason": [r.reason for r in rejects],
         "message": [r.message for r in rejects],
         "mime": [r.mime for r in rejects],
-        "run_id": [run_id] * len(rejects),
-        "rejected_at": [now] * len(rejects),
+        "run_id": repeated(run_id, pa.string(), len(rejects)),
+        "rejected_at": repeated(now, TIMESTAMP, len(rejects)),
     }, schema=REJECTS_SCHEMA)

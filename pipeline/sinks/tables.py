@@ -31,6 +31,12 @@ def digest_field(name: str, *, nullable: bool = True) -> pa.Field:
     return pa.field(name, pa.string(), nullable=nullable, metadata=UNCOMPRESSED)
 
 
+def repeated(value: Any, type_: pa.DataType, n: int) -> pa.Array:
+    """A column of ``n`` times ``value`` (a flush's run id and time), made once: a list of ``n``
+    datetimes took ~0.22 us a row to convert."""
+    return pa.repeat(pa.scalar(value, type_), n)
+
+
 def index_on(table: Any, column: str) -> Any:
     """The table's index on ``column``, or None."""
     for index in table.list_indices():

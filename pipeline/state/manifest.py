@@ -26,7 +26,7 @@ import pyarrow as pa
 from connectors.base import pylists
 from pipeline.errors import SinkError
 from pipeline.sinks.lance import keep_btree, open_table, sql_str, upsert
-from pipeline.sinks.tables import Written, digest_field
+from pipeline.sinks.tables import Written, digest_field, repeated
 from pipeline.state.lock import gone
 
 MANIFEST_SCHEMA = pa.schema([
@@ -176,8 +176,8 @@ class Manifest:
             "status": [s.status for s in rows], "parts": [s.parts for s in rows],
             "rejected_parts": [s.rejected_parts for s in rows],
             "reason": [s.reason for s in rows], "companions": [s.companions for s in rows],
-            "run_id": [run_id] * len(rows),
-            "updated_at": [now] * len(rows),
+            "run_id": repeated(run_id, pa.string(), len(rows)),
+            "updated_at": repeated(now, MANIFEST_SCHEMA.field("updated_at").type, len(rows)),
         }, schema=MANIFEST_SCHEMA)
         fresh = self._fresh
         new = fresh is not None and fresh.add([s.uri for s in rows])
