@@ -19,8 +19,10 @@ run's peak RSS (its own, by ``wait4``); and whether every item is in the table o
 ``--upload-mb-per-s`` the emulator takes uploads in at that pace, as over a real link: the report
 says how much of the uploads' time the routing waited for (a job is uploaded while the next one is
 filled; before that, it waited for all of it). With ``--download-mb-per-s`` it sends the results
-files at that pace: finished jobs are collected by a task of their own while the next ones are
-filled (before that, the routing collected them itself, and nothing was filled meanwhile).
+files at that pace, each download on its own (a link per connection): finished jobs are
+collected by a task of their own while the next ones are filled (before that, the routing
+collected them itself, and nothing was filled meanwhile), ``embed.batch.max_downloads`` (4)
+at once (one at a time before 2026-12-07).
 """
 
 from __future__ import annotations

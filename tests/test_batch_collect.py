@@ -7,7 +7,8 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from pipeline.engine.batch_collect import Collector
+from pipeline.engine import batch_collect
+from pipeline.engine.batch_collect import BusyTime, Collector
 
 
 class _Jobs:
@@ -110,3 +111,24 @@ def test_a_look_that_fails_stops_the_routing_with_its_error():
     errors = failed.exceptions if isinstance(failed, BaseExceptionGroup) else [failed]
     assert [str(e) for e in errors] == ["polling a job: 403 PERMISSION_DENIED"]
     assert 0 < len(routed) < 1000
+
+
+def test_busy_time_counts_overlapping_stretches_once(monkeypatch: pytest.MonkeyPatch):
+    """Two downloads at once, then one alone: the busy time is the union of their spans."""
+    clock = [0.0]
+    monkeypatch.setattr(batch_collect.time, "perf_counter", lambda: clock[0])
+    stretches: list[float] = []
+    busy = BusyTime(stretches.append)
+    first, second, third = busy.during(), busy.during(), busy.during()
+    first.__enter__()  # 0 s
+    clock[0] = 1.0
+    second.__enter__()  # 1 s, while the first is on
+    clock[0] = 3.0
+    first.__exit__(None, None, None)
+    clock[0] = 4.0
+    second.__exit__(None, None, None)  # busy from 0 to 4 s
+    clock[0] = 10.0
+    third.__enter__()
+    clock[0] = 12.5
+    third.__exit__(None, None, None)
+    assert stretches == [4.0, 2.5]

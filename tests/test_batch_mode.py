@@ -173,6 +173,26 @@ def test_jobs_are_filled_and_submitted_while_a_finished_one_is_collected(
     assert len(ids) == len(set(ids)) == 300
 
 
+@pytest.mark.parametrize("at_once", [1, 3])
+def test_finished_jobs_results_are_downloaded_max_downloads_at_a_time(tmp_path: Path,
+                                                                        at_once: int):
+    """Six file jobs, all finished when first looked at, their results sent at a slow link's
+    pace (~0.4 s each): ``max_downloads`` of them come down at once, never more, and every
+    item is written once."""
+    src = tmp_path / "src"
+    make_text_corpus(src, 300)
+    with Emulator(EmulatorOptions(batch_delay_s=0.05, download_mb_per_s=0.2)) as emu:
+        result = run_job(load_job(write_job(tmp_path, src, embed=_embed(
+            emu, batch={"poll_initial_s": 1.5, "poll_max_s": 1.5, "max_requests": 50,
+                        "max_inline_bytes": 1024, "max_downloads": at_once}))))
+        usage = emu.state.files.usage()
+        assert emu.state.stats.batch_jobs == 6
+    assert result.exit_code == EXIT_OK and result.stats.items_batch == 300
+    assert usage["downloads_peak"] == at_once
+    ids = _ids(tmp_path)
+    assert len(ids) == len(set(ids)) == 300
+
+
 def test_a_backfill_deletes_a_jobs_files_from_the_service_once_its_rows_are_committed(
         tmp_path: Path):
     """Google keeps a project's files (20 GB at most) for 48 h: a backfill that left each job's

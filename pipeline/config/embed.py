@@ -121,6 +121,9 @@ class BatchSettings(_Strict):
     2.4 kB an item, and their texts; media hold no payload once submitted). When it is reached,
     the run waits for a job to finish before it fills the next, so a backfill's memory stays
     bounded however long the Batch API takes; more means more jobs in flight."""
+    max_downloads: int = Field(4, ge=1, le=64)
+    """Finished jobs whose results are downloaded at once (each job's results are streamed and
+    written a chunk at a time, so each download in flight holds a chunk of rows)."""
     poll_initial_s: float = Field(5.0, gt=0)
     """First wait between polls of a running job, in seconds (each wait after it is half as
     long again, up to poll_max_s)."""

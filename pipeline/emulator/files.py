@@ -85,6 +85,9 @@ class FileStore:
         self.stored_bytes = 0
         self.peak_bytes = 0
         self.total_bytes = 0
+        # paced downloads under way, and the most at once so far
+        self.downloading = 0
+        self.downloads_peak = 0
 
     def _keep(self, stored: StoredFile) -> None:
         """Keep a complete file (under the lock)."""
@@ -94,11 +97,12 @@ class FileStore:
         self.peak_bytes = max(self.peak_bytes, self.stored_bytes)
 
     def usage(self) -> dict[str, int]:
-        """What the store holds (files, their bytes), the most bytes it has held, and the bytes
-        of every file it was given."""
+        """What the store holds (files, their bytes), the most bytes it has held, the bytes of
+        every file it was given, and the most paced downloads it sent at once."""
         with self._lock:
             return {"files": len(self.files), "files_bytes": self.stored_bytes,
-                    "files_peak_bytes": self.peak_bytes, "files_total_bytes": self.total_bytes}
+                    "files_peak_bytes": self.peak_bytes, "files_total_bytes": self.total_bytes,
+                    "downloads_peak": self.downloads_peak}
 
     def add_generated(self, data: bytes, mime_type: str, display_name: str) -> StoredFile:
         stored = StoredFile(f"files/{secrets.token_hex(8)}", mime_type, len(data), display_name,
@@ -180,7 +184,8 @@ class FileStore:
         stored = self.get(f"files/{file_id}")
         if method == "download":
             if self.download_mb_per_s:
-                return StreamingResponse(self._paced(bytes(stored.data), self.download_mb_per_s),
+                return StreamingResponse(self._counted(self._paced(bytes(stored.data),
+                                                                   self.download_mb_per_s)),
                                          media_type=stored.mime_type,
                                          headers={"content-length": str(len(stored.data))})
             return Response(bytes(stored.data), media_type=stored.mime_type)
@@ -192,6 +197,19 @@ class FileStore:
                     self.stored_bytes -= len(stored.data)
             return JSONResponse({})
         return JSONResponse(stored.resource(_base(request)))
+
+    async def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """``chunks``, counted as a download under way until the last is sent (or the client
+        went away)."""
+        with self._lock:
+            self.downloading += 1
+            self.downloads_peak = max(self.downloads_peak, self.downloading)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            with self._lock:
+                self.downloading -= 1
 
     @staticmethod
     async def _paced(data: bytes, mb_per_s: float) -> AsyncIterator[bytes]:

@@ -18,10 +18,15 @@ the task group, and with it the routing, as it did when the routing looked itsel
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import TypeVar
 
 import anyio
+
+_Job = TypeVar("_Job")
+_Info = TypeVar("_Info")
 
 
 class Collector:
@@ -74,3 +79,50 @@ class Collector:
             self._at = (anyio.current_time() + self._delay) if still_open else None
             self._looked.set()
             self._looked = anyio.Event()
+
+
+async def collect_finished(jobs: list[_Job], poll: Callable[[_Job], Awaitable[_Info | None]],
+                           finish: Callable[[_Job, _Info], Awaitable[None]],
+                           at_once: int) -> None:
+    """Poll each job once (``poll``: what a finished job is, else None); collect each
+    finished one (``finish``) while the others are polled, ``at_once`` at a time. One results
+    download at a time left a link idle while a slow answer streamed. An error of either ends
+    the look, cancelling the collections under way: a job is recorded collected only after
+    all its rows (the writer commits in order), so one cut short stays pending and is
+    collected again."""
+    slots = anyio.Semaphore(at_once)
+
+    async def collect(job: _Job, info: _Info) -> None:
+        try:
+            await finish(job, info)
+        finally:
+            slots.release()
+
+    async with anyio.create_task_group() as tg:
+        for job in jobs:
+            info = await poll(job)
+            if info is not None:
+                await slots.acquire()
+                tg.start_soon(collect, job, info)
+
+
+class BusyTime:
+    """The time while at least one of several overlapping activities is under way (two at once
+    count once), handed to ``add`` as each busy stretch ends."""
+
+    def __init__(self, add: Callable[[float], None]) -> None:
+        self._add = add
+        self._under_way = 0
+        self._since = 0.0
+
+    @contextmanager
+    def during(self) -> Iterator[None]:
+        if self._under_way == 0:
+            self._since = time.perf_counter()
+        self._under_way += 1
+        try:
+            yield
+        finally:
+            self._under_way -= 1
+            if self._under_way == 0:
+                self._add(time.perf_counter() - self._since)

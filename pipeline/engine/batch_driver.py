@@ -11,7 +11,8 @@ batching stage's (:mod:`pipeline.stages.batching`); the exactly-once log is
   validated again for it: they are awaited, never submitted (paid) twice.
 - :meth:`BatchDriver.collect` polls every open job, backing off from ``poll_initial_s`` to
   ``poll_max_s`` and riding out transient errors and 429s, and hands each finished job's rows
-  to the writer. A job that ends FAILED, EXPIRED or CANCELLED leaves its items to the next run.
+  to the writer (``max_downloads`` jobs' results downloaded at once). A job that ends
+  FAILED, EXPIRED or CANCELLED leaves its items to the next run.
   :meth:`BatchDriver.look` does the same once, for the collector
   (:mod:`pipeline.engine.batch_collect`), which looks from a task of its own while jobs are
   still being filled: a job finished early lets go of its items before the last one is
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 import anyio
 
 from pipeline.config import BatchSettings
-from pipeline.engine.batch_collect import Collector
+from pipeline.engine.batch_collect import BusyTime, Collector, collect_finished
 from pipeline.engine.batch_files import ServiceFiles
 from pipeline.engine.batch_uploads import Uploader
 from pipeline.errors import EmbedError, TransientEmbedError
@@ -77,6 +78,11 @@ class BatchDriver:
         # job is submitted).
         self.uploads = Uploader(self._submit_timed)
         self.collector = Collector(settings.poll_initial_s, settings.poll_max_s)
+
+        def downloading(seconds: float) -> None:
+            stats.batch_collect_s += seconds
+
+        self.downloads = BusyTime(downloading)  # the time while any results download is on
 
     async def submit(self, draft: JobDraft) -> None:
         """Submit ``draft``: handed to the uploading task while :meth:`Uploader.running`
@@ -184,26 +190,34 @@ class BatchDriver:
         the jobs already finished and leaving the others running)."""
         delay = self.settings.poll_initial_s
         while self.open:
-            for job in list(self.open):
-                try:
-                    info = await self.api.get(job.name)
-                except TransientEmbedError as exc:
-                    log.warning("polling %s: %s; trying again", job.name, exc)
-                    continue
-                except EmbedError as exc:
-                    if exc.http_status != 404:
-                        raise
-                    # deleted, or a server that did not keep it (an emulator restarted)
-                    info = BatchJob(job.name, "BATCH_STATE_NOT_FOUND")
-                if info.done or info.state == "BATCH_STATE_NOT_FOUND":
-                    await self._finish(job, info, send)
-                    self.open.remove(job)
+            await self._look(send)
             if not wait:
                 return
             if self.open:
                 await self.files.release()
                 await anyio.sleep(delay)
                 delay = min(delay * 1.5, self.settings.poll_max_s)
+
+    async def _look(self, send: Callable[[JobOutcome], Awaitable[None]]) -> None:
+        async def finish(job: _Open, info: BatchJob) -> None:
+            await self._finish(job, info, send)
+            self.open.remove(job)
+
+        await collect_finished(list(self.open), self._poll, finish, self.settings.max_downloads)
+
+    async def _poll(self, job: _Open) -> BatchJob | None:
+        """The job once it is finished or gone; None while it runs, or polling it failed."""
+        try:
+            info = await self.api.get(job.name)
+        except TransientEmbedError as exc:
+            log.warning("polling %s: %s; trying again", job.name, exc)
+            return None
+        except EmbedError as exc:
+            if exc.http_status != 404:
+                raise
+            # deleted, or a server that did not keep it (an emulator restarted)
+            return BatchJob(job.name, "BATCH_STATE_NOT_FOUND")
+        return info if info.done else None
 
     async def _finish(self, job: _Open, info: BatchJob,
                       send: Callable[[JobOutcome], Awaitable[None]]) -> None:
@@ -227,21 +241,19 @@ class BatchDriver:
                     f"{n:,} items are submitted again by the next run")
             await in_thread(lambda: self.log.set(job.display_name, status=FAILED))
             return
-        started = time.perf_counter()
         chunk: list[tuple[str, BatchResult]] = []
         try:
-            async for result in self.api.results(info):
-                chunk.append(result)
-                if len(chunk) >= RESULTS_CHUNK:
-                    await send(self.batching.outcomes(job.items, job.keys, chunk))
-                    chunk = []
+            with self.downloads.during():
+                async for result in self.api.results(info):
+                    chunk.append(result)
+                    if len(chunk) >= RESULTS_CHUNK:
+                        await send(self.batching.outcomes(job.items, job.keys, chunk))
+                        chunk = []
         except EmbedError as exc:
             # Not written: the job stays pending and the next run collects it again.
             self.outcome.problems.append(f"could not read the results of {info.name}: {exc}")
             self.outcome.failed_items += len(job.items)
             return
-        finally:
-            self.stats.batch_collect_s += time.perf_counter() - started
         await send(self.batching.outcomes(job.items, job.keys, chunk))
         await send(self.batching.missing(job.items))
         log.info("collected %s (%s)", info.name, job.display_name)
