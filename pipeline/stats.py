@@ -55,6 +55,7 @@ class RunStats:
     items_superseded: int = 0  # in earlier jobs no item of which was wanted: paid, unused
     batch_files_released: int = 0  # closed jobs whose files on the service this run deleted
     # seconds spent making jobs' input, submitting them (upload, create), collecting results
+    # (while any results download is under way: downloads at once count once)
     batch_prepare_s: float = 0.0
     batch_upload_s: float = 0.0
     batch_collect_s: float = 0.0
