@@ -35,6 +35,7 @@ import simdjson
 from pipeline.errors import ScratchError, TerminalEmbedError
 from pipeline.gemini.client import EmbedRequest, GeminiClient, vector_from
 from pipeline.memory import in_thread
+from pipeline.records import record
 
 DONE_STATES = frozenset({"BATCH_STATE_SUCCEEDED", "BATCH_STATE_FAILED",
                          "BATCH_STATE_CANCELLED", "BATCH_STATE_EXPIRED"})
@@ -74,7 +75,7 @@ class BatchJob:
                    inline if isinstance(inline, list) else None)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class BatchResult:
     """One request's result: a vector, or Google's error for that request."""
 

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.base import EPOCH, LISTING_SCHEMA, Connector, listed_objects, pylists
 from pipeline.errors import SinkError
-from pipeline.records import Reject, SourceObject
+from pipeline.records import Reject, SourceObject, record
 from pipeline.stages.companions import Companions
 from pipeline.state.manifest import DIFF_SCHEMA, REJECTED, UNREADABLE, FileState, states_of
 from pipeline.stats import RunStats
@@ -46,7 +45,7 @@ CHUNK_SCHEMA = LISTING_SCHEMA.append(pa.field("sidecar", pa.string())).append(
 MTIME_TOLERANCE_US = 10  # a local file's mtime is its modification time to the microsecond
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Todo:
     """A listed file that must be read and validated, with its manifest row if it had one."""
 

@@ -17,7 +17,6 @@ import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +24,7 @@ import pyarrow as pa
 
 from connectors.base import pylists
 from pipeline.errors import SinkError
+from pipeline.records import record
 from pipeline.sinks.lance import keep_btree, open_table, sql_str, upsert
 from pipeline.sinks.tables import Written, digest_field, repeated
 from pipeline.state.lock import gone
@@ -50,7 +50,7 @@ REJECTED = "rejected"
 UNREADABLE = "unreadable"  # could not be read: nothing is known of its content; tried every run
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class FileState:
     uri: str
     key: str
