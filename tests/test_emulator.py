@@ -45,6 +45,33 @@ def test_vectors_are_deterministic_normalised_and_text_similar(emulator: Emulato
     assert usage["promptTokenCount"] == sum(d["tokenCount"] for d in usage["promptTokenDetails"])
 
 
+@pytest.mark.parametrize("model", ["gemini-embedding-2", "gemini-embedding-001"])
+def test_many_requests_at_once_get_each_the_vector_of_the_request_alone(
+        model: str, monkeypatch: pytest.MonkeyPatch):
+    """request_vectors (one bincount over a chunk of texts, a vocabulary of numbered words) is
+    what batch calls and Batch API jobs answer with: each vector bit for bit request_vector's,
+    at every size and shape, across chunks and across the vocabulary starting again."""
+    from pipeline.emulator import vectors
+    from pipeline.emulator.checks import ParsedRequest
+    from pipeline.models import MODELS
+
+    monkeypatch.setattr(vectors, "_VOCABULARIES", {})
+    monkeypatch.setattr(vectors, "ROWS_VALUES", 1 << 10)  # chunks of 8 rows at 128 dimensions
+    spec = MODELS[model]
+    texts = [f"Note {n}: rivers and {n * 7} stones, stone on stone" for n in range(40)]
+    texts += ["", "!!! ???", "Ünïcödé wörds 東京", "repeat repeat REPEAT", "x" * 3000]
+    requests = [ParsedRequest(parts=[t], dims=dims, task_type=None)
+                for dims in (128, 768, 3072) for t in texts]
+    requests += [ParsedRequest(parts=["a caption", b"\x89PNG bytes"], dims=128, task_type=None),
+                 ParsedRequest(parts=[b"bytes alone"], dims=128, task_type=None)]
+    alone = [vectors.request_vector(r, spec) for r in requests]
+    vectors._vocabulary(128).limit = 20  # starts again mid-way through the 128-dimension texts
+    together = vectors.request_vectors(requests, spec)
+    assert len(together) == len(alone)
+    for one, many in zip(alone, together, strict=True):
+        assert many.dtype == np.float32 and one.tobytes() == many.tobytes()
+
+
 def test_embed_content_and_v1_snake_case(emulator: Emulator):
     one = _post(emulator, {"content": {"parts": [{"text": "x"}]}, "output_dimensionality": 128},
                 "/v1/models/gemini-embedding-2:embedContent")

@@ -33,10 +33,10 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from pipeline.emulator.checks import ApiFault, invalid, parse_request
+from pipeline.emulator.checks import ApiFault, ParsedRequest, invalid, parse_request
 from pipeline.emulator.files import FileStore, not_found, page, rfc3339
 from pipeline.emulator.options import EmulatorOptions, Stats
-from pipeline.emulator.vectors import request_vector
+from pipeline.emulator.vectors import request_vectors
 from pipeline.memory import in_thread
 from pipeline.models import ModelSpec
 
@@ -185,6 +185,8 @@ class BatchJobs:
         """Every request embedded as embedContent would, or its error in Google's shape."""
         results: list[dict[str, Any]] = []
         spec = job.spec
+        parsed: list[ParsedRequest] = []
+        embedded: list[dict[str, Any]] = []  # the results that get a vector, in order
         for _, body, _ in job.requests:
             if self._rng.random() < self.options.batch_error_rate:
                 results.append({"error": {"code": 503, "status": "UNAVAILABLE",
@@ -193,17 +195,21 @@ class BatchJobs:
                 job.failed += 1
                 continue
             try:
-                parsed = parse_request(body, spec, in_batch=False)
+                request = parse_request(body, spec, in_batch=False)
             except ApiFault as fault:
                 results.append({"error": {"code": fault.code, "status": fault.status,
                                           "message": fault.message}})
                 job.failed += 1
                 continue
-            results.append({"response": {"embedding": {"values": request_vector(parsed, spec)}}})
-            job.succeeded += 1
-            with self._lock:
-                self.stats.batch_items += 1
-                self.stats.batch_tokens += parsed.total_tokens
+            parsed.append(request)
+            embedded.append({})
+            results.append({"response": {"embedding": embedded[-1]}})
+        for result, values in zip(embedded, request_vectors(parsed, spec), strict=True):
+            result["values"] = values
+        job.succeeded += len(parsed)
+        with self._lock:
+            self.stats.batch_items += len(parsed)
+            self.stats.batch_tokens += sum(request.total_tokens for request in parsed)
         return results
 
     def _set(self, job: BatchJob, state: str) -> None:

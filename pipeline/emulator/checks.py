@@ -95,7 +95,8 @@ def _media_seconds(data: bytes, kind: str) -> float:
 def _check_part(part: Any, spec: ModelSpec, index: int, req: ParsedRequest) -> None:
     if not isinstance(part, dict):
         raise invalid(f"Invalid value at 'content.parts[{index}]': expected an object")
-    keys = {k for k in part if k in ("text", "inlineData", "inline_data", "fileData", "file_data")}
+    keys = {"text"} if len(part) == 1 and "text" in part else {  # the usual part, at once
+        k for k in part if k in ("text", "inlineData", "inline_data", "fileData", "file_data")}
     if len(keys) != 1:
         raise invalid(f"content.parts[{index}] must hold exactly one of text, inlineData, fileData")
     if "text" in keys:

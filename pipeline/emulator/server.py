@@ -43,7 +43,7 @@ from pipeline.emulator.options import AuthStyle as AuthStyle
 from pipeline.emulator.options import EmulatorOptions as EmulatorOptions
 from pipeline.emulator.options import Stats
 from pipeline.emulator.quota import Quotas
-from pipeline.emulator.vectors import request_vector
+from pipeline.emulator.vectors import request_vectors
 from pipeline.memory import in_thread
 from pipeline.models import MAX_BATCH_REQUESTS, MODELS, ModelSpec
 
@@ -226,7 +226,7 @@ class EmulatorApp:
         o = self.options
         delay = o.latency_ms + o.per_item_ms * len(parsed) + random.uniform(0, o.jitter_ms)
         started = time.monotonic()
-        vectors = [request_vector(p, spec) for p in parsed]  # orjson writes numpy natively
+        vectors = request_vectors(parsed, spec)  # orjson writes numpy natively
         remaining = delay / 1000 - (time.monotonic() - started)
         if remaining > 0:
             await anyio.sleep(remaining)
