@@ -178,6 +178,35 @@ def test_a_wrong_key_and_an_oversized_file_are_refused():
             _with_api(emu, upload, key="right")
 
 
+def test_results_read_a_block_of_lines_at_a_time_keep_their_order_and_values(
+        monkeypatch: pytest.MonkeyPatch):
+    """Lines of the usual shape are made float32 and checked a block at a time (here blocks of
+    3); an error line, a value float32 cannot hold and the end of the file each cut a block,
+    and every result still comes in the file's order with the values the file holds."""
+    monkeypatch.setattr(batches._Block, "VALUES", 3 * 128)
+
+    async def flow(api: BatchApi, client: GeminiClient) -> tuple[list[tuple[str, Any]], list]:
+        job = await _file_job(api, "blocks", TEXTS[:11])
+        assert job.responses_file is not None
+        stored = emu.state.files.files[job.responses_file]
+        rows = [orjson.loads(line) for line in bytes(stored.data).splitlines()]
+        rows[4] = {"key": rows[4]["key"], "error": {"code": 400, "message": "no"}}
+        rows[8]["response"]["embedding"]["values"][0] = 1e39
+        stored.data = bytearray(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+        return [item async for item in api.results(job)], rows
+
+    with Emulator(EmulatorOptions(batch_delay_s=0)) as emu:
+        got, rows = _with_api(emu, flow)
+    assert [key for key, _ in got] == [row["key"] for row in rows]
+    for (_, result), row in zip(got, rows, strict=True):
+        if row is rows[4] or row is rows[8]:
+            assert result.values is None and result.error is not None
+        else:
+            want = np.asarray(row["response"]["embedding"]["values"], dtype=np.float32)
+            assert result.values is not None and result.values.tobytes() == want.tobytes()
+    assert got[4][1].error["code"] == 400 and "NaN or infinity" in got[8][1].error["message"]
+
+
 async def _three_text_job(api: BatchApi, emu: Emulator) -> tuple[BatchJob, StoredFile]:
     """A finished file job of three texts (keys id-0..id-2), and its responses file as the
     emulator stores it (to be corrupted)."""
