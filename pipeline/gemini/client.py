@@ -187,7 +187,8 @@ class GeminiClient:
                                       response.headers.get("retry-after"))
                 rest = b""
                 async for chunk in response.aiter_bytes():
-                    lines = (rest + chunk).split(b"\n")
+                    lines = chunk.split(b"\n")
+                    lines[0] = rest + lines[0]  # not rest + chunk: a copy of the whole chunk
                     rest = lines.pop()
                     for line in lines:
                         yield line
