@@ -14,11 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import TypeVar, overload
+from typing import TypeVar, dataclass_transform, overload
 
 import numpy as np
 import numpy.typing as npt
-from typing_extensions import dataclass_transform
 
 _T = TypeVar("_T")
 
