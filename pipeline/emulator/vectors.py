@@ -105,8 +105,7 @@ def _text_rows(texts: list[str], dims: int, normalise: bool
         matrix = matrix / norms[:, None]
     if not normalise:
         for row in matrix:
-            digest = hashlib.blake2b(row.tobytes(), digest_size=2).digest()
-            row *= 0.5 + 1.5 * int.from_bytes(digest, "big") / 65535
+            row *= _length(row)
     rows = matrix.astype(np.float32)
     return [None if empty[n] else rows[n] for n in range(len(texts))]
 
@@ -197,5 +196,10 @@ def content_vector(
     vec = vec / norm if norm else bytes_vector(b"", dims)
     if normalise:
         return vec
-    digest = hashlib.blake2b(vec.tobytes(), digest_size=2).digest()
-    return vec * (0.5 + 1.5 * int.from_bytes(digest, "big") / 65535)
+    return vec * _length(vec)
+
+
+def _length(unit: npt.NDArray[np.float64]) -> float:
+    """The length an unnormalised model gives a unit vector: between 0.5 and 2, by content."""
+    digest = hashlib.blake2b(unit.tobytes(), digest_size=2).digest()
+    return 0.5 + 1.5 * int.from_bytes(digest, "big") / 65535

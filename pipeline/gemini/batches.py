@@ -35,6 +35,7 @@ import simdjson
 
 from pipeline.errors import ScratchError, TerminalEmbedError
 from pipeline.gemini.client import EmbedRequest, GeminiClient, vector_from
+from pipeline.gemini.wire import narrowed
 from pipeline.memory import in_thread
 from pipeline.records import record
 
@@ -307,9 +308,7 @@ class _Block:
         if not self.keys:
             return []
         wide = np.frombuffer(b"".join(self.values), dtype=np.float64).reshape(-1, self.dims)
-        with np.errstate(over="ignore"):  # too large for float32: caught as infinity below
-            rows = wide.astype(np.float32)
-        finite: list[bool] = np.asarray(np.isfinite(rows).all(axis=1)).tolist()
+        rows, finite = narrowed(wide)
         out = [(key, BatchResult(rows[n])) if finite[n] else slow(self.lines[n])
                for n, key in enumerate(self.keys)]
         self.keys, self.values, self.lines = [], [], []

@@ -214,17 +214,23 @@ def decode(raw: bytes, key: str, count: int, dims: int, base: str) -> EmbedRespo
             wide[index] = np.frombuffer(values.as_buffer(of_type="d"), dtype=np.float64)
         except (TypeError, ValueError):
             wide[index] = _special_floats(values.as_list(), index)
-    with np.errstate(over="ignore"):  # too large for float32: caught as infinity below
-        matrix = wide.astype(np.float32)
+    matrix, finite = narrowed(wide)
     del wide
-    bad = ~np.isfinite(matrix).all(axis=1)
-    if bad.any():  # finite in float64 but not in float32
-        raise TerminalEmbedError(f"embedding {int(np.argmax(bad))} contains NaN or infinity",
+    if not all(finite):  # finite in float64 but not in float32
+        raise TerminalEmbedError(f"embedding {finite.index(False)} contains NaN or infinity",
                                  status="BAD_RESPONSE")
     usage_doc = doc.get("usageMetadata") or doc.get("usage_metadata")
     usage = usage_doc.as_dict() if isinstance(usage_doc, simdjson.Object) else {}
     del doc, embeddings  # the parser's buffer is released with its last view
     return _usage_response(list(matrix), usage)
+
+
+def narrowed(wide: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float32], list[bool]]:
+    """Rows of float64 values as float32, and whether each row is finite there (a value too
+    large for float32 becomes infinity)."""
+    with np.errstate(over="ignore"):
+        rows = wide.astype(np.float32)
+    return rows, np.asarray(np.isfinite(rows).all(axis=1)).tolist()
 
 
 def vector_from(values: list[Any], dims: int) -> npt.NDArray[np.float32]:
