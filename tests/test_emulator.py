@@ -70,6 +70,31 @@ def test_many_requests_at_once_get_each_the_vector_of_the_request_alone(
     assert len(together) == len(alone)
     for one, many in zip(alone, together, strict=True):
         assert many.dtype == np.float32 and one.tobytes() == many.tobytes()
+    # a first chunk without a word: nothing in the vocabulary yet
+    monkeypatch.setattr(vectors, "_VOCABULARIES", {})
+    wordless = [ParsedRequest(parts=[t], dims=128, task_type=None) for t in ("!!!", "? ?")]
+    assert [v.tobytes() for v in vectors.request_vectors(wordless, spec)] == [
+        vectors.request_vector(r, spec).tobytes() for r in wordless]
+
+
+@pytest.mark.parametrize(("model", "digest"), [
+    ("gemini-embedding-2", "acfabab237ad340bac434186fe28ef1a10c4b40fbd7696bf2c4e0341fe97b681"),
+    ("gemini-embedding-001", "dc7b9b996c0894bf036f1e081cc9bb08b256659fbdabe8a1af0888046f5f30d2"),
+])
+def test_the_emulators_vectors_stay_what_they_were(model: str, digest: str):
+    """The vectors of a few texts, as the emulator made them on 2026-12-07 (190f7f5): a change
+    to its hashing would make tables embedded against an earlier emulator disagree with new
+    queries; made faster, it must make the same bits."""
+    import hashlib
+
+    from pipeline.emulator import vectors
+    from pipeline.emulator.checks import ParsedRequest
+    from pipeline.models import MODELS
+
+    texts = ("Note 12345: rivers and stones", "ünï 東京", "!!!")
+    requests = [ParsedRequest(parts=[t], dims=128, task_type=None) for t in texts]
+    made = b"".join(v.tobytes() for v in vectors.request_vectors(requests, MODELS[model]))
+    assert hashlib.sha256(made).hexdigest() == digest
 
 
 def test_embed_content_and_v1_snake_case(emulator: Emulator):

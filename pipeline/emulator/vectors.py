@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
+from array import array
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -28,16 +29,23 @@ ROWS_VALUES = 1 << 16  # values in one matrix of request_vectors (512 KB of floa
 @lru_cache(maxsize=1 << 16)
 def _word_features(word: str, dims: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """Buckets and signed weights of one word: the word itself and its character trigrams.
-    Cached: words repeat across a corpus, and hashing dominates the cost."""
+    Cached: words repeat across a corpus, and hashing dominates the cost; trigrams repeat
+    across words (a corpus's numbers are new words made of a thousand trigrams)."""
     padded = f"<{word}>"
-    features = [("w:" + word, 1.0)] + [("c:" + padded[i : i + 3], 0.5)
-                                       for i in range(len(padded) - 2)]
-    idx, weight = [], []
-    for feature, w in features:
-        h = int.from_bytes(hashlib.blake2b(feature.encode("utf-8"), digest_size=8).digest(), "big")
-        idx.append(h % dims)
-        weight.append(w if (h >> 63) & 1 else -w)
-    return tuple(idx), tuple(weight)
+    features = [_feature("w:" + word, 1.0, dims)] + [_trigram(padded[i : i + 3], dims)
+                                                     for i in range(len(padded) - 2)]
+    return tuple(idx for idx, _ in features), tuple(weight for _, weight in features)
+
+
+def _feature(feature: str, weight: float, dims: int) -> tuple[int, float]:
+    """A feature's bucket and its weight, signed by its hash."""
+    h = int.from_bytes(hashlib.blake2b(feature.encode("utf-8"), digest_size=8).digest(), "big")
+    return h % dims, (weight if (h >> 63) & 1 else -weight)
+
+
+@lru_cache(maxsize=1 << 16)
+def _trigram(trigram: str, dims: int) -> tuple[int, float]:
+    return _feature("c:" + trigram, 0.5, dims)
 
 
 def text_vector(text: str, dims: int) -> npt.NDArray[np.float64]:
@@ -123,9 +131,11 @@ class _Vocabulary:
 
     def _clear(self) -> None:
         self.ids: dict[str, int] = {}
-        self.starts = np.zeros(1 << 12, dtype=np.int64)  # word n: starts[n]:starts[n + 1]
-        self.buckets = np.empty(1 << 15, dtype=np.int64)
-        self.weights = np.empty(1 << 15, dtype=np.float64)
+        # word n: its features at starts[n]:starts[n + 1] of buckets and weights; arrays that
+        # grow by a word at a time, seen by numpy without a copy
+        self.starts = array("q", [0])
+        self.buckets = array("q")
+        self.weights = array("d")
 
     def features(self, texts: list[str]
                  ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64],
@@ -147,31 +157,26 @@ class _Vocabulary:
                 words.extend(found)  # type: ignore[arg-type]  # no None is left
                 per_text.append(len(found))
             ids = np.asarray(words, dtype=np.int64)
-            starts = self.starts[ids]
-            lengths = self.starts[ids + 1] - starts
+            # views of the arrays, let go of before they grow again (at the next call)
+            all_starts = np.frombuffer(self.starts, dtype=np.int64)
+            starts = all_starts[ids]
+            lengths = all_starts[ids + 1] - starts
+            del all_starts
             ends = np.concatenate(([0], np.cumsum(lengths)))  # features before word n
             at = np.arange(ends[-1], dtype=np.int64) + np.repeat(starts - ends[:-1], lengths)
             counts = np.diff(ends[np.cumsum(per_text)], prepend=0)
-            return self.buckets[at], self.weights[at], counts
+            return (np.frombuffer(self.buckets, dtype=np.int64)[at],
+                    np.frombuffer(self.weights, dtype=np.float64)[at], counts)
 
     def _add(self, word: str) -> int:
         n = self.ids.get(word)
         if n is not None:  # twice in one text
             return n
         buckets, weights = _word_features(word, self.dims)
-        n = len(self.ids)
-        start = int(self.starts[n])
-        end = start + len(buckets)
-        if n + 2 > len(self.starts):
-            self.starts = np.resize(self.starts, 2 * len(self.starts))
-        if end > len(self.buckets):
-            size = max(2 * len(self.buckets), end)
-            self.buckets = np.resize(self.buckets, size)
-            self.weights = np.resize(self.weights, size)
-        self.buckets[start:end] = buckets
-        self.weights[start:end] = weights
-        self.starts[n + 1] = end
-        self.ids[word] = n
+        self.buckets.extend(buckets)
+        self.weights.extend(weights)
+        self.starts.append(len(self.buckets))
+        n = self.ids[word] = len(self.ids)
         return n
 
 
