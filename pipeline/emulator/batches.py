@@ -172,14 +172,22 @@ class BatchJobs:
                 {**result, **({"metadata": meta} if meta is not None else {})}
                 for result, (_, _, meta) in zip(results, job.requests, strict=True)]}}
         else:
-            lines = b"\n".join(orjson.dumps({"key": key, **result},
-                                            option=orjson.OPT_SERIALIZE_NUMPY)
-                               for result, (key, _, _) in zip(results, job.requests,
-                                                              strict=True))
-            out = self.files.add_generated(lines + b"\n", "application/jsonl",
-                                           f"{job.name}-responses")
+            lines = await in_thread(self._responses, job, results)
+            if job.state in DONE:
+                return  # cancelled meanwhile
+            out = self.files.add_generated(lines, "application/jsonl", f"{job.name}-responses")
             job.output = {"responsesFile": out.name}
         self._set(job, "BATCH_STATE_SUCCEEDED")
+
+    def _responses(self, job: BatchJob, results: list[dict[str, Any]]) -> bytearray:
+        """The job's results as the lines of its JSONL responses file, made in a worker thread
+        (10,000 lines of 768 values take ~0.1 s, while the event loop goes on serving
+        downloads) and kept as they were written, not copied again."""
+        data = bytearray()
+        option = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
+        for result, (key, _, _) in zip(results, job.requests, strict=True):
+            data += orjson.dumps({"key": key, **result}, option=option)
+        return data
 
     def _embed_all(self, job: BatchJob) -> list[dict[str, Any]]:
         """Every request embedded as embedContent would, or its error in Google's shape."""

@@ -104,9 +104,12 @@ class FileStore:
                     "files_peak_bytes": self.peak_bytes, "files_total_bytes": self.total_bytes,
                     "downloads_peak": self.downloads_peak}
 
-    def add_generated(self, data: bytes, mime_type: str, display_name: str) -> StoredFile:
-        stored = StoredFile(f"files/{secrets.token_hex(8)}", mime_type, len(data), display_name,
-                            "GENERATED", bytearray(data), complete=True)
+    def add_generated(self, data: bytes | bytearray, mime_type: str, display_name: str
+                      ) -> StoredFile:
+        """A file the service made (``data`` kept as it is when a bytearray: not copied)."""
+        kept = data if isinstance(data, bytearray) else bytearray(data)
+        stored = StoredFile(f"files/{secrets.token_hex(8)}", mime_type, len(kept), display_name,
+                            "GENERATED", kept, complete=True)
         with self._lock:
             self._keep(stored)
         return stored
