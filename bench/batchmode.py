@@ -95,7 +95,7 @@ def throughput(n: int, dims: int, upload_mb_per_s: float | None = None,
                                    "pipeline.cli", "run", "-q", "--report", str(report_path),
                                    str(job)], capture_output=True, text=True, check=True)
         launched = json.loads(proc.stdout.strip().splitlines()[-1])
-        if not report_path.exists():  # the run ended before its report: say how, not a KeyError
+        if not report_path.exists():  # the run ended before its report: say how, not FileNotFoundError
             raise SystemExit(f"the batch run exited {launched['code']} without a report:\n"
                              + "\n".join(proc.stderr.strip().splitlines()[-20:]))
         report = json.loads(report_path.read_text())
