@@ -136,7 +136,7 @@ def test_the_same_frames_encode_to_the_same_bytes_every_time(corpus_dir: Path):
     with measure.open_container((corpus_dir / "bad/Megamind_bugy.avi").read_bytes()) as container:
         stream = measure.real_video_streams(container)[0]
         frames = list(container.decode(stream))
-    rate = stream.average_rate
+        rate = stream.average_rate  # while it is open (PyAV 18.1.1 refuses it after)
 
     def encode() -> bytes:
         writer = media._H264Writer(frames[0].width, frames[0].height, rate, 720)
