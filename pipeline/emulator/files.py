@@ -104,12 +104,10 @@ class FileStore:
                     "files_peak_bytes": self.peak_bytes, "files_total_bytes": self.total_bytes,
                     "downloads_peak": self.downloads_peak}
 
-    def add_generated(self, data: bytes | bytearray, mime_type: str, display_name: str
-                      ) -> StoredFile:
-        """A file the service made (``data`` kept as it is when a bytearray: not copied)."""
-        kept = data if isinstance(data, bytearray) else bytearray(data)
-        stored = StoredFile(f"files/{secrets.token_hex(8)}", mime_type, len(kept), display_name,
-                            "GENERATED", kept, complete=True)
+    def add_generated(self, data: bytearray, mime_type: str, display_name: str) -> StoredFile:
+        """A file the service made, ``data`` kept as it is (not copied)."""
+        stored = StoredFile(f"files/{secrets.token_hex(8)}", mime_type, len(data), display_name,
+                            "GENERATED", data, complete=True)
         with self._lock:
             self._keep(stored)
         return stored
