@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import signal
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -146,6 +147,43 @@ def test_the_same_frames_encode_to_the_same_bytes_every_time(corpus_dir: Path):
 
     digests = {hashlib.sha256(encode()).hexdigest() for _ in range(12)}
     assert len(frames) == 270 and len(digests) == 1
+
+
+_CONVERT_THEN_FORK = """
+import subprocess, sys, threading
+sys.path.insert(0, sys.argv[2])
+from pathlib import Path
+from tests.test_validate import fit
+done, leave = threading.Event(), threading.Event()
+def convert():  # as a validation worker thread does, and stays alive
+    assert fit(Path(sys.argv[1]))[0].mime == "video/mp4"
+    done.set()
+    leave.wait()
+worker = threading.Thread(target=convert)
+worker.start()
+done.wait()
+# As Ray starts its daemons: the child runs Python (a preexec_fn) before it execs.
+print("exec'd", subprocess.run(["true"], preexec_fn=lambda: None).returncode)
+leave.set()
+"""
+
+
+def test_a_process_that_converted_video_can_still_fork(corpus_dir: Path):
+    """PyAV 18.1.1 keeps a frame scaler per thread, with slice threads of its own by default;
+    a forked child frees the other threads' scalers and waited forever for their slice threads
+    (Ray's cluster never started in a process that had validated a video)."""
+    repo = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen([sys.executable, "-c", _CONVERT_THEN_FORK,
+                             str(corpus_dir / "bad/earth.avi"), repo],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its forked child in its process group
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the script and its child stuck before exec
+        proc.communicate()
+        pytest.fail("the child forked after a video conversion never exec'd")
+    assert proc.returncode == 0 and out.strip() == "exec'd 0", err[-2000:]
 
 
 def test_reject_policies_and_too_long_reject(corpus_dir: Path):

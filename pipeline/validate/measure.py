@@ -37,6 +37,12 @@ Media = bytes | Blob  # a file in memory, or a blob read through readers of its 
 SCANNING_SEEK = frozenset({"mp3", "aac"})
 # What probe_header lets FFmpeg read to find the streams (the container's header names them).
 HEADER_PROBE_BYTES = 32 * 1024
+# Scale frames in the calling thread. PyAV (from 18.1.1) keeps one scaler per thread in a
+# thread-local, by default with its own slice threads; a fork (Ray starting its daemons, any
+# subprocess with a preexec_fn) frees the other threads' scalers in the child, which then waits
+# forever for slice threads that do not exist there.
+SCALE_THREADS = 1
+
 AV_ERRORS = (av.error.FFmpegError, ValueError, OSError, IndexError, KeyError, ZeroDivisionError,
              EOFError, RuntimeError)
 
@@ -214,7 +220,7 @@ def _decode_first_frames(container: Any, stream: Any, frames: int = 3) -> None:
     decoded = 0
     try:
         for frame in container.decode(stream):
-            frame.to_ndarray(format="rgb24") if decoded == 0 else None
+            frame.to_ndarray(format="rgb24", threads=SCALE_THREADS) if decoded == 0 else None
             decoded += 1
             if decoded >= frames:
                 return

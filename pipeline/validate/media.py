@@ -24,6 +24,7 @@ from pipeline.errors import ItemRejected, RejectReason
 from pipeline.validate.deadline import Deadline
 from pipeline.validate.measure import (
     AV_ERRORS,
+    SCALE_THREADS,
     Media,
     MediaInfo,
     open_container,
@@ -234,7 +235,8 @@ class _H264Writer(_Encoder):
         self.count = 0
 
     def write(self, frame: Any) -> None:
-        frame = frame.reformat(width=self.width, height=self.height, format="yuv420p")
+        frame = frame.reformat(width=self.width, height=self.height, format="yuv420p",
+                               threads=SCALE_THREADS)
         frame.pts = self.count
         frame.time_base = self.stream.codec_context.time_base
         self.count += 1
