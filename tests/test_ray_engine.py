@@ -1,7 +1,8 @@
 """The Ray engine (``run.engine: ray``) on a real Ray cluster of three nodes on this machine
-(``ray.cluster_utils.Cluster``): the same rows as the local engine, one quota for every actor,
-the per-file deadline enforced by killing the task, and no file lost or doubled when a worker
-node, an embed actor or the driver dies mid-run."""
+(``ray.cluster_utils.Cluster``, started by a process of its own: :mod:`tests.ray_cluster`): the
+same rows as the local engine, one quota for every actor, the per-file deadline enforced by
+killing the task, and no file lost or doubled when a worker node, an embed actor or the driver
+dies mid-run."""
 
 from __future__ import annotations
 
@@ -25,27 +26,25 @@ from tests.conftest import REPO, CorpusFile, copy_corpus_files, write_job
 
 ray = pytest.importorskip("ray", reason="the Ray engine's tests need the ray extra: "
                                         "pip install -e '.[dev,ray]'")
-from ray.cluster_utils import Cluster  # noqa: E402
-
 from pipeline.engine.ray import RayEngine  # noqa: E402
+from tests.ray_cluster import ClusterProcess  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    """A head node and two worker nodes, one CPU each; the tests' driver joins it."""
-    c = Cluster(initialize_head=True, connect=False,
-                head_node_args={"num_cpus": 1, "include_dashboard": False})
-    for _ in range(2):
-        c.add_node(num_cpus=1)
-    c.wait_for_nodes()
-    ray.init(address=c.address, include_dashboard=False, log_to_driver=False,
-             runtime_env={"worker_process_setup_hook": "tests.ray_hooks.setup",
-                          "env_vars": {"PYTHONPATH": str(REPO)}})
-    yield c
-    ray.shutdown()
-    c.shutdown()
+def cluster() -> Iterator[ClusterProcess]:
+    """A head node and two worker nodes, one CPU each, started by a process of their own;
+    the tests' driver joins it."""
+    c = ClusterProcess()
+    try:
+        ray.init(address=c.address, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"worker_process_setup_hook": "tests.ray_hooks.setup",
+                              "env_vars": {"PYTHONPATH": str(REPO)}})
+        yield c
+        ray.shutdown()
+    finally:
+        c.close()
 
 
 def _job(tmp_path: Path, src: Path, emu: Emulator, engine: str, **run: object) -> Path:
@@ -86,7 +85,7 @@ def mixed(tmp_path: Path, corpus_dir: Path, corpus: list[CorpusFile]) -> Path:
     return src
 
 
-def test_ray_and_local_engines_write_the_same_ids_and_vectors(cluster: Cluster, tmp_path: Path,
+def test_ray_and_local_engines_write_the_same_ids_and_vectors(cluster: ClusterProcess, tmp_path: Path,
                                                               mixed: Path):
     with Emulator(EmulatorOptions()) as emu:
         local = run_job(load_job(_job(tmp_path, mixed, emu, "local")))
@@ -105,7 +104,7 @@ def test_ray_and_local_engines_write_the_same_ids_and_vectors(cluster: Cluster, 
     assert on_ray.stats.items_embedded == local.stats.items_embedded == lv.height
 
 
-def test_a_file_past_its_deadline_is_killed_on_the_cluster_and_rejected(cluster: Cluster,
+def test_a_file_past_its_deadline_is_killed_on_the_cluster_and_rejected(cluster: ClusterProcess,
                                                                        tmp_path: Path):
     src = tmp_path / "src"
     make_text_corpus(src, 40)
@@ -123,7 +122,7 @@ def test_a_file_past_its_deadline_is_killed_on_the_cluster_and_rejected(cluster:
     assert manifest.filter(pl.col("status") == "embedded").height == 40
 
 
-def test_every_actor_shares_one_quota(cluster: Cluster):
+def test_every_actor_shares_one_quota(cluster: ClusterProcess):
     """The limiter actor grants at most ``concurrency`` slots and ``rpm`` permits in all."""
     from pipeline.engine.ray import Limiter
 
@@ -152,7 +151,7 @@ def test_every_actor_shares_one_quota(cluster: Cluster):
     ray.kill(limiter)
 
 
-def test_a_run_with_a_quota_gets_no_429_from_several_actors(cluster: Cluster, tmp_path: Path):
+def test_a_run_with_a_quota_gets_no_429_from_several_actors(cluster: ClusterProcess, tmp_path: Path):
     src = tmp_path / "src"
     make_text_corpus(src, 400)
     # The server allows 300 items a (2 s) minute; the job knows the quota per real minute
@@ -193,7 +192,7 @@ def _run_while(run: Run, emu: Emulator, after_items: int,
     return anyio.run(main), done
 
 
-def test_an_embed_actor_killed_mid_call_loses_nothing(cluster: Cluster, tmp_path: Path):
+def test_an_embed_actor_killed_mid_call_loses_nothing(cluster: ClusterProcess, tmp_path: Path):
     src = tmp_path / "src"
     make_text_corpus(src, 2000)
     with Emulator(EmulatorOptions(latency_ms=100)) as emu:
@@ -211,17 +210,15 @@ def test_an_embed_actor_killed_mid_call_loses_nothing(cluster: Cluster, tmp_path
     assert served - 2000 <= run.engine.resent_batches * 20
 
 
-def test_a_worker_node_lost_mid_run_loses_no_file(cluster: Cluster, tmp_path: Path,
+def test_a_worker_node_lost_mid_run_loses_no_file(cluster: ClusterProcess, tmp_path: Path,
                                                    corpus_dir: Path, corpus: list[CorpusFile]):
     src = tmp_path / "src"
     copy_corpus_files(corpus_dir, [f.path for f in corpus], src)
     make_text_corpus(src / "texts", 5000)
     with Emulator(EmulatorOptions(latency_ms=20)) as emu:
         run = Run(load_job(_job(tmp_path, src, emu, "ray")))
-        node = cluster.list_all_nodes()[-1]
-        code, removed = _run_while(run, emu, 1000,
-                                   lambda: cluster.remove_node(node, allow_graceful=False))
-    cluster.add_node(num_cpus=1)  # for the tests after this one
+        code, removed = _run_while(run, emu, 1000, cluster.remove_worker)
+    cluster.add_worker()  # for the tests after this one
     assert removed and code == EXIT_OK
     manifest = _accounted(tmp_path / "ray" / "job.yaml", len(corpus) + 5000)
     _, rejects, _ = _tables(tmp_path / "ray" / "job.yaml")
@@ -234,7 +231,7 @@ def test_a_worker_node_lost_mid_run_loses_no_file(cluster: Cluster, tmp_path: Pa
     assert manifest.filter(pl.col("status") == "embedded").height >= 5000
 
 
-def test_the_driver_killed_then_run_again_leaves_one_row_per_item(cluster: Cluster,
+def test_the_driver_killed_then_run_again_leaves_one_row_per_item(cluster: ClusterProcess,
                                                                   tmp_path: Path):
     """The first run joins the cluster by ``engine: auto`` and RAY_ADDRESS, and is SIGKILLed
     mid-run; the second by ``--engine ray --address``."""
