@@ -22,7 +22,7 @@ class ClusterProcess:
     """The tests' handle: the head's ``address``; a worker node removed (as if lost) and
     added; ``close`` shuts the cluster down."""
 
-    def __init__(self, timeout_s: float = 240) -> None:
+    def __init__(self) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.ray_cluster"], cwd=REPO,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.address = self._answer()["address"]
