@@ -80,8 +80,10 @@ def test_payloads_over_the_budget_all_arrive_and_every_part_is_let_go(
     """With a budget smaller than one part, validation waits for each part to leave before it
     cuts the next: every file still arrives, nothing holds a part after its call (a held part
     would stall the run: the stall escape is switched off and the run is timed out instead),
-    the waits do not count against a file's time limit, and auto mode, which holds items until
-    it knows the run's size, lets their payloads go and cuts them again once it knows."""
+    every file's clock is stopped while validation waits for room, and auto mode, which holds
+    items until it knows the run's size, lets their payloads go and cuts them again once it
+    knows. (The clocks are watched, not raced: a 2 s limit against the files' real work
+    failed once on a machine running four suites at once.)"""
     import anyio
 
     import pipeline.stages.budget as budget_module
@@ -98,7 +100,44 @@ def test_payloads_over_the_budget_all_arrive_and_every_part_is_let_go(
         budgets.append(self)
 
     monkeypatch.setattr(PayloadBudget, "__init__", recording_init)
+    import pipeline.stages.validation as validation_module
     from pipeline.stages.validation import Validation
+    from pipeline.validate.deadline import Deadline
+
+    clocks: dict[int | None, list[WatchedDeadline]] = {}  # by the task that made them
+
+    def task() -> int | None:
+        try:
+            return anyio.get_current_task().id
+        except RuntimeError:  # not in the event loop's thread
+            return None
+
+    class WatchedDeadline(Deadline):
+        __slots__ = ("running",)
+
+        def __init__(self, seconds: float) -> None:
+            super().__init__(seconds)
+            self.running = True
+            clocks.setdefault(task(), []).append(self)
+
+        def pause(self) -> None:
+            super().pause()
+            self.running = False
+
+        def resume(self) -> None:
+            super().resume()
+            self.running = True
+
+    monkeypatch.setattr(validation_module, "Deadline", WatchedDeadline)
+    waits: list[tuple[float, int]] = []  # (seconds waited for room, its files' clocks running)
+    real_room = PayloadBudget.room
+
+    async def watched_room(self: PayloadBudget, own: int = 0) -> None:
+        started, running = anyio.current_time(), sum(c.running for c in clocks.get(task(), []))
+        await real_room(self, own)
+        waits.append((anyio.current_time() - started, running))
+
+    monkeypatch.setattr(PayloadBudget, "room", watched_room)
 
     cut_again: list[str] = []
     real_refetched = Validation.refetched
@@ -118,7 +157,7 @@ def test_payloads_over_the_budget_all_arrive_and_every_part_is_let_go(
     job = write_job(tmp_path, tmp_path / "src", embed={
         "provider": "emulator", "model": "gemini-embedding-2", "output_dimensionality": 128,
         "concurrency": 2, "mode": mode, "emulator": {"latency_ms": 50}},
-        extra={"run": {"payload_memory_mb": 1}, "validate": {"file_timeout_s": 2}})
+        extra={"run": {"payload_memory_mb": 1}})
 
     async def run() -> object:
         with anyio.fail_after(60):
@@ -130,6 +169,8 @@ def test_payloads_over_the_budget_all_arrive_and_every_part_is_let_go(
     assert stats.rejects == 0 and stats.files_done == len(names)
     (budget,) = budgets
     assert budget.peak > budget.limit  # it was full: validation waited
+    assert sum(map(len, clocks.values())) >= len(names) and sum(w for w, _ in waits) > 0.2
+    assert [(w, n) for w, n in waits if n] == []  # no file's clock ran while it waited for room
     import gc
 
     gc.collect()
