@@ -15,15 +15,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 class ClusterProcess:
     """The tests' handle: the head's ``address``; a worker node removed (as if lost) and
     added; ``close`` shuts the cluster down."""
 
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.ray_cluster"], cwd=REPO,
+    def __init__(self, repo: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.ray_cluster"], cwd=repo,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.address = self._answer()["address"]
 

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.ray
 def cluster() -> Iterator[ClusterProcess]:
     """A head node and two worker nodes, one CPU each, started by a process of their own;
     the tests' driver joins it."""
-    c = ClusterProcess()
+    c = ClusterProcess(REPO)
     try:
         ray.init(address=c.address, include_dashboard=False, log_to_driver=False,
                  runtime_env={"worker_process_setup_hook": "tests.ray_hooks.setup",

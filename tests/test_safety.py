@@ -19,7 +19,7 @@ from pipeline.commands.sample_files import make_quickstart_media, make_text_corp
 from pipeline.config import load_job
 from pipeline.emulator.server import Emulator, EmulatorOptions
 from pipeline.run import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, run_job
-from tests.conftest import write_job
+from tests.conftest import REPO, write_job
 
 KEY = "right-key-0123456789"
 
@@ -223,7 +223,7 @@ def _hang_env(tmp_path: Path) -> dict[str, str]:
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(_HANG)
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(REPO)
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(hooks), repo])}
 
 

@@ -20,7 +20,7 @@ from pipeline.records import Item, Reject, SourceObject
 from pipeline.validate import Validator, measure, media
 from pipeline.validate.sniff import sniff
 from pipeline.validate.text import chunk_spans
-from tests.conftest import CorpusFile
+from tests.conftest import REPO, CorpusFile
 
 
 def _job(**validate: object) -> JobConfig:
@@ -112,7 +112,7 @@ print(hashlib.sha256(b"".join(i.parts[0].data for i in fit(Path(sys.argv[1])))).
 def test_a_converted_video_is_the_same_bytes_whatever_cpus_the_process_sees(corpus_dir: Path):
     """The same file must give the same item on any worker (else another vector: a Ray worker,
     a smaller node, a pinned process). x264 picked its thread count from the CPUs it saw."""
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(REPO)
     digests = {cpus: subprocess.run(
         [sys.executable, "-c", _CONVERT_PINNED, str(corpus_dir / "bad/earth.avi"), repo, cpus],
         capture_output=True, text=True, check=True, timeout=120).stdout.strip()
@@ -123,7 +123,7 @@ def test_a_converted_video_is_the_same_bytes_whatever_cpus_the_process_sees(corp
 def test_a_split_pdf_is_the_same_bytes_in_every_process(corpus_dir: Path):
     """Parts are content: their bytes make the content key. qpdf gave each saved part a new
     trailer /ID per process, so a second run (or a Ray worker) re-embedded every split PDF."""
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(REPO)
     digests = {subprocess.run(
         [sys.executable, "-c", _CONVERT_PINNED, str(corpus_dir / "pdf/tracemonkey.pdf"), repo,
          "all"], capture_output=True, text=True, check=True, timeout=120).stdout.strip()
@@ -172,7 +172,7 @@ def test_a_process_that_converted_video_can_still_fork(corpus_dir: Path):
     """PyAV 18.1.1 keeps a frame scaler per thread, with slice threads of its own by default;
     a forked child frees the other threads' scalers and waited forever for their slice threads
     (Ray's cluster never started in a process that had validated a video)."""
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(REPO)
     proc = subprocess.Popen([sys.executable, "-c", _CONVERT_THEN_FORK,
                              str(corpus_dir / "bad/earth.avi"), repo],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
