@@ -7,6 +7,7 @@ from obstore.store import AzureStore
 
 from connectors.azure_options import (
     AZURE_HINTS,
+    SOURCE_CODES,
     TRANSIENT_CODES,
     azure_error_code,
     object_store_config,
@@ -26,6 +27,7 @@ def make_azure_store(container: str, opts: AzureOptions) -> AzureStore:
 class AzureConnector(ObjectConnector):
     scheme = "az"
     hints = AZURE_HINTS
+    source_codes = SOURCE_CODES
     transient = TRANSIENT_CODES
 
     def __init__(self, config: AzureSourceConfig) -> None:

@@ -20,6 +20,10 @@ AZURE_HINTS = {
     "AccountIsDisabled": "the storage account is disabled",
     "InvalidResourceName": "the container's name is not valid",
 }
+# The codes about the container, the account or the credentials, never one blob (an
+# authorization failure may be one blob's condition: it stays that file's reject).
+SOURCE_CODES = frozenset({"ContainerNotFound", "AuthenticationFailed", "AccountIsDisabled",
+                          "InvalidResourceName"})
 TRANSIENT_CODES = frozenset({"ServerBusy", "InternalError", "OperationTimedOut"})
 
 

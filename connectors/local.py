@@ -36,7 +36,7 @@ import pyarrow as pa
 from connectors.base import key_selected, listing_batches
 from connectors.blob import Blob
 from pipeline.config import LocalSourceConfig
-from pipeline.errors import ConnectorError, RejectReason
+from pipeline.errors import ConnectorError, RejectReason, SourceUnavailable
 from pipeline.records import Reject, SourceObject
 
 
@@ -92,6 +92,8 @@ class LocalConnector:
             with os.scandir(folder) as it:
                 entries = sorted(it, key=_uri_order)
         except OSError as exc:
+            if (failed := source_failure(self.root, exc, f"listing {prefix or '.'}")):
+                raise failed from exc
             yield self._reject(folder, prefix.rstrip("/") or ".", f"cannot list folder: {exc.strerror}")
             return
         for entry in entries:
@@ -135,6 +137,8 @@ class LocalConnector:
         try:
             st = os.stat(path)
         except OSError as exc:
+            if (failed := source_failure(self.root, exc, f"listing {key}")):
+                raise failed from exc
             return self._reject(Path(path), key, f"cannot read file metadata: {exc.strerror}")
         if not stat.S_ISREG(st.st_mode):
             return self._reject(Path(path), key, f"not a regular file ({_kind(st.st_mode)}); "
@@ -207,7 +211,7 @@ class LocalConnector:
             return os.fdopen(fd, "rb")
         except OSError as exc:
             os.close(fd)
-            raise ConnectorError(f"{obj.key}: cannot read: {exc.strerror}", uri=obj.uri) from exc
+            raise self._read_failed(obj, exc) from exc
 
     def _open_fd(self, obj: SourceObject) -> tuple[int, int]:
         """The regular file behind ``obj`` (a descriptor the caller closes) and its size,
@@ -225,25 +229,45 @@ class LocalConnector:
                                          uri=obj.uri) from None
                 fd = os.open(path, _READ_FLAGS)
         except OSError as exc:
-            raise ConnectorError(f"{obj.key}: cannot read: {exc.strerror}", uri=obj.uri) from exc
+            raise self._read_failed(obj, exc) from exc
         try:
             st = os.fstat(fd)
         except OSError as exc:
             os.close(fd)
-            raise ConnectorError(f"{obj.key}: cannot read: {exc.strerror}", uri=obj.uri) from exc
+            raise self._read_failed(obj, exc) from exc
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise ConnectorError(f"{obj.key}: not a regular file ({_kind(st.st_mode)})",
                                  uri=obj.uri)
         return fd, st.st_size
 
-    @staticmethod
-    def _checked(obj: SourceObject, read: Callable[[], bytes]) -> bytes:
+    def _checked(self, obj: SourceObject, read: Callable[[], bytes]) -> bytes:
         try:
             return read()
         except OSError as exc:
-            raise ConnectorError(f"{obj.key}: cannot read: {exc.strerror}", uri=obj.uri) from exc
+            raise self._read_failed(obj, exc) from exc
 
+    def _read_failed(self, obj: SourceObject, exc: OSError) -> ConnectorError:
+        """A failed read as the file's error (a reject), or as the source's."""
+        return (source_failure(self.root, exc, f"reading {obj.key}")
+                or ConnectorError(f"{obj.key}: cannot read: {exc.strerror}", uri=obj.uri))
+
+
+def source_failure(root: Path, exc: OSError, doing: str) -> SourceUnavailable | None:
+    """``exc`` as the source's failure when the share or the disk failed, or the root is gone
+    (an unmounted share): the run stops, blaming no file and deleting nothing."""
+    if exc.errno in SOURCE_ERRNOS:
+        return SourceUnavailable(f"{doing}: the source folder {root} failed: {exc.strerror}")
+    if exc.errno == errno.ENOENT and not root.is_dir():
+        return SourceUnavailable(f"{doing}: the source folder {root} is gone (an unmounted "
+                                 "share?)")
+    return None
+
+
+# A read failing with one of these failed for the share or the disk, not for the file.
+SOURCE_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "ETIMEDOUT", "ESTALE", "ENOTCONN", "EHOSTDOWN", "EHOSTUNREACH", "ENETDOWN", "ENETUNREACH",
+    "ECONNRESET", "ECONNREFUSED", "ECONNABORTED", "EREMOTEIO", "ENOLINK") if hasattr(errno, name))
 
 # File systems whose reads wait on a network (or a user-space daemon): worth reading in parallel.
 NETWORK_FILE_SYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs",

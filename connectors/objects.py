@@ -17,7 +17,7 @@ from obstore.exceptions import BaseError, NotFoundError
 
 from connectors.base import LISTING_SCHEMA, glob_regex, key_selected
 from connectors.blob import SPOOL_CHUNK, Blob
-from pipeline.errors import ConnectorError, TransientConnectorError
+from pipeline.errors import ConnectorError, SourceUnavailable, TransientConnectorError
 from pipeline.records import Reject, SourceObject
 
 
@@ -39,6 +39,7 @@ class ObjectConnector:
 
     scheme = ""
     hints: Mapping[str, str] = {}  # the store's error codes, and what they mean
+    source_codes: frozenset[str] = frozenset()  # those about the store, never one object
     transient: frozenset[str] = frozenset()
     reads_wait = True  # each read is a request to the store
 
@@ -61,7 +62,8 @@ class ObjectConnector:
         code = self.error_code(text)
         where = f"{self.scheme}://{self.bucket}/{self.prefix}{key or ''} at {self.endpoint}"
         if code is not None and code in self.hints:
-            return ConnectorError(f"{doing} {where}: {self.hints[code]}")
+            failed = SourceUnavailable if code in self.source_codes else ConnectorError
+            return failed(f"{doing} {where}: {self.hints[code]}")
         if code in self.transient or "connect" in text.lower() or "timed out" in text.lower():
             return TransientConnectorError(f"{doing} {where}: the endpoint cannot be reached or "
                                            f"is failing ({code or type(exc).__name__})")

@@ -19,7 +19,13 @@ from typing import Any
 from obstore.store import S3Store
 
 from connectors.objects import ObjectConnector, client_settings
-from connectors.s3_options import S3_HINTS, TRANSIENT_CODES, resolved, s3_error_code
+from connectors.s3_options import (
+    S3_HINTS,
+    SOURCE_CODES,
+    TRANSIENT_CODES,
+    resolved,
+    s3_error_code,
+)
 from pipeline.config import S3Options, S3SourceConfig
 
 
@@ -39,6 +45,7 @@ def make_store(bucket: str, opts: S3Options) -> S3Store:
 class S3Connector(ObjectConnector):
     scheme = "s3"
     hints = S3_HINTS
+    source_codes = SOURCE_CODES
     transient = TRANSIENT_CODES
 
     def __init__(self, config: S3SourceConfig) -> None:

@@ -18,6 +18,10 @@ S3_HINTS = {
     "SignatureDoesNotMatch": "wrong credentials (the secret key does not match)",
     "ExpiredToken": "the session token has expired",
 }
+# The codes about the bucket or the credentials, never one object (AccessDenied may be one
+# object's policy: it stays that file's reject).
+SOURCE_CODES = frozenset({"NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                          "ExpiredToken"})
 TRANSIENT_CODES = frozenset({"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"})
 
 

@@ -5,7 +5,11 @@ Lance), and chained with ``raise ... from exc``::
 
     PipelineError
     ├── ConfigError           a job file that cannot be used (exit code 2)
-    ├── ConnectorError        a source that cannot be listed or read
+    ├── ConnectorError        a source that cannot be listed, or a file that cannot be read
+    │   └── SourceUnavailable     the source itself failed (its store unreachable or failing,
+    │       │                     its credentials, its bucket or root gone): no file's fault;
+    │       │                     the run stops (exit 3), blames no file, deletes nothing
+    │       └── TransientConnectorError   unreachable, timed out, 5xx: may pass if tried again
     ├── ItemRejected          one file (or part) that cannot be embedded: becomes a reject row
     ├── EmbedError            a call to the embedding API failed
     │   ├── TransientEmbedError   429, 5xx, transport: worth retrying
@@ -49,8 +53,14 @@ class ConnectorError(PipelineError):
         self.uri = uri
 
 
-class TransientConnectorError(ConnectorError, Transient):
-    """A read that failed in a way worth retrying (timeouts, 5xx from an object store)."""
+class SourceUnavailable(ConnectorError):
+    """The source failed, not the file being read: the store cannot be reached or keeps
+    failing, its credentials are refused or expired, its bucket or root folder is gone. Never a
+    reject: the run stops, stores nothing against the file and deletes nothing."""
+
+
+class TransientConnectorError(SourceUnavailable, Transient):
+    """The store cannot be reached, timed out or answered 5xx (after the client's retries)."""
 
 
 class RejectReason:

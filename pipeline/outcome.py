@@ -71,11 +71,18 @@ class RunOutcome:
 
     def fail(self, exc: PipelineError, items: int, how: str = "") -> None:
         self.failed_items += items
+        self._stop(exc, f"the embedding API failed{' ' + how if how else ''}: {exc}")
+
+    def source_failed(self, exc: PipelineError) -> None:
+        """The source could not be read (its store, its credentials, its share): the run
+        stops (exit 3); the files not read are the next run's."""
+        self._stop(exc, f"the source failed: {exc}")
+
+    def _stop(self, exc: PipelineError, what: str) -> None:
         if self.fatal is None:
             self.fatal = exc
-            self.failed(f"the embedding API failed{' ' + how if how else ''}: {exc}; nothing "
-                        "was stored against the files and nothing was deleted: run the job "
-                        "again once this is fixed")
+            self.failed(f"{what}; nothing was stored against the files and nothing was "
+                        "deleted: run the job again once this is fixed")
 
     def failed(self, why: str) -> None:
         self.failure = why  # the CLI prints it once; the report lists it among the problems

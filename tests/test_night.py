@@ -19,7 +19,9 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.commands.sample_files import make_text_corpus
+from pipeline.config import load_job
 from pipeline.outcome import EXIT_FAILED, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE
+from pipeline.run import run_job
 from tests.conftest import write_job
 
 READING = ("status", "search", "report", "rejects", "batches")
@@ -190,6 +192,49 @@ def test_a_missing_source_fails_the_run_and_the_tables_stay_readable(tmp_path: P
         extra = ["text"] if command == "search" else []
         done = _cli(command, str(job), *extra)
         assert done.returncode == EXIT_OK, (command, done.stderr)
+
+
+def test_a_share_unmounted_mid_run_fails_the_night_and_blames_no_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The source folder gone while its files are read (an unmounted share) is the source's
+    failure: exit 3 saying so, no reject stored, nothing deleted, the old rows of the changed
+    files kept; the next run, the share back, does the rest."""
+    from connectors.local import LocalConnector
+
+    src = tmp_path / "src"
+    notes = make_text_corpus(src, 40)
+    job = write_job(tmp_path, src, extra={"run": {"validate_workers": 1}})
+    assert run_job(load_job(job)).exit_code == EXIT_OK
+    before = {r["uri"]: r["version"] for r in _table(tmp_path, "vectors")}
+    for note in notes[:5]:
+        note.write_text(note.read_text(encoding="utf-8") + "Revised.\n", encoding="utf-8")
+    for note in notes[-2:]:
+        note.unlink()
+    real_fetch, fetched = LocalConnector.fetch, []
+
+    def fetch(self: LocalConnector, obj: Any) -> Any:
+        fetched.append(obj.uri)
+        if len(fetched) == 3:
+            src.rename(tmp_path / "unmounted")
+        return real_fetch(self, obj)
+
+    monkeypatch.setattr(LocalConnector, "fetch", fetch)
+    night = run_job(load_job(job))
+    assert night.exit_code == EXIT_FAILED
+    assert any("the source failed" in p and "is gone" in p for p in night.problems), night.problems
+    assert _table(tmp_path, "rejects") == []
+    kept = {r["uri"]: r["version"] for r in _table(tmp_path, "vectors")}
+    assert kept.keys() == before.keys()  # nothing deleted
+    assert {u for u in kept if kept[u] != before[u]} <= set(fetched[:2])
+    (tmp_path / "unmounted").rename(src)
+    monkeypatch.undo()
+    again = run_job(load_job(job))
+    assert again.exit_code == EXIT_OK
+    assert again.stats.files_deleted == 2 and _table(tmp_path, "rejects") == []
+    after = {r["uri"]: r["version"] for r in _table(tmp_path, "vectors")}
+    assert len(after) == 38
+    assert sorted(u for u in after if after[u] != before[u]) == \
+        sorted(n.as_uri() for n in notes[:5])
 
 
 def test_an_unwritable_sink_is_exit_3_in_one_line(tmp_path: Path):

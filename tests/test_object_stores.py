@@ -272,12 +272,66 @@ def test_server_restart_in_the_middle_of_a_run(tmp_path: Path, object_server: An
     finished_at = time.monotonic()
     restarter.join()
     assert restarted_at and restarted_at[0] < finished_at, "the restart must fall inside the run"
+    # Reads retried past the restart finish the run; reads that ran out of retries stop it
+    # (exit 3): the store's failure, never the files'.
+    assert first.exit_code in (EXIT_OK, EXIT_FAILED)
+    rejects = lancedb.connect(load_job(job).sink.uri).open_table("rejects")
+    assert rejects.count_rows() == 0
     final = first if first.exit_code == EXIT_OK else run_job(load_job(job))
     assert final.exit_code == EXIT_OK
     rows = _rows(job)
     assert rows.height == n and rows["id"].n_unique() == n
-    rejects = lancedb.connect(load_job(job).sink.uri).open_table("rejects")
-    assert rejects.count_rows() == 0  # a read cut by the restart was retried, not kept as a reject
+    assert rejects.count_rows() == 0
+
+
+def test_a_store_down_mid_run_fails_the_night_and_blames_no_file(
+        tmp_path: Path, object_server: Any, monkeypatch: pytest.MonkeyPatch):
+    """A store that stops answering while files are read (its retries spent) is the source's
+    failure: the run exits 3 saying so, stores no reject, deletes nothing and keeps the old
+    rows of the changed files; the next run, the store back, does the rest."""
+    server = object_server
+    store = server.store("restart")
+    _put_many(store, {f"down/{i:03d}.txt": f"harbour note {i}".encode() for i in range(30)})
+    source = server.source("restart", "down", max_retries=0, timeout_s=2)
+    job = write_job(tmp_path, tmp_path, extra={"source": source,
+                                               "run": {"validate_workers": 1}})
+    assert run_job(load_job(job)).exit_code == EXIT_OK
+    before = _rows(job).select("uri", "version").sort("uri")
+    _put_many(store, {f"down/{i:03d}.txt": f"harbour note {i}, revised".encode()
+                      for i in range(10)})
+    obstore.delete(store, ["down/028.txt", "down/029.txt"])
+    real_fetch, fetched = server.connector.fetch, []
+
+    def fetch(self: Any, obj: Any) -> Any:
+        fetched.append(obj.key)
+        if len(fetched) == 4:
+            server.stop()  # down from the fourth read on
+        return real_fetch(self, obj)
+
+    monkeypatch.setattr(server.connector, "fetch", fetch)
+    try:
+        night = run_job(load_job(job))
+    finally:
+        server.start()
+    assert night.exit_code == EXIT_FAILED
+    assert any("the source failed" in p and "cannot be reached" in p for p in night.problems)
+    assert server.secret not in " ".join(night.problems)
+    db = lancedb.connect(load_job(job).sink.uri)
+    assert db.open_table("rejects").count_rows() == 0
+    # nothing deleted; only files read before the store went down may have new rows
+    kept = _rows(job).select("uri", "key", "version").sort("uri")
+    assert kept["uri"].to_list() == before["uri"].to_list()
+    moved_on = kept.filter(pl.col("version") != before["version"])
+    assert set(moved_on["key"]) <= set(fetched[:3])
+    monkeypatch.undo()
+    again = run_job(load_job(job))
+    assert again.exit_code == EXIT_OK and again.stats.files_deleted == 2
+    after = _rows(job)
+    assert after.height == 28 and after["uri"].n_unique() == 28
+    assert db.open_table("rejects").count_rows() == 0
+    old = dict(before.iter_rows())
+    changed = sorted(r["key"] for r in after.iter_rows(named=True) if old[r["uri"]] != r["version"])
+    assert changed == [f"{i:03d}.txt" for i in range(10)]
 
 
 @pytest.mark.parametrize("case", ["missing-bucket", "wrong-secret", "unreachable"])

@@ -231,6 +231,40 @@ def test_a_worker_node_lost_mid_run_loses_no_file(cluster: ClusterProcess, tmp_p
     assert manifest.filter(pl.col("status") == "embedded").height >= 5000
 
 
+def test_a_source_gone_mid_run_on_the_cluster_fails_the_night_and_blames_no_file(
+        cluster: ClusterProcess, tmp_path: Path):
+    """A worker that finds the source folder gone (see tests.ray_hooks) stops the run: exit 3,
+    no reject, nothing deleted; the next run, the folder back, does the rest."""
+    from pipeline.run import EXIT_FAILED
+
+    src = tmp_path / "src"
+    notes = make_text_corpus(src, 60)
+    with Emulator(EmulatorOptions()) as emu:
+        job = _job(tmp_path, src, emu, "ray")
+        assert run_job(load_job(job)).exit_code == EXIT_OK
+        before = _tables(job)[0].select("uri", "version")
+        (src / "a-unmount-the-source.txt").write_text("a share about to go", encoding="utf-8")
+        for note in notes[:20]:  # listed after the file that moves the folder away
+            note.write_text(note.read_text(encoding="utf-8") + "Revised.\n", encoding="utf-8")
+        night = run_job(load_job(job))
+        assert night.exit_code == EXIT_FAILED, night.problems
+        assert any("the source failed" in p and "is gone" in p for p in night.problems)
+        vectors, rejects, _ = _tables(job)
+        assert rejects.height == 0
+        assert set(before["uri"]) <= set(vectors["uri"])  # nothing deleted
+        src.with_name("src.unmounted").rename(src)
+        (src / "a-unmount-the-source.txt").rename(src / "a-note.txt")
+        again = run_job(load_job(job))
+    assert again.exit_code == EXIT_OK, again.problems
+    manifest = _accounted(job, 61)
+    assert manifest.filter(pl.col("status") == "embedded").height == 61
+    vectors = _tables(job)[0]
+    old = dict(before.iter_rows())
+    assert sorted(u for u, v in vectors.select("uri", "version").iter_rows()
+                  if old.get(u) != v) == sorted([n.as_uri() for n in notes[:20]] +
+                                                [(src / "a-note.txt").as_uri()])
+
+
 def test_the_driver_killed_then_run_again_leaves_one_row_per_item(cluster: ClusterProcess,
                                                                   tmp_path: Path):
     """The first run joins the cluster by ``engine: auto`` and RAY_ADDRESS, and is SIGKILLed

@@ -21,25 +21,30 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from pipeline.config import JobConfig
 from pipeline.engine.batch import BatchRouter
+from pipeline.engine.committing import Committer
 from pipeline.engine.threads import validate_groups
-from pipeline.errors import EmbedError
-from pipeline.memory import in_thread, release_free_memory
+from pipeline.errors import EmbedError, SourceUnavailable
+from pipeline.memory import in_thread
 from pipeline.outcome import EXIT_INTERRUPTED, RunOutcome
 from pipeline.records import Batch, Item, Reject, Vector
 from pipeline.stages import Stages
 from pipeline.stages.listing import Todo
 from pipeline.stages.packing import pack
-from pipeline.stages.reuse import reuse_items, with_copies
+from pipeline.stages.reuse import reuse_items
 from pipeline.stages.validation import groups
 from pipeline.stages.writing import Outcome
 from pipeline.state.lock import JobLock
 from pipeline.stats import RunStats
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger("embedpipe.run")
 
@@ -79,7 +84,8 @@ class LocalEngine:
         out_tx, out_rx = anyio.create_memory_object_stream[list[Outcome]](cfg.queue_size)
         writer_done = anyio.Event()
         async with anyio.create_task_group() as outer:
-            outer.start_soon(self._write, out_rx, writer_done)
+            outer.start_soon(Committer(self.job, self.stages, self.stats, self.outcome).run,
+                             out_rx, writer_done)
             if threading.current_thread() is threading.main_thread():
                 outer.start_soon(self._watch_signals)
             if self.on_progress is not None:
@@ -116,12 +122,21 @@ class LocalEngine:
                     out: ObjectSendStream[list[Outcome]]) -> None:
         listing = self.stages.listing
         async with todo, out:
-            while (chunk := await in_thread(listing.next_chunk)) is not None:
+            first = True
+            while (chunk := await self._next_chunk(first)) is not None:
+                first = False
                 found, rejects = listing.diff(chunk)
-                for group in groups(found):
-                    await todo.send(group)
+                try:
+                    for group in groups(found):
+                        await todo.send(group)
+                except anyio.BrokenResourceError:
+                    if self.outcome.fatal is None:
+                        raise
+                    return  # validation stopped the run (the source failed): list no further
                 if rejects:
                     await out.send(list(rejects))
+        if self.outcome.fatal is not None:
+            return  # the source failed: the listing is not done
         self.stats.listing_done = True
         s = self.stats
         log.info("listing done: %d files listed, %d new, %d changed, %d unchanged", s.files_seen,
@@ -129,12 +144,35 @@ class LocalEngine:
         # What the run has to do is known now: a run killed from here on shows it in `status`.
         await in_thread(self.on_listed)
 
+    async def _next_chunk(self, first: bool) -> pa.Table | None:
+        """The listing's next chunk; None at its end, or when the source failed past the
+        first chunk (the run stops: what is done is committed, nothing is deleted). Failing at
+        the first, the run has done nothing: it ends with the error."""
+        try:
+            return await in_thread(self.stages.listing.next_chunk)
+        except SourceUnavailable as exc:
+            if first:
+                raise
+            self._source_failed(exc)
+            return None
+
+    def _source_failed(self, exc: SourceUnavailable) -> None:
+        self.outcome.source_failed(exc)
+        self._producers.cancel()
+
     async def _validating_one(self, todo: ObjectReceiveStream[list[Todo]],
                               items: ObjectSendStream[list[Item]],
                               out: ObjectSendStream[list[Outcome]]) -> None:
-        await self._validate(todo, items, out)
+        try:
+            await self._validate(todo, items, out)
+        except* SourceUnavailable as group:  # no file's fault: what is done is committed
+            first: BaseException = group
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            assert isinstance(first, SourceUnavailable)
+            self._source_failed(first)
         self._validating -= 1
-        if not self._validating:
+        if not self._validating and self.outcome.fatal is None:
             log.info("validation done: %d items from %d files", self.stats.items_validated,
                      self.stats.files_new + self.stats.files_changed)
 
@@ -168,58 +206,6 @@ class LocalEngine:
     async def _embed_call(self, batch: Batch) -> tuple[list[Vector], list[Reject]]:
         """One batch's call (with its retries), in this process."""
         return await self.stages.embedder.embed_batch(batch)
-
-    async def _write(self, out: ObjectReceiveStream[list[Outcome]], done: anyio.Event) -> None:
-        writer = self.stages.writer
-        cfg = self.job.run
-        try:
-            async with out:
-                flushed = anyio.current_time()
-                while True:
-                    # flush_interval_s is the oldest a buffered row gets, even while rows keep
-                    # coming (an idle timer would never fire under a steady trickle)
-                    wait = max(0.0, cfg.flush_interval_s - (anyio.current_time() - flushed))
-                    entries = None
-                    with anyio.move_on_after(wait):
-                        try:
-                            entries = await out.receive()
-                        except anyio.EndOfStream:
-                            break
-                    for entry in entries or ():
-                        for row in with_copies(self.stages.reuse, entry):
-                            writer.add(row)
-                    due = anyio.current_time() - flushed >= cfg.flush_interval_s
-                    if due or writer.rows >= cfg.flush_rows:
-                        await in_thread(self._flush)
-                        self.stages.reuse.retire(writer.take_flushed_keys())
-                        flushed = anyio.current_time()
-            await in_thread(self._flush)
-            self.stages.reuse.retire(writer.take_flushed_keys())
-            if self.stages.reuse.waiting:
-                log.info("%d items wait for the vector of the same content sent by another "
-                         "file, which did not come in this run: the next run does their files",
-                         self.stages.reuse.waiting)
-            # Only a run that went to the end deletes: a gone file's rows may hold the content
-            # a moved file, not done yet, reuses.
-            if (self.stats.listing_done and cfg.on_delete == "delete"
-                    and self.outcome.fatal is None and not self.outcome.interrupted):
-                listing = self.stages.listing
-                refusal = await in_thread(
-                    writer.delete, listing.gone(), listing.known, self.stats.files_seen)
-                if refusal is not None:
-                    self.outcome.deletion_refused = True
-                    self.outcome.failed(refusal)
-        finally:
-            done.set()
-
-    def _flush(self) -> None:
-        writer = self.stages.writer
-        rows, files = len(writer.vectors) + len(writer.rejects), len(writer.completed)
-        writer.flush()
-        release_free_memory()  # what the flush and the calls since the last one freed
-        if rows or files:
-            log.info("committed %d rows and %d files' manifest rows (%d files done)", rows,
-                     files, self.stats.files_done)
 
     async def _watch_signals(self) -> None:
         """The first SIGINT/SIGTERM stops the run cleanly (what is done is committed); a second

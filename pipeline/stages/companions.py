@@ -20,7 +20,7 @@ from typing import Any
 
 from connectors.base import Connector, content_version
 from pipeline.config import MetadataConfig
-from pipeline.errors import ConfigError, ConnectorError, ItemRejected
+from pipeline.errors import ConfigError, ConnectorError, ItemRejected, SourceUnavailable
 from pipeline.records import Extras, SourceObject
 from pipeline.validate.sniff import TEXT_MIMES, extension_mime
 from pipeline.validate.text import decode_text
@@ -123,6 +123,8 @@ class Companions:
                     caption = decode_text(data).strip() or None
                     sidecar_uri = side.uri
                     version = f"{version}+{content_version(data)[7:23]}"
+                except SourceUnavailable:
+                    raise  # embedding the file without its caption would store a wrong vector
                 except (ConnectorError, ItemRejected) as exc:  # a bad caption is not fatal
                     log.warning("%s: sidecar %s not used: %s", obj.key, obj.sidecar, exc)
         row = self.rows.get(obj.key)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from connectors.base import Connector, content_version
 from connectors.blob import Blob
 from pipeline.config import JobConfig
-from pipeline.errors import ConnectorError, RejectReason
+from pipeline.errors import ConnectorError, RejectReason, SourceUnavailable
 from pipeline.records import Extras, FileEnd, Item, Reject, SourceObject
 from pipeline.stages.budget import PayloadBudget
 from pipeline.stages.companions import Companions
@@ -159,6 +159,8 @@ class Validation:
             try:
                 data, version, extras = self.read(
                     obj, None if obj.uri.startswith("file://") else obj.version)
+            except SourceUnavailable:
+                raise  # the source's failure ends the run: it is no file's
             except ConnectorError:
                 continue
             with data:
@@ -229,6 +231,8 @@ class FileWork:
         if self.items is None:
             try:
                 data, version, extras = stage.read(self.obj, self.obj.version)
+            except SourceUnavailable:
+                raise  # the source failed, not this file: the engine stops the run
             except ConnectorError as exc:  # its message names the file
                 return [Reject(self.obj, self.obj.version or "", RejectReason.UNREADABLE,
                                str(exc))], True
