@@ -17,6 +17,11 @@ back to a folder the walk is already in is skipped (no cycle). Only regular file
 FIFO, socket or device is an ``unsupported`` reject found from its metadata, never opened
 (opening a FIFO blocks until someone writes to it). Reads open with O_NONBLOCK and check again
 what they opened, so a file swapped for a FIFO after the listing cannot hang a run either.
+
+A folder that cannot be listed is a reject, and its uri prefix is kept in ``unlisted``: the
+files the job had there are not seen, not gone. The root gone (an unmounted share) or a share's
+network error is the source's failure (:class:`~pipeline.errors.SourceUnavailable`), never a
+file's.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ class LocalConnector:
         self.exclude = config.exclude
         self.follow = config.follow_symlinks
         self.skipped = 0  # links to folders passed over by design (not rejects)
+        self.unlisted: list[str] = []  # uri prefixes of folders that could not be listed
         # Reading a small file from a local disk is CPU work under the GIL (page cache, a few
         # system calls): threads only trade it. From a network share each read waits.
         self.reads_wait = on_network_share(self._root)
@@ -80,6 +86,7 @@ class LocalConnector:
             raise ConnectorError(f"the source folder {self.root} {what}; nothing was "
                                  "deleted") from exc
         self.skipped = 0
+        self.unlisted = []
         yield from self._walk(self.root, "", {_folder_id(self._root)})
 
     def list_batches(self) -> Iterator[pa.RecordBatch]:
@@ -94,6 +101,8 @@ class LocalConnector:
         except OSError as exc:
             if (failed := source_failure(self.root, exc, f"listing {prefix or '.'}")):
                 raise failed from exc
+            # its files are not seen this run, which does not make them gone: their rows stay
+            self.unlisted.append(file_uri(str(folder.absolute())) + "/")
             yield self._reject(folder, prefix.rstrip("/") or ".", f"cannot list folder: {exc.strerror}")
             return
         for entry in entries:

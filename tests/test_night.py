@@ -237,6 +237,38 @@ def test_a_share_unmounted_mid_run_fails_the_night_and_blames_no_file(
         sorted(n.as_uri() for n in notes[:5])
 
 
+def test_a_folder_that_cannot_be_listed_keeps_its_files_rows(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A folder the run may not list is a reject; the files the job had in it are not seen this
+    run, which does not make them gone: their rows stay until it can be listed again. (The
+    folder's permission is refused by a stand-in for os.scandir: the tests may run as root,
+    whom no mode stops.)"""
+    src = tmp_path / "src"
+    make_text_corpus(src, 12, per_folder=6)  # d0000 and d0001
+    job = write_job(tmp_path, src)
+    assert run_job(load_job(job)).exit_code == EXIT_OK
+    hidden = src / "d0001"
+    real_scandir = os.scandir
+
+    def scandir(path: Any = ".") -> Any:
+        if not isinstance(path, int) and Path(os.fsdecode(path)) == hidden:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    night = run_job(load_job(job))
+    assert night.exit_code == EXIT_OK and night.stats.files_deleted == 0
+    assert len(_table(tmp_path, "vectors")) == 12
+    rejects = _table(tmp_path, "rejects")
+    assert [(r["key"], r["reason"]) for r in rejects] == [("d0001", "unreadable")]
+    assert "cannot list folder" in rejects[0]["message"]
+    monkeypatch.undo()
+    again = run_job(load_job(job))
+    assert again.exit_code == EXIT_OK and again.stats.files_unchanged == 12
+    assert again.stats.api_calls == 0 and _table(tmp_path, "rejects") == []
+    assert len(_table(tmp_path, "vectors")) == 12
+
+
 def test_an_unwritable_sink_is_exit_3_in_one_line(tmp_path: Path):
     make_text_corpus(tmp_path / "src", 3)
     (tmp_path / "a-file").write_text("not a folder")

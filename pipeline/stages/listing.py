@@ -109,9 +109,21 @@ class Listing:
         return self._sort(chunk, prev)
 
     def gone(self) -> pa.Array:
-        """The uris the manifest had that the listing did not find (once it is done)."""
-        return pa.concat_arrays([t.column("uri").combine_chunks() for t in self._gone]
+        """The uris the manifest had that the listing did not find (once it is done), but for
+        those under a folder the connector could not list: not seen is not gone."""
+        gone = pa.concat_arrays([t.column("uri").combine_chunks() for t in self._gone]
                                 or [pa.array([], pa.string())])
+        unlisted: list[str] = list(getattr(self.connector, "unlisted", ()))
+        if unlisted and len(gone):
+            hidden = pc.starts_with(gone, unlisted[0])
+            for prefix in unlisted[1:]:
+                hidden = pc.or_(hidden, pc.starts_with(gone, prefix))
+            kept = pc.sum(hidden).as_py() or 0
+            if kept:
+                log.warning("%d files under %d folders that could not be listed are kept (not "
+                            "seen is not gone)", kept, len(unlisted))
+            gone = gone.filter(pc.invert(hidden))
+        return gone
 
     # --- merging -------------------------------------------------------------------------------
 
