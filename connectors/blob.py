@@ -38,13 +38,15 @@ RANGE_KEPT = 256
 
 
 class Blob:
-    __slots__ = ("_data", "_file", "_ranges", "size")
+    __slots__ = ("_data", "_failed", "_file", "_ranges", "size")
 
     def __init__(self, data: bytes | None, file: BinaryIO | None, size: int,
-                 ranges: _Ranges | None = None) -> None:
+                 ranges: _Ranges | None = None,
+                 failed: Callable[[OSError], Exception] | None = None) -> None:
         self._data = data
         self._file = file
         self._ranges = ranges
+        self._failed = failed  # a read error of the file, as the connector's error
         self.size = size
 
     @classmethod
@@ -83,9 +85,11 @@ class Blob:
         return cls(None, spooled, size)
 
     @classmethod
-    def file_at(cls, opened: BinaryIO, size: int) -> Blob:
-        """An open local file, read where it is: its own bytes whatever its name becomes."""
-        return cls(None, opened, size)
+    def file_at(cls, opened: BinaryIO, size: int,
+                failed: Callable[[OSError], Exception] | None = None) -> Blob:
+        """An open local file, read where it is: its own bytes whatever its name becomes. A
+        read that fails raises ``failed(the OSError)`` (the connector's error), if given."""
+        return cls(None, opened, size, failed=failed)
 
     @classmethod
     def ranged(cls, fetch: Callable[[int, int], bytes], size: int) -> Blob:
@@ -160,7 +164,12 @@ class Blob:
         assert self._file is not None
         if self._file.closed:
             raise ValueError("read from a closed blob")
-        return os.pread(self._file.fileno(), n, offset)
+        try:
+            return os.pread(self._file.fileno(), n, offset)
+        except OSError as exc:
+            if self._failed is None:
+                raise
+            raise self._failed(exc) from exc
 
 
 def _scratch_error(exc: OSError, size: int) -> ScratchError:

@@ -205,7 +205,9 @@ class LocalConnector:
             finally:
                 os.close(fd)
         try:
-            return Blob.file_at(os.fdopen(fd, "rb"), size)  # read where it is: no copy, no RSS
+            # read where it is: no copy, no RSS; its read errors are the connector's
+            return Blob.file_at(os.fdopen(fd, "rb"), size,
+                                failed=lambda exc: self._read_failed(obj, exc))
         except BaseException:
             os.close(fd)
             raise

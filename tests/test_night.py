@@ -5,6 +5,7 @@ Lance tables."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -267,6 +268,38 @@ def test_a_folder_that_cannot_be_listed_keeps_its_files_rows(
     assert again.exit_code == EXIT_OK and again.stats.files_unchanged == 12
     assert again.stats.api_calls == 0 and _table(tmp_path, "rejects") == []
     assert len(_table(tmp_path, "vectors")) == 12
+
+
+@pytest.mark.parametrize(("error", "code"), [(errno.EIO, EXIT_OK), (errno.ESTALE, EXIT_FAILED)])
+def test_a_large_files_read_error_is_its_reject_and_a_shares_stops_the_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: int, code: int):
+    """A large local file is read where it is, after the listing: a disk error reading it
+    (EIO) is that file's reject, the night goes on; a share's (ESTALE: the NFS server lost the
+    file handle) stops the run, exit 3, blaming no file. (The errors come from a stand-in for
+    os.pread on that one file: no disk here fails on demand.)"""
+    import connectors.blob as blob_module
+
+    src = tmp_path / "src"
+    make_text_corpus(src, 3)
+    (src / "big.txt").write_text("A long letter about the harbour. " * 200, encoding="utf-8")
+    monkeypatch.setattr(blob_module, "SPOOL_BYTES", 1024)  # big.txt is read where it is
+    real_pread = os.pread
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("/big.txt"):
+            raise OSError(error, os.strerror(error))
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+    night = run_job(load_job(write_job(tmp_path, src)))
+    assert night.exit_code == code, night.problems
+    rejects = [(r["key"], r["reason"], r["message"]) for r in _table(tmp_path, "rejects")]
+    if code == EXIT_OK:
+        assert rejects == [("big.txt", "unreadable", "big.txt: cannot read: Input/output error")]
+        assert len(_table(tmp_path, "vectors")) == 3
+    else:
+        assert rejects == []
+        assert any("the source failed" in p and "Stale file handle" in p for p in night.problems)
 
 
 def test_an_unwritable_sink_is_exit_3_in_one_line(tmp_path: Path):

@@ -172,6 +172,8 @@ class Validation:
                         if isinstance(entry, Item) and entry.id in ids:
                             yield entry
                         del entry
+                except SourceUnavailable:
+                    raise
                 except Exception:  # a parser bug: the next run meets it as a reject
                     log.exception("validator failed again on %s", obj.key)
 
@@ -254,6 +256,8 @@ class FileWork:
                 size += entry.payload_bytes if isinstance(entry, Item) else 0
                 if len(chunk) >= self.CHUNK_ITEMS or size >= self.CHUNK_BYTES:
                     return chunk, False
+        except SourceUnavailable:
+            raise  # the source failed while a parser read the file: not the file's fault
         except Exception as exc:  # a parser bug on one file must not end the run
             log.exception("validator failed on %s", self.obj.key)
             chunk.append(self.reject(RejectReason.CORRUPT, f"the validator failed: "
