@@ -149,6 +149,33 @@ def test_plan_reads_media_by_range_and_predicts_what_a_local_plan_does(
     assert store["rejects"]["corrupt"] >= 10  # truncated and broken files found by range too
 
 
+def test_plan_over_a_store_that_goes_down_fails_instead_of_guessing(
+        tmp_path: Path, object_server: Any, monkeypatch: pytest.MonkeyPatch):
+    """A store that stops answering once the plan has listed it fails the plan (the command's
+    exit 3) instead of counting its files as unreadable."""
+    from pipeline.commands import planner
+    from pipeline.errors import SourceUnavailable
+
+    server = object_server
+    _put_many(server.store("restart"), {f"plan-down/{i}.txt": f"a tide table {i}".encode()
+                                        for i in range(5)})
+    source = server.source("restart", "plan-down", max_retries=0, timeout_s=2)
+    job = load_job(write_job(tmp_path, tmp_path, extra={"source": source}))
+    assert planner.make_plan(job, workers=1).as_dict(job)["files"]["new"] == 5
+    real = planner._validate_all
+
+    def validate_all(*args: Any, **kwargs: Any) -> Any:
+        server.stop()  # listed: down before any file is read
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(planner, "_validate_all", validate_all)
+    try:
+        with pytest.raises(SourceUnavailable, match="cannot be reached"):
+            planner.make_plan(job, workers=1)
+    finally:
+        server.start()
+
+
 def test_an_object_changed_since_it_was_listed_is_not_read_by_range(tmp_path: Path,
                                                                    object_server: Any):
     from pipeline.errors import ConnectorError

@@ -41,7 +41,7 @@ from pipeline.commands.plan_tables import (
     upgrade_note,
 )
 from pipeline.config import JobConfig
-from pipeline.errors import ConnectorError
+from pipeline.errors import ConnectorError, SourceUnavailable
 from pipeline.gemini.client import content_key
 from pipeline.models import FACTS_AS_OF, SOURCES, cost_usd
 from pipeline.records import Extras, Reject, SourceObject
@@ -171,6 +171,8 @@ def _plan_one(entry: Todo) -> FilePlan:
     obj, prev = entry.obj, entry.prev
     try:
         data = w["connector"].ranged(obj)
+    except SourceUnavailable:
+        raise  # the store failed, not the file: the plan cannot be made (the pool hands it up)
     except ConnectorError:
         return _UNREADABLE, 0, obj.size
     with data:
@@ -183,9 +185,13 @@ def _plan_one(entry: Todo) -> FilePlan:
                     and prev.same_content(version, w["fingerprint"])):
                 return None, data.fetched, obj.size
             planned = _planned(obj.with_version(version), data, extras)
+        except SourceUnavailable:
+            raise
         except ConnectorError:
             return _UNREADABLE, data.fetched, obj.size
         # a read that failed inside a parser (which may call it corrupt) is the store's fault
+        if isinstance(data.read_error, SourceUnavailable):
+            raise data.read_error
         return (_UNREADABLE if data.read_error else planned), data.fetched, obj.size
 
 
