@@ -248,7 +248,9 @@ def test_a_source_gone_mid_run_on_the_cluster_fails_the_night_and_blames_no_file
             note.write_text(note.read_text(encoding="utf-8") + "Revised.\n", encoding="utf-8")
         night = run_job(load_job(job))
         assert night.exit_code == EXIT_FAILED, night.problems
-        assert any("the source failed" in p and "is gone" in p for p in night.problems)
+        failure = [p for p in night.problems if "the source failed" in p]
+        assert len(failure) == 1 and "is gone" in failure[0]
+        assert "\n" not in failure[0] and "\x1b" not in failure[0]  # one line, not Ray's traceback
         vectors, rejects, _ = _tables(job)
         assert rejects.height == 0
         assert set(before["uri"]) <= set(vectors["uri"])  # nothing deleted

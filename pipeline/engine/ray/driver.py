@@ -15,7 +15,7 @@ from pipeline.config import JobConfig
 from pipeline.engine.batch import BatchRouter
 from pipeline.engine.local import LocalEngine
 from pipeline.engine.ray.cluster import Cluster
-from pipeline.errors import ClusterError, RejectReason
+from pipeline.errors import ClusterError, PipelineError, RejectReason
 from pipeline.outcome import RunOutcome
 from pipeline.records import Batch, Item, Reject, Vector
 from pipeline.stages import Stages
@@ -82,6 +82,8 @@ class RayEngine(LocalEngine):
                 except StopAsyncIteration:
                     return []
                 except ray.exceptions.RayTaskError as exc:  # our code raised in the task
+                    if isinstance(exc.cause, PipelineError):
+                        raise exc.cause from None  # its one line, not the task's traceback
                     raise exc.as_instanceof_cause() from None
                 except ray.exceptions.RayError as exc:  # the worker or its node is gone
                     if current is not None:
