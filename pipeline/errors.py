@@ -208,3 +208,14 @@ class ScratchError(PipelineError):
 class ClusterError(PipelineError):
     """The Ray cluster cannot do the run's work (workers keep dying, no node is left): no
     file's fault, so the run fails and nothing is recorded against a file."""
+
+
+def first_pipeline_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """Task groups wrap what their tasks raised: surface the pipeline's own error, once."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            exc = first_pipeline_error(exc)
+        if isinstance(exc, PipelineError):
+            return exc
+    first = group.exceptions[0]  # no error of ours: the first one, for the traceback
+    return first_pipeline_error(first) if isinstance(first, BaseExceptionGroup) else first

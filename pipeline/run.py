@@ -29,7 +29,7 @@ from pipeline.config import JobConfig
 from pipeline.engine import ray_wanted
 from pipeline.engine.batch import batch_router
 from pipeline.engine.local import LocalEngine
-from pipeline.errors import ConfigError, PipelineError, QuotaExhausted
+from pipeline.errors import ConfigError, PipelineError, QuotaExhausted, first_pipeline_error
 from pipeline.gemini.endpoint import embedding_client
 from pipeline.memory import in_thread
 from pipeline.outcome import EXIT_FAILED as EXIT_FAILED
@@ -157,7 +157,7 @@ class Run:
                     try:
                         await self.engine.run()
                     except BaseExceptionGroup as group:
-                        raise _first_pipeline_error(group) from None
+                        raise first_pipeline_error(group) from None
                     router = common["batch"]
                     if router is not None and not self.outcome.interrupted:
                         # the jobs whose rows the end of the run committed: their files
@@ -200,17 +200,6 @@ class Run:
         self.books.version_before = state.sink.version()
         self.books.record(self.books.report("running", None))
         return committed
-
-
-def _first_pipeline_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """Task groups wrap what their tasks raised: surface the pipeline's own error, once."""
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            exc = _first_pipeline_error(exc)
-        if isinstance(exc, PipelineError):
-            return exc
-    first = group.exceptions[0]  # no error of ours: the first one, for the traceback
-    return _first_pipeline_error(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def run_job(job: JobConfig, **kwargs: Any) -> RunResult:

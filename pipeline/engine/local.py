@@ -30,7 +30,7 @@ from pipeline.config import JobConfig
 from pipeline.engine.batch import BatchRouter
 from pipeline.engine.committing import Committer
 from pipeline.engine.threads import validate_groups
-from pipeline.errors import EmbedError, SourceUnavailable
+from pipeline.errors import EmbedError, SourceUnavailable, first_pipeline_error
 from pipeline.memory import in_thread
 from pipeline.outcome import EXIT_INTERRUPTED, RunOutcome
 from pipeline.records import Batch, Item, Reject, Vector
@@ -166,9 +166,7 @@ class LocalEngine:
         try:
             await self._validate(todo, items, out)
         except* SourceUnavailable as group:  # no file's fault: what is done is committed
-            first: BaseException = group
-            while isinstance(first, BaseExceptionGroup):
-                first = first.exceptions[0]
+            first = first_pipeline_error(group)
             assert isinstance(first, SourceUnavailable)
             self._source_failed(first)
         self._validating -= 1
